@@ -1,0 +1,1 @@
+//! Building the environment and credentials user commands run with.

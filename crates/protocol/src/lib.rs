@@ -1,0 +1,20 @@
+//! The host ↔ guest protocol of bhatti.
+//!
+//! - [`frame`]: the frame layout and its codec;
+//! - [`message`]: JSON bodies (requests, events, outcomes, errors);
+//! - [`handshake`]: the `Hello` exchange and token check;
+//! - [`mux`]: one connection, many flow-controlled channels (both ends);
+//! - [`client`]: the host's typed client;
+//! - [`transport`]: unix socket, Firecracker vsock, TCP.
+//!
+//! The wire format is specified in `docs/protocol.md`.
+
+pub mod client;
+pub mod frame;
+pub mod handshake;
+pub mod message;
+pub mod mux;
+pub mod transport;
+
+pub use client::{AgentClient, ClientError};
+pub use message::*;
