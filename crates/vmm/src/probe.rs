@@ -1,0 +1,1 @@
+//! Host detection: hardware KVM or not, which VMM binaries exist.
