@@ -851,3 +851,146 @@ fn open_from_peer(
         )));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A client and a server mux over an in-memory pipe.
+    fn pair() -> (Mux, Acceptor) {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (ar, aw) = tokio::io::split(a);
+        let (br, bw) = tokio::io::split(b);
+        let client = Mux::client(ar, aw, MuxConfig::default());
+        let (_server, acceptor, _) = Mux::server(br, bw, MuxConfig::default());
+        (client, acceptor)
+    }
+
+    async fn next_close(rx: &mut ChannelReceiver) -> Bytes {
+        loop {
+            match rx.recv().await.expect("channel alive") {
+                Inbound::Close(b) => return b,
+                _ => continue,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn stalled_channel_does_not_block_others() {
+        let (client, mut acceptor) = pair();
+        // Server: channel "stall" is never read; "echo" answers each Data.
+        tokio::spawn(async move {
+            let mut keep = Vec::new();
+            while let Some((ch, req)) = acceptor.accept().await {
+                if &req[..] == b"stall" {
+                    keep.push(ch);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let Channel {
+                        sender,
+                        mut receiver,
+                    } = ch;
+                    while let Some(item) = receiver.recv().await {
+                        if let Inbound::Data(b) = item {
+                            sender.data(b).await.unwrap();
+                        }
+                    }
+                });
+            }
+        });
+        let stalled = client.open(Bytes::from_static(b"stall")).unwrap();
+        let filler = tokio::spawn(async move {
+            // 1 MiB into a channel nobody reads: blocks after the window.
+            let _ = stalled.sender.data(Bytes::from(vec![7u8; 1 << 20])).await;
+        });
+        let mut echo = client.open(Bytes::from_static(b"echo")).unwrap();
+        for i in 0..100u32 {
+            let msg = Bytes::from(i.to_be_bytes().to_vec());
+            echo.sender.data(msg.clone()).await.unwrap();
+            let got = tokio::time::timeout(Duration::from_secs(5), echo.receiver.recv())
+                .await
+                .expect("echo must not be blocked by the stalled channel");
+            assert_eq!(got, Some(Inbound::Data(msg)));
+        }
+        assert!(
+            !filler.is_finished(),
+            "the stalled sender must be waiting for credit"
+        );
+        filler.abort();
+    }
+
+    #[tokio::test]
+    async fn window_overrun_fails_the_channel() {
+        // A raw peer that ignores flow control.
+        let (a, b) = tokio::io::duplex(1 << 22);
+        let (br, bw) = tokio::io::split(b);
+        let (_server, mut acceptor, _) = Mux::server(br, bw, MuxConfig::default());
+        let (mut ar, mut aw) = tokio::io::split(a);
+        let mut buf = BytesMut::new();
+        encode_into(
+            &Frame::new(5, FrameKind::Open, &b"x"[..]),
+            &mut buf,
+            MAX_PAYLOAD,
+        )
+        .unwrap();
+        for _ in 0..5 {
+            encode_into(
+                &Frame::new(5, FrameKind::Data, vec![0u8; MAX_CHUNK]),
+                &mut buf,
+                MAX_PAYLOAD,
+            )
+            .unwrap();
+        }
+        aw.write_all(&buf).await.unwrap();
+        let (ch, _) = acceptor.accept().await.unwrap();
+        let mut frames = FramedRead::new(&mut ar, FrameCodec::default());
+        let reply = loop {
+            match frames.next().await.unwrap().unwrap() {
+                Decoded::Frame(f) if f.kind == FrameKind::Close => break f,
+                _ => continue,
+            }
+        };
+        let outcome: Outcome = serde_json::from_slice(&reply.payload).unwrap();
+        match outcome {
+            Outcome::Error(e) => assert_eq!(e.code, ErrorCode::Protocol),
+            other => panic!("expected a protocol error, got {other:?}"),
+        }
+        assert!(ch.sender.is_finished());
+    }
+
+    #[tokio::test]
+    async fn dropped_handler_answers_internal_and_client_drop_cancels() {
+        let (client, mut acceptor) = pair();
+        let mut ch = client.open(Bytes::from_static(b"a")).unwrap();
+        let (server_ch, _) = acceptor.accept().await.unwrap();
+        drop(server_ch);
+        let body = next_close(&mut ch.receiver).await;
+        let outcome: Outcome = serde_json::from_slice(&body).unwrap();
+        assert!(matches!(outcome, Outcome::Error(e) if e.code == ErrorCode::Internal));
+
+        let ch2 = client.open(Bytes::from_static(b"b")).unwrap();
+        let (mut server_ch2, _) = acceptor.accept().await.unwrap();
+        drop(ch2);
+        assert_eq!(
+            server_ch2.receiver.recv().await,
+            Some(Inbound::Close(Bytes::new()))
+        );
+    }
+
+    #[tokio::test]
+    async fn connection_loss_ends_every_channel() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (ar, aw) = tokio::io::split(a);
+        let client = Mux::client(ar, aw, MuxConfig::default());
+        let mut ch = client.open(Bytes::from_static(b"x")).unwrap();
+        drop(b);
+        assert_eq!(ch.receiver.recv().await, None);
+        client.closed().await;
+        assert!(matches!(
+            client.open(Bytes::new()),
+            Err(MuxError::ConnectionClosed)
+        ));
+    }
+}
