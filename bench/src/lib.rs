@@ -1,0 +1,143 @@
+//! Shared pieces of the benchmark programs: sampling, percentiles, and the
+//! JSON + table report. Every figure is printed beside a floor measured in
+//! the same run on the same machine.
+
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Percentiles of one measured operation, in microseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    pub name: String,
+    pub samples: u64,
+    pub p50_us: f64,
+    pub p95_us: f64,
+    pub p99_us: f64,
+    pub mean_us: f64,
+}
+
+/// Collects durations into a histogram (1 ns … 1000 s, 3 significant digits).
+#[derive(Debug)]
+pub struct Recorder {
+    name: String,
+    hist: Histogram<u64>,
+}
+
+impl Recorder {
+    pub fn new(name: impl Into<String>) -> Self {
+        Recorder {
+            name: name.into(),
+            hist: Histogram::new_with_bounds(1, 1_000_000_000_000, 3)
+                .expect("valid histogram bounds"),
+        }
+    }
+
+    pub fn record(&mut self, d: Duration) {
+        let _ = self.hist.record((d.as_nanos() as u64).max(1));
+    }
+
+    pub fn stats(&self) -> Stats {
+        let us = |ns: u64| ns as f64 / 1000.0;
+        Stats {
+            name: self.name.clone(),
+            samples: self.hist.len(),
+            p50_us: us(self.hist.value_at_quantile(0.50)),
+            p95_us: us(self.hist.value_at_quantile(0.95)),
+            p99_us: us(self.hist.value_at_quantile(0.99)),
+            mean_us: self.hist.mean() / 1000.0,
+        }
+    }
+}
+
+/// Runs `f` `warmup` times unrecorded, then `n` times recorded.
+pub async fn sample<F, Fut>(name: &str, warmup: usize, n: usize, mut f: F) -> anyhow::Result<Stats>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    for _ in 0..warmup {
+        f().await?;
+    }
+    let mut rec = Recorder::new(name);
+    for _ in 0..n {
+        let t = Instant::now();
+        f().await?;
+        rec.record(t.elapsed());
+    }
+    Ok(rec.stats())
+}
+
+/// One row of a report: an operation, its floor, and a target.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub op: Stats,
+    pub floor: Option<Stats>,
+    /// Human statement of the target, e.g. "≤ floor + 100 µs".
+    pub target: String,
+    /// Whether the p50 meets the target (None when there is no target).
+    pub met: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub benchmark: String,
+    pub host: String,
+    pub rows: Vec<Row>,
+}
+
+impl Report {
+    pub fn print_table(&self) {
+        println!("\n{} on {}", self.benchmark, self.host);
+        println!(
+            "{:<34} {:>10} {:>10} {:>10} | {:<28} {:>10} {:>10} | {:<24} {}",
+            "operation", "p50 µs", "p95 µs", "p99 µs", "floor", "p50 µs", "p99 µs", "target", "met"
+        );
+        for r in &self.rows {
+            let (fname, f50, f99) = match &r.floor {
+                Some(f) => (
+                    f.name.as_str(),
+                    format!("{:.1}", f.p50_us),
+                    format!("{:.1}", f.p99_us),
+                ),
+                None => ("-", "-".into(), "-".into()),
+            };
+            let met = match r.met {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "-",
+            };
+            println!(
+                "{:<34} {:>10.1} {:>10.1} {:>10.1} | {:<28} {:>10} {:>10} | {:<24} {}",
+                r.op.name, r.op.p50_us, r.op.p95_us, r.op.p99_us, fname, f50, f99, r.target, met
+            );
+        }
+    }
+
+    pub fn write_json(&self, path: Option<&std::path::Path>) -> anyhow::Result<()> {
+        let json = serde_json::to_string_pretty(self)?;
+        match path {
+            Some(p) => std::fs::write(p, json)?,
+            None => println!("{json}"),
+        }
+        Ok(())
+    }
+}
+
+/// A one-line description of the machine for reports.
+pub fn host_description() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    format!("{cpu}, {cores} cores")
+}
