@@ -1,19 +1,335 @@
 //! The table of PTY sessions and their scrollback rings.
+//!
+//! Output is addressed by absolute byte offsets from the session's start.
+//! The ring keeps the last `scrollback_bytes` of it; every attachment reads
+//! from its own cursor, so a slow client never holds the session back: it
+//! falls behind the ring and is told about the gap instead.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bhatti_protocol::{ErrorBody, ErrorCode, ExitStatus, Gap, SessionInfo};
+use bytes::Bytes;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::watch;
 
 use crate::config::Limits;
 
+/// The smallest scrollback a session gets, whatever the limits say.
+pub const MIN_SCROLLBACK: usize = 64 * 1024;
+
+/// The last `cap` bytes of a stream, addressed by absolute offsets.
+#[derive(Debug)]
+pub struct Ring {
+    buf: VecDeque<u8>,
+    cap: usize,
+    /// Offset of the byte after the last one written.
+    end: u64,
+}
+
+impl Ring {
+    pub fn new(cap: usize) -> Self {
+        Ring {
+            buf: VecDeque::new(),
+            cap: cap.max(1),
+            end: 0,
+        }
+    }
+
+    /// Oldest offset still held.
+    pub fn start(&self) -> u64 {
+        self.end - self.buf.len() as u64
+    }
+
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    pub fn push(&mut self, data: &[u8]) {
+        self.end += data.len() as u64;
+        let data = &data[data.len().saturating_sub(self.cap)..];
+        let overflow = (self.buf.len() + data.len()).saturating_sub(self.cap);
+        self.buf.drain(..overflow);
+        self.buf.extend(data);
+    }
+
+    /// Up to `max` bytes from `from`, which must be within `[start, end]`.
+    fn read(&self, from: u64, max: usize) -> Bytes {
+        let skip = (from.saturating_sub(self.start())) as usize;
+        let n = self.buf.len().saturating_sub(skip).min(max);
+        Bytes::from_iter(self.buf.range(skip..skip + n).copied())
+    }
+}
+
+/// What an attachment at some cursor should do next.
+#[derive(Debug)]
+pub enum Next {
+    /// Output starting at the cursor.
+    Output(Bytes),
+    /// The cursor is older than the ring: skip to `gap.to`.
+    Gap(Gap),
+    /// Nothing new; `Some` once the session has ended for good.
+    CaughtUp(Option<ExitStatus>),
+}
+
+#[derive(Debug)]
+struct State {
+    ring: Ring,
+    rows: u16,
+    cols: u16,
+    exit: Option<ExitStatus>,
+    attached: u32,
+    /// The PTY master while the session's output is still open.
+    master: Option<Arc<AsyncFd<OwnedFd>>>,
+}
+
+/// One PTY session.
+#[derive(Debug)]
+pub struct Session {
+    pub id: String,
+    pub pid: u32,
+    pub argv: Vec<String>,
+    pub started_unix_ms: i64,
+    state: Mutex<State>,
+    /// Bumped on new output and when the session ends.
+    updates: watch::Sender<()>,
+}
+
+impl Session {
+    pub fn new(
+        id: String,
+        pid: u32,
+        argv: Vec<String>,
+        rows: u16,
+        cols: u16,
+        scrollback: usize,
+        master: Arc<AsyncFd<OwnedFd>>,
+    ) -> Self {
+        let started_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        Session {
+            id,
+            pid,
+            argv,
+            started_unix_ms,
+            state: Mutex::new(State {
+                ring: Ring::new(scrollback),
+                rows,
+                cols,
+                exit: None,
+                attached: 0,
+                master: Some(master),
+            }),
+            updates: watch::channel(()).0,
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends process output and wakes attachments.
+    pub fn push_output(&self, data: &[u8]) {
+        self.state().ring.push(data);
+        self.updates.send_replace(());
+    }
+
+    /// The process exited and its output is complete.
+    pub fn finish(&self, status: ExitStatus) {
+        {
+            let mut st = self.state();
+            st.exit = Some(status);
+            st.master = None;
+        }
+        self.updates.send_replace(());
+    }
+
+    pub fn exit(&self) -> Option<ExitStatus> {
+        self.state().exit
+    }
+
+    pub fn master(&self) -> Option<Arc<AsyncFd<OwnedFd>>> {
+        self.state().master.clone()
+    }
+
+    /// A receiver woken on new output or the end. Mark it seen *before*
+    /// calling [`Session::next`] so no update can slip in between.
+    pub fn subscribe(&self) -> watch::Receiver<()> {
+        self.updates.subscribe()
+    }
+
+    /// What an attachment whose next byte is `cursor` gets now.
+    pub fn next(&self, cursor: u64, max: usize) -> Next {
+        let st = self.state();
+        let start = st.ring.start();
+        if cursor < start {
+            return Next::Gap(Gap {
+                from: cursor,
+                to: start,
+            });
+        }
+        if cursor >= st.ring.end() {
+            return Next::CaughtUp(st.exit);
+        }
+        Next::Output(st.ring.read(cursor, max))
+    }
+
+    /// Where a new attachment asking for `offset` starts, and the gap if
+    /// that offset is no longer held. Beyond the end is a bad request.
+    pub fn resolve_offset(&self, offset: Option<u64>) -> Result<(u64, Option<Gap>), ErrorBody> {
+        let st = self.state();
+        let (start, end) = (st.ring.start(), st.ring.end());
+        match offset {
+            None => Ok((start, None)),
+            Some(o) if o > end => Err(ErrorBody::new(
+                ErrorCode::BadRequest,
+                format!("offset {o} is beyond the end of the output ({end})"),
+            )),
+            Some(o) if o < start => Ok((start, Some(Gap { from: o, to: start }))),
+            Some(o) => Ok((o, None)),
+        }
+    }
+
+    /// Remembers the window size (the caller sets it on the PTY).
+    pub fn set_size(&self, rows: u16, cols: u16) {
+        let mut st = self.state();
+        st.rows = rows;
+        st.cols = cols;
+    }
+
+    /// Counts an attachment until the guard drops.
+    pub fn attach(self: &Arc<Self>) -> AttachGuard {
+        self.state().attached += 1;
+        AttachGuard {
+            session: self.clone(),
+        }
+    }
+
+    pub fn info(&self) -> SessionInfo {
+        let st = self.state();
+        SessionInfo {
+            id: self.id.clone(),
+            pid: self.pid,
+            argv: self.argv.clone(),
+            rows: st.rows,
+            cols: st.cols,
+            attached: st.attached,
+            exit: st.exit,
+            end_offset: st.ring.end(),
+            start_offset: st.ring.start(),
+            started_unix_ms: self.started_unix_ms,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct AttachGuard {
+    session: Arc<Session>,
+}
+
+impl Drop for AttachGuard {
+    fn drop(&mut self) {
+        let mut st = self.session.state();
+        st.attached = st.attached.saturating_sub(1);
+    }
+}
+
 #[derive(Debug)]
 pub struct SessionTable {
-    _limits: Limits,
+    limits: Limits,
+    map: Mutex<HashMap<String, Arc<Session>>>,
 }
 
 impl SessionTable {
     pub fn new(limits: Limits) -> Self {
-        SessionTable { _limits: limits }
+        SessionTable {
+            limits,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<Session>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Scrollback bytes for a new session.
+    pub fn scrollback(&self) -> usize {
+        self.limits.scrollback_bytes.max(MIN_SCROLLBACK)
+    }
+
+    /// Creates a session with `make` unless the table is full. The table
+    /// stays locked meanwhile, so concurrent starts cannot overshoot.
+    pub fn create(
+        &self,
+        make: impl FnOnce() -> Result<Arc<Session>, ErrorBody>,
+    ) -> Result<Arc<Session>, ErrorBody> {
+        let mut map = self.map();
+        if map.len() >= self.limits.max_sessions {
+            return Err(ErrorBody::new(
+                ErrorCode::LimitReached,
+                format!(
+                    "{} sessions exist (the limit, counting exited ones)",
+                    map.len()
+                ),
+            ));
+        }
+        let session = make()?;
+        map.insert(session.id.clone(), session.clone());
+        Ok(session)
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Session>> {
+        self.map().get(id).cloned()
+    }
+
+    pub fn remove(&self, id: &str) {
+        self.map().remove(id);
+    }
+
+    /// Every session, oldest first.
+    pub fn list(&self) -> Vec<SessionInfo> {
+        let mut v: Vec<SessionInfo> = self.map().values().map(|s| s.info()).collect();
+        v.sort_by(|a, b| (a.started_unix_ms, &a.id).cmp(&(b.started_unix_ms, &b.id)));
+        v
     }
 
     /// (attached sessions, running sessions)
     pub fn counts(&self) -> (u32, u32) {
-        (0, 0)
+        let map = self.map();
+        let mut attached = 0;
+        let mut running = 0;
+        for s in map.values() {
+            let st = s.state();
+            attached += u32::from(st.attached > 0);
+            running += u32::from(st.exit.is_none());
+        }
+        (attached, running)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_keeps_the_tail_at_absolute_offsets() {
+        let mut r = Ring::new(8);
+        r.push(b"hello");
+        assert_eq!((r.start(), r.end()), (0, 5));
+        r.push(b" world");
+        assert_eq!((r.start(), r.end()), (3, 11));
+        assert_eq!(&r.read(3, 100)[..], b"lo world");
+        assert_eq!(&r.read(6, 3)[..], b"wor");
+        r.push(b"0123456789abc");
+        assert_eq!((r.start(), r.end()), (16, 24));
+        assert_eq!(&r.read(16, 100)[..], b"56789abc");
+        assert!(r.read(24, 10).is_empty());
     }
 }

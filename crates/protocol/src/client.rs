@@ -402,6 +402,9 @@ impl ExecStream {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PtyEvent {
     Output(Bytes),
+    /// This stream fell behind the scrollback; the output in the gap is
+    /// lost to it and the next output starts at `gap.to`.
+    Gap(Gap),
     End(PtyEnd),
 }
 
@@ -467,6 +470,12 @@ impl PtyStream {
                     return Ok(PtyEvent::Output(b));
                 }
                 Some(Inbound::Close(body)) => return parse_outcome(&body).map(PtyEvent::End),
+                Some(Inbound::Event(body)) => {
+                    if let Ok(Event::Gap { from, to }) = parse_json::<Event>(&body) {
+                        self.offset = to;
+                        return Ok(PtyEvent::Gap(Gap { from, to }));
+                    }
+                }
                 Some(Inbound::Error(body)) => {
                     tracing::warn!("agent: {}", String::from_utf8_lossy(&body))
                 }
@@ -491,7 +500,7 @@ impl PtyStream {
         self.sender.cancel()?;
         loop {
             match self.next().await? {
-                PtyEvent::Output(_) => {}
+                PtyEvent::Output(_) | PtyEvent::Gap(_) => {}
                 PtyEvent::End(end) => return Ok(end),
             }
         }

@@ -179,6 +179,9 @@ pub enum Event {
     FileInfo { size: u64, mode: u32 },
     /// A port-forward connected to the guest port.
     Connected { port: u16 },
+    /// A live PTY attachment fell behind the scrollback: output `[from, to)`
+    /// is lost to it and the `Data` that follows starts at `to`.
+    Gap { from: u64, to: u64 },
 }
 
 /// Bytes `[from, to)` of a session's output that can no longer be replayed.
