@@ -1,0 +1,842 @@
+//! The daemon's configuration: one TOML file (`bhatti serve --config <file>`,
+//! or the `BHATTI_CONFIG` environment variable), every key optional with a
+//! documented default, unknown keys rejected, and the whole validated at load
+//! so a bad value fails the start with a message naming its key.
+//!
+//! [`Config::example_toml`] renders a fully commented example with every key at
+//! its default; a test parses it back and checks it lists every key.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The environment variable naming the config file when `--config` is absent.
+pub const CONFIG_ENV: &str = "BHATTI_CONFIG";
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, has an unknown key or a value of the wrong type
+    /// (the message names the key and line).
+    #[error("invalid config{}: {message}", path.as_ref().map(|p| format!(" file {}", p.display())).unwrap_or_default())]
+    Parse {
+        path: Option<PathBuf>,
+        message: String,
+    },
+    /// A value parsed but is not allowed.
+    #[error("invalid config value for `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// The whole daemon configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Directory holding all daemon state: the SQLite database, the secrets
+    /// identity, sandboxes' disks and snapshots. Default `/var/lib/bhatti`.
+    pub data_dir: PathBuf,
+    /// Unix socket the API listens on (the local CLI's default endpoint).
+    /// Default `/run/bhatti/bhatti.sock`.
+    pub listen_unix: PathBuf,
+    /// TCP address the API listens on; an empty string disables TCP.
+    /// Default `127.0.0.1:8080`.
+    #[serde(with = "opt_addr")]
+    pub listen_tcp: Option<SocketAddr>,
+    /// Logging.
+    pub log: LogConfig,
+    /// Virtual machines.
+    pub vm: VmConfig,
+    /// Guest networking.
+    pub network: NetworkConfig,
+    /// Idle sandboxes: when they are paused (warm) and snapshotted to disk (cold).
+    pub thermal: ThermalConfig,
+    /// Default per-user caps and rate limits.
+    pub limits: LimitsConfig,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter directive such as `info` or `bhatti=debug,info`;
+    /// `RUST_LOG`, when set, wins. Default `info`.
+    pub level: String,
+    /// `text` (human-readable) or `json` (one object per line). Default `text`.
+    pub format: LogFormat,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `[vm]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VmConfig {
+    /// VMM: `auto` (Firecracker when its binary and KVM are usable, else
+    /// QEMU), `firecracker` or `qemu`. Default `auto`.
+    pub backend: Backend,
+    /// QEMU accelerator: `auto` (KVM when usable, else TCG), `kvm` or `tcg`.
+    /// Default `auto`.
+    pub qemu_accel: QemuAccel,
+    /// Firecracker binary: a path, or a name looked up in `PATH`.
+    /// Default `firecracker`.
+    pub firecracker_bin: PathBuf,
+    /// QEMU binary: a path, or a name looked up in `PATH`.
+    /// Default `qemu-system-x86_64`.
+    pub qemu_bin: PathBuf,
+    /// Guest kernel (uncompressed `vmlinux`); relative paths are under
+    /// `data_dir`. Default `images/vmlinux`.
+    pub kernel: PathBuf,
+    /// Base root filesystem (ext4 image) every sandbox's disk is cloned from;
+    /// relative paths are under `data_dir`. Default `images/rootfs.ext4`.
+    pub rootfs: PathBuf,
+    /// Extra kernel command-line arguments appended for every guest.
+    /// Default empty.
+    pub kernel_args: String,
+    /// Seconds a boot (or restore) may take until the guest agent answers.
+    /// Default 60.
+    pub boot_timeout_secs: u64,
+    /// Seconds a single agent call made by the daemon itself may take.
+    /// Default 10.
+    pub agent_timeout_secs: u64,
+    /// vCPUs of a sandbox created without `cpus`. Default 1.
+    pub default_cpus: u32,
+    /// Memory (MiB) of a sandbox created without `memory_mb`. Default 512.
+    pub default_memory_mb: u32,
+    /// Root disk size (MiB) of a sandbox created without `disk_mb`; 0 keeps
+    /// the base image's size. Default 0.
+    pub default_disk_mb: u64,
+    /// Most vCPUs any sandbox may have, whatever a user's caps. Default 16.
+    pub max_cpus: u32,
+    /// Most memory (MiB) any sandbox may have. Default 32768.
+    pub max_memory_mb: u32,
+    /// Largest root disk (MiB) any sandbox may have. Default 102400.
+    pub max_disk_mb: u64,
+    /// How root disks are cloned: `auto` (reflink, else a loop-mounted XFS
+    /// image under `data_dir`, else a sparse copy), `reflink`, `xfs-loop` or
+    /// `copy`. Default `auto`.
+    pub disk_strategy: DiskStrategy,
+    /// Size (MiB, sparse) of the XFS image used by `xfs-loop`. Default 65536.
+    pub xfs_loop_size_mb: u64,
+}
+
+/// Which VMM runs the sandboxes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    #[default]
+    Auto,
+    Firecracker,
+    Qemu,
+}
+
+/// QEMU's accelerator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QemuAccel {
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// How per-sandbox root disks are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskStrategy {
+    #[default]
+    Auto,
+    Reflink,
+    XfsLoop,
+    Copy,
+}
+
+impl From<DiskStrategy> for crate::storage::DiskStrategy {
+    fn from(s: DiskStrategy) -> Self {
+        match s {
+            DiskStrategy::Auto => crate::storage::DiskStrategy::Auto,
+            DiskStrategy::Reflink => crate::storage::DiskStrategy::Reflink,
+            DiskStrategy::XfsLoop => crate::storage::DiskStrategy::XfsLoop,
+            DiskStrategy::Copy => crate::storage::DiskStrategy::Copy,
+        }
+    }
+}
+
+impl From<QemuAccel> for bhatti_vmm::qemu::Accel {
+    fn from(a: QemuAccel) -> Self {
+        match a {
+            QemuAccel::Auto => bhatti_vmm::qemu::Accel::Auto,
+            QemuAccel::Kvm => bhatti_vmm::qemu::Accel::Kvm,
+            QemuAccel::Tcg => bhatti_vmm::qemu::Accel::Tcg,
+        }
+    }
+}
+
+/// `[network]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Give guests a network at all (bridge, TAPs, NAT). Default true.
+    pub enabled: bool,
+    /// Bridge the sandboxes' TAP devices are enslaved to. Default `bhatti0`.
+    pub bridge: String,
+    /// The bridge's address with prefix length; guests get the other
+    /// addresses of this subnet. Default `10.77.0.1/24`.
+    pub subnet: String,
+    /// Network namespace (a name under `/run/netns`) holding the bridge, TAPs
+    /// and VMM processes; created when missing. Default: none (the host's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+    /// DNS servers written into guests' `resolv.conf`. Default
+    /// `["1.1.1.1", "8.8.8.8"]`.
+    pub dns: Vec<IpAddr>,
+}
+
+/// `[thermal]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ThermalConfig {
+    /// Seconds without activity after which a running sandbox is paused
+    /// (warm); 0 never pauses. Default 30.
+    pub warm_after_secs: u64,
+    /// Seconds without activity after which a sandbox is snapshotted to disk
+    /// and its VMM ended (cold); 0 never does. Must exceed `warm_after_secs`
+    /// when both are set. Default 1800.
+    pub cold_after_secs: u64,
+    /// How often (milliseconds) the idle sweeper looks at sandboxes.
+    /// Default 1000.
+    pub sweep_interval_ms: u64,
+}
+
+/// `[limits]`: defaults for users created without explicit caps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Sandboxes one user may have at once (past it: 429). Default 10.
+    pub max_sandboxes: u32,
+    /// vCPUs per sandbox for one user (past it: 400). Default 4.
+    pub max_cpus: u32,
+    /// Memory (MiB) per sandbox for one user (past it: 400). Default 4096.
+    pub max_memory_mb: u32,
+    /// Named checkpoints one user may keep. Default 20.
+    pub max_snapshots: u32,
+    /// Per-user request rate limits.
+    pub rate: RateConfig,
+}
+
+/// `[limits.rate]`: token buckets per user and request class; a rate of 0
+/// disables that class's limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateConfig {
+    /// Sandbox creates, starts, stops, checkpoints and resumes per minute.
+    /// Default 60.
+    pub create_per_minute: u32,
+    /// Burst allowed above `create_per_minute`. Default 10.
+    pub create_burst: u32,
+    /// Execs, shells, file writes and other guest-touching calls per second.
+    /// Default 100.
+    pub exec_per_second: u32,
+    /// Burst allowed above `exec_per_second`. Default 200.
+    pub exec_burst: u32,
+    /// Reads (list, get, file reads) per second. Default 200.
+    pub read_per_second: u32,
+    /// Burst allowed above `read_per_second`. Default 400.
+    pub read_burst: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("/var/lib/bhatti"),
+            listen_unix: PathBuf::from("/run/bhatti/bhatti.sock"),
+            listen_tcp: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            log: LogConfig::default(),
+            vm: VmConfig::default(),
+            network: NetworkConfig::default(),
+            thermal: ThermalConfig::default(),
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            backend: Backend::Auto,
+            qemu_accel: QemuAccel::Auto,
+            firecracker_bin: PathBuf::from("firecracker"),
+            qemu_bin: PathBuf::from("qemu-system-x86_64"),
+            kernel: PathBuf::from("images/vmlinux"),
+            rootfs: PathBuf::from("images/rootfs.ext4"),
+            kernel_args: String::new(),
+            boot_timeout_secs: 60,
+            agent_timeout_secs: 10,
+            default_cpus: 1,
+            default_memory_mb: 512,
+            default_disk_mb: 0,
+            max_cpus: 16,
+            max_memory_mb: 32768,
+            max_disk_mb: 102_400,
+            disk_strategy: DiskStrategy::Auto,
+            xfs_loop_size_mb: 65536,
+        }
+    }
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            enabled: true,
+            bridge: "bhatti0".into(),
+            subnet: "10.77.0.1/24".into(),
+            netns: None,
+            dns: vec![IpAddr::from([1, 1, 1, 1]), IpAddr::from([8, 8, 8, 8])],
+        }
+    }
+}
+
+impl Default for ThermalConfig {
+    fn default() -> Self {
+        ThermalConfig {
+            warm_after_secs: 30,
+            cold_after_secs: 1800,
+            sweep_interval_ms: 1000,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_sandboxes: 10,
+            max_cpus: 4,
+            max_memory_mb: 4096,
+            max_snapshots: 20,
+            rate: RateConfig::default(),
+        }
+    }
+}
+
+impl Default for RateConfig {
+    fn default() -> Self {
+        RateConfig {
+            create_per_minute: 60,
+            create_burst: 10,
+            exec_per_second: 100,
+            exec_burst: 200,
+            read_per_second: 200,
+            read_burst: 400,
+        }
+    }
+}
+
+/// `listen_tcp` as a string: an address, or empty for none.
+mod opt_addr {
+    use std::net::SocketAddr;
+
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(a) => s.serialize_str(&a.to_string()),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let s = String::deserialize(d)?;
+        let s = s.trim();
+        if s.is_empty() {
+            return Ok(None);
+        }
+        s.parse().map(Some).map_err(|_| {
+            D::Error::custom(format!(
+                "`{s}` is not an IP address and port such as 127.0.0.1:8080 (empty disables TCP)"
+            ))
+        })
+    }
+}
+
+impl Config {
+    /// Loads the config: `path` when given, else the file named by
+    /// `BHATTI_CONFIG`, else all defaults. Relative `kernel`/`rootfs` paths are
+    /// resolved under `data_dir`, then everything is validated.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let env_path = std::env::var_os(CONFIG_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
+        match path.map(Path::to_path_buf).or(env_path) {
+            Some(p) => Config::from_file(&p),
+            None => {
+                let mut c = Config::default();
+                c.resolve();
+                c.validate()?;
+                Ok(c)
+            }
+        }
+    }
+
+    /// Reads, parses, resolves and validates one file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: Some(path.to_path_buf()),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses, resolves and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let mut c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: None,
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        c.resolve();
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Makes relative image paths absolute under `data_dir`.
+    pub fn resolve(&mut self) {
+        for p in [&mut self.vm.kernel, &mut self.vm.rootfs] {
+            if p.is_relative() {
+                *p = self.data_dir.join(&*p);
+            }
+        }
+    }
+
+    /// Checks every value; the error names the first bad key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.data_dir.is_absolute() {
+            return Err(invalid("data_dir", "must be an absolute path"));
+        }
+        if !self.listen_unix.is_absolute() {
+            return Err(invalid("listen_unix", "must be an absolute path"));
+        }
+        // sockaddr_un.sun_path is 108 bytes including the NUL.
+        if self.listen_unix.as_os_str().len() > 107 {
+            return Err(invalid("listen_unix", "is longer than a unix socket path may be (107 bytes)"));
+        }
+        if self.log.level.trim().is_empty() {
+            return Err(invalid("log.level", "must not be empty (e.g. \"info\")"));
+        }
+        let vm = &self.vm;
+        for (key, p) in [("vm.firecracker_bin", &vm.firecracker_bin), ("vm.qemu_bin", &vm.qemu_bin)] {
+            if p.as_os_str().is_empty() {
+                return Err(invalid(key, "must not be empty"));
+            }
+        }
+        for (key, p) in [("vm.kernel", &vm.kernel), ("vm.rootfs", &vm.rootfs)] {
+            if p.as_os_str().is_empty() {
+                return Err(invalid(key, "must not be empty"));
+            }
+        }
+        if vm.boot_timeout_secs == 0 || vm.boot_timeout_secs > 3600 {
+            return Err(invalid("vm.boot_timeout_secs", "must be between 1 and 3600"));
+        }
+        if vm.agent_timeout_secs == 0 || vm.agent_timeout_secs > 3600 {
+            return Err(invalid("vm.agent_timeout_secs", "must be between 1 and 3600"));
+        }
+        if vm.max_cpus == 0 || vm.max_cpus > 255 {
+            return Err(invalid("vm.max_cpus", "must be between 1 and 255"));
+        }
+        if vm.default_cpus == 0 || vm.default_cpus > vm.max_cpus {
+            return Err(invalid(
+                "vm.default_cpus",
+                format!("must be between 1 and vm.max_cpus ({})", vm.max_cpus),
+            ));
+        }
+        if vm.max_memory_mb < 64 {
+            return Err(invalid("vm.max_memory_mb", "must be at least 64"));
+        }
+        if vm.default_memory_mb < 64 || vm.default_memory_mb > vm.max_memory_mb {
+            return Err(invalid(
+                "vm.default_memory_mb",
+                format!("must be between 64 and vm.max_memory_mb ({})", vm.max_memory_mb),
+            ));
+        }
+        if vm.max_disk_mb == 0 {
+            return Err(invalid("vm.max_disk_mb", "must be at least 1"));
+        }
+        if vm.default_disk_mb > vm.max_disk_mb {
+            return Err(invalid(
+                "vm.default_disk_mb",
+                format!("must be 0 (image size) or at most vm.max_disk_mb ({})", vm.max_disk_mb),
+            ));
+        }
+        if vm.xfs_loop_size_mb < 512 {
+            return Err(invalid("vm.xfs_loop_size_mb", "must be at least 512"));
+        }
+        let net = &self.network;
+        if net.bridge.is_empty()
+            || net.bridge.len() > 15
+            || !net.bridge.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return Err(invalid(
+                "network.bridge",
+                "must be 1-15 characters of letters, digits, '-', '_' or '.' (a Linux interface name)",
+            ));
+        }
+        validate_subnet(&net.subnet).map_err(|m| invalid("network.subnet", m))?;
+        if let Some(ns) = &net.netns {
+            if ns.is_empty() || ns.contains('/') || ns == "." || ns == ".." || ns.len() > 64 {
+                return Err(invalid("network.netns", "must be a plain name (no '/'), 1-64 characters"));
+            }
+        }
+        let t = &self.thermal;
+        if t.warm_after_secs != 0 && t.cold_after_secs != 0 && t.cold_after_secs <= t.warm_after_secs {
+            return Err(invalid(
+                "thermal.cold_after_secs",
+                format!("must be greater than thermal.warm_after_secs ({})", t.warm_after_secs),
+            ));
+        }
+        if t.sweep_interval_ms < 10 || t.sweep_interval_ms > 600_000 {
+            return Err(invalid("thermal.sweep_interval_ms", "must be between 10 and 600000"));
+        }
+        let l = &self.limits;
+        if l.max_cpus == 0 || l.max_cpus > vm.max_cpus {
+            return Err(invalid(
+                "limits.max_cpus",
+                format!("must be between 1 and vm.max_cpus ({})", vm.max_cpus),
+            ));
+        }
+        if l.max_memory_mb < 64 || l.max_memory_mb > vm.max_memory_mb {
+            return Err(invalid(
+                "limits.max_memory_mb",
+                format!("must be between 64 and vm.max_memory_mb ({})", vm.max_memory_mb),
+            ));
+        }
+        let r = &l.rate;
+        for (key, rate, burst) in [
+            ("limits.rate.create_burst", r.create_per_minute, r.create_burst),
+            ("limits.rate.exec_burst", r.exec_per_second, r.exec_burst),
+            ("limits.rate.read_burst", r.read_per_second, r.read_burst),
+        ] {
+            if rate != 0 && burst == 0 {
+                return Err(invalid(key, "must be at least 1 when its rate is not 0"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The SQLite database file.
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("bhatti.db")
+    }
+
+    /// A fully commented example config with every key at its default; it
+    /// parses back to [`Config::default`].
+    pub fn example_toml() -> String {
+        let d = Config::default();
+        let mut s = String::new();
+        let q = |v: &str| toml_str(v);
+        let path = |p: &Path| toml_str(&p.to_string_lossy());
+        let _ = writeln!(s, "# bhatti daemon configuration (`bhatti serve --config <file>` or BHATTI_CONFIG).");
+        let _ = writeln!(s, "# Every key is optional; the values below are the defaults. Unknown keys are errors.");
+        let _ = writeln!(s);
+        let _ = writeln!(s, "# All daemon state: database, secrets identity, sandbox disks and snapshots.");
+        let _ = writeln!(s, "data_dir = {}", path(&d.data_dir));
+        let _ = writeln!(s, "# Unix socket for the API (the local CLI's default endpoint).");
+        let _ = writeln!(s, "listen_unix = {}", path(&d.listen_unix));
+        let _ = writeln!(s, "# TCP address for the API; \"\" disables TCP.");
+        let _ = writeln!(s, "listen_tcp = {}", q(&d.listen_tcp.map(|a| a.to_string()).unwrap_or_default()));
+        let _ = writeln!(s);
+        let _ = writeln!(s, "[log]");
+        let _ = writeln!(s, "# Tracing filter directive, e.g. \"info\" or \"bhatti=debug,info\"; RUST_LOG wins when set.");
+        let _ = writeln!(s, "level = {}", q(&d.log.level));
+        let _ = writeln!(s, "# \"text\" or \"json\" (one object per line).");
+        let _ = writeln!(s, "format = \"text\"");
+        let _ = writeln!(s);
+        let v = &d.vm;
+        let _ = writeln!(s, "[vm]");
+        let _ = writeln!(s, "# \"auto\" (Firecracker when its binary and KVM are usable, else QEMU), \"firecracker\" or \"qemu\".");
+        let _ = writeln!(s, "backend = \"auto\"");
+        let _ = writeln!(s, "# QEMU accelerator: \"auto\" (KVM when usable, else TCG: slow, for CI/dev), \"kvm\" or \"tcg\".");
+        let _ = writeln!(s, "qemu_accel = \"auto\"");
+        let _ = writeln!(s, "# VMM binaries: a path, or a name looked up in PATH.");
+        let _ = writeln!(s, "firecracker_bin = {}", path(&v.firecracker_bin));
+        let _ = writeln!(s, "qemu_bin = {}", path(&v.qemu_bin));
+        let _ = writeln!(s, "# Guest kernel (vmlinux) and base rootfs (ext4); relative paths are under data_dir.");
+        let _ = writeln!(s, "kernel = {}", path(&v.kernel));
+        let _ = writeln!(s, "rootfs = {}", path(&v.rootfs));
+        let _ = writeln!(s, "# Extra kernel command-line arguments for every guest.");
+        let _ = writeln!(s, "kernel_args = {}", q(&v.kernel_args));
+        let _ = writeln!(s, "# Seconds a boot or restore may take until the guest agent answers.");
+        let _ = writeln!(s, "boot_timeout_secs = {}", v.boot_timeout_secs);
+        let _ = writeln!(s, "# Seconds one agent call made by the daemon itself may take.");
+        let _ = writeln!(s, "agent_timeout_secs = {}", v.agent_timeout_secs);
+        let _ = writeln!(s, "# Size of a sandbox created without cpus / memory_mb / disk_mb (disk 0 = the image's size).");
+        let _ = writeln!(s, "default_cpus = {}", v.default_cpus);
+        let _ = writeln!(s, "default_memory_mb = {}", v.default_memory_mb);
+        let _ = writeln!(s, "default_disk_mb = {}", v.default_disk_mb);
+        let _ = writeln!(s, "# Hard maxima for any sandbox, whatever a user's caps.");
+        let _ = writeln!(s, "max_cpus = {}", v.max_cpus);
+        let _ = writeln!(s, "max_memory_mb = {}", v.max_memory_mb);
+        let _ = writeln!(s, "max_disk_mb = {}", v.max_disk_mb);
+        let _ = writeln!(s, "# Root disk cloning: \"auto\" (reflink, else a loop-mounted XFS image, else a sparse copy),");
+        let _ = writeln!(s, "# \"reflink\", \"xfs-loop\" or \"copy\".");
+        let _ = writeln!(s, "disk_strategy = \"auto\"");
+        let _ = writeln!(s, "# Sparse size (MiB) of the XFS image used by xfs-loop.");
+        let _ = writeln!(s, "xfs_loop_size_mb = {}", v.xfs_loop_size_mb);
+        let _ = writeln!(s);
+        let n = &d.network;
+        let _ = writeln!(s, "[network]");
+        let _ = writeln!(s, "# Give guests a network (bridge, TAPs, NAT).");
+        let _ = writeln!(s, "enabled = {}", n.enabled);
+        let _ = writeln!(s, "# Bridge for the sandboxes' TAPs, and its address/prefix (guests get the rest of the subnet).");
+        let _ = writeln!(s, "bridge = {}", q(&n.bridge));
+        let _ = writeln!(s, "subnet = {}", q(&n.subnet));
+        let _ = writeln!(s, "# Network namespace (under /run/netns) for bridge, TAPs and VMMs; default: the host's.");
+        let _ = writeln!(s, "# netns = \"bhatti\"");
+        let _ = writeln!(s, "# DNS servers for guests.");
+        let dns: Vec<String> = n.dns.iter().map(|a| q(&a.to_string())).collect();
+        let _ = writeln!(s, "dns = [{}]", dns.join(", "));
+        let _ = writeln!(s);
+        let t = &d.thermal;
+        let _ = writeln!(s, "[thermal]");
+        let _ = writeln!(s, "# Idle seconds before a sandbox is paused (warm); 0 never pauses.");
+        let _ = writeln!(s, "warm_after_secs = {}", t.warm_after_secs);
+        let _ = writeln!(s, "# Idle seconds before it is snapshotted to disk and its VMM ended (cold); 0 never.");
+        let _ = writeln!(s, "cold_after_secs = {}", t.cold_after_secs);
+        let _ = writeln!(s, "# How often (ms) the idle sweeper runs.");
+        let _ = writeln!(s, "sweep_interval_ms = {}", t.sweep_interval_ms);
+        let _ = writeln!(s);
+        let l = &d.limits;
+        let _ = writeln!(s, "[limits]");
+        let _ = writeln!(s, "# Defaults for users created without explicit caps (`bhatti user create --max-…`).");
+        let _ = writeln!(s, "# Sandboxes one user may have at once (past it: HTTP 429).");
+        let _ = writeln!(s, "max_sandboxes = {}", l.max_sandboxes);
+        let _ = writeln!(s, "# vCPUs and memory (MiB) per sandbox (past them: HTTP 400).");
+        let _ = writeln!(s, "max_cpus = {}", l.max_cpus);
+        let _ = writeln!(s, "max_memory_mb = {}", l.max_memory_mb);
+        let _ = writeln!(s, "# Named checkpoints one user may keep.");
+        let _ = writeln!(s, "max_snapshots = {}", l.max_snapshots);
+        let _ = writeln!(s);
+        let r = &l.rate;
+        let _ = writeln!(s, "[limits.rate]");
+        let _ = writeln!(s, "# Per-user token buckets by request class; a rate of 0 disables that class's limit.");
+        let _ = writeln!(s, "# create: creates, starts, stops, checkpoints, resumes (per minute).");
+        let _ = writeln!(s, "create_per_minute = {}", r.create_per_minute);
+        let _ = writeln!(s, "create_burst = {}", r.create_burst);
+        let _ = writeln!(s, "# exec: execs, shells, file writes and other calls that touch the guest (per second).");
+        let _ = writeln!(s, "exec_per_second = {}", r.exec_per_second);
+        let _ = writeln!(s, "exec_burst = {}", r.exec_burst);
+        let _ = writeln!(s, "# read: list, get, file reads (per second).");
+        let _ = writeln!(s, "read_per_second = {}", r.read_per_second);
+        let _ = writeln!(s, "read_burst = {}", r.read_burst);
+        s
+    }
+}
+
+/// A TOML basic string literal.
+fn toml_str(v: &str) -> String {
+    toml::Value::String(v.to_string()).to_string()
+}
+
+/// `a.b.c.d/len` with a usable host range.
+fn validate_subnet(s: &str) -> Result<(), String> {
+    let (addr, len) = s
+        .split_once('/')
+        .ok_or_else(|| format!("`{s}` is not an IPv4 address with a prefix length such as 10.77.0.1/24"))?;
+    let _: std::net::Ipv4Addr = addr
+        .parse()
+        .map_err(|_| format!("`{addr}` is not an IPv4 address"))?;
+    let len: u8 = len
+        .parse()
+        .map_err(|_| format!("`{len}` is not a prefix length"))?;
+    if !(8..=30).contains(&len) {
+        return Err(format!("prefix length /{len} must be between /8 and /30"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolved_default() -> Config {
+        let mut c = Config::default();
+        c.resolve();
+        c
+    }
+
+    #[test]
+    fn empty_file_is_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c, resolved_default());
+        assert_eq!(c.vm.kernel, PathBuf::from("/var/lib/bhatti/images/vmlinux"));
+        assert_eq!(c.listen_tcp, Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(c.thermal.warm_after_secs, 30);
+        assert_eq!(c.thermal.cold_after_secs, 1800);
+    }
+
+    #[test]
+    fn example_parses_back_to_defaults() {
+        let ex = Config::example_toml();
+        let c = Config::parse(&ex).unwrap_or_else(|e| panic!("{e}\n{ex}"));
+        assert_eq!(c, resolved_default());
+    }
+
+    /// Every key of the config (as serialized) appears in the example, so the
+    /// example (and the docs made from it) cannot fall behind the struct.
+    #[test]
+    fn example_lists_every_key() {
+        let ex = Config::example_toml();
+        let mut c = Config::default();
+        c.network.netns = Some("x".into());
+        let v = toml::Value::try_from(&c).unwrap();
+        fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
+            if let toml::Value::Table(t) = v {
+                for (k, v) in t {
+                    if v.is_table() {
+                        let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                        walk(&p, v, out);
+                    } else {
+                        out.push((prefix.to_string(), k.clone()));
+                    }
+                }
+            }
+        }
+        let mut keys = Vec::new();
+        walk("", &v, &mut keys);
+        assert!(keys.len() > 30, "{keys:?}");
+        for (table, key) in keys {
+            let header = if table.is_empty() { String::new() } else { format!("[{table}]\n") };
+            let start = ex.find(&header).unwrap_or_else(|| panic!("no [{table}] in example"));
+            let section = &ex[start + header.len()..];
+            let section = section.split("\n[").next().unwrap();
+            assert!(
+                section.contains(&format!("\n{key} = ")) || section.starts_with(&format!("{key} = "))
+                    || section.contains(&format!("# {key} = ")),
+                "key {table}.{key} missing from the example"
+            );
+        }
+    }
+
+    #[test]
+    fn values_are_read() {
+        let c = Config::parse(
+            r#"
+            data_dir = "/srv/bhatti"
+            listen_tcp = ""
+            [vm]
+            backend = "qemu"
+            qemu_accel = "tcg"
+            disk_strategy = "xfs-loop"
+            kernel = "/boot/vmlinux"
+            [network]
+            netns = "bh"
+            [log]
+            format = "json"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.listen_tcp, None);
+        assert_eq!(c.vm.backend, Backend::Qemu);
+        assert_eq!(c.vm.qemu_accel, QemuAccel::Tcg);
+        assert_eq!(c.vm.disk_strategy, DiskStrategy::XfsLoop);
+        assert_eq!(c.vm.kernel, PathBuf::from("/boot/vmlinux"));
+        assert_eq!(c.vm.rootfs, PathBuf::from("/srv/bhatti/images/rootfs.ext4"));
+        assert_eq!(c.network.netns.as_deref(), Some("bh"));
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.db_path(), PathBuf::from("/srv/bhatti/bhatti.db"));
+    }
+
+    fn err(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_naming_them() {
+        let e = err("datadir = \"/x\"");
+        assert!(e.contains("datadir"), "{e}");
+        let e = err("[vm]\ncpus = 2");
+        assert!(e.contains("cpus"), "{e}");
+        let e = err("[limits.rate]\nfoo = 1");
+        assert!(e.contains("foo"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("data_dir = \"relative\"", "data_dir"),
+            ("listen_tcp = \"localhost\"", "listen_tcp"),
+            ("[vm]\nbackend = \"xen\"", "backend"),
+            ("[vm]\ndefault_cpus = 0", "vm.default_cpus"),
+            ("[vm]\ndefault_cpus = 32", "vm.default_cpus"),
+            ("[vm]\ndefault_memory_mb = 10", "vm.default_memory_mb"),
+            ("[vm]\nboot_timeout_secs = 0", "vm.boot_timeout_secs"),
+            ("[vm]\ndefault_cpus = -1", "default_cpus"),
+            ("[network]\nsubnet = \"10.0.0.0\"", "network.subnet"),
+            ("[network]\nbridge = \"a-very-long-bridge-name\"", "network.bridge"),
+            ("[network]\nnetns = \"a/b\"", "network.netns"),
+            ("[thermal]\nwarm_after_secs = 100\ncold_after_secs = 50", "thermal.cold_after_secs"),
+            ("[limits]\nmax_cpus = 64", "limits.max_cpus"),
+            ("[limits.rate]\nexec_burst = 0", "limits.rate.exec_burst"),
+        ];
+        for (text, key) in cases {
+            let e = err(text);
+            assert!(e.contains(key), "{text:?} gave {e:?}, which does not name {key}");
+        }
+    }
+
+    #[test]
+    fn zero_disables_thermal_and_rates() {
+        let c = Config::parse("[thermal]\nwarm_after_secs = 0\ncold_after_secs = 60\n[limits.rate]\nexec_per_second = 0\nexec_burst = 0").unwrap();
+        assert_eq!(c.thermal.warm_after_secs, 0);
+        assert_eq!(c.limits.rate.exec_per_second, 0);
+    }
+
+    #[test]
+    fn load_reads_file_and_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[thermal]\nwarm_after_secs = 5\n").unwrap();
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.thermal.warm_after_secs, 5);
+        let missing = dir.path().join("missing.toml");
+        let e = Config::load(Some(&missing)).unwrap_err().to_string();
+        assert!(e.contains("missing.toml"), "{e}");
+        std::fs::write(&p, "[thermal]\nwarm = 5\n").unwrap();
+        let e = Config::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("c.toml") && e.contains("warm"), "{e}");
+    }
+}

@@ -1,0 +1,1241 @@
+//! The sandbox engine: creates, runs, pauses, snapshots, restores and
+//! destroys sandboxes, and hands out agent connections to them.
+//!
+//! An [`Engine`] owns a data dir:
+//!
+//! ```text
+//! <data_dir>/
+//!   sandboxes/<id>/sandbox.json   the SandboxRecord (0600: holds the token)
+//!   sandboxes/<id>/config.ext4    config drive (0600)
+//!   sandboxes/<id>/rootfs.ext4    root disk (reflink and copy methods)
+//!   sandboxes/<id>/snapshot/      last snapshot: `state` (+ `memory`)
+//!   run/<id>/                     VMM run dir: sockets, console.log, vmm.pid
+//!   reflink.img, reflink/         XFS loop image and its mount (xfs-loop)
+//!   reflink/bases/, reflink/disks/<id>.ext4
+//! ```
+//!
+//! Operations on one sandbox are serialized by a per-sandbox async mutex;
+//! different sandboxes proceed in parallel. Each sandbox has a `tracing`
+//! span (`sandbox{id, name}`) its operations run in. Listing never waits
+//! for a sandbox's operation: it reads a published copy of its state.
+
+mod agent;
+mod error;
+mod state;
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bhatti_protocol::guest_config::{AgentTransport, GuestConfig, NetworkConfig};
+use bhatti_protocol::AgentClient;
+use bhatti_vmm::process::VmmProcess;
+use bhatti_vmm::{BackendKind, SnapshotFiles, SnapshotKind, Vm, VmConfig, VmmBackend};
+use serde::Serialize;
+use tracing::Instrument;
+
+use crate::net::{NetSettings, Network};
+use crate::storage::{DiskMethod, DiskStrategy, RootDisk, Storage, StorageConfig};
+
+pub use agent::{wait_for_agent, WaitError};
+pub use error::{EngineError, Result};
+pub use state::{
+    transition, validate_name, CreateSpec, Op, SandboxRecord, SandboxState, SnapshotRecord,
+    RECORD_FILE,
+};
+
+/// Name of the VMM console log in a run dir (both backends use it).
+pub const CONSOLE_LOG: &str = "console.log";
+/// Bytes of console log read for error messages.
+const CONSOLE_TAIL_BYTES: usize = 4096;
+/// Lines of console log kept in error messages.
+const CONSOLE_TAIL_LINES: usize = 40;
+
+/// Everything the engine needs.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub data_dir: PathBuf,
+    /// Guest kernel (ELF vmlinux).
+    pub kernel: PathBuf,
+    /// Base root filesystem image, lohar installed.
+    pub rootfs: PathBuf,
+    pub backend: Arc<dyn VmmBackend>,
+    /// Guest networking; `None` gives VMs no network device.
+    pub net: Option<NetSettings>,
+    pub disk_strategy: DiskStrategy,
+    /// Apparent (sparse) size of the XFS loop image, when that is used.
+    pub xfs_loop_size_mb: u64,
+    /// How long a boot or restore may take until the agent answers.
+    pub boot_timeout: Duration,
+    /// How long reconnecting to a running VM's agent may take.
+    pub agent_timeout: Duration,
+    /// Extra kernel arguments for every VM, after the engine's own.
+    pub kernel_args: String,
+    /// Name servers written to the guests' resolv.conf.
+    pub dns: Vec<IpAddr>,
+}
+
+impl EngineConfig {
+    /// A config with defaults for everything but the essentials.
+    pub fn new(
+        data_dir: impl Into<PathBuf>,
+        kernel: impl Into<PathBuf>,
+        rootfs: impl Into<PathBuf>,
+        backend: Arc<dyn VmmBackend>,
+    ) -> EngineConfig {
+        EngineConfig {
+            data_dir: data_dir.into(),
+            kernel: kernel.into(),
+            rootfs: rootfs.into(),
+            backend,
+            net: Some(NetSettings::default()),
+            disk_strategy: DiskStrategy::Auto,
+            xfs_loop_size_mb: 64 << 10,
+            boot_timeout: Duration::from_secs(60),
+            agent_timeout: Duration::from_secs(10),
+            kernel_args: String::new(),
+            dns: Vec::new(),
+        }
+    }
+}
+
+/// A sandbox as callers see it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Sandbox {
+    pub id: String,
+    pub name: String,
+    pub state: SandboxState,
+    pub error: Option<String>,
+    pub backend: BackendKind,
+    pub cpus: u8,
+    pub memory_mb: u32,
+    pub disk_mb: Option<u64>,
+    pub disk_method: DiskMethod,
+    pub ip: Option<Ipv4Addr>,
+    pub mac: Option<String>,
+    pub tap: Option<String>,
+    /// The VMM's pid while one exists.
+    pub pid: Option<u32>,
+    pub created_unix_ms: i64,
+    /// A snapshot it will resume from (cold sandboxes).
+    pub has_snapshot: bool,
+    pub paths: SandboxPaths,
+}
+
+/// Where a sandbox's files are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SandboxPaths {
+    /// `<data_dir>/sandboxes/<id>`
+    pub dir: PathBuf,
+    /// `<data_dir>/run/<id>`
+    pub run_dir: PathBuf,
+    pub root_disk: PathBuf,
+    pub config_disk: PathBuf,
+    pub console_log: PathBuf,
+}
+
+impl Sandbox {
+    fn from_record(rec: &SandboxRecord, dir: &Path) -> Sandbox {
+        Sandbox {
+            id: rec.id.clone(),
+            name: rec.name.clone(),
+            state: rec.state,
+            error: rec.error.clone(),
+            backend: rec.backend,
+            cpus: rec.spec.cpus,
+            memory_mb: rec.spec.memory_mb,
+            disk_mb: rec.spec.disk_mb,
+            disk_method: rec.disk.method,
+            ip: rec.net.as_ref().map(|n| n.ip),
+            mac: rec.net.as_ref().map(|n| n.mac.clone()),
+            tap: rec.net.as_ref().map(|n| n.tap.clone()),
+            pid: rec.pid,
+            created_unix_ms: rec.created_unix_ms,
+            has_snapshot: rec.usable_snapshot().is_some(),
+            paths: SandboxPaths {
+                dir: dir.to_path_buf(),
+                run_dir: rec.vm.run_dir.clone(),
+                root_disk: rec.disk.path.clone(),
+                config_disk: rec.config_disk.clone(),
+                console_log: rec.vm.run_dir.join(CONSOLE_LOG),
+            },
+        }
+    }
+}
+
+/// The sandbox engine. Cheap to clone (one shared state).
+#[derive(Debug, Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    cfg: EngineConfig,
+    storage: Storage,
+    net: Option<Network>,
+    sandboxes_dir: PathBuf,
+    run_root: PathBuf,
+    slots: std::sync::Mutex<HashMap<String, Arc<Slot>>>,
+}
+
+/// One sandbox: its published view and its serialized live state.
+#[derive(Debug)]
+struct Slot {
+    id: String,
+    dir: PathBuf,
+    span: tracing::Span,
+    view: std::sync::Mutex<Sandbox>,
+    live: tokio::sync::Mutex<Live>,
+}
+
+#[derive(Debug)]
+struct Live {
+    rec: SandboxRecord,
+    vm: Option<Box<dyn Vm>>,
+    agent: Option<AgentClient>,
+    /// Destroyed: operations that waited for the lock find nothing.
+    gone: bool,
+}
+
+impl Engine {
+    /// Sets up the data dir, the disk method and the guest network. Does
+    /// not look at existing sandboxes: call [`Engine::recover`] for that.
+    pub async fn new(cfg: EngineConfig) -> Result<Engine> {
+        for (what, p) in [("kernel", &cfg.kernel), ("rootfs", &cfg.rootfs)] {
+            if !p.is_file() {
+                return Err(EngineError::Setup(format!(
+                    "the {what} {} is not a file",
+                    p.display()
+                )));
+            }
+        }
+        let sandboxes_dir = cfg.data_dir.join("sandboxes");
+        let run_root = cfg.data_dir.join("run");
+        for d in [&cfg.data_dir, &sandboxes_dir, &run_root] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)
+                .map_err(|e| EngineError::io(format!("creating {}", d.display()), e))?;
+        }
+        let storage = Storage::new(StorageConfig {
+            data_dir: cfg.data_dir.clone(),
+            rootfs: cfg.rootfs.clone(),
+            strategy: cfg.disk_strategy,
+            xfs_loop_size_mb: cfg.xfs_loop_size_mb,
+        })
+        .await?;
+        let net = match &cfg.net {
+            Some(s) => Some(Network::setup(s.clone()).await?),
+            None => None,
+        };
+        tracing::info!(
+            data_dir = %cfg.data_dir.display(),
+            backend = %cfg.backend.kind(),
+            disks = %storage.method(),
+            "engine ready"
+        );
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                cfg,
+                storage,
+                net,
+                sandboxes_dir,
+                run_root,
+                slots: std::sync::Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.cfg
+    }
+
+    /// The root disk method in use.
+    pub fn disk_method(&self) -> DiskMethod {
+        self.inner.storage.method()
+    }
+
+    pub fn network(&self) -> Option<&Network> {
+        self.inner.net.as_ref()
+    }
+
+    /// All sandboxes, oldest first. Never waits for running operations.
+    pub fn list(&self) -> Vec<Sandbox> {
+        let mut v: Vec<Sandbox> = self
+            .inner
+            .slots
+            .lock()
+            .expect("slots lock")
+            .values()
+            .map(|s| s.view.lock().expect("view lock").clone())
+            .collect();
+        v.sort_by(|a, b| (a.created_unix_ms, &a.id).cmp(&(b.created_unix_ms, &b.id)));
+        v
+    }
+
+    /// A sandbox by id or name. Never waits for running operations.
+    pub fn get(&self, id_or_name: &str) -> Result<Sandbox> {
+        let slot = self.inner.slot(id_or_name)?;
+        let view = slot.view.lock().expect("view lock").clone();
+        Ok(view)
+    }
+
+    /// Creates a sandbox and boots it; returns once its agent answers. On
+    /// failure nothing of it is left behind and the error carries the
+    /// guest console's tail.
+    pub async fn create(&self, spec: CreateSpec) -> Result<Sandbox> {
+        spec.validate().map_err(EngineError::Invalid)?;
+        let inner = &self.inner;
+        let id = format!("sb-{}", random_hex(6));
+        let name = spec.name.clone().unwrap_or_else(|| id.clone());
+        let dir = inner.sandboxes_dir.join(&id);
+        let run_dir = inner.run_root.join(&id);
+        let net = match &inner.net {
+            Some(n) => Some(n.allocate(&id)?),
+            None => None,
+        };
+        let mut kernel_args = Vec::new();
+        if let Some(n) = &net {
+            kernel_args.push(
+                inner
+                    .net
+                    .as_ref()
+                    .expect("net")
+                    .subnet()
+                    .kernel_ip_arg(n.ip),
+            );
+        }
+        if !inner.cfg.kernel_args.trim().is_empty() {
+            kernel_args.push(inner.cfg.kernel_args.trim().to_owned());
+        }
+        let config_disk = dir.join("config.ext4");
+        let vm = VmConfig {
+            id: id.clone(),
+            vcpus: spec.cpus,
+            memory_mib: spec.memory_mb,
+            kernel: inner.cfg.kernel.clone(),
+            kernel_args: kernel_args.join(" "),
+            root_disk: inner.storage.root_disk_path(&id, &dir),
+            config_disk: Some(config_disk.clone()),
+            net: net.as_ref().map(|n| bhatti_vmm::NetConfig {
+                tap: n.tap.clone(),
+                mac: n.mac.clone(),
+            }),
+            netns: inner
+                .net
+                .as_ref()
+                .and_then(|n| n.netns().map(str::to_owned)),
+            run_dir,
+        };
+        let rec = SandboxRecord {
+            version: state::RECORD_VERSION,
+            id: id.clone(),
+            name: name.clone(),
+            created_unix_ms: now_ms(),
+            spec,
+            token: random_hex(32),
+            state: SandboxState::Creating,
+            error: None,
+            backend: inner.cfg.backend.kind(),
+            disk: RootDisk {
+                path: vm.root_disk.clone(),
+                method: inner.storage.method(),
+            },
+            config_disk,
+            net,
+            vm,
+            snapshot: None,
+            boot_id: None,
+            pid: None,
+        };
+        let slot = Arc::new(Slot {
+            id: id.clone(),
+            span: tracing::info_span!("sandbox", id = %id, name = %name),
+            view: std::sync::Mutex::new(Sandbox::from_record(&rec, &dir)),
+            dir,
+            live: tokio::sync::Mutex::new(Live {
+                rec,
+                vm: None,
+                agent: None,
+                gone: false,
+            }),
+        });
+        let mut live = slot.live.lock().await;
+        {
+            let mut slots = inner.slots.lock().expect("slots lock");
+            let taken = slots
+                .values()
+                .any(|s| s.view.lock().expect("view lock").name == name);
+            if taken {
+                if let (Some(n), Some(g)) = (&inner.net, &live.rec.net) {
+                    n.release(g);
+                }
+                return Err(EngineError::AlreadyExists(name));
+            }
+            slots.insert(id.clone(), slot.clone());
+        }
+        let span = slot.span.clone();
+        let result = inner
+            .do_create(&slot, &mut live)
+            .instrument(span.clone())
+            .await;
+        match result {
+            Ok(()) => {
+                span.in_scope(|| tracing::info!("sandbox created"));
+                Ok(slot.view.lock().expect("view lock").clone())
+            }
+            Err(e) => {
+                span.in_scope(|| tracing::warn!("create failed: {e}"));
+                if let Err(ce) = inner.cleanup(&slot, &mut live).instrument(span).await {
+                    tracing::error!(id = %id, "cleanup after a failed create: {ce}");
+                }
+                live.gone = true;
+                inner.slots.lock().expect("slots lock").remove(&id);
+                Err(e)
+            }
+        }
+    }
+
+    /// The agent connection of a sandbox, woken first: a paused sandbox is
+    /// resumed, a stopped one restored (or booted from its disk). One
+    /// long-lived connection per VM is shared by all callers and reopened
+    /// when it has closed.
+    pub async fn agent(&self, id: &str) -> Result<AgentClient> {
+        self.op(id, |inner, slot, live| {
+            Box::pin(async move {
+                inner.wake(slot, live).await?;
+                inner.connected_agent(slot, live).await
+            })
+        })
+        .await
+    }
+
+    /// The current agent connection if the sandbox runs and one is open;
+    /// never wakes, never connects.
+    pub async fn agent_if_connected(&self, id: &str) -> Option<AgentClient> {
+        let slot = self.inner.slot(id).ok()?;
+        let live = slot.live.lock().await;
+        live.agent.clone().filter(|c| !c.is_closed())
+    }
+
+    /// Stops the vCPUs (the VMM stays, memory stays allocated).
+    pub async fn pause(&self, id: &str) -> Result<Sandbox> {
+        self.op(id, |inner, slot, live| {
+            Box::pin(async move { inner.do_pause(slot, live).await })
+        })
+        .await?;
+        self.get(id)
+    }
+
+    pub async fn resume(&self, id: &str) -> Result<Sandbox> {
+        self.op(id, |inner, slot, live| {
+            Box::pin(async move { inner.do_resume(slot, live).await })
+        })
+        .await?;
+        self.get(id)
+    }
+
+    /// Cold: flushes the guest's filesystems, pauses, writes a snapshot to
+    /// new files renamed into `<sandbox>/snapshot/`, and ends the VMM so
+    /// its memory is freed. The sandbox is then `stopped` with a snapshot.
+    pub async fn snapshot_to_disk(&self, id: &str) -> Result<Sandbox> {
+        self.op(id, |inner, slot, live| {
+            Box::pin(async move { inner.do_snapshot(slot, live).await })
+        })
+        .await?;
+        self.get(id)
+    }
+
+    /// Starts a new VMM from the sandbox's snapshot and reconnects to the
+    /// agent. A snapshot that fails to restore is flagged and never tried
+    /// again; [`Engine::start`] then boots the sandbox from its disk.
+    pub async fn restore(&self, id: &str) -> Result<Sandbox> {
+        self.op(id, |inner, slot, live| {
+            Box::pin(async move {
+                transition(live.rec.state, Op::Restore).map_err(|m| inner.state_err(slot, m))?;
+                inner.do_restore(slot, live).await
+            })
+        })
+        .await?;
+        self.get(id)
+    }
+
+    /// Makes a sandbox run: resumes a paused one, restores a stopped one
+    /// from its snapshot, else boots it fresh from its disk.
+    pub async fn start(&self, id: &str) -> Result<Sandbox> {
+        self.op(id, |inner, slot, live| {
+            Box::pin(async move { inner.wake(slot, live).await })
+        })
+        .await?;
+        self.get(id)
+    }
+
+    /// Removes a sandbox and everything it has on the host: VMM process,
+    /// sockets, disks, TAP, run dir and state dir. Idempotent: `Ok(false)`
+    /// when there was no such sandbox. When a step fails the record stays,
+    /// so the destroy can be retried.
+    pub async fn destroy(&self, id: &str) -> Result<bool> {
+        let Ok(slot) = self.inner.slot(id) else {
+            return Ok(false);
+        };
+        let mut live = slot.live.lock().await;
+        if live.gone {
+            return Ok(false);
+        }
+        let span = slot.span.clone();
+        self.inner
+            .cleanup(&slot, &mut live)
+            .instrument(span.clone())
+            .await?;
+        live.gone = true;
+        self.inner
+            .slots
+            .lock()
+            .expect("slots lock")
+            .remove(&slot.id);
+        span.in_scope(|| tracing::info!("sandbox destroyed"));
+        Ok(true)
+    }
+
+    /// Loads every `<data_dir>/sandboxes/<id>/sandbox.json` not yet known:
+    /// a sandbox whose VMM still runs is adopted (running or paused as it
+    /// was); one whose VMM is gone becomes `stopped` (bootable from its
+    /// snapshot or disk); one caught mid-create becomes `failed`.
+    pub async fn recover(&self) -> Result<Vec<Sandbox>> {
+        let inner = &self.inner;
+        let entries = std::fs::read_dir(&inner.sandboxes_dir).map_err(|e| {
+            EngineError::io(format!("reading {}", inner.sandboxes_dir.display()), e)
+        })?;
+        let mut found = Vec::new();
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            if !dir.join(RECORD_FILE).is_file() {
+                continue;
+            }
+            let rec = match SandboxRecord::load(&dir) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), "skipping an unreadable sandbox record: {e}");
+                    continue;
+                }
+            };
+            if inner
+                .slots
+                .lock()
+                .expect("slots lock")
+                .contains_key(&rec.id)
+            {
+                continue;
+            }
+            let id = rec.id.clone();
+            let slot = Arc::new(Slot {
+                id: id.clone(),
+                span: tracing::info_span!("sandbox", id = %id, name = %rec.name),
+                view: std::sync::Mutex::new(Sandbox::from_record(&rec, &dir)),
+                dir,
+                live: tokio::sync::Mutex::new(Live {
+                    rec,
+                    vm: None,
+                    agent: None,
+                    gone: false,
+                }),
+            });
+            let mut live = slot.live.lock().await;
+            inner
+                .recover_one(&slot, &mut live)
+                .instrument(slot.span.clone())
+                .await;
+            inner
+                .slots
+                .lock()
+                .expect("slots lock")
+                .insert(id, slot.clone());
+            found.push(slot.view.lock().expect("view lock").clone());
+        }
+        Ok(found)
+    }
+
+    /// Closes every agent connection. VMs keep running; a new engine on the
+    /// same data dir adopts them with [`Engine::recover`]. The bridge and
+    /// the XFS mount stay.
+    pub async fn shutdown(&self) {
+        let slots: Vec<Arc<Slot>> = self
+            .inner
+            .slots
+            .lock()
+            .expect("slots lock")
+            .values()
+            .cloned()
+            .collect();
+        for slot in slots {
+            let mut live = slot.live.lock().await;
+            if let Some(c) = live.agent.take() {
+                c.close();
+            }
+        }
+    }
+
+    /// Runs `f` on a sandbox under its lock, in its span.
+    async fn op<T, F>(&self, id: &str, f: F) -> Result<T>
+    where
+        F: for<'a> FnOnce(
+            &'a Inner,
+            &'a Slot,
+            &'a mut Live,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<T>> + Send + 'a>,
+        >,
+    {
+        let slot = self.inner.slot(id)?;
+        let mut live = slot.live.lock().await;
+        if live.gone {
+            return Err(EngineError::NotFound(id.to_owned()));
+        }
+        let span = slot.span.clone();
+        f(&self.inner, &slot, &mut live).instrument(span).await
+    }
+}
+
+impl Inner {
+    fn slot(&self, id_or_name: &str) -> Result<Arc<Slot>> {
+        let slots = self.slots.lock().expect("slots lock");
+        if let Some(s) = slots.get(id_or_name) {
+            return Ok(s.clone());
+        }
+        slots
+            .values()
+            .find(|s| s.view.lock().expect("view lock").name == id_or_name)
+            .cloned()
+            .ok_or_else(|| EngineError::NotFound(id_or_name.to_owned()))
+    }
+
+    fn state_err(&self, slot: &Slot, message: String) -> EngineError {
+        EngineError::State {
+            id: slot.id.clone(),
+            message,
+        }
+    }
+
+    /// Persists the record and publishes the view.
+    fn save(&self, slot: &Slot, live: &Live) -> Result<()> {
+        *slot.view.lock().expect("view lock") = Sandbox::from_record(&live.rec, &slot.dir);
+        live.rec.save(&slot.dir).map_err(|e| {
+            EngineError::io(
+                format!("saving {}", slot.dir.join(RECORD_FILE).display()),
+                e,
+            )
+        })
+    }
+
+    fn set_state(&self, slot: &Slot, live: &mut Live, state: SandboxState, error: Option<String>) {
+        if live.rec.state != state {
+            tracing::info!(from = %live.rec.state, to = %state, "state");
+        }
+        live.rec.state = state;
+        live.rec.error = error;
+        if let Err(e) = self.save(slot, live) {
+            tracing::error!("{e}");
+        }
+    }
+
+    fn guest_config(&self, rec: &SandboxRecord) -> GuestConfig {
+        GuestConfig {
+            sandbox_id: rec.id.clone(),
+            hostname: rec.name.clone(),
+            token: rec.token.clone(),
+            env: rec.spec.env.clone(),
+            files: rec.spec.files.clone(),
+            init: rec.spec.init.clone(),
+            dns: self.cfg.dns.clone(),
+            agent: match rec.backend {
+                BackendKind::Firecracker => AgentTransport::Vsock {
+                    port: bhatti_vmm::AGENT_VSOCK_PORT,
+                },
+                BackendKind::Qemu => AgentTransport::Serial {
+                    name: bhatti_vmm::AGENT_SERIAL_NAME.to_owned(),
+                },
+            },
+            network: rec.net.as_ref().map(|n| NetworkConfig {
+                address: format!("{}/{}", n.ip, n.prefix),
+                gateway: Some(n.gateway),
+                interface: "eth0".into(),
+            }),
+        }
+    }
+
+    async fn do_create(&self, slot: &Slot, live: &mut Live) -> Result<()> {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&slot.dir)
+            .map_err(|e| EngineError::io(format!("creating {}", slot.dir.display()), e))?;
+        self.save(slot, live)?;
+        let disk = self
+            .storage
+            .create_root_disk(&slot.id, &slot.dir, live.rec.spec.disk_mb)
+            .await?;
+        live.rec.disk = disk;
+        crate::storage::write_config_drive(&live.rec.config_disk, &self.guest_config(&live.rec))
+            .await?;
+        self.boot_fresh(slot, live, "did not boot").await
+    }
+
+    /// Boots a VMM from the disk and waits for the agent.
+    async fn boot_fresh(&self, slot: &Slot, live: &mut Live, what: &'static str) -> Result<()> {
+        self.prepare_start(live).await?;
+        // A snapshot no longer matches the disk once the guest runs again.
+        remove_dir_if_exists(&slot.dir.join("snapshot"));
+        live.rec.snapshot = None;
+        live.rec.backend = self.cfg.backend.kind();
+        let vm = self
+            .cfg
+            .backend
+            .boot(&live.rec.vm)
+            .await
+            .map_err(|e| self.boot_error(&live.rec, what, &e.to_string()))?;
+        let client = match wait_for_agent(vm.as_ref(), &live.rec.token, self.cfg.boot_timeout).await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                let err = self.boot_error(&live.rec, what, &e.to_string());
+                if let Err(ke) = vm.kill().await {
+                    tracing::warn!("killing the VMM: {ke}");
+                }
+                return Err(err);
+            }
+        };
+        tracing::info!(pid = vm.pid(), boot_id = %client.hello().boot_id, "booted");
+        live.rec.boot_id = Some(client.hello().boot_id.clone());
+        live.rec.pid = Some(vm.pid());
+        live.vm = Some(vm);
+        live.agent = Some(client);
+        self.set_state(slot, live, SandboxState::Running, None);
+        Ok(())
+    }
+
+    /// TAP present, run dir present and without stale sockets.
+    async fn prepare_start(&self, live: &mut Live) -> Result<()> {
+        if let (Some(n), Some(g)) = (&self.net, &live.rec.net) {
+            n.ensure_tap(&g.tap).await?;
+        }
+        let run_dir = &live.rec.vm.run_dir;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(run_dir)
+            .map_err(|e| EngineError::io(format!("creating {}", run_dir.display()), e))?;
+        remove_sockets(run_dir);
+        Ok(())
+    }
+
+    fn boot_error(&self, rec: &SandboxRecord, what: &'static str, reason: &str) -> EngineError {
+        // Backends may already append the console to their errors; we show
+        // it once, below the reason.
+        let reason = reason
+            .split_once("; console:\n")
+            .map(|(r, _)| r)
+            .unwrap_or(reason)
+            .to_owned();
+        EngineError::Boot {
+            id: rec.id.clone(),
+            what,
+            reason,
+            console: console_tail(&rec.vm.run_dir.join(CONSOLE_LOG)),
+        }
+    }
+
+    /// Running, starting or resuming it as needed.
+    async fn wake(&self, slot: &Slot, live: &mut Live) -> Result<()> {
+        match live.rec.state {
+            SandboxState::Running => Ok(()),
+            SandboxState::Paused => self.do_resume(slot, live).await,
+            SandboxState::Stopped | SandboxState::Failed => self.do_start(slot, live).await,
+            SandboxState::Creating => Err(self.state_err(slot, "it is still being created".into())),
+        }
+    }
+
+    async fn do_start(&self, slot: &Slot, live: &mut Live) -> Result<()> {
+        transition(live.rec.state, Op::Start).map_err(|m| self.state_err(slot, m))?;
+        if live.rec.usable_snapshot().is_some() {
+            match self.do_restore(slot, live).await {
+                Ok(()) => return Ok(()),
+                Err(e) => tracing::warn!("restore failed, booting from the disk instead: {e}"),
+            }
+        }
+        if let Err(e) = self.boot_fresh(slot, live, "did not boot").await {
+            self.set_state(slot, live, SandboxState::Failed, Some(e.to_string()));
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The VM handle of a sandbox that should have a live VMM; notices a
+    /// VMM that died and marks the sandbox stopped.
+    fn live_vm<'a>(&self, slot: &Slot, live: &'a mut Live) -> Result<&'a dyn Vm> {
+        let alive = live.vm.as_ref().is_some_and(|vm| vm.is_alive());
+        if !alive {
+            let console = console_tail(&live.rec.vm.run_dir.join(CONSOLE_LOG));
+            let reason = "the VMM process exited unexpectedly".to_string();
+            tracing::warn!("{reason}");
+            live.vm = None;
+            if let Some(c) = live.agent.take() {
+                c.close();
+            }
+            live.rec.pid = None;
+            self.set_state(slot, live, SandboxState::Stopped, Some(reason.clone()));
+            return Err(EngineError::Boot {
+                id: slot.id.clone(),
+                what: "stopped",
+                reason,
+                console,
+            });
+        }
+        Ok(live.vm.as_deref().expect("checked"))
+    }
+
+    async fn connected_agent(&self, slot: &Slot, live: &mut Live) -> Result<AgentClient> {
+        if let Some(c) = &live.agent {
+            if !c.is_closed() {
+                return Ok(c.clone());
+            }
+        }
+        let token = live.rec.token.clone();
+        let timeout = self.cfg.agent_timeout;
+        let vm = self.live_vm(slot, live)?;
+        let client = wait_for_agent(vm, &token, timeout)
+            .await
+            .map_err(|e| EngineError::Boot {
+                id: slot.id.clone(),
+                what: "has no agent",
+                reason: e.to_string(),
+                console: console_tail(&live.rec.vm.run_dir.join(CONSOLE_LOG)),
+            })?;
+        let boot_id = client.hello().boot_id.clone();
+        if live.rec.boot_id.as_deref() != Some(boot_id.as_str()) {
+            tracing::warn!(boot_id = %boot_id, "the guest rebooted since the last connection");
+            live.rec.boot_id = Some(boot_id);
+            self.save(slot, live)?;
+        }
+        tracing::debug!("agent reconnected");
+        live.agent = Some(client.clone());
+        Ok(client)
+    }
+
+    async fn do_pause(&self, slot: &Slot, live: &mut Live) -> Result<()> {
+        let Some(to) =
+            transition(live.rec.state, Op::Pause).map_err(|m| self.state_err(slot, m))?
+        else {
+            return Ok(());
+        };
+        let id = slot.id.clone();
+        self.live_vm(slot, live)?
+            .pause()
+            .await
+            .map_err(|source| EngineError::Vmm {
+                id,
+                context: "pausing",
+                source,
+            })?;
+        self.set_state(slot, live, to, None);
+        Ok(())
+    }
+
+    async fn do_resume(&self, slot: &Slot, live: &mut Live) -> Result<()> {
+        let Some(to) =
+            transition(live.rec.state, Op::Resume).map_err(|m| self.state_err(slot, m))?
+        else {
+            return Ok(());
+        };
+        let id = slot.id.clone();
+        self.live_vm(slot, live)?
+            .resume()
+            .await
+            .map_err(|source| EngineError::Vmm {
+                id,
+                context: "resuming",
+                source,
+            })?;
+        self.set_state(slot, live, to, None);
+        Ok(())
+    }
+
+    async fn do_snapshot(&self, slot: &Slot, live: &mut Live) -> Result<()> {
+        let from = live.rec.state;
+        if transition(from, Op::Snapshot)
+            .map_err(|m| self.state_err(slot, m))?
+            .is_none()
+        {
+            return Ok(());
+        }
+        let id = slot.id.clone();
+        // 1. The guest flushes its filesystems, so the disk alone is
+        // consistent too (the fallback when the snapshot cannot restore).
+        if from == SandboxState::Paused {
+            self.live_vm(slot, live)?
+                .resume()
+                .await
+                .map_err(|source| EngineError::Vmm {
+                    id: id.clone(),
+                    context: "resuming to sync",
+                    source,
+                })?;
+        }
+        let synced = match self.connected_agent(slot, live).await {
+            Ok(client) => tokio::time::timeout(self.cfg.agent_timeout, client.sync())
+                .await
+                .map_err(|_| "timed out".to_string())
+                .and_then(|r| r.map_err(|e| e.to_string())),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = synced {
+            tracing::warn!("guest sync before the snapshot failed: {e}");
+        }
+        // 2. Pause and write the snapshot into new files.
+        let vm = self.live_vm(slot, live)?;
+        vm.pause().await.map_err(|source| EngineError::Vmm {
+            id: id.clone(),
+            context: "pausing",
+            source,
+        })?;
+        let tmp = slot.dir.join("snapshot.tmp");
+        let fin = slot.dir.join("snapshot");
+        let old = slot.dir.join("snapshot.old");
+        remove_dir_if_exists(&tmp);
+        remove_dir_if_exists(&old);
+        let files = |d: &Path| SnapshotFiles {
+            state: d.join("state"),
+            memory: (self.cfg.backend.kind() == BackendKind::Firecracker).then(|| d.join("memory")),
+        };
+        let started = std::time::Instant::now();
+        let written = async {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&tmp)
+                .map_err(|e| EngineError::io(format!("creating {}", tmp.display()), e))?;
+            vm.snapshot(SnapshotKind::Full, &files(&tmp))
+                .await
+                .map_err(|source| EngineError::Vmm {
+                    id: id.clone(),
+                    context: "writing the snapshot",
+                    source,
+                })?;
+            fsync_tree(&tmp)
+                .map_err(|e| EngineError::io(format!("syncing {}", tmp.display()), e))?;
+            Ok::<_, EngineError>(())
+        }
+        .await;
+        if let Err(e) = written {
+            remove_dir_if_exists(&tmp);
+            if from == SandboxState::Running {
+                if let Err(re) = vm.resume().await {
+                    tracing::error!("resuming after a failed snapshot: {re}");
+                }
+            }
+            return Err(e);
+        }
+        // 3. Into place: the previous snapshot (which may back a restored
+        // VM's memory) is moved aside, never overwritten.
+        let moved = (|| -> std::io::Result<()> {
+            if fin.exists() {
+                std::fs::rename(&fin, &old)?;
+            }
+            std::fs::rename(&tmp, &fin)?;
+            state::sync_dir(&slot.dir)
+        })();
+        if let Err(e) = moved {
+            if from == SandboxState::Running {
+                let _ = vm.resume().await;
+            }
+            return Err(EngineError::io("renaming the snapshot into place", e));
+        }
+        let write_ms = started.elapsed().as_millis() as u64;
+        // 4. End the VMM: its memory is freed.
+        if let Some(c) = live.agent.take() {
+            c.close();
+        }
+        let vm = live.vm.take().expect("live vm");
+        if let Err(source) = vm.kill().await {
+            live.vm = Some(vm);
+            return Err(EngineError::Vmm {
+                id,
+                context: "ending the VMM after the snapshot",
+                source,
+            });
+        }
+        remove_dir_if_exists(&old);
+        remove_sockets(&live.rec.vm.run_dir);
+        live.rec.pid = None;
+        live.rec.snapshot = Some(SnapshotRecord {
+            files: files(&fin),
+            kind: SnapshotKind::Full,
+            created_unix_ms: now_ms(),
+            failed: None,
+        });
+        tracing::info!(write_ms, "snapshot written, VMM ended");
+        self.set_state(slot, live, SandboxState::Stopped, None);
+        Ok(())
+    }
+
+    async fn do_restore(&self, slot: &Slot, live: &mut Live) -> Result<()> {
+        let Some(snap) = live.rec.usable_snapshot().cloned() else {
+            return Err(self.state_err(slot, "it has no usable snapshot".into()));
+        };
+        if live.rec.backend != self.cfg.backend.kind() {
+            let why = format!("the snapshot was made by {}", live.rec.backend);
+            return Err(self.flag_snapshot(slot, live, why));
+        }
+        self.prepare_start(live).await?;
+        let started = std::time::Instant::now();
+        let vm = match self.cfg.backend.restore(&live.rec.vm, &snap.files).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                let err = self.boot_error(&live.rec, "did not restore", &e.to_string());
+                self.flag_snapshot(slot, live, err.to_string());
+                return Err(err);
+            }
+        };
+        let client = match wait_for_agent(vm.as_ref(), &live.rec.token, self.cfg.boot_timeout).await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                let err = self.boot_error(&live.rec, "did not restore", &e.to_string());
+                if let Err(ke) = vm.kill().await {
+                    tracing::warn!("killing the VMM: {ke}");
+                }
+                self.flag_snapshot(slot, live, err.to_string());
+                return Err(err);
+            }
+        };
+        let boot_id = client.hello().boot_id.clone();
+        if live.rec.boot_id.as_deref() != Some(boot_id.as_str()) {
+            tracing::warn!(boot_id = %boot_id, "the restored guest has a new boot id");
+        }
+        tracing::info!(
+            pid = vm.pid(),
+            ms = started.elapsed().as_millis() as u64,
+            "restored"
+        );
+        live.rec.boot_id = Some(boot_id);
+        live.rec.pid = Some(vm.pid());
+        // The snapshot is used up: the disk moves on from here. Its files
+        // stay until the next snapshot (a VMM may map its memory file).
+        live.rec.snapshot = None;
+        live.vm = Some(vm);
+        live.agent = Some(client);
+        self.set_state(slot, live, SandboxState::Running, None);
+        Ok(())
+    }
+
+    /// Marks the snapshot as not restorable; the sandbox stays stopped.
+    fn flag_snapshot(&self, slot: &Slot, live: &mut Live, why: String) -> EngineError {
+        tracing::warn!("snapshot flagged as failed: {why}");
+        if let Some(s) = live.rec.snapshot.as_mut() {
+            s.failed = Some(why.clone());
+        }
+        live.rec.pid = None;
+        self.set_state(slot, live, SandboxState::Stopped, Some(why.clone()));
+        self.state_err(slot, why)
+    }
+
+    /// Removes everything of a sandbox. Every step is tried; the record is
+    /// removed only when all others succeeded.
+    async fn cleanup(&self, slot: &Slot, live: &mut Live) -> Result<()> {
+        let mut errors: Vec<String> = Vec::new();
+        if let Some(c) = live.agent.take() {
+            c.close();
+        }
+        let run_dir = live.rec.vm.run_dir.clone();
+        if let Some(vm) = live.vm.take() {
+            if let Err(e) = vm.kill().await {
+                errors.push(format!("ending the VMM: {e}"));
+                live.vm = Some(vm);
+            }
+        } else if let Ok(stray) = VmmProcess::adopt(&run_dir) {
+            // A VMM no handle knows of (a crash mid-operation).
+            if let Err(e) = stray.kill().await {
+                errors.push(format!("ending stray VMM {}: {e}", stray.pid()));
+            }
+        }
+        if let (Some(n), Some(g)) = (&self.net, &live.rec.net) {
+            match n.remove_tap(&g.tap).await {
+                Ok(()) => n.release(g),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        if let Err(e) = self.storage.remove_root_disk(&live.rec.disk.path) {
+            errors.push(e.to_string());
+        }
+        for d in [&run_dir] {
+            match std::fs::remove_dir_all(d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => errors.push(format!("removing {}: {e}", d.display())),
+            }
+        }
+        if errors.is_empty() {
+            match std::fs::remove_dir_all(&slot.dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => errors.push(format!("removing {}: {e}", slot.dir.display())),
+            }
+        }
+        if errors.is_empty() {
+            return Ok(());
+        }
+        let message = format!("cleanup incomplete: {}", errors.join("; "));
+        live.rec.error = Some(message.clone());
+        let _ = self.save(slot, live);
+        Err(self.state_err(slot, message))
+    }
+
+    async fn recover_one(&self, slot: &Slot, live: &mut Live) {
+        if let (Some(n), Some(g)) = (&self.net, &live.rec.net) {
+            if !n.reserve(g) {
+                tracing::warn!(ip = %g.ip, "recovered address is outside the subnet or taken twice");
+            }
+            if let Err(e) = n.ensure_tap(&g.tap).await {
+                tracing::warn!("recreating the TAP: {e}");
+            }
+        }
+        match live.rec.state {
+            SandboxState::Running | SandboxState::Paused => {
+                let adopted = if live.rec.backend == self.cfg.backend.kind() {
+                    self.cfg
+                        .backend
+                        .adopt(&live.rec.vm)
+                        .await
+                        .map_err(|e| e.to_string())
+                } else {
+                    Err(format!("it ran under {}", live.rec.backend))
+                };
+                match adopted {
+                    Ok(vm) => {
+                        tracing::info!(pid = vm.pid(), state = %live.rec.state, "adopted the running VMM");
+                        live.rec.pid = Some(vm.pid());
+                        live.vm = Some(vm);
+                        let _ = self.save(slot, live);
+                    }
+                    Err(e) => {
+                        live.rec.pid = None;
+                        self.set_state(
+                            slot,
+                            live,
+                            SandboxState::Stopped,
+                            Some(format!("its VMM was gone at recovery: {e}")),
+                        );
+                    }
+                }
+            }
+            SandboxState::Creating => {
+                kill_stray(&live.rec.vm.run_dir).await;
+                live.rec.pid = None;
+                self.set_state(
+                    slot,
+                    live,
+                    SandboxState::Failed,
+                    Some("the engine stopped while creating it".into()),
+                );
+            }
+            SandboxState::Stopped | SandboxState::Failed => {
+                kill_stray(&live.rec.vm.run_dir).await;
+                *slot.view.lock().expect("view lock") = Sandbox::from_record(&live.rec, &slot.dir);
+            }
+        }
+    }
+}
+
+async fn kill_stray(run_dir: &Path) {
+    if let Ok(stray) = VmmProcess::adopt(run_dir) {
+        tracing::warn!(pid = stray.pid(), "ending a stray VMM");
+        let _ = stray.kill().await;
+    }
+}
+
+/// The last lines of a console log.
+pub fn console_tail(path: &Path) -> String {
+    let tail = bhatti_vmm::console_tail(path, CONSOLE_TAIL_BYTES);
+    if tail.trim().is_empty() {
+        return "(the console log is empty)".into();
+    }
+    let lines: Vec<&str> = tail.lines().collect();
+    let start = lines.len().saturating_sub(CONSOLE_TAIL_LINES);
+    lines[start..].join("\n")
+}
+
+fn remove_dir_if_exists(d: &Path) {
+    match std::fs::remove_dir_all(d) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!("removing {}: {e}", d.display()),
+    }
+}
+
+/// Removes unix sockets (left by a VMM that has ended) from a run dir.
+fn remove_sockets(run_dir: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_socket()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// fsyncs every file in a directory, then the directory.
+fn fsync_tree(dir: &Path) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            std::fs::File::open(e.path())?.sync_all()?;
+        }
+    }
+    state::sync_dir(dir)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// `n` random bytes from the kernel, hex-encoded.
+pub fn random_hex(n: usize) -> String {
+    let mut buf = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .expect("reading /dev/urandom");
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_hex_shape() {
+        let t = random_hex(32);
+        assert_eq!(t.len(), 64);
+        assert!(t.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(t, random_hex(32));
+    }
+
+    #[test]
+    fn console_tail_keeps_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.log");
+        let text: String = (0..100).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&p, text).unwrap();
+        let t = console_tail(&p);
+        assert!(t.ends_with("line 99"), "{t}");
+        assert_eq!(t.lines().count(), CONSOLE_TAIL_LINES);
+        assert!(console_tail(&dir.path().join("missing")).contains("unavailable"));
+    }
+}

@@ -1,0 +1,330 @@
+//! Sandbox states, the operations allowed in each, and the record persisted
+//! per sandbox as `<data_dir>/sandboxes/<id>/sandbox.json`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use bhatti_protocol::guest_config::GuestFile;
+use bhatti_vmm::{BackendKind, SnapshotFiles, SnapshotKind, VmConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::net::GuestNet;
+use crate::storage::RootDisk;
+
+/// Version of the `sandbox.json` layout.
+pub const RECORD_VERSION: u32 = 1;
+pub const RECORD_FILE: &str = "sandbox.json";
+
+/// Where a sandbox is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxState {
+    /// Disks, network and the first boot are being set up.
+    Creating,
+    /// The VMM runs the guest.
+    Running,
+    /// The VMM is alive with its vCPUs stopped.
+    Paused,
+    /// No VMM process; the sandbox boots from its snapshot (if any) or disk.
+    Stopped,
+    /// Starting it failed; see `error`. It can be started again from disk.
+    Failed,
+}
+
+impl std::fmt::Display for SandboxState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SandboxState::Creating => "creating",
+            SandboxState::Running => "running",
+            SandboxState::Paused => "paused",
+            SandboxState::Stopped => "stopped",
+            SandboxState::Failed => "failed",
+        })
+    }
+}
+
+/// Engine operations that change a sandbox's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Pause,
+    Resume,
+    /// Snapshot to disk and end the VMM.
+    Snapshot,
+    /// Start a VMM from the snapshot.
+    Restore,
+    /// Start a stopped or failed sandbox (snapshot, else fresh boot).
+    Start,
+}
+
+impl Op {
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Pause => "pause",
+            Op::Resume => "resume",
+            Op::Snapshot => "snapshot",
+            Op::Restore => "restore",
+            Op::Start => "start",
+        }
+    }
+}
+
+/// What `op` does from `from`: the state it ends in, `Ok(None)` when there
+/// is nothing to do (already there), or `Err` when it is not allowed.
+pub fn transition(from: SandboxState, op: Op) -> Result<Option<SandboxState>, String> {
+    use SandboxState::*;
+    let to = match (op, from) {
+        (Op::Pause, Running) => Some(Paused),
+        (Op::Pause, Paused) => None,
+        (Op::Resume, Paused) => Some(Running),
+        (Op::Resume, Running) => None,
+        (Op::Snapshot, Running | Paused) => Some(Stopped),
+        (Op::Snapshot, Stopped) => None,
+        (Op::Restore, Stopped) => Some(Running),
+        (Op::Start, Stopped | Failed) => Some(Running),
+        (Op::Start, Running) => None,
+        (Op::Start, Paused) => Some(Running),
+        _ => return Err(format!("cannot {} a sandbox that is {from}", op.name())),
+    };
+    Ok(to)
+}
+
+/// What the caller asks for when creating a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CreateSpec {
+    /// Unique among the engine's sandboxes; defaults to the id.
+    pub name: Option<String>,
+    pub cpus: u8,
+    pub memory_mb: u32,
+    /// Grow the root disk to this size; `None` keeps the base image's size.
+    pub disk_mb: Option<u64>,
+    /// Sandbox-wide environment for every command.
+    pub env: BTreeMap<String, String>,
+    /// Script run once at boot (as the user, detached).
+    pub init: Option<String>,
+    /// Files placed in the guest at boot.
+    pub files: Vec<GuestFile>,
+}
+
+impl Default for CreateSpec {
+    fn default() -> Self {
+        CreateSpec {
+            name: None,
+            cpus: 1,
+            memory_mb: 512,
+            disk_mb: None,
+            env: BTreeMap::new(),
+            init: None,
+            files: Vec::new(),
+        }
+    }
+}
+
+impl CreateSpec {
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(name) = &self.name {
+            validate_name(name)?;
+        }
+        if !(1..=64).contains(&self.cpus) {
+            return Err(format!("cpus must be 1 to 64, not {}", self.cpus));
+        }
+        if !(128..=262_144).contains(&self.memory_mb) {
+            return Err(format!(
+                "memory_mb must be 128 to 262144, not {}",
+                self.memory_mb
+            ));
+        }
+        if let Some(d) = self.disk_mb {
+            if !(64..=4 << 20).contains(&d) {
+                return Err(format!("disk_mb must be 64 to 4194304, not {d}"));
+            }
+        }
+        for k in self.env.keys() {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(format!("invalid environment variable name {k:?}"));
+            }
+        }
+        for f in &self.files {
+            if !f.path.starts_with('/') || f.path.split('/').any(|c| c == "..") {
+                return Err(format!(
+                    "file path {:?} must be absolute without '..'",
+                    f.path
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Names: 1–63 of `[a-z0-9-]`, starting with a letter or digit (they
+/// double as the guest hostname).
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid name {name:?}: use 1 to 63 of a-z, 0-9 and '-', not starting or ending with '-'"
+        ))
+    }
+}
+
+/// The snapshot a stopped sandbox resumes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub files: SnapshotFiles,
+    pub kind: SnapshotKind,
+    pub created_unix_ms: i64,
+    /// Set when restoring it failed; it is then never tried again.
+    #[serde(default)]
+    pub failed: Option<String>,
+}
+
+/// Everything the engine knows about one sandbox, persisted as JSON (0600:
+/// it holds the token).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    pub version: u32,
+    pub id: String,
+    pub name: String,
+    pub created_unix_ms: i64,
+    pub spec: CreateSpec,
+    pub token: String,
+    pub state: SandboxState,
+    /// Why the last operation failed or why the sandbox stopped.
+    #[serde(default)]
+    pub error: Option<String>,
+    pub backend: BackendKind,
+    pub disk: RootDisk,
+    pub config_disk: PathBuf,
+    pub net: Option<GuestNet>,
+    /// How the VMM is started (also what `adopt` and `restore` get).
+    pub vm: VmConfig,
+    #[serde(default)]
+    pub snapshot: Option<SnapshotRecord>,
+    /// The guest agent's boot id at the last connection.
+    #[serde(default)]
+    pub boot_id: Option<String>,
+    /// The VMM's pid while it runs.
+    #[serde(default)]
+    pub pid: Option<u32>,
+}
+
+impl SandboxRecord {
+    /// A snapshot that may still be restored.
+    pub fn usable_snapshot(&self) -> Option<&SnapshotRecord> {
+        self.snapshot.as_ref().filter(|s| s.failed.is_none())
+    }
+
+    /// Writes `dir/sandbox.json` atomically (temp file, fsync, rename).
+    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
+        let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        let tmp = dir.join(format!(".{RECORD_FILE}.tmp"));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&json)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, dir.join(RECORD_FILE))?;
+        sync_dir(dir)
+    }
+
+    pub fn load(dir: &Path) -> std::io::Result<SandboxRecord> {
+        let bytes = std::fs::read(dir.join(RECORD_FILE))?;
+        let rec: SandboxRecord = serde_json::from_slice(&bytes)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        if rec.version != RECORD_VERSION {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("unsupported record version {}", rec.version),
+            ));
+        }
+        Ok(rec)
+    }
+}
+
+/// fsyncs a directory, making renames in it durable.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use SandboxState::*;
+
+    #[test]
+    fn transitions() {
+        assert_eq!(transition(Running, Op::Pause), Ok(Some(Paused)));
+        assert_eq!(transition(Paused, Op::Pause), Ok(None));
+        assert_eq!(transition(Paused, Op::Resume), Ok(Some(Running)));
+        assert_eq!(transition(Running, Op::Resume), Ok(None));
+        assert_eq!(transition(Running, Op::Snapshot), Ok(Some(Stopped)));
+        assert_eq!(transition(Paused, Op::Snapshot), Ok(Some(Stopped)));
+        assert_eq!(transition(Stopped, Op::Snapshot), Ok(None));
+        assert_eq!(transition(Stopped, Op::Restore), Ok(Some(Running)));
+        assert_eq!(transition(Failed, Op::Start), Ok(Some(Running)));
+        assert_eq!(transition(Paused, Op::Start), Ok(Some(Running)));
+        for bad in [
+            (Stopped, Op::Pause),
+            (Stopped, Op::Resume),
+            (Failed, Op::Resume),
+            (Running, Op::Restore),
+            (Paused, Op::Restore),
+            (Failed, Op::Snapshot),
+            (Creating, Op::Pause),
+            (Creating, Op::Start),
+        ] {
+            let e = transition(bad.0, bad.1).unwrap_err();
+            assert!(e.contains(&bad.0.to_string()), "{e}");
+        }
+    }
+
+    #[test]
+    fn spec_validation() {
+        assert!(CreateSpec::default().validate().is_ok());
+        let bad = |f: fn(&mut CreateSpec)| {
+            let mut s = CreateSpec::default();
+            f(&mut s);
+            s.validate().unwrap_err()
+        };
+        bad(|s| s.cpus = 0);
+        bad(|s| s.memory_mb = 16);
+        bad(|s| s.disk_mb = Some(1));
+        bad(|s| s.name = Some("Bad_Name".into()));
+        bad(|s| s.name = Some("-x".into()));
+        bad(|s| {
+            s.env.insert("A=B".into(), "x".into());
+        });
+        bad(|s| {
+            s.files.push(GuestFile {
+                path: "/a/../etc/passwd".into(),
+                mode: None,
+                content: vec![],
+            })
+        });
+        assert!(validate_name("web-1").is_ok());
+        assert!(validate_name(&"a".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn state_wire_names() {
+        assert_eq!(serde_json::to_string(&Running).unwrap(), "\"running\"");
+        assert_eq!(
+            serde_json::from_str::<SandboxState>("\"failed\"").unwrap(),
+            Failed
+        );
+    }
+}

@@ -1,0 +1,455 @@
+//! The daemon's durable state in SQLite (rusqlite, bundled): users, sandboxes,
+//! checkpoints, secrets and events.
+//!
+//! - One file, `<data_dir>/bhatti.db`, in WAL mode with foreign keys on and a
+//!   busy timeout, so the host-side `bhatti user …` commands can write while
+//!   the daemon runs.
+//! - Schema migrations: [`MIGRATIONS`] is a list of SQL steps; `PRAGMA
+//!   user_version` records how many have run, and each pending step runs in
+//!   its own transaction together with the version bump.
+//! - Typed queries live in one small module per table ([`users`],
+//!   [`sandboxes`], [`snapshots`], [`secrets`], [`events`]) as free functions
+//!   over `&Connection`, so they compose inside one transaction. Every query on
+//!   a user's objects takes the owner's id and never returns another owner's
+//!   rows.
+//!
+//! ## Async use
+//!
+//! [`Store`] is a cheap clone around `Arc<Mutex<Connection>>`. Async code calls
+//! [`Store::run`], which takes the lock inside `tokio::task::spawn_blocking`,
+//! so a slow disk never stalls the runtime's worker threads; sync code (the
+//! host CLI, tests) calls [`Store::with`]. One connection is enough: SQLite
+//! serializes writers anyway, queries here are index lookups of a few
+//! microseconds, and a mutex (unlike a dedicated thread with a channel) lets
+//! callers borrow the connection for a whole transaction and keeps the same
+//! API usable without a runtime.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode};
+
+pub mod events;
+pub mod sandboxes;
+pub mod secrets;
+pub mod snapshots;
+pub mod users;
+
+/// Errors from the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A uniqueness or reference constraint refused the change (maps to 409).
+    #[error("{0}")]
+    Conflict(String),
+    /// No such row for this owner (maps to 404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The database was written by a newer bhatti.
+    #[error("database schema version {found} is newer than this bhatti supports ({supported}); upgrade bhatti")]
+    TooNew { found: i64, supported: i64 },
+    /// Opening the database file failed.
+    #[error("cannot open database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A JSON column did not parse.
+    #[error("corrupt JSON in column {column}: {source}")]
+    Json {
+        column: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The blocking task running a query panicked or was cancelled.
+    #[error("database task failed: {0}")]
+    Task(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Which constraint a failed statement hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Constraint {
+    Unique,
+    ForeignKey,
+    Other,
+}
+
+/// The constraint `e` violated, if it is a constraint violation.
+pub(crate) fn constraint(e: &rusqlite::Error) -> Option<Constraint> {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::ConstraintViolation => {
+            Some(match f.extended_code {
+                rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE | rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY => {
+                    Constraint::Unique
+                }
+                rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY => Constraint::ForeignKey,
+                _ => Constraint::Other,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Maps a uniqueness violation to [`StoreError::Conflict`] with `msg`.
+pub(crate) fn unique_as_conflict(e: rusqlite::Error, msg: impl FnOnce() -> String) -> StoreError {
+    match constraint(&e) {
+        Some(Constraint::Unique) => StoreError::Conflict(msg()),
+        _ => StoreError::Sqlite(e),
+    }
+}
+
+/// Milliseconds since the Unix epoch, the unit of every timestamp column.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The schema, one step per version. Step `i` moves the database from
+/// `user_version = i` to `i + 1`. Append only; never edit a released step.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: users, sandboxes, checkpoints, secrets.
+    r#"
+    CREATE TABLE users (
+        id            TEXT PRIMARY KEY,
+        name          TEXT NOT NULL UNIQUE,
+        key_sha256    TEXT NOT NULL UNIQUE,
+        max_sandboxes INTEGER,
+        max_cpus      INTEGER,
+        max_memory_mb INTEGER,
+        created_at    INTEGER NOT NULL
+    ) STRICT;
+
+    CREATE TABLE sandboxes (
+        id         TEXT PRIMARY KEY,
+        owner      TEXT NOT NULL REFERENCES users(id) ON DELETE RESTRICT,
+        name       TEXT NOT NULL,
+        spec       TEXT NOT NULL,
+        status     TEXT NOT NULL,
+        keep_hot   INTEGER NOT NULL DEFAULT 0,
+        labels     TEXT NOT NULL DEFAULT '{}',
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        UNIQUE (owner, name)
+    ) STRICT;
+
+    CREATE TABLE snapshots (
+        id         TEXT PRIMARY KEY,
+        owner      TEXT NOT NULL REFERENCES users(id) ON DELETE RESTRICT,
+        name       TEXT NOT NULL,
+        sandbox_id TEXT NOT NULL,
+        files      TEXT NOT NULL,
+        spec       TEXT NOT NULL DEFAULT '{}',
+        size_bytes INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL,
+        UNIQUE (owner, name)
+    ) STRICT;
+
+    CREATE TABLE secrets (
+        owner      TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        name       TEXT NOT NULL,
+        ciphertext BLOB NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (owner, name)
+    ) STRICT;
+    "#,
+    // 2: lifecycle events with latencies; the per-user checkpoint cap.
+    r#"
+    CREATE TABLE events (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        sandbox_id TEXT NOT NULL,
+        owner      TEXT,
+        kind       TEXT NOT NULL,
+        latency_ms REAL,
+        at         INTEGER NOT NULL,
+        detail     TEXT
+    ) STRICT;
+    CREATE INDEX events_by_sandbox ON events (sandbox_id, id);
+    CREATE INDEX events_by_time ON events (at);
+
+    ALTER TABLE users ADD COLUMN max_snapshots INTEGER;
+    "#,
+];
+
+/// The schema version this build writes.
+pub fn schema_version() -> i64 {
+    MIGRATIONS.len() as i64
+}
+
+/// Sets the connection pragmas every bhatti connection uses.
+pub fn configure(conn: &Connection) -> Result<()> {
+    conn.busy_timeout(Duration::from_secs(5))?;
+    // journal_mode returns a row; WAL persists in the file.
+    let _mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;")?;
+    Ok(())
+}
+
+/// Applies pending migrations up to `target` (at most [`schema_version`]).
+/// Each step and its `user_version` bump commit together, so a crash leaves
+/// the database at a whole version. Returns the version reached.
+pub fn migrate_to(conn: &mut Connection, target: i64) -> Result<i64> {
+    let target = target.min(schema_version());
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current > schema_version() {
+        return Err(StoreError::TooNew {
+            found: current,
+            supported: schema_version(),
+        });
+    }
+    for v in current..target {
+        let tx = conn.transaction()?;
+        tx.execute_batch(MIGRATIONS[v as usize])?;
+        // PRAGMA takes no bound parameters; v is an integer we own.
+        tx.execute_batch(&format!("PRAGMA user_version = {}", v + 1))?;
+        tx.commit()?;
+    }
+    Ok(target.max(current))
+}
+
+/// Applies every pending migration.
+pub fn migrate(conn: &mut Connection) -> Result<i64> {
+    migrate_to(conn, schema_version())
+}
+
+/// Opens (creating when missing) a configured, migrated connection.
+pub fn open_connection(path: &Path) -> Result<Connection> {
+    let mut conn = Connection::open(path).map_err(|source| StoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    configure(&conn)?;
+    migrate(&mut conn)?;
+    Ok(conn)
+}
+
+/// A shared handle on the database; see the module docs for async use.
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+    path: Arc<PathBuf>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Store {
+    /// Opens `path` (creating it and its parent directory, mode 0700, when
+    /// missing) and migrates it.
+    pub fn open(path: impl AsRef<Path>) -> Result<Store> {
+        let path = path.as_ref();
+        if let Some(parent) = path.parent() {
+            if !parent.as_os_str().is_empty() && !parent.exists() {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent)?;
+            }
+        }
+        let conn = open_connection(path)?;
+        Ok(Store {
+            conn: Arc::new(Mutex::new(conn)),
+            path: Arc::new(path.to_path_buf()),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent
+        // (an open transaction rolls back on drop), so poisoning is ignored.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` with the connection on this thread (blocking). For sync
+    /// callers only; async code uses [`Store::run`].
+    pub fn with<R>(&self, f: impl FnOnce(&mut Connection) -> Result<R>) -> Result<R> {
+        let mut guard = self.lock();
+        f(&mut guard)
+    }
+
+    /// Runs `f` with the connection on tokio's blocking pool.
+    pub async fn run<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<R> + Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.with(f))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Runs `f` inside one transaction, committed when `f` returns `Ok`.
+    pub async fn transaction<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&rusqlite::Transaction<'_>) -> Result<R> + Send + 'static,
+    {
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            let r = f(&tx)?;
+            tx.commit()?;
+            Ok(r)
+        })
+        .await
+    }
+}
+
+/// Parses a JSON text column.
+pub(crate) fn from_json<T: serde::de::DeserializeOwned>(column: &'static str, s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|source| StoreError::Json { column, source })
+}
+
+/// Serializes a value for a JSON text column.
+pub(crate) fn to_json<T: serde::Serialize>(column: &'static str, v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|source| StoreError::Json { column, source })
+}
+
+/// A random id: `prefix` + 16 hex characters (64 random bits).
+pub fn new_id(prefix: &str) -> String {
+    let mut b = [0u8; 8];
+    rand::fill(&mut b);
+    format!("{prefix}{}", hex::encode(b))
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    use super::*;
+
+    /// A fresh store in a temp dir, plus the dir guard.
+    pub fn store() -> (Store, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path().join("state/bhatti.db")).unwrap();
+        (s, dir)
+    }
+
+    /// Inserts a user and returns its id.
+    pub fn user(c: &Connection, name: &str) -> String {
+        let u = users::NewUser {
+            name: name.into(),
+            key_sha256: format!("{:0>64}", name),
+            caps: users::UserCaps::default(),
+        };
+        users::insert(c, &u).unwrap().id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(c: &Connection) -> i64 {
+        c.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap()
+    }
+
+    #[test]
+    fn open_sets_pragmas_and_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bhatti.db");
+        let s = Store::open(&p).unwrap();
+        s.with(|c| {
+            assert_eq!(version(c), schema_version());
+            let mode: String = c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+            assert_eq!(mode, "wal");
+            let fk: i64 = c.query_row("PRAGMA foreign_keys", [], |r| r.get(0))?;
+            assert_eq!(fk, 1);
+            testutil::user(c, "alice");
+            Ok(())
+        })
+        .unwrap();
+        drop(s);
+        // Reopening runs no migration twice and keeps the data.
+        let s = Store::open(&p).unwrap();
+        s.with(|c| {
+            assert_eq!(version(c), schema_version());
+            assert_eq!(migrate(c)?, schema_version());
+            assert!(users::get_by_name(c, "alice")?.is_some());
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn upgrades_from_version_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bhatti.db");
+        {
+            let mut c = Connection::open(&p).unwrap();
+            configure(&c).unwrap();
+            assert_eq!(migrate_to(&mut c, 1).unwrap(), 1);
+            // A row written by the old schema (no max_snapshots column).
+            c.execute(
+                "INSERT INTO users (id, name, key_sha256, max_sandboxes, created_at) VALUES ('u1', 'old', 'h', 3, 1)",
+                [],
+            )
+            .unwrap();
+            assert!(c.prepare("SELECT * FROM events").is_err());
+        }
+        let s = Store::open(&p).unwrap();
+        s.with(|c| {
+            assert_eq!(version(c), 2);
+            let u = users::get_by_name(c, "old")?.unwrap();
+            assert_eq!(u.caps.max_sandboxes, Some(3));
+            assert_eq!(u.caps.max_snapshots, None);
+            events::record(c, &events::NewEvent::new("sb", "create").latency_ms(1.5))?;
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn refuses_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bhatti.db");
+        {
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch("PRAGMA user_version = 99").unwrap();
+        }
+        let e = Store::open(&p).unwrap_err();
+        assert!(matches!(e, StoreError::TooNew { found: 99, .. }), "{e}");
+        assert!(e.to_string().contains("newer"));
+    }
+
+    #[test]
+    fn failed_migration_step_leaves_whole_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Connection::open(dir.path().join("x.db")).unwrap();
+        migrate_to(&mut c, 1).unwrap();
+        // Make step 2 fail half-way: its events table already exists.
+        c.execute_batch("CREATE TABLE events (x INTEGER)").unwrap();
+        assert!(migrate(&mut c).is_err());
+        assert_eq!(version(&c), 1);
+        // The ALTER from the failed step did not stick either.
+        assert!(c.prepare("SELECT max_snapshots FROM users").is_err());
+    }
+
+    #[tokio::test]
+    async fn run_works_from_async() {
+        let (s, _d) = testutil::store();
+        let id = s.run(|c| Ok(testutil::user(c, "bob"))).await.unwrap();
+        let u = s.run(|c| users::get_by_name(c, "bob")).await.unwrap().unwrap();
+        assert_eq!(u.id, id);
+        let r: Result<()> = s
+            .transaction(|tx| {
+                testutil::user(tx, "carol");
+                Err(StoreError::Conflict("abort".into()))
+            })
+            .await;
+        assert!(r.is_err());
+        assert!(s.run(|c| users::get_by_name(c, "carol")).await.unwrap().is_none());
+    }
+}
