@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs the Debian/Ubuntu packages bhatti needs to build its guest kernel
+# and rootfs, run VMs and run its tests. Idempotent; run as root.
+set -euo pipefail
+
+PACKAGES=(
+  # VMM (QEMU microvm; Firecracker is found separately, see README)
+  qemu-system-x86
+  # guest kernel build (Linux 6.1 from Debian's linux-source-6.1 where it exists)
+  build-essential flex bison bc libelf-dev libssl-dev cpio dwarves
+  # rootfs build and disk images
+  mmdebstrap e2fsprogs xfsprogs file
+  # networking (bridges, TAPs, namespaces, NAT)
+  iproute2 nftables
+  # the Firecracker test guest is assembled at test time
+  binutils
+  ca-certificates curl
+)
+
+if ! command -v apt-get >/dev/null; then
+  echo "install-deps: only Debian and Ubuntu (apt-get) are supported" >&2
+  exit 1
+fi
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
+fi
+# Debian's kernel source package; elsewhere the kernel build downloads 6.1
+# from kernel.org.
+if ! dpkg-query -W -f='${Status}' linux-source-6.1 2>/dev/null | grep -q "install ok installed"; then
+  if apt-cache show linux-source-6.1 >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-source-6.1 >&2
+  else
+    echo "install-deps: linux-source-6.1 is not packaged here; the kernel build downloads it from kernel.org" >&2
+  fi
+fi
+if ! command -v cargo >/dev/null; then
+  echo "install-deps: cargo not found; install Rust (https://rustup.rs) first" >&2
+  exit 1
+fi
