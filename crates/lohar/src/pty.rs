@@ -322,6 +322,9 @@ async fn serve(
                 }
                 Some(Inbound::Control(body)) => control(&sender, &session, &body),
                 Some(Inbound::Close(_)) | None => {
+                    // Input sent before the detach still belongs to the
+                    // session: deliver it before letting go.
+                    flush_input(master.as_deref(), &mut input).await;
                     return to_json(&PtyEnd::Detached { offset: cursor });
                 }
                 Some(_) => {}
@@ -356,6 +359,24 @@ async fn writable_opt(
         Some(m) => m.writable().await,
         None => Err(std::io::ErrorKind::BrokenPipe.into()),
     }
+}
+
+/// Writes what is left of `input` to the terminal, for at most a second
+/// (a program that never reads its terminal must not hold up a detach).
+async fn flush_input(master: Option<&AsyncFd<OwnedFd>>, input: &mut VecDeque<Bytes>) {
+    let Some(master) = master else { return };
+    let flush = async {
+        while !input.is_empty() {
+            let Ok(mut guard) = master.writable().await else {
+                return;
+            };
+            match guard.try_io(|fd| write_front(fd, input)) {
+                Ok(Ok(_)) | Err(_) => {}
+                Ok(Err(_)) => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), flush).await;
 }
 
 fn write_front(fd: &AsyncFd<OwnedFd>, input: &mut VecDeque<Bytes>) -> std::io::Result<usize> {

@@ -453,3 +453,30 @@ async fn a_stalled_pty_client_does_not_block_execs() {
     .await;
     c.kill_session(&s.session, None).await.unwrap();
 }
+
+#[tokio::test]
+async fn input_sent_just_before_detach_is_delivered() {
+    let agent = Agent::start(&[]);
+    let c = agent.client().await;
+    let marker = agent.path("marker");
+    for round in 0..20 {
+        let s = c.pty(sh()).await.unwrap();
+        let id = s.session.clone();
+        let target = format!("{}-{round}", marker.display());
+        // Write and detach at once, without waiting for the echo.
+        write(&s, &format!("echo done > {target}\n")).await;
+        let end = s.detach().await.unwrap();
+        assert!(matches!(end, PtyEnd::Detached { .. }));
+        let p = std::path::PathBuf::from(&target);
+        eventually(
+            "the command typed before detaching to run",
+            Duration::from_secs(10),
+            || {
+                let p = p.clone();
+                async move { p.exists().then_some(()) }
+            },
+        )
+        .await;
+        c.kill_session(&id, None).await.unwrap();
+    }
+}
