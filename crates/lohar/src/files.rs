@@ -1,33 +1,664 @@
 //! File operations: streamed read, atomic write, stat, list, mkdir, remove.
+//!
+//! The agent runs them as root (it is PID 1 in the guest), so the only
+//! permission errors a client sees are ones root gets too (read-only mounts,
+//! `/proc`, immutable files). What it creates — written files and the
+//! directories made for them — is chowned to the sandbox user, so the user's
+//! own commands can change it afterwards. All blocking I/O runs on tokio's
+//! blocking pool; streams cross over through small bounded queues, which
+//! carry the channel's flow control through to the disk.
 
-use bhatti_protocol::mux::Channel;
-use bhatti_protocol::{ErrorBody, ErrorCode, ReadFileRequest, WriteFileRequest};
+use std::ffi::OsString;
+use std::fs::{self, File, Metadata, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
 
-use crate::handlers::Reply;
+use bhatti_protocol::mux::{Channel, Inbound};
+use bhatti_protocol::{
+    ErrorBody, ErrorCode, Event, FileKind, FileStat, Listing, ReadFileDone, ReadFileRequest,
+    WriteFileDone, WriteFileRequest,
+};
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::handlers::{io_error, Reply};
 use crate::server::Agent;
 
-fn todo() -> Reply {
-    Err(ErrorBody::new(
-        ErrorCode::Unsupported,
-        "files: not implemented yet",
-    ))
+/// Largest `Data` chunk a read sends.
+const READ_CHUNK: usize = 64 * 1024;
+/// Chunks queued between the disk and the channel, each way.
+const QUEUE_DEPTH: usize = 8;
+
+fn bad_request(msg: impl Into<String>) -> ErrorBody {
+    ErrorBody::new(ErrorCode::BadRequest, msg)
 }
 
-pub async fn read(_agent: &Agent, _channel: Channel, _req: ReadFileRequest) -> Reply {
-    todo()
+fn cancelled() -> ErrorBody {
+    ErrorBody::new(ErrorCode::Cancelled, "cancelled by the client")
 }
-pub async fn write(_agent: &Agent, _channel: Channel, _req: WriteFileRequest) -> Reply {
-    todo()
+
+fn to_value<T: serde::Serialize>(v: &T) -> Reply {
+    serde_json::to_value(v).map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))
 }
-pub async fn stat(_agent: &Agent, _path: &str) -> Reply {
-    todo()
+
+/// Accepts only absolute paths without NUL bytes.
+fn abs_path(path: &str) -> Result<PathBuf, ErrorBody> {
+    if path.is_empty() {
+        return Err(bad_request("the path is empty"));
+    }
+    if path.contains('\0') {
+        return Err(bad_request("the path contains a NUL byte"));
+    }
+    if !path.starts_with('/') {
+        return Err(bad_request(format!("the path must be absolute: {path:?}")));
+    }
+    Ok(PathBuf::from(path))
 }
-pub async fn list(_agent: &Agent, _path: &str, _limit: Option<u32>) -> Reply {
-    todo()
+
+/// Runs blocking file work off the runtime's threads.
+async fn blocking<T, F>(f: F) -> Result<T, ErrorBody>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, ErrorBody> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(ErrorBody::new(
+            ErrorCode::Internal,
+            format!("file task failed: {e}"),
+        ))
+    })
 }
-pub async fn mkdir(_agent: &Agent, _path: &str) -> Reply {
-    todo()
+
+fn file_stat(name: String, md: &Metadata) -> FileStat {
+    let ft = md.file_type();
+    let kind = if ft.is_file() {
+        FileKind::File
+    } else if ft.is_dir() {
+        FileKind::Dir
+    } else if ft.is_symlink() {
+        FileKind::Symlink
+    } else {
+        FileKind::Other
+    };
+    FileStat {
+        name,
+        kind,
+        size: md.len(),
+        mode: md.mode() & 0o7777,
+        uid: md.uid(),
+        gid: md.gid(),
+        mtime_ms: md.mtime() * 1000 + md.mtime_nsec() / 1_000_000,
+    }
 }
-pub async fn remove(_agent: &Agent, _path: &str, _recursive: bool) -> Reply {
-    todo()
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Gives `path` to the sandbox user. Outside a VM (test mode as an ordinary
+/// user) chown to another uid is impossible, and that is not an error.
+fn chown_to(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    match std::os::unix::fs::lchown(path, Some(uid), Some(gid)) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied && !is_root() => Ok(()),
+        r => r,
+    }
+}
+
+fn fchown_to(file: &File, uid: u32, gid: u32) -> io::Result<()> {
+    match std::os::unix::fs::fchown(file, Some(uid), Some(gid)) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied && !is_root() => Ok(()),
+        r => r,
+    }
+}
+
+/// `mkdir -p`, giving every directory it creates to `uid:gid`.
+pub(crate) fn ensure_dirs(dir: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut cur = dir;
+    loop {
+        match fs::metadata(cur) {
+            Ok(md) if md.is_dir() => break,
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotADirectory,
+                    format!("{} is not a directory", cur.display()),
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                missing.push(cur);
+                match cur.parent() {
+                    Some(p) => cur = p,
+                    None => break,
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    for d in missing.into_iter().rev() {
+        match fs::create_dir(d) {
+            Ok(()) => chown_to(d, uid, gid)?,
+            // Someone else made it meanwhile: as good as ours.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- read
+
+/// Which bytes of the file a read returns: lines `[offset, offset+limit)`,
+/// at most `max_bytes` of them.
+#[derive(Debug, Clone, Copy)]
+struct LineWindow {
+    skip_lines: u64,
+    lines_left: Option<u64>,
+    bytes_left: Option<u64>,
+}
+
+impl LineWindow {
+    fn new(req: &ReadFileRequest) -> Self {
+        LineWindow {
+            skip_lines: req.offset.unwrap_or(0),
+            lines_left: req.limit,
+            bytes_left: req.max_bytes,
+        }
+    }
+
+    /// Consumes one chunk: returns the range to send and whether the window
+    /// is exhausted (then `end` is where reading stopped).
+    fn feed(&mut self, chunk: &[u8]) -> (usize, usize, bool) {
+        let mut start = 0;
+        while self.skip_lines > 0 && start < chunk.len() {
+            match chunk[start..].iter().position(|&b| b == b'\n') {
+                Some(j) => {
+                    self.skip_lines -= 1;
+                    start += j + 1;
+                }
+                None => start = chunk.len(),
+            }
+        }
+        if self.skip_lines > 0 {
+            return (chunk.len(), chunk.len(), false);
+        }
+        let mut end = chunk.len();
+        let mut stop = false;
+        if let Some(left) = self.lines_left.as_mut() {
+            if *left == 0 {
+                end = start;
+                stop = true;
+            } else {
+                let mut i = start;
+                while let Some(j) = chunk[i..].iter().position(|&b| b == b'\n') {
+                    *left -= 1;
+                    i += j + 1;
+                    if *left == 0 {
+                        end = i;
+                        stop = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(left) = self.bytes_left.as_mut() {
+            let n = (end - start) as u64;
+            if n >= *left {
+                end = start + *left as usize;
+                *left = 0;
+                // At the byte limit; whether anything was cut off is
+                // decided by looking for more data after `end`.
+                stop = true;
+            } else {
+                *left -= n;
+            }
+        }
+        (start, end, stop)
+    }
+}
+
+struct ReadSummary {
+    bytes: u64,
+    truncated: bool,
+}
+
+/// Opens a regular file without blocking on FIFOs or devices.
+fn open_regular(path: &Path) -> Result<(File, Metadata), ErrorBody> {
+    let ctx = || format!("read {}", path.display());
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| io_error(&ctx(), &e))?;
+    let md = file.metadata().map_err(|e| io_error(&ctx(), &e))?;
+    if !md.is_file() {
+        return Err(ErrorBody::new(
+            ErrorCode::NotAFile,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    Ok((file, md))
+}
+
+fn read_retry(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match file.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
+/// The disk side of a read: filtered chunks into `tx` until done.
+fn produce(
+    mut file: File,
+    path: PathBuf,
+    mut window: LineWindow,
+    tx: mpsc::Sender<Bytes>,
+) -> Result<ReadSummary, ErrorBody> {
+    let ctx = || format!("read {}", path.display());
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut bytes = 0u64;
+    loop {
+        let n = read_retry(&mut file, &mut buf).map_err(|e| io_error(&ctx(), &e))?;
+        if n == 0 {
+            return Ok(ReadSummary {
+                bytes,
+                truncated: false,
+            });
+        }
+        let (start, end, stop) = window.feed(&buf[..n]);
+        if end > start {
+            bytes += (end - start) as u64;
+            // A closed queue means the channel side gave up (cancel).
+            tx.blocking_send(Bytes::copy_from_slice(&buf[start..end]))
+                .map_err(|_| cancelled())?;
+        }
+        if stop {
+            let more = end < n || read_retry(&mut file, &mut buf[..1]).unwrap_or(0) > 0;
+            return Ok(ReadSummary {
+                bytes,
+                truncated: more,
+            });
+        }
+    }
+}
+
+pub async fn read(agent: &Agent, channel: Channel, req: ReadFileRequest) -> Reply {
+    let path = abs_path(&req.path)?;
+    agent.activity.touch();
+    let Channel {
+        sender,
+        mut receiver,
+    } = channel;
+    let open_path = path.clone();
+    let (file, md) = blocking(move || open_regular(&open_path)).await?;
+    let info = Event::FileInfo {
+        size: md.len(),
+        mode: md.mode() & 0o7777,
+    };
+    let info = serde_json::to_vec(&info).unwrap_or_default();
+    sender.event(Bytes::from(info)).map_err(|_| cancelled())?;
+
+    let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUE_DEPTH);
+    let window = LineWindow::new(&req);
+    let producer = tokio::task::spawn_blocking(move || produce(file, path, window, tx));
+    loop {
+        let step = async {
+            match rx.recv().await {
+                Some(chunk) => sender.data(chunk).await.map(|()| true),
+                None => Ok(false),
+            }
+        };
+        tokio::select! {
+            biased;
+            // Cancel or disconnect: dropping `rx` stops the producer.
+            _ = crate::handlers::cancelled(&mut receiver) => return Err(cancelled()),
+            r = step => match r {
+                Ok(true) => agent.activity.touch(),
+                Ok(false) => break,
+                Err(_) => return Err(cancelled()),
+            },
+        }
+    }
+    let summary = producer.await.unwrap_or_else(|e| {
+        Err(ErrorBody::new(
+            ErrorCode::Internal,
+            format!("read task failed: {e}"),
+        ))
+    })?;
+    to_value(&ReadFileDone {
+        bytes: summary.bytes,
+        total_size: md.len(),
+        truncated: summary.truncated,
+    })
+}
+
+// ---------------------------------------------------------------- write
+
+enum WriteMsg {
+    Data(Bytes),
+    Commit,
+}
+
+/// Removes the temp file unless the write was committed.
+struct TempFile {
+    path: Option<PathBuf>,
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.path.take() {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+struct PendingWrite {
+    file: File,
+    temp: TempFile,
+    target: PathBuf,
+    dir: PathBuf,
+}
+
+/// A temp file name next to the target: hidden, unique, and short enough
+/// for NAME_MAX whatever the target's name.
+fn temp_name(target_name: &std::ffi::OsStr) -> OsString {
+    let name = target_name.as_bytes();
+    let mut out = b".".to_vec();
+    out.extend_from_slice(&name[..name.len().min(100)]);
+    out.push(b'.');
+    out.extend_from_slice(&crate::server::random_id().as_bytes()[..16]);
+    out.extend_from_slice(b".bhatti-tmp");
+    OsString::from_vec(out)
+}
+
+fn prepare_write(target: PathBuf, uid: u32, gid: u32) -> Result<PendingWrite, ErrorBody> {
+    let ctx = |e: &io::Error| io_error(&format!("write {}", target.display()), e);
+    let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
+        return Err(bad_request(format!(
+            "{} does not name a file",
+            target.display()
+        )));
+    };
+    let dir = dir.to_path_buf();
+    ensure_dirs(&dir, uid, gid).map_err(|e| ctx(&e))?;
+    if let Ok(md) = fs::metadata(&target) {
+        if md.is_dir() {
+            return Err(ErrorBody::new(
+                ErrorCode::NotAFile,
+                format!("{} is a directory", target.display()),
+            ));
+        }
+    }
+    let mut attempts = 0;
+    loop {
+        let temp = dir.join(temp_name(name));
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&temp)
+        {
+            Ok(file) => {
+                return Ok(PendingWrite {
+                    file,
+                    temp: TempFile { path: Some(temp) },
+                    target,
+                    dir,
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempts < 8 => attempts += 1,
+            Err(e) => return Err(ctx(&e)),
+        }
+    }
+}
+
+impl PendingWrite {
+    /// The disk side of a write: chunks from `rx`, then commit or discard.
+    fn run(
+        mut self,
+        mut rx: mpsc::Receiver<WriteMsg>,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<u64, ErrorBody> {
+        let target = self.target.clone();
+        let ctx = |e: &io::Error| io_error(&format!("write {}", target.display()), e);
+        let mut bytes = 0u64;
+        loop {
+            match rx.blocking_recv() {
+                Some(WriteMsg::Data(b)) => {
+                    self.file.write_all(&b).map_err(|e| ctx(&e))?;
+                    bytes += b.len() as u64;
+                }
+                Some(WriteMsg::Commit) => break,
+                // The channel side gave up: `self.temp` removes the file.
+                None => return Err(cancelled()),
+            }
+        }
+        self.file.sync_all().map_err(|e| ctx(&e))?;
+        // chown before chmod: chown clears setuid/setgid bits.
+        fchown_to(&self.file, uid, gid).map_err(|e| ctx(&e))?;
+        self.file
+            .set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(|e| ctx(&e))?;
+        let temp = self.temp.path.clone().unwrap_or_default();
+        fs::rename(&temp, &self.target).map_err(|e| ctx(&e))?;
+        self.temp.path = None;
+        // Make the rename itself durable.
+        if let Ok(d) = File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        Ok(bytes)
+    }
+}
+
+pub async fn write(agent: &Agent, channel: Channel, req: WriteFileRequest) -> Reply {
+    let path = abs_path(&req.path)?;
+    let mode = req.mode.unwrap_or(0o644);
+    if mode > 0o7777 {
+        return Err(bad_request(format!("mode {mode:#o} is out of range")));
+    }
+    agent.activity.touch();
+    let (uid, gid) = (agent.config.uid, agent.config.gid);
+    let Channel {
+        sender: _sender,
+        mut receiver,
+    } = channel;
+    let pending = blocking(move || prepare_write(path, uid, gid)).await?;
+    let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+    let worker = tokio::task::spawn_blocking(move || pending.run(rx, mode, uid, gid));
+    loop {
+        match receiver.recv().await {
+            Some(Inbound::Data(b)) => {
+                agent.activity.touch();
+                // A closed queue means the worker failed; its error follows.
+                if tx.send(WriteMsg::Data(b)).await.is_err() {
+                    break;
+                }
+            }
+            Some(Inbound::Eof) => {
+                let _ = tx.send(WriteMsg::Commit).await;
+                break;
+            }
+            Some(Inbound::Close(_)) | None => {
+                drop(tx);
+                let _ = worker.await;
+                return Err(cancelled());
+            }
+            Some(_) => {}
+        }
+    }
+    drop(tx);
+    let bytes = worker.await.unwrap_or_else(|e| {
+        Err(ErrorBody::new(
+            ErrorCode::Internal,
+            format!("write task failed: {e}"),
+        ))
+    })?;
+    agent.activity.touch();
+    to_value(&WriteFileDone { bytes })
+}
+
+// ---------------------------------------------------------------- metadata
+
+fn display_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "/".into())
+}
+
+pub async fn stat(agent: &Agent, path: &str) -> Reply {
+    let path = abs_path(path)?;
+    agent.activity.touch();
+    let st = blocking(move || {
+        let md = fs::symlink_metadata(&path)
+            .map_err(|e| io_error(&format!("stat {}", path.display()), &e))?;
+        Ok(file_stat(display_name(&path), &md))
+    })
+    .await?;
+    to_value(&st)
+}
+
+pub async fn list(agent: &Agent, path: &str, limit: Option<u32>) -> Reply {
+    let path = abs_path(path)?;
+    let max = agent.config.limits.max_list_entries;
+    let limit = limit.unwrap_or(max).min(max) as usize;
+    agent.activity.touch();
+    let listing = blocking(move || {
+        let ctx = |e: &io::Error| io_error(&format!("list {}", path.display()), e);
+        let mut names = Vec::new();
+        for entry in fs::read_dir(&path).map_err(|e| ctx(&e))? {
+            names.push(entry.map_err(|e| ctx(&e))?.file_name());
+        }
+        names.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        let truncated = names.len() > limit;
+        names.truncate(limit);
+        let entries = names
+            .into_iter()
+            // An entry removed since readdir is simply not listed.
+            .filter_map(|n| {
+                let md = fs::symlink_metadata(path.join(&n)).ok()?;
+                Some(file_stat(n.to_string_lossy().into_owned(), &md))
+            })
+            .collect();
+        Ok(Listing { entries, truncated })
+    })
+    .await?;
+    to_value(&listing)
+}
+
+pub async fn mkdir(agent: &Agent, path: &str) -> Reply {
+    let path = abs_path(path)?;
+    agent.activity.touch();
+    let (uid, gid) = (agent.config.uid, agent.config.gid);
+    blocking(move || {
+        ensure_dirs(&path, uid, gid).map_err(|e| {
+            let code_ctx = format!("mkdir {}", path.display());
+            if e.kind() == io::ErrorKind::NotADirectory {
+                ErrorBody::new(ErrorCode::AlreadyExists, format!("{code_ctx}: {e}"))
+            } else {
+                io_error(&code_ctx, &e)
+            }
+        })
+    })
+    .await?;
+    Ok(serde_json::json!({}))
+}
+
+pub async fn remove(agent: &Agent, path: &str, recursive: bool) -> Reply {
+    let path = abs_path(path)?;
+    // Refuse anything that is, or could resolve to, the root.
+    if path.components().any(|c| c == Component::ParentDir) {
+        return Err(bad_request("remove does not accept '..' in paths"));
+    }
+    if !path.components().any(|c| matches!(c, Component::Normal(_))) {
+        return Err(bad_request("refusing to remove /"));
+    }
+    agent.activity.touch();
+    blocking(move || {
+        let ctx = |e: &io::Error| io_error(&format!("remove {}", path.display()), e);
+        let md = fs::symlink_metadata(&path).map_err(|e| ctx(&e))?;
+        let r = if !md.is_dir() {
+            fs::remove_file(&path)
+        } else if recursive {
+            // Does not follow symlinks: a link to elsewhere is unlinked only.
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_dir(&path)
+        };
+        r.map_err(|e| {
+            if e.kind() == io::ErrorKind::DirectoryNotEmpty {
+                bad_request(format!(
+                    "{} is not empty (ask for a recursive remove)",
+                    path.display()
+                ))
+            } else {
+                ctx(&e)
+            }
+        })
+    })
+    .await?;
+    Ok(serde_json::json!({}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(window: &mut LineWindow, data: &[u8], chunk: usize) -> (Vec<u8>, bool) {
+        let mut out = Vec::new();
+        for c in data.chunks(chunk) {
+            let (s, e, stop) = window.feed(c);
+            out.extend_from_slice(&c[s..e]);
+            if stop {
+                return (out, true);
+            }
+        }
+        (out, false)
+    }
+
+    fn win(offset: Option<u64>, limit: Option<u64>, max_bytes: Option<u64>) -> LineWindow {
+        LineWindow::new(&ReadFileRequest {
+            path: "/x".into(),
+            offset,
+            limit,
+            max_bytes,
+        })
+    }
+
+    #[test]
+    fn line_window_across_chunk_sizes() {
+        let data = b"l0\nl1\nl2\nl3\nl4";
+        for chunk in 1..=data.len() {
+            assert_eq!(
+                run(&mut win(Some(1), Some(2), None), data, chunk),
+                (b"l1\nl2\n".to_vec(), true)
+            );
+            assert_eq!(run(&mut win(Some(4), None, None), data, chunk).0, b"l4");
+            assert_eq!(run(&mut win(Some(9), None, None), data, chunk).0, b"");
+            assert_eq!(
+                run(&mut win(None, None, Some(4)), data, chunk),
+                (b"l0\nl".to_vec(), true)
+            );
+            assert_eq!(
+                run(&mut win(Some(1), Some(3), Some(5)), data, chunk).0,
+                b"l1\nl2"
+            );
+            assert_eq!(run(&mut win(None, Some(0), None), data, chunk).0, b"");
+        }
+    }
+
+    #[test]
+    fn paths_are_checked() {
+        assert!(abs_path("").is_err());
+        assert!(abs_path("a/b").is_err());
+        assert!(abs_path("/a\0b").is_err());
+        assert!(abs_path("/a/b").is_ok());
+        let t = temp_name(std::ffi::OsStr::from_bytes(&[b'x'; 255]));
+        assert!(t.len() < 255);
+    }
 }
