@@ -147,7 +147,8 @@ pub fn delete_user(c: &Connection, name: &str) -> Result<(), UserError> {
 pub fn rotate_key(c: &Connection, name: &str) -> Result<IssuedKey, UserError> {
     let api_key = generate_key();
     users::set_key_hash(c, name, &hash_key(&api_key))?;
-    let user = users::get_by_name(c, name)?.ok_or_else(|| StoreError::NotFound(format!("no user named '{name}'")))?;
+    let user = users::get_by_name(c, name)?
+        .ok_or_else(|| StoreError::NotFound(format!("no user named '{name}'")))?;
     Ok(IssuedKey { user, api_key })
 }
 
@@ -166,7 +167,10 @@ impl EffectiveCaps {
         EffectiveCaps {
             max_sandboxes: user.max_sandboxes.unwrap_or(limits.max_sandboxes),
             max_cpus: user.max_cpus.unwrap_or(limits.max_cpus).min(vm.max_cpus),
-            max_memory_mb: user.max_memory_mb.unwrap_or(limits.max_memory_mb).min(vm.max_memory_mb),
+            max_memory_mb: user
+                .max_memory_mb
+                .unwrap_or(limits.max_memory_mb)
+                .min(vm.max_memory_mb),
             max_snapshots: user.max_snapshots.unwrap_or(limits.max_snapshots),
         }
     }
@@ -174,7 +178,9 @@ impl EffectiveCaps {
     /// 429 when the user already has `current` ≥ `max_sandboxes` sandboxes.
     pub fn check_sandbox_count(&self, current: u32) -> Result<(), CapError> {
         if current >= self.max_sandboxes {
-            return Err(CapError::TooManySandboxes { max: self.max_sandboxes });
+            return Err(CapError::TooManySandboxes {
+                max: self.max_sandboxes,
+            });
         }
         Ok(())
     }
@@ -182,7 +188,9 @@ impl EffectiveCaps {
     /// 429 when the user already keeps `current` ≥ `max_snapshots` checkpoints.
     pub fn check_snapshot_count(&self, current: u32) -> Result<(), CapError> {
         if current >= self.max_snapshots {
-            return Err(CapError::TooManySnapshots { max: self.max_snapshots });
+            return Err(CapError::TooManySnapshots {
+                max: self.max_snapshots,
+            });
         }
         Ok(())
     }
@@ -190,10 +198,16 @@ impl EffectiveCaps {
     /// 400 when one sandbox asks for more cpus or memory than allowed.
     pub fn check_sandbox_size(&self, cpus: u32, memory_mb: u32) -> Result<(), CapError> {
         if cpus > self.max_cpus {
-            return Err(CapError::TooManyCpus { requested: cpus, max: self.max_cpus });
+            return Err(CapError::TooManyCpus {
+                requested: cpus,
+                max: self.max_cpus,
+            });
         }
         if memory_mb > self.max_memory_mb {
-            return Err(CapError::TooMuchMemory { requested: memory_mb, max: self.max_memory_mb });
+            return Err(CapError::TooMuchMemory {
+                requested: memory_mb,
+                max: self.max_memory_mb,
+            });
         }
         Ok(())
     }
@@ -250,7 +264,11 @@ fn limiter(quota: Option<Quota>) -> Option<DefaultKeyedRateLimiter<String>> {
 fn quota(rate: u32, burst: u32, per_minute: bool) -> Option<Quota> {
     let rate = NonZeroU32::new(rate)?;
     let burst = NonZeroU32::new(burst).unwrap_or(rate);
-    let q = if per_minute { Quota::per_minute(rate) } else { Quota::per_second(rate) };
+    let q = if per_minute {
+        Quota::per_minute(rate)
+    } else {
+        Quota::per_second(rate)
+    };
     Some(q.allow_burst(burst))
 }
 
@@ -275,7 +293,9 @@ impl RateLimits {
     /// Takes one token from `user_id`'s `class` bucket, or says how long until
     /// one is available (for a 429 with `Retry-After`).
     pub fn check(&self, user_id: &str, class: RequestClass) -> Result<(), Duration> {
-        let Some(l) = self.get(class) else { return Ok(()) };
+        let Some(l) = self.get(class) else {
+            return Ok(());
+        };
         // Avoid allocating the key in the common case is not possible with
         // governor's `&K` API; a short String per request is cheap.
         l.check_key(&user_id.to_string())
@@ -292,7 +312,11 @@ impl RateLimits {
 
     /// How many (user, class) buckets are tracked.
     pub fn len(&self) -> usize {
-        [&self.create, &self.exec, &self.read].into_iter().flatten().map(|l| l.len()).sum()
+        [&self.create, &self.exec, &self.read]
+            .into_iter()
+            .flatten()
+            .map(|l| l.len())
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -329,7 +353,9 @@ mod tests {
         let k = generate_key();
         let h = hash_key(&k);
         assert_eq!(h.len(), 64);
-        assert!(h.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert!(h
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
         assert!(key_matches(&k, &h));
         assert!(!key_matches(&generate_key(), &h));
         assert!(!key_matches(&k, "zz"));
@@ -353,10 +379,22 @@ mod tests {
     fn user_lifecycle_and_authentication() {
         let (s, _d) = testutil::store();
         s.with(|c| {
-            let issued = create_user(c, "alice", UserCaps { max_sandboxes: Some(1), ..Default::default() }).unwrap();
+            let issued = create_user(
+                c,
+                "alice",
+                UserCaps {
+                    max_sandboxes: Some(1),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
             assert!(is_well_formed(&issued.api_key));
             // Only the hash is stored.
-            let stored: String = c.query_row("SELECT key_sha256 FROM users WHERE name = 'alice'", [], |r| r.get(0))?;
+            let stored: String = c.query_row(
+                "SELECT key_sha256 FROM users WHERE name = 'alice'",
+                [],
+                |r| r.get(0),
+            )?;
             assert_eq!(stored, hash_key(&issued.api_key));
             assert!(!stored.contains(&issued.api_key[4..]));
 
@@ -374,8 +412,14 @@ mod tests {
             let rotated = rotate_key(c, "alice").unwrap();
             assert_ne!(rotated.api_key, issued.api_key);
             assert!(authenticate(c, &issued.api_key)?.is_none());
-            assert_eq!(authenticate(c, &rotated.api_key)?.unwrap().id, issued.user.id);
-            assert!(matches!(rotate_key(c, "nobody"), Err(UserError::Store(StoreError::NotFound(_)))));
+            assert_eq!(
+                authenticate(c, &rotated.api_key)?.unwrap().id,
+                issued.user.id
+            );
+            assert!(matches!(
+                rotate_key(c, "nobody"),
+                Err(UserError::Store(StoreError::NotFound(_)))
+            ));
 
             assert_eq!(list_users(c).unwrap().len(), 1);
             delete_user(c, "alice").unwrap();
@@ -392,7 +436,12 @@ mod tests {
         let caps = EffectiveCaps::resolve(&UserCaps::default(), &limits, &vm);
         assert_eq!(caps.max_sandboxes, limits.max_sandboxes);
         let caps = EffectiveCaps::resolve(
-            &UserCaps { max_sandboxes: Some(2), max_cpus: Some(1000), max_memory_mb: Some(256), max_snapshots: None },
+            &UserCaps {
+                max_sandboxes: Some(2),
+                max_cpus: Some(1000),
+                max_memory_mb: Some(256),
+                max_snapshots: None,
+            },
             &limits,
             &vm,
         );
@@ -405,8 +454,18 @@ mod tests {
         let e = caps.check_sandbox_size(1, 512).unwrap_err();
         assert_eq!(e.status(), 400);
         assert!(e.to_string().starts_with("memory_mb"));
-        assert_eq!(caps.check_sandbox_size(vm.max_cpus + 1, 1).unwrap_err().status(), 400);
-        assert_eq!(caps.check_snapshot_count(caps.max_snapshots).unwrap_err().status(), 429);
+        assert_eq!(
+            caps.check_sandbox_size(vm.max_cpus + 1, 1)
+                .unwrap_err()
+                .status(),
+            400
+        );
+        assert_eq!(
+            caps.check_snapshot_count(caps.max_snapshots)
+                .unwrap_err()
+                .status(),
+            429
+        );
     }
 
     #[test]
@@ -423,7 +482,10 @@ mod tests {
         assert!(rl.check("u1", RequestClass::Create).is_ok());
         assert!(rl.check("u1", RequestClass::Create).is_ok());
         let wait = rl.check("u1", RequestClass::Create).unwrap_err();
-        assert!(wait > Duration::from_secs(1) && wait <= Duration::from_secs(60), "{wait:?}");
+        assert!(
+            wait > Duration::from_secs(1) && wait <= Duration::from_secs(60),
+            "{wait:?}"
+        );
         // Another user has their own bucket; exec is unlimited.
         assert!(rl.check("u2", RequestClass::Create).is_ok());
         for _ in 0..10_000 {

@@ -453,13 +453,19 @@ impl Config {
         }
         // sockaddr_un.sun_path is 108 bytes including the NUL.
         if self.listen_unix.as_os_str().len() > 107 {
-            return Err(invalid("listen_unix", "is longer than a unix socket path may be (107 bytes)"));
+            return Err(invalid(
+                "listen_unix",
+                "is longer than a unix socket path may be (107 bytes)",
+            ));
         }
         if self.log.level.trim().is_empty() {
             return Err(invalid("log.level", "must not be empty (e.g. \"info\")"));
         }
         let vm = &self.vm;
-        for (key, p) in [("vm.firecracker_bin", &vm.firecracker_bin), ("vm.qemu_bin", &vm.qemu_bin)] {
+        for (key, p) in [
+            ("vm.firecracker_bin", &vm.firecracker_bin),
+            ("vm.qemu_bin", &vm.qemu_bin),
+        ] {
             if p.as_os_str().is_empty() {
                 return Err(invalid(key, "must not be empty"));
             }
@@ -470,10 +476,16 @@ impl Config {
             }
         }
         if vm.boot_timeout_secs == 0 || vm.boot_timeout_secs > 3600 {
-            return Err(invalid("vm.boot_timeout_secs", "must be between 1 and 3600"));
+            return Err(invalid(
+                "vm.boot_timeout_secs",
+                "must be between 1 and 3600",
+            ));
         }
         if vm.agent_timeout_secs == 0 || vm.agent_timeout_secs > 3600 {
-            return Err(invalid("vm.agent_timeout_secs", "must be between 1 and 3600"));
+            return Err(invalid(
+                "vm.agent_timeout_secs",
+                "must be between 1 and 3600",
+            ));
         }
         if vm.max_cpus == 0 || vm.max_cpus > 255 {
             return Err(invalid("vm.max_cpus", "must be between 1 and 255"));
@@ -490,7 +502,10 @@ impl Config {
         if vm.default_memory_mb < 64 || vm.default_memory_mb > vm.max_memory_mb {
             return Err(invalid(
                 "vm.default_memory_mb",
-                format!("must be between 64 and vm.max_memory_mb ({})", vm.max_memory_mb),
+                format!(
+                    "must be between 64 and vm.max_memory_mb ({})",
+                    vm.max_memory_mb
+                ),
             ));
         }
         if vm.max_disk_mb == 0 {
@@ -499,7 +514,10 @@ impl Config {
         if vm.default_disk_mb > vm.max_disk_mb {
             return Err(invalid(
                 "vm.default_disk_mb",
-                format!("must be 0 (image size) or at most vm.max_disk_mb ({})", vm.max_disk_mb),
+                format!(
+                    "must be 0 (image size) or at most vm.max_disk_mb ({})",
+                    vm.max_disk_mb
+                ),
             ));
         }
         if vm.xfs_loop_size_mb < 512 {
@@ -508,7 +526,10 @@ impl Config {
         let net = &self.network;
         if net.bridge.is_empty()
             || net.bridge.len() > 15
-            || !net.bridge.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            || !net
+                .bridge
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         {
             return Err(invalid(
                 "network.bridge",
@@ -518,18 +539,30 @@ impl Config {
         validate_subnet(&net.subnet).map_err(|m| invalid("network.subnet", m))?;
         if let Some(ns) = &net.netns {
             if ns.is_empty() || ns.contains('/') || ns == "." || ns == ".." || ns.len() > 64 {
-                return Err(invalid("network.netns", "must be a plain name (no '/'), 1-64 characters"));
+                return Err(invalid(
+                    "network.netns",
+                    "must be a plain name (no '/'), 1-64 characters",
+                ));
             }
         }
         let t = &self.thermal;
-        if t.warm_after_secs != 0 && t.cold_after_secs != 0 && t.cold_after_secs <= t.warm_after_secs {
+        if t.warm_after_secs != 0
+            && t.cold_after_secs != 0
+            && t.cold_after_secs <= t.warm_after_secs
+        {
             return Err(invalid(
                 "thermal.cold_after_secs",
-                format!("must be greater than thermal.warm_after_secs ({})", t.warm_after_secs),
+                format!(
+                    "must be greater than thermal.warm_after_secs ({})",
+                    t.warm_after_secs
+                ),
             ));
         }
         if t.sweep_interval_ms < 10 || t.sweep_interval_ms > 600_000 {
-            return Err(invalid("thermal.sweep_interval_ms", "must be between 10 and 600000"));
+            return Err(invalid(
+                "thermal.sweep_interval_ms",
+                "must be between 10 and 600000",
+            ));
         }
         let l = &self.limits;
         if l.max_cpus == 0 || l.max_cpus > vm.max_cpus {
@@ -541,12 +574,19 @@ impl Config {
         if l.max_memory_mb < 64 || l.max_memory_mb > vm.max_memory_mb {
             return Err(invalid(
                 "limits.max_memory_mb",
-                format!("must be between 64 and vm.max_memory_mb ({})", vm.max_memory_mb),
+                format!(
+                    "must be between 64 and vm.max_memory_mb ({})",
+                    vm.max_memory_mb
+                ),
             ));
         }
         let r = &l.rate;
         for (key, rate, burst) in [
-            ("limits.rate.create_burst", r.create_per_minute, r.create_burst),
+            (
+                "limits.rate.create_burst",
+                r.create_per_minute,
+                r.create_burst,
+            ),
             ("limits.rate.exec_burst", r.exec_per_second, r.exec_burst),
             ("limits.rate.read_burst", r.read_per_second, r.read_burst),
         ] {
@@ -566,103 +606,120 @@ impl Config {
     /// parses back to [`Config::default`].
     pub fn example_toml() -> String {
         let d = Config::default();
-        let mut s = String::new();
-        let q = |v: &str| toml_str(v);
-        let path = |p: &Path| toml_str(&p.to_string_lossy());
-        let _ = writeln!(s, "# bhatti daemon configuration (`bhatti serve --config <file>` or BHATTI_CONFIG).");
-        let _ = writeln!(s, "# Every key is optional; the values below are the defaults. Unknown keys are errors.");
-        let _ = writeln!(s);
-        let _ = writeln!(s, "# All daemon state: database, secrets identity, sandbox disks and snapshots.");
-        let _ = writeln!(s, "data_dir = {}", path(&d.data_dir));
-        let _ = writeln!(s, "# Unix socket for the API (the local CLI's default endpoint).");
-        let _ = writeln!(s, "listen_unix = {}", path(&d.listen_unix));
-        let _ = writeln!(s, "# TCP address for the API; \"\" disables TCP.");
-        let _ = writeln!(s, "listen_tcp = {}", q(&d.listen_tcp.map(|a| a.to_string()).unwrap_or_default()));
-        let _ = writeln!(s);
-        let _ = writeln!(s, "[log]");
-        let _ = writeln!(s, "# Tracing filter directive, e.g. \"info\" or \"bhatti=debug,info\"; RUST_LOG wins when set.");
-        let _ = writeln!(s, "level = {}", q(&d.log.level));
-        let _ = writeln!(s, "# \"text\" or \"json\" (one object per line).");
-        let _ = writeln!(s, "format = \"text\"");
-        let _ = writeln!(s);
-        let v = &d.vm;
-        let _ = writeln!(s, "[vm]");
-        let _ = writeln!(s, "# \"auto\" (Firecracker when its binary and KVM are usable, else QEMU), \"firecracker\" or \"qemu\".");
-        let _ = writeln!(s, "backend = \"auto\"");
-        let _ = writeln!(s, "# QEMU accelerator: \"auto\" (KVM when usable, else TCG: slow, for CI/dev), \"kvm\" or \"tcg\".");
-        let _ = writeln!(s, "qemu_accel = \"auto\"");
-        let _ = writeln!(s, "# VMM binaries: a path, or a name looked up in PATH.");
-        let _ = writeln!(s, "firecracker_bin = {}", path(&v.firecracker_bin));
-        let _ = writeln!(s, "qemu_bin = {}", path(&v.qemu_bin));
-        let _ = writeln!(s, "# Guest kernel (vmlinux) and base rootfs (ext4); relative paths are under data_dir.");
-        let _ = writeln!(s, "kernel = {}", path(&v.kernel));
-        let _ = writeln!(s, "rootfs = {}", path(&v.rootfs));
-        let _ = writeln!(s, "# Extra kernel command-line arguments for every guest.");
-        let _ = writeln!(s, "kernel_args = {}", q(&v.kernel_args));
-        let _ = writeln!(s, "# Seconds a boot or restore may take until the guest agent answers.");
-        let _ = writeln!(s, "boot_timeout_secs = {}", v.boot_timeout_secs);
-        let _ = writeln!(s, "# Seconds one agent call made by the daemon itself may take.");
-        let _ = writeln!(s, "agent_timeout_secs = {}", v.agent_timeout_secs);
-        let _ = writeln!(s, "# Size of a sandbox created without cpus / memory_mb / disk_mb (disk 0 = the image's size).");
-        let _ = writeln!(s, "default_cpus = {}", v.default_cpus);
-        let _ = writeln!(s, "default_memory_mb = {}", v.default_memory_mb);
-        let _ = writeln!(s, "default_disk_mb = {}", v.default_disk_mb);
-        let _ = writeln!(s, "# Hard maxima for any sandbox, whatever a user's caps.");
-        let _ = writeln!(s, "max_cpus = {}", v.max_cpus);
-        let _ = writeln!(s, "max_memory_mb = {}", v.max_memory_mb);
-        let _ = writeln!(s, "max_disk_mb = {}", v.max_disk_mb);
-        let _ = writeln!(s, "# Root disk cloning: \"auto\" (reflink, else a loop-mounted XFS image, else a sparse copy),");
-        let _ = writeln!(s, "# \"reflink\", \"xfs-loop\" or \"copy\".");
-        let _ = writeln!(s, "disk_strategy = \"auto\"");
-        let _ = writeln!(s, "# Sparse size (MiB) of the XFS image used by xfs-loop.");
-        let _ = writeln!(s, "xfs_loop_size_mb = {}", v.xfs_loop_size_mb);
-        let _ = writeln!(s);
-        let n = &d.network;
-        let _ = writeln!(s, "[network]");
-        let _ = writeln!(s, "# Give guests a network (bridge, TAPs, NAT).");
-        let _ = writeln!(s, "enabled = {}", n.enabled);
-        let _ = writeln!(s, "# Bridge for the sandboxes' TAPs, and its address/prefix (guests get the rest of the subnet).");
-        let _ = writeln!(s, "bridge = {}", q(&n.bridge));
-        let _ = writeln!(s, "subnet = {}", q(&n.subnet));
-        let _ = writeln!(s, "# Network namespace (under /run/netns) for bridge, TAPs and VMMs; default: the host's.");
-        let _ = writeln!(s, "# netns = \"bhatti\"");
-        let _ = writeln!(s, "# DNS servers for guests.");
-        let dns: Vec<String> = n.dns.iter().map(|a| q(&a.to_string())).collect();
-        let _ = writeln!(s, "dns = [{}]", dns.join(", "));
-        let _ = writeln!(s);
-        let t = &d.thermal;
-        let _ = writeln!(s, "[thermal]");
-        let _ = writeln!(s, "# Idle seconds before a sandbox is paused (warm); 0 never pauses.");
-        let _ = writeln!(s, "warm_after_secs = {}", t.warm_after_secs);
-        let _ = writeln!(s, "# Idle seconds before it is snapshotted to disk and its VMM ended (cold); 0 never.");
-        let _ = writeln!(s, "cold_after_secs = {}", t.cold_after_secs);
-        let _ = writeln!(s, "# How often (ms) the idle sweeper runs.");
-        let _ = writeln!(s, "sweep_interval_ms = {}", t.sweep_interval_ms);
-        let _ = writeln!(s);
-        let l = &d.limits;
-        let _ = writeln!(s, "[limits]");
-        let _ = writeln!(s, "# Defaults for users created without explicit caps (`bhatti user create --max-…`).");
-        let _ = writeln!(s, "# Sandboxes one user may have at once (past it: HTTP 429).");
-        let _ = writeln!(s, "max_sandboxes = {}", l.max_sandboxes);
-        let _ = writeln!(s, "# vCPUs and memory (MiB) per sandbox (past them: HTTP 400).");
-        let _ = writeln!(s, "max_cpus = {}", l.max_cpus);
-        let _ = writeln!(s, "max_memory_mb = {}", l.max_memory_mb);
-        let _ = writeln!(s, "# Named checkpoints one user may keep.");
-        let _ = writeln!(s, "max_snapshots = {}", l.max_snapshots);
-        let _ = writeln!(s);
+        let (v, n, t, l) = (&d.vm, &d.network, &d.thermal, &d.limits);
         let r = &l.rate;
-        let _ = writeln!(s, "[limits.rate]");
-        let _ = writeln!(s, "# Per-user token buckets by request class; a rate of 0 disables that class's limit.");
-        let _ = writeln!(s, "# create: creates, starts, stops, checkpoints, resumes (per minute).");
-        let _ = writeln!(s, "create_per_minute = {}", r.create_per_minute);
-        let _ = writeln!(s, "create_burst = {}", r.create_burst);
-        let _ = writeln!(s, "# exec: execs, shells, file writes and other calls that touch the guest (per second).");
-        let _ = writeln!(s, "exec_per_second = {}", r.exec_per_second);
-        let _ = writeln!(s, "exec_burst = {}", r.exec_burst);
-        let _ = writeln!(s, "# read: list, get, file reads (per second).");
-        let _ = writeln!(s, "read_per_second = {}", r.read_per_second);
-        let _ = writeln!(s, "read_burst = {}", r.read_burst);
-        s
+        let path = |p: &Path| toml_str(&p.to_string_lossy());
+        let mut e = Example::default();
+        e.c("bhatti daemon configuration (`bhatti serve --config <file>` or BHATTI_CONFIG).");
+        e.c("Every key is optional; the values below are the defaults. Unknown keys are errors.");
+        e.blank();
+        e.c("All daemon state: database, secrets identity, sandbox disks and snapshots.");
+        e.kv("data_dir", path(&d.data_dir));
+        e.c("Unix socket for the API (the local CLI's default endpoint).");
+        e.kv("listen_unix", path(&d.listen_unix));
+        e.c("TCP address for the API; \"\" disables TCP.");
+        let tcp = d.listen_tcp.map(|a| a.to_string()).unwrap_or_default();
+        e.kv("listen_tcp", toml_str(&tcp));
+
+        e.table("log");
+        e.c("Tracing filter directive, e.g. \"info\" or \"bhatti=debug,info\"; RUST_LOG wins when set.");
+        e.kv("level", toml_str(&d.log.level));
+        e.c("\"text\" or \"json\" (one object per line).");
+        e.kv("format", "\"text\"");
+
+        e.table("vm");
+        e.c("\"auto\" (Firecracker when its binary and KVM are usable, else QEMU), \"firecracker\" or \"qemu\".");
+        e.kv("backend", "\"auto\"");
+        e.c("QEMU accelerator: \"auto\" (KVM when usable, else TCG: slow, for CI/dev), \"kvm\" or \"tcg\".");
+        e.kv("qemu_accel", "\"auto\"");
+        e.c("VMM binaries: a path, or a name looked up in PATH.");
+        e.kv("firecracker_bin", path(&v.firecracker_bin));
+        e.kv("qemu_bin", path(&v.qemu_bin));
+        e.c("Guest kernel (vmlinux) and base rootfs (ext4); relative paths are under data_dir.");
+        e.kv("kernel", path(&v.kernel));
+        e.kv("rootfs", path(&v.rootfs));
+        e.c("Extra kernel command-line arguments for every guest.");
+        e.kv("kernel_args", toml_str(&v.kernel_args));
+        e.c("Seconds a boot or restore may take until the guest agent answers.");
+        e.kv("boot_timeout_secs", v.boot_timeout_secs);
+        e.c("Seconds one agent call made by the daemon itself may take.");
+        e.kv("agent_timeout_secs", v.agent_timeout_secs);
+        e.c("Size of a sandbox created without cpus / memory_mb / disk_mb (disk 0 = the image's size).");
+        e.kv("default_cpus", v.default_cpus);
+        e.kv("default_memory_mb", v.default_memory_mb);
+        e.kv("default_disk_mb", v.default_disk_mb);
+        e.c("Hard maxima for any sandbox, whatever a user's caps.");
+        e.kv("max_cpus", v.max_cpus);
+        e.kv("max_memory_mb", v.max_memory_mb);
+        e.kv("max_disk_mb", v.max_disk_mb);
+        e.c("Root disk cloning: \"auto\" (reflink, else a loop-mounted XFS image, else a sparse copy),");
+        e.c("\"reflink\", \"xfs-loop\" or \"copy\".");
+        e.kv("disk_strategy", "\"auto\"");
+        e.c("Sparse size (MiB) of the XFS image used by xfs-loop.");
+        e.kv("xfs_loop_size_mb", v.xfs_loop_size_mb);
+
+        e.table("network");
+        e.c("Give guests a network (bridge, TAPs, NAT).");
+        e.kv("enabled", n.enabled);
+        e.c("Bridge for the sandboxes' TAPs, and its address/prefix (guests get the rest of the subnet).");
+        e.kv("bridge", toml_str(&n.bridge));
+        e.kv("subnet", toml_str(&n.subnet));
+        e.c("Network namespace (under /run/netns) for bridge, TAPs and VMMs; default: the host's.");
+        e.c("netns = \"bhatti\"");
+        e.c("DNS servers for guests.");
+        let dns: Vec<String> = n.dns.iter().map(|a| toml_str(&a.to_string())).collect();
+        e.kv("dns", format!("[{}]", dns.join(", ")));
+
+        e.table("thermal");
+        e.c("Idle seconds before a sandbox is paused (warm); 0 never pauses.");
+        e.kv("warm_after_secs", t.warm_after_secs);
+        e.c("Idle seconds before it is snapshotted to disk and its VMM ended (cold); 0 never.");
+        e.kv("cold_after_secs", t.cold_after_secs);
+        e.c("How often (ms) the idle sweeper runs.");
+        e.kv("sweep_interval_ms", t.sweep_interval_ms);
+
+        e.table("limits");
+        e.c("Defaults for users created without explicit caps (`bhatti user create --max-…`).");
+        e.c("Sandboxes one user may have at once (past it: HTTP 429).");
+        e.kv("max_sandboxes", l.max_sandboxes);
+        e.c("vCPUs and memory (MiB) per sandbox (past them: HTTP 400).");
+        e.kv("max_cpus", l.max_cpus);
+        e.kv("max_memory_mb", l.max_memory_mb);
+        e.c("Named checkpoints one user may keep.");
+        e.kv("max_snapshots", l.max_snapshots);
+
+        e.table("limits.rate");
+        e.c("Per-user token buckets by request class; a rate of 0 disables that class's limit.");
+        e.c("create: creates, starts, stops, checkpoints, resumes (per minute).");
+        e.kv("create_per_minute", r.create_per_minute);
+        e.kv("create_burst", r.create_burst);
+        e.c("exec: execs, shells, file writes and other calls that touch the guest (per second).");
+        e.kv("exec_per_second", r.exec_per_second);
+        e.kv("exec_burst", r.exec_burst);
+        e.c("read: list, get, file reads (per second).");
+        e.kv("read_per_second", r.read_per_second);
+        e.kv("read_burst", r.read_burst);
+        e.0
+    }
+}
+
+/// Builds the example file line by line.
+#[derive(Default)]
+struct Example(String);
+
+impl Example {
+    /// A comment line.
+    fn c(&mut self, text: &str) {
+        let _ = writeln!(self.0, "# {text}");
+    }
+    fn kv(&mut self, key: &str, value: impl std::fmt::Display) {
+        let _ = writeln!(self.0, "{key} = {value}");
+    }
+    fn blank(&mut self) {
+        self.0.push('\n');
+    }
+    fn table(&mut self, name: &str) {
+        let _ = writeln!(self.0, "\n[{name}]");
     }
 }
 
@@ -673,9 +730,9 @@ fn toml_str(v: &str) -> String {
 
 /// `a.b.c.d/len` with a usable host range.
 fn validate_subnet(s: &str) -> Result<(), String> {
-    let (addr, len) = s
-        .split_once('/')
-        .ok_or_else(|| format!("`{s}` is not an IPv4 address with a prefix length such as 10.77.0.1/24"))?;
+    let (addr, len) = s.split_once('/').ok_or_else(|| {
+        format!("`{s}` is not an IPv4 address with a prefix length such as 10.77.0.1/24")
+    })?;
     let _: std::net::Ipv4Addr = addr
         .parse()
         .map_err(|_| format!("`{addr}` is not an IPv4 address"))?;
@@ -727,7 +784,11 @@ mod tests {
             if let toml::Value::Table(t) = v {
                 for (k, v) in t {
                     if v.is_table() {
-                        let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                        let p = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
                         walk(&p, v, out);
                     } else {
                         out.push((prefix.to_string(), k.clone()));
@@ -739,12 +800,19 @@ mod tests {
         walk("", &v, &mut keys);
         assert!(keys.len() > 30, "{keys:?}");
         for (table, key) in keys {
-            let header = if table.is_empty() { String::new() } else { format!("[{table}]\n") };
-            let start = ex.find(&header).unwrap_or_else(|| panic!("no [{table}] in example"));
+            let header = if table.is_empty() {
+                String::new()
+            } else {
+                format!("[{table}]\n")
+            };
+            let start = ex
+                .find(&header)
+                .unwrap_or_else(|| panic!("no [{table}] in example"));
             let section = &ex[start + header.len()..];
             let section = section.split("\n[").next().unwrap();
             assert!(
-                section.contains(&format!("\n{key} = ")) || section.starts_with(&format!("{key} = "))
+                section.contains(&format!("\n{key} = "))
+                    || section.starts_with(&format!("{key} = "))
                     || section.contains(&format!("# {key} = ")),
                 "key {table}.{key} missing from the example"
             );
@@ -806,15 +874,24 @@ mod tests {
             ("[vm]\nboot_timeout_secs = 0", "vm.boot_timeout_secs"),
             ("[vm]\ndefault_cpus = -1", "default_cpus"),
             ("[network]\nsubnet = \"10.0.0.0\"", "network.subnet"),
-            ("[network]\nbridge = \"a-very-long-bridge-name\"", "network.bridge"),
+            (
+                "[network]\nbridge = \"a-very-long-bridge-name\"",
+                "network.bridge",
+            ),
             ("[network]\nnetns = \"a/b\"", "network.netns"),
-            ("[thermal]\nwarm_after_secs = 100\ncold_after_secs = 50", "thermal.cold_after_secs"),
+            (
+                "[thermal]\nwarm_after_secs = 100\ncold_after_secs = 50",
+                "thermal.cold_after_secs",
+            ),
             ("[limits]\nmax_cpus = 64", "limits.max_cpus"),
             ("[limits.rate]\nexec_burst = 0", "limits.rate.exec_burst"),
         ];
         for (text, key) in cases {
             let e = err(text);
-            assert!(e.contains(key), "{text:?} gave {e:?}, which does not name {key}");
+            assert!(
+                e.contains(key),
+                "{text:?} gave {e:?}, which does not name {key}"
+            );
         }
     }
 

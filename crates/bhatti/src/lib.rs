@@ -11,3 +11,9 @@ pub mod net;
 pub mod storage;
 
 pub use engine::{CreateSpec, Engine, EngineConfig, EngineError, Sandbox, SandboxState};
+
+pub mod api_types;
+pub mod auth;
+pub mod config;
+pub mod secrets;
+pub mod store;

@@ -51,9 +51,16 @@ pub enum SecretsError {
 /// Checks a secret name: `[A-Z_][A-Z0-9_]*`, at most 128 characters (it
 /// becomes an environment variable name).
 pub fn validate_name(name: &str) -> Result<(), ValidationError> {
-    let ok_first = name.bytes().next().is_some_and(|b| b.is_ascii_uppercase() || b == b'_');
-    if name.is_empty() || name.len() > MAX_NAME_LEN || !ok_first
-        || !name.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+    let ok_first = name
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_uppercase() || b == b'_');
+    if name.is_empty()
+        || name.len() > MAX_NAME_LEN
+        || !ok_first
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
     {
         return Err(ValidationError::new(
             "name",
@@ -67,7 +74,10 @@ pub fn validate_name(name: &str) -> Result<(), ValidationError> {
 /// NUL, at most 64 KiB.
 pub fn validate_value(value: &str) -> Result<(), ValidationError> {
     if value.len() > MAX_VALUE_LEN {
-        return Err(ValidationError::new("value", format!("must be at most {MAX_VALUE_LEN} bytes")));
+        return Err(ValidationError::new(
+            "value",
+            format!("must be at most {MAX_VALUE_LEN} bytes"),
+        ));
     }
     if value.contains('\0') {
         return Err(ValidationError::new("value", "must not contain NUL bytes"));
@@ -83,7 +93,9 @@ pub struct SecretBox {
 
 impl std::fmt::Debug for SecretBox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SecretBox").field("recipient", &self.recipient.to_string()).finish()
+        f.debug_struct("SecretBox")
+            .field("recipient", &self.recipient.to_string())
+            .finish()
     }
 }
 
@@ -92,17 +104,32 @@ impl SecretBox {
     /// when missing. An existing file readable by others is tightened to 0600.
     pub fn load_or_create(data_dir: &Path) -> Result<SecretBox, SecretsError> {
         let path = data_dir.join(IDENTITY_FILE);
-        let io = |source| SecretsError::Io { path: path.clone(), source };
-        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path) {
+        let io = |source| SecretsError::Io {
+            path: path.clone(),
+            source,
+        };
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
             Ok(mut f) => {
                 let identity = Identity::generate();
                 let text = identity.to_string();
-                let mut body = String::from("# bhatti secrets identity: keep private; losing it loses every secret\n");
+                let mut body = String::from(
+                    "# bhatti secrets identity: keep private; losing it loses every secret\n",
+                );
                 body.push_str(text.expose_secret());
                 body.push('\n');
-                f.write_all(body.as_bytes()).and_then(|_| f.sync_all()).map_err(io)?;
+                f.write_all(body.as_bytes())
+                    .and_then(|_| f.sync_all())
+                    .map_err(io)?;
                 let recipient = identity.to_public();
-                return Ok(SecretBox { identity, recipient });
+                return Ok(SecretBox {
+                    identity,
+                    recipient,
+                });
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(io(e)),
@@ -118,9 +145,13 @@ impl SecretBox {
             .map(str::trim)
             .find(|l| !l.is_empty() && !l.starts_with('#'))
             .ok_or_else(|| SecretsError::BadIdentity { path: path.clone() })?;
-        let identity = Identity::from_str(line).map_err(|_| SecretsError::BadIdentity { path: path.clone() })?;
+        let identity = Identity::from_str(line)
+            .map_err(|_| SecretsError::BadIdentity { path: path.clone() })?;
         let recipient = identity.to_public();
-        Ok(SecretBox { identity, recipient })
+        Ok(SecretBox {
+            identity,
+            recipient,
+        })
     }
 
     /// Encrypts a value to the daemon's recipient.
@@ -134,7 +165,13 @@ impl SecretBox {
     }
 
     /// Validates and stores the owner's secret; returns true when it is new.
-    pub fn set(&self, c: &Connection, owner: &str, name: &str, value: &str) -> Result<bool, SecretsError> {
+    pub fn set(
+        &self,
+        c: &Connection,
+        owner: &str,
+        name: &str,
+        value: &str,
+    ) -> Result<bool, SecretsError> {
         validate_name(name)?;
         validate_value(value)?;
         let ct = self.encrypt(value.as_bytes())?;
@@ -171,13 +208,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = SecretBox::load_or_create(dir.path()).unwrap();
         let path = dir.path().join(IDENTITY_FILE);
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let ct = a.encrypt(b"hunter2").unwrap();
         assert!(!ct.windows(7).any(|w| w == b"hunter2"));
         // A second load uses the same identity.
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let b = SecretBox::load_or_create(dir.path()).unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert_eq!(b.decrypt(&ct).unwrap(), b"hunter2");
         // Another identity cannot decrypt it.
         let other = tempfile::tempdir().unwrap();
@@ -195,7 +238,15 @@ mod tests {
         for ok in ["A", "_X", "API_KEY_2", &"A".repeat(128)] {
             validate_name(ok).unwrap();
         }
-        for bad in ["", "a", "1ABC", "API-KEY", "API KEY", "ÄB", &"A".repeat(129)] {
+        for bad in [
+            "",
+            "a",
+            "1ABC",
+            "API-KEY",
+            "API KEY",
+            "ÄB",
+            &"A".repeat(129),
+        ] {
             let e = validate_name(bad).unwrap_err();
             assert!(e.to_string().contains("[A-Z_][A-Z0-9_]*"), "{e}");
         }

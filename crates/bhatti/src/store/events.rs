@@ -79,7 +79,12 @@ pub fn record(c: &Connection, e: &NewEvent) -> Result<i64> {
 }
 
 /// The latest `limit` events of the owner's sandbox, newest first.
-pub fn list_for_sandbox(c: &Connection, owner: &str, sandbox_id: &str, limit: u32) -> Result<Vec<Event>> {
+pub fn list_for_sandbox(
+    c: &Connection,
+    owner: &str,
+    sandbox_id: &str,
+    limit: u32,
+) -> Result<Vec<Event>> {
     let mut st = c.prepare_cached(
         "SELECT id, sandbox_id, owner, kind, latency_ms, at, detail FROM events
          WHERE sandbox_id = ?1 AND owner = ?2 ORDER BY id DESC LIMIT ?3",
@@ -90,14 +95,16 @@ pub fn list_for_sandbox(c: &Connection, owner: &str, sandbox_id: &str, limit: u3
 
 /// Deletes events older than `before_ms` (unix ms); returns how many.
 pub fn prune_before(c: &Connection, before_ms: i64) -> Result<usize> {
-    Ok(c.prepare_cached("DELETE FROM events WHERE at < ?1")?.execute([before_ms])?)
+    Ok(c.prepare_cached("DELETE FROM events WHERE at < ?1")?
+        .execute([before_ms])?)
 }
 
 /// Keeps only the newest `keep` events; returns how many were deleted.
 pub fn prune_keep_latest(c: &Connection, keep: u32) -> Result<usize> {
-    Ok(c
-        .prepare_cached("DELETE FROM events WHERE id <= (SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?1)")?
-        .execute([keep])?)
+    Ok(c.prepare_cached(
+        "DELETE FROM events WHERE id <= (SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?1)",
+    )?
+    .execute([keep])?)
 }
 
 #[cfg(test)]
@@ -110,13 +117,21 @@ mod tests {
         let (s, _d) = testutil::store();
         s.with(|c| {
             for i in 0..5 {
-                record(c, &NewEvent::new("sb1", "exec").owner("u1").latency_ms(i as f64))?;
+                record(
+                    c,
+                    &NewEvent::new("sb1", "exec")
+                        .owner("u1")
+                        .latency_ms(i as f64),
+                )?;
             }
             record(c, &NewEvent::new("sb1", "error").owner("u2").detail("boom"))?;
             let l = list_for_sandbox(c, "u1", "sb1", 3)?;
             assert_eq!(l.len(), 3);
             assert_eq!(l[0].latency_ms, Some(4.0));
-            assert_eq!(list_for_sandbox(c, "u2", "sb1", 10)?[0].detail.as_deref(), Some("boom"));
+            assert_eq!(
+                list_for_sandbox(c, "u2", "sb1", 10)?[0].detail.as_deref(),
+                Some("boom")
+            );
             assert_eq!(prune_keep_latest(c, 2)?, 4);
             assert_eq!(prune_keep_latest(c, 10)?, 0);
             assert_eq!(prune_before(c, now_ms() + 1000)?, 2);

@@ -86,9 +86,8 @@ pub(crate) fn constraint(e: &rusqlite::Error) -> Option<Constraint> {
     match e {
         rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::ConstraintViolation => {
             Some(match f.extended_code {
-                rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE | rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY => {
-                    Constraint::Unique
-                }
+                rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                | rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY => Constraint::Unique,
                 rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY => Constraint::ForeignKey,
                 _ => Constraint::Other,
             })
@@ -253,7 +252,10 @@ impl Store {
         if let Some(parent) = path.parent() {
             if !parent.as_os_str().is_empty() && !parent.exists() {
                 use std::os::unix::fs::DirBuilderExt;
-                std::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent)?;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(parent)?;
             }
         }
         let conn = open_connection(path)?;
@@ -310,7 +312,10 @@ impl Store {
 }
 
 /// Parses a JSON text column.
-pub(crate) fn from_json<T: serde::de::DeserializeOwned>(column: &'static str, s: &str) -> Result<T> {
+pub(crate) fn from_json<T: serde::de::DeserializeOwned>(
+    column: &'static str,
+    s: &str,
+) -> Result<T> {
     serde_json::from_str(s).map_err(|source| StoreError::Json { column, source })
 }
 
@@ -353,7 +358,8 @@ mod tests {
     use super::*;
 
     fn version(c: &Connection) -> i64 {
-        c.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap()
+        c.query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap()
     }
 
     #[test]
@@ -441,7 +447,11 @@ mod tests {
     async fn run_works_from_async() {
         let (s, _d) = testutil::store();
         let id = s.run(|c| Ok(testutil::user(c, "bob"))).await.unwrap();
-        let u = s.run(|c| users::get_by_name(c, "bob")).await.unwrap().unwrap();
+        let u = s
+            .run(|c| users::get_by_name(c, "bob"))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(u.id, id);
         let r: Result<()> = s
             .transaction(|tx| {
@@ -450,6 +460,10 @@ mod tests {
             })
             .await;
         assert!(r.is_err());
-        assert!(s.run(|c| users::get_by_name(c, "carol")).await.unwrap().is_none());
+        assert!(s
+            .run(|c| users::get_by_name(c, "carol"))
+            .await
+            .unwrap()
+            .is_none());
     }
 }

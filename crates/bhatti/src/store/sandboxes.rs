@@ -100,9 +100,15 @@ pub fn insert(c: &Connection, s: &NewSandbox) -> Result<SandboxRow> {
     let now = now_ms();
     let spec = to_json("sandboxes.spec", &s.spec)?;
     let labels = to_json("sandboxes.labels", &s.labels)?;
-    c.prepare_cached(&format!("INSERT INTO sandboxes ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)"))?
-        .execute(params![s.id, s.owner, s.name, spec, s.status, s.keep_hot, labels, now])
-        .map_err(|e| unique_as_conflict(e, || format!("a sandbox named '{}' already exists", s.name)))?;
+    c.prepare_cached(&format!(
+        "INSERT INTO sandboxes ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)"
+    ))?
+    .execute(params![
+        s.id, s.owner, s.name, spec, s.status, s.keep_hot, labels, now
+    ])
+    .map_err(|e| {
+        unique_as_conflict(e, || format!("a sandbox named '{}' already exists", s.name))
+    })?;
     Ok(SandboxRow {
         id: s.id.clone(),
         owner: s.owner.clone(),
@@ -130,7 +136,8 @@ pub fn get(c: &Connection, owner: &str, id_or_name: &str) -> Result<Option<Sandb
 
 /// Like [`get`], but a missing sandbox is [`StoreError::NotFound`].
 pub fn require(c: &Connection, owner: &str, id_or_name: &str) -> Result<SandboxRow> {
-    get(c, owner, id_or_name)?.ok_or_else(|| StoreError::NotFound(format!("no sandbox '{id_or_name}'")))
+    get(c, owner, id_or_name)?
+        .ok_or_else(|| StoreError::NotFound(format!("no sandbox '{id_or_name}'")))
 }
 
 /// The owner's sandboxes, oldest first.
@@ -138,14 +145,20 @@ pub fn list(c: &Connection, owner: &str) -> Result<Vec<SandboxRow>> {
     let mut st = c.prepare_cached(&format!(
         "SELECT {COLUMNS} FROM sandboxes WHERE owner = ?1 ORDER BY created_at, id"
     ))?;
-    let rows = st.query_map([owner], raw)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    let rows = st
+        .query_map([owner], raw)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
     rows.into_iter().map(finish).collect()
 }
 
 /// Every owner's sandboxes: for the daemon's recovery at start only.
 pub fn list_all(c: &Connection) -> Result<Vec<SandboxRow>> {
-    let mut st = c.prepare_cached(&format!("SELECT {COLUMNS} FROM sandboxes ORDER BY created_at, id"))?;
-    let rows = st.query_map([], raw)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut st = c.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM sandboxes ORDER BY created_at, id"
+    ))?;
+    let rows = st
+        .query_map([], raw)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
     rows.into_iter().map(finish).collect()
 }
 
@@ -159,8 +172,16 @@ pub fn count(c: &Connection, owner: &str) -> Result<u32> {
 
 /// Applies `u` to the owner's sandbox `id` and returns the new row.
 pub fn update(c: &Connection, owner: &str, id: &str, u: &SandboxUpdate) -> Result<SandboxRow> {
-    let labels = u.labels.as_ref().map(|l| to_json("sandboxes.labels", l)).transpose()?;
-    let spec = u.spec.as_ref().map(|s| to_json("sandboxes.spec", s)).transpose()?;
+    let labels = u
+        .labels
+        .as_ref()
+        .map(|l| to_json("sandboxes.labels", l))
+        .transpose()?;
+    let spec = u
+        .spec
+        .as_ref()
+        .map(|s| to_json("sandboxes.spec", s))
+        .transpose()?;
     let n = c
         .prepare_cached(
             "UPDATE sandboxes SET
@@ -171,7 +192,15 @@ pub fn update(c: &Connection, owner: &str, id: &str, u: &SandboxUpdate) -> Resul
                 updated_at = ?7
              WHERE owner = ?1 AND id = ?2",
         )?
-        .execute(params![owner, id, u.status, u.keep_hot, labels, spec, now_ms()])?;
+        .execute(params![
+            owner,
+            id,
+            u.status,
+            u.keep_hot,
+            labels,
+            spec,
+            now_ms()
+        ])?;
     if n == 0 {
         return Err(StoreError::NotFound(format!("no sandbox '{id}'")));
     }
@@ -181,7 +210,9 @@ pub fn update(c: &Connection, owner: &str, id: &str, u: &SandboxUpdate) -> Resul
 /// Sets only the status (the engine's state changes).
 pub fn set_status(c: &Connection, owner: &str, id: &str, status: &str) -> Result<()> {
     let n = c
-        .prepare_cached("UPDATE sandboxes SET status = ?3, updated_at = ?4 WHERE owner = ?1 AND id = ?2")?
+        .prepare_cached(
+            "UPDATE sandboxes SET status = ?3, updated_at = ?4 WHERE owner = ?1 AND id = ?2",
+        )?
         .execute(params![owner, id, status, now_ms()])?;
     if n == 0 {
         return Err(StoreError::NotFound(format!("no sandbox '{id}'")));
@@ -219,7 +250,10 @@ mod tests {
 
             // Same name, same owner: conflict. Same id: conflict.
             let e = insert(c, &NewSandbox::new("sb_a2", &alice, "web")).unwrap_err();
-            assert!(matches!(e, StoreError::Conflict(ref m) if m.contains("web")), "{e}");
+            assert!(
+                matches!(e, StoreError::Conflict(ref m) if m.contains("web")),
+                "{e}"
+            );
             let e = insert(c, &NewSandbox::new("sb_a1", &bob, "other")).unwrap_err();
             assert!(matches!(e, StoreError::Conflict(_)), "{e}");
             // Same name, another owner: fine.
@@ -232,16 +266,33 @@ mod tests {
             assert_eq!(get(c, &alice, "sb_a1")?.unwrap().spec["cpus"], 2);
             assert_eq!(get(c, &bob, "web")?.unwrap().id, "sb_b1");
             assert!(get(c, &bob, "sb_a1")?.is_none());
-            assert!(matches!(require(c, &bob, "sb_a1"), Err(StoreError::NotFound(_))));
+            assert!(matches!(
+                require(c, &bob, "sb_a1"),
+                Err(StoreError::NotFound(_))
+            ));
             assert_eq!(list(c, &alice)?.len(), 1);
             assert_eq!(count(c, &bob)?, 1);
             assert_eq!(list_all(c)?.len(), 2);
 
             // Writes are scoped too.
-            assert!(matches!(set_status(c, &bob, "sb_a1", "running"), Err(StoreError::NotFound(_))));
-            assert!(matches!(delete(c, &bob, "sb_a1"), Err(StoreError::NotFound(_))));
             assert!(matches!(
-                update(c, &bob, "sb_a1", &SandboxUpdate { keep_hot: Some(true), ..Default::default() }),
+                set_status(c, &bob, "sb_a1", "running"),
+                Err(StoreError::NotFound(_))
+            ));
+            assert!(matches!(
+                delete(c, &bob, "sb_a1"),
+                Err(StoreError::NotFound(_))
+            ));
+            assert!(matches!(
+                update(
+                    c,
+                    &bob,
+                    "sb_a1",
+                    &SandboxUpdate {
+                        keep_hot: Some(true),
+                        ..Default::default()
+                    }
+                ),
                 Err(StoreError::NotFound(_))
             ));
             assert!(!get(c, &alice, "sb_a1")?.unwrap().keep_hot);

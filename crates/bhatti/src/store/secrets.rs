@@ -48,10 +48,11 @@ pub fn list(c: &Connection, owner: &str) -> Result<Vec<SecretMeta>> {
 /// The ciphertext of the owner's secret `name` (for injection into a
 /// sandbox's environment; never for an API response).
 pub fn ciphertext(c: &Connection, owner: &str, name: &str) -> Result<Option<Vec<u8>>> {
-    Ok(c
-        .prepare_cached("SELECT ciphertext FROM secrets WHERE owner = ?1 AND name = ?2")?
-        .query_row(params![owner, name], |r| r.get(0))
-        .optional()?)
+    Ok(
+        c.prepare_cached("SELECT ciphertext FROM secrets WHERE owner = ?1 AND name = ?2")?
+            .query_row(params![owner, name], |r| r.get(0))
+            .optional()?,
+    )
 }
 
 /// Deletes the owner's secret `name`; [`StoreError::NotFound`] when absent.
@@ -86,7 +87,10 @@ mod tests {
             assert_eq!(l.len(), 1);
             assert!(l[0].updated_at >= l[0].created_at);
             delete(c, &a, "TOKEN")?;
-            assert!(matches!(delete(c, &a, "TOKEN"), Err(StoreError::NotFound(_))));
+            assert!(matches!(
+                delete(c, &a, "TOKEN"),
+                Err(StoreError::NotFound(_))
+            ));
             assert_eq!(list(c, &b)?.len(), 1);
             Ok(())
         })

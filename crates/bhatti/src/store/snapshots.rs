@@ -72,25 +72,33 @@ pub fn insert(c: &Connection, s: &NewSnapshot) -> Result<SnapshotRow> {
         size_bytes: s.size_bytes,
         created_at: now_ms(),
     };
-    c.prepare_cached(&format!("INSERT INTO snapshots ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"))?
-        .execute(params![
-            row.id,
-            row.owner,
-            row.name,
-            row.sandbox_id,
-            to_json("snapshots.files", &row.files)?,
-            to_json("snapshots.spec", &row.spec)?,
-            row.size_bytes.min(i64::MAX as u64) as i64,
-            row.created_at
-        ])
-        .map_err(|e| unique_as_conflict(e, || format!("a checkpoint named '{}' already exists", s.name)))?;
+    c.prepare_cached(&format!(
+        "INSERT INTO snapshots ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+    ))?
+    .execute(params![
+        row.id,
+        row.owner,
+        row.name,
+        row.sandbox_id,
+        to_json("snapshots.files", &row.files)?,
+        to_json("snapshots.spec", &row.spec)?,
+        row.size_bytes.min(i64::MAX as u64) as i64,
+        row.created_at
+    ])
+    .map_err(|e| {
+        unique_as_conflict(e, || {
+            format!("a checkpoint named '{}' already exists", s.name)
+        })
+    })?;
     Ok(row)
 }
 
 /// The owner's checkpoint named `name`.
 pub fn get(c: &Connection, owner: &str, name: &str) -> Result<Option<SnapshotRow>> {
     let r = c
-        .prepare_cached(&format!("SELECT {COLUMNS} FROM snapshots WHERE owner = ?1 AND name = ?2"))?
+        .prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM snapshots WHERE owner = ?1 AND name = ?2"
+        ))?
         .query_row(params![owner, name], raw)
         .optional()?;
     r.map(finish).transpose()
@@ -101,7 +109,9 @@ pub fn list(c: &Connection, owner: &str) -> Result<Vec<SnapshotRow>> {
     let mut st = c.prepare_cached(&format!(
         "SELECT {COLUMNS} FROM snapshots WHERE owner = ?1 ORDER BY created_at, name"
     ))?;
-    let rows = st.query_map([owner], raw)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    let rows = st
+        .query_map([owner], raw)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
     rows.into_iter().map(finish).collect()
 }
 
@@ -116,7 +126,8 @@ pub fn count(c: &Connection, owner: &str) -> Result<u32> {
 /// Deletes the owner's checkpoint `name` and returns it (so the caller can
 /// remove its files); [`StoreError::NotFound`] when absent.
 pub fn delete(c: &Connection, owner: &str, name: &str) -> Result<SnapshotRow> {
-    let row = get(c, owner, name)?.ok_or_else(|| StoreError::NotFound(format!("no checkpoint '{name}'")))?;
+    let row = get(c, owner, name)?
+        .ok_or_else(|| StoreError::NotFound(format!("no checkpoint '{name}'")))?;
     c.prepare_cached("DELETE FROM snapshots WHERE owner = ?1 AND name = ?2")?
         .execute(params![owner, name])?;
     Ok(row)
@@ -147,14 +158,20 @@ mod tests {
             let r = insert(c, &snap(&a, "base"))?;
             assert_eq!(r.size_bytes, 4096);
             let e = insert(c, &snap(&a, "base")).unwrap_err();
-            assert!(matches!(e, StoreError::Conflict(ref m) if m.contains("base")), "{e}");
+            assert!(
+                matches!(e, StoreError::Conflict(ref m) if m.contains("base")),
+                "{e}"
+            );
             insert(c, &snap(&b, "base"))?;
             insert(c, &snap(&a, "second"))?;
             assert_eq!(get(c, &a, "base")?.unwrap().files["mem"], "/x/mem");
             assert_eq!(list(c, &a)?.len(), 2);
             assert_eq!(count(c, &b)?, 1);
             assert!(get(c, &b, "second")?.is_none());
-            assert!(matches!(delete(c, &b, "second"), Err(StoreError::NotFound(_))));
+            assert!(matches!(
+                delete(c, &b, "second"),
+                Err(StoreError::NotFound(_))
+            ));
             assert_eq!(delete(c, &a, "second")?.name, "second");
             assert_eq!(count(c, &a)?, 1);
             Ok(())

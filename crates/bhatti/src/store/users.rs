@@ -34,7 +34,8 @@ pub struct NewUser {
     pub caps: UserCaps,
 }
 
-const COLUMNS: &str = "id, name, key_sha256, max_sandboxes, max_cpus, max_memory_mb, max_snapshots, created_at";
+const COLUMNS: &str =
+    "id, name, key_sha256, max_sandboxes, max_cpus, max_memory_mb, max_snapshots, created_at";
 
 fn cap(v: Option<i64>) -> Option<u32> {
     v.map(|n| n.clamp(0, u32::MAX as i64) as u32)
@@ -65,41 +66,46 @@ pub fn insert(c: &Connection, u: &NewUser) -> Result<User> {
         caps: u.caps,
         created_at: now_ms(),
     };
-    c.prepare_cached(&format!("INSERT INTO users ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"))?
-        .execute(params![
-            user.id,
-            user.name,
-            user.key_sha256,
-            user.caps.max_sandboxes,
-            user.caps.max_cpus,
-            user.caps.max_memory_mb,
-            user.caps.max_snapshots,
-            user.created_at
-        ])
-        .map_err(|e| unique_as_conflict(e, || format!("a user named '{}' already exists", u.name)))?;
+    c.prepare_cached(&format!(
+        "INSERT INTO users ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+    ))?
+    .execute(params![
+        user.id,
+        user.name,
+        user.key_sha256,
+        user.caps.max_sandboxes,
+        user.caps.max_cpus,
+        user.caps.max_memory_mb,
+        user.caps.max_snapshots,
+        user.created_at
+    ])
+    .map_err(|e| unique_as_conflict(e, || format!("a user named '{}' already exists", u.name)))?;
     Ok(user)
 }
 
 /// The user whose key hashes to `key_sha256`.
 pub fn get_by_key_hash(c: &Connection, key_sha256: &str) -> Result<Option<User>> {
-    Ok(c
-        .prepare_cached(&format!("SELECT {COLUMNS} FROM users WHERE key_sha256 = ?1"))?
-        .query_row([key_sha256], from_row)
-        .optional()?)
+    Ok(c.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM users WHERE key_sha256 = ?1"
+    ))?
+    .query_row([key_sha256], from_row)
+    .optional()?)
 }
 
 pub fn get_by_name(c: &Connection, name: &str) -> Result<Option<User>> {
-    Ok(c
-        .prepare_cached(&format!("SELECT {COLUMNS} FROM users WHERE name = ?1"))?
-        .query_row([name], from_row)
-        .optional()?)
+    Ok(
+        c.prepare_cached(&format!("SELECT {COLUMNS} FROM users WHERE name = ?1"))?
+            .query_row([name], from_row)
+            .optional()?,
+    )
 }
 
 pub fn get(c: &Connection, id: &str) -> Result<Option<User>> {
-    Ok(c
-        .prepare_cached(&format!("SELECT {COLUMNS} FROM users WHERE id = ?1"))?
-        .query_row([id], from_row)
-        .optional()?)
+    Ok(
+        c.prepare_cached(&format!("SELECT {COLUMNS} FROM users WHERE id = ?1"))?
+            .query_row([id], from_row)
+            .optional()?,
+    )
 }
 
 /// All users, by name.
@@ -141,14 +147,23 @@ pub fn delete(c: &Connection, name: &str) -> Result<()> {
     let Some(u) = get_by_name(c, name)? else {
         return Err(StoreError::NotFound(format!("no user named '{name}'")));
     };
-    let sandboxes: i64 = c.query_row("SELECT COUNT(*) FROM sandboxes WHERE owner = ?1", [&u.id], |r| r.get(0))?;
-    let snapshots: i64 = c.query_row("SELECT COUNT(*) FROM snapshots WHERE owner = ?1", [&u.id], |r| r.get(0))?;
+    let sandboxes: i64 = c.query_row(
+        "SELECT COUNT(*) FROM sandboxes WHERE owner = ?1",
+        [&u.id],
+        |r| r.get(0),
+    )?;
+    let snapshots: i64 = c.query_row(
+        "SELECT COUNT(*) FROM snapshots WHERE owner = ?1",
+        [&u.id],
+        |r| r.get(0),
+    )?;
     if sandboxes > 0 || snapshots > 0 {
         return Err(StoreError::Conflict(format!(
             "user '{name}' still has {sandboxes} sandbox(es) and {snapshots} checkpoint(s); destroy them first"
         )));
     }
-    c.prepare_cached("DELETE FROM users WHERE id = ?1")?.execute([&u.id])?;
+    c.prepare_cached("DELETE FROM users WHERE id = ?1")?
+        .execute([&u.id])?;
     Ok(())
 }
 
@@ -172,7 +187,10 @@ mod tests {
             let a = insert(c, &new("alice", "h1"))?;
             assert!(a.id.starts_with("u_"));
             let e = insert(c, &new("alice", "h2")).unwrap_err();
-            assert!(matches!(e, StoreError::Conflict(ref m) if m.contains("alice")), "{e}");
+            assert!(
+                matches!(e, StoreError::Conflict(ref m) if m.contains("alice")),
+                "{e}"
+            );
             let e = insert(c, &new("bob", "h1")).unwrap_err();
             assert!(matches!(e, StoreError::Conflict(_)), "{e}");
             let b = insert(
@@ -189,15 +207,34 @@ mod tests {
             assert_eq!(get_by_key_hash(c, "h2")?.unwrap(), b);
             assert_eq!(get(c, &a.id)?.unwrap().name, "alice");
             assert!(get_by_key_hash(c, "nope")?.is_none());
-            assert_eq!(list(c)?.iter().map(|u| u.name.as_str()).collect::<Vec<_>>(), ["alice", "bob"]);
+            assert_eq!(
+                list(c)?.iter().map(|u| u.name.as_str()).collect::<Vec<_>>(),
+                ["alice", "bob"]
+            );
 
             set_key_hash(c, "alice", "h3")?;
             assert!(get_by_key_hash(c, "h1")?.is_none());
-            assert!(matches!(set_key_hash(c, "bob", "h3"), Err(StoreError::Conflict(_))));
-            assert!(matches!(set_key_hash(c, "zed", "h9"), Err(StoreError::NotFound(_))));
+            assert!(matches!(
+                set_key_hash(c, "bob", "h3"),
+                Err(StoreError::Conflict(_))
+            ));
+            assert!(matches!(
+                set_key_hash(c, "zed", "h9"),
+                Err(StoreError::NotFound(_))
+            ));
 
-            set_caps(c, "alice", &UserCaps { max_memory_mb: Some(256), ..Default::default() })?;
-            assert_eq!(get_by_name(c, "alice")?.unwrap().caps.max_memory_mb, Some(256));
+            set_caps(
+                c,
+                "alice",
+                &UserCaps {
+                    max_memory_mb: Some(256),
+                    ..Default::default()
+                },
+            )?;
+            assert_eq!(
+                get_by_name(c, "alice")?.unwrap().caps.max_memory_mb,
+                Some(256)
+            );
 
             delete(c, "bob")?;
             assert!(get_by_name(c, "bob")?.is_none());
@@ -212,10 +249,16 @@ mod tests {
         let (s, _d) = testutil::store();
         s.with(|c| {
             let id = testutil::user(c, "alice");
-            crate::store::sandboxes::insert(c, &crate::store::sandboxes::NewSandbox::new("sb1", &id, "web"))?;
+            crate::store::sandboxes::insert(
+                c,
+                &crate::store::sandboxes::NewSandbox::new("sb1", &id, "web"),
+            )?;
             crate::store::secrets::upsert(c, &id, "TOKEN", b"x")?;
             let e = delete(c, "alice").unwrap_err();
-            assert!(matches!(e, StoreError::Conflict(ref m) if m.contains("destroy")), "{e}");
+            assert!(
+                matches!(e, StoreError::Conflict(ref m) if m.contains("destroy")),
+                "{e}"
+            );
             crate::store::sandboxes::delete(c, &id, "sb1")?;
             delete(c, "alice")?;
             // Secrets went with the user.

@@ -1,0 +1,1152 @@
+//! Request and response bodies of the HTTP API, shared by the daemon and the
+//! CLI, and the validation of everything a client sends.
+//!
+//! Request bodies reject unknown fields (a typo is an error, not a silently
+//! ignored option). Every validation error names its field and says what is
+//! allowed; the API answers it as `400 {"error": "<field>: <message>"}`.
+//! Timestamps in responses are RFC 3339 UTC strings ([`rfc3339_ms`]).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+// ---------------------------------------------------------------------------
+// Validation
+// ---------------------------------------------------------------------------
+
+/// A request value that is not allowed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ValidationError {
+    /// The field (JSON path), e.g. `name`, `env.FOO`, `labels`.
+    pub field: String,
+    pub message: String,
+}
+
+impl ValidationError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> ValidationError {
+        ValidationError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+type VResult = Result<(), ValidationError>;
+
+/// Longest sandbox/snapshot/user name.
+pub const MAX_NAME_LEN: usize = 63;
+/// Most environment entries in one request.
+pub const MAX_ENV_ENTRIES: usize = 256;
+/// Longest environment value (bytes).
+pub const MAX_ENV_VALUE: usize = 32 * 1024;
+/// Most labels on one sandbox.
+pub const MAX_LABELS: usize = 64;
+/// Longest label value (bytes).
+pub const MAX_LABEL_VALUE: usize = 256;
+/// Largest `init` script (bytes).
+pub const MAX_INIT: usize = 64 * 1024;
+/// Longest guest path (bytes).
+pub const MAX_PATH: usize = 4096;
+/// Most arguments in a command.
+pub const MAX_ARGS: usize = 4096;
+/// Largest command line, all arguments together (bytes).
+pub const MAX_CMD_BYTES: usize = 256 * 1024;
+/// Largest inline `stdin` of a buffered exec (bytes).
+pub const MAX_STDIN: usize = 16 * 1024 * 1024;
+/// Longest exec timeout (seconds).
+pub const MAX_TIMEOUT_SEC: u64 = 24 * 3600;
+/// Smallest memory a sandbox may have (MiB).
+pub const MIN_MEMORY_MB: u32 = 64;
+
+fn is_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= MAX_NAME_LEN
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+}
+
+/// A sandbox or checkpoint name: `[a-z0-9][a-z0-9-]{0,62}`.
+pub fn validate_name(field: &str, name: &str) -> VResult {
+    if is_name(name) {
+        Ok(())
+    } else {
+        Err(ValidationError::new(
+            field,
+            format!(
+                "must be 1-{MAX_NAME_LEN} characters of lower-case letters, digits and '-', starting with a letter or digit (got {})",
+                shown(name)
+            ),
+        ))
+    }
+}
+
+/// A user name: the same rule as sandbox names.
+pub fn validate_user_name(name: &str) -> VResult {
+    validate_name("name", name)
+}
+
+/// An environment variable name: `[A-Za-z_][A-Za-z0-9_]*`, at most 256.
+pub fn validate_env_key(field: &str, key: &str) -> VResult {
+    let b = key.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 256
+        && (b[0].is_ascii_alphabetic() || b[0] == b'_')
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError::new(
+            field,
+            format!(
+                "environment variable names must match [A-Za-z_][A-Za-z0-9_]* (got {})",
+                shown(key)
+            ),
+        ))
+    }
+}
+
+/// An environment map: valid names, values without NUL, bounded sizes.
+pub fn validate_env(field: &str, env: &BTreeMap<String, String>) -> VResult {
+    if env.len() > MAX_ENV_ENTRIES {
+        return Err(ValidationError::new(
+            field,
+            format!("at most {MAX_ENV_ENTRIES} variables"),
+        ));
+    }
+    for (k, v) in env {
+        validate_env_key(field, k)?;
+        if v.len() > MAX_ENV_VALUE {
+            return Err(ValidationError::new(
+                format!("{field}.{k}"),
+                format!("value longer than {MAX_ENV_VALUE} bytes"),
+            ));
+        }
+        if v.contains('\0') {
+            return Err(ValidationError::new(
+                format!("{field}.{k}"),
+                "value contains a NUL byte",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A path inside the guest: absolute, no NUL, no `..` component, at most
+/// 4096 bytes.
+pub fn validate_guest_path(field: &str, path: &str) -> VResult {
+    if path.is_empty() {
+        return Err(ValidationError::new(field, "must not be empty"));
+    }
+    if !path.starts_with('/') {
+        return Err(ValidationError::new(
+            field,
+            format!("must be an absolute path (got {})", shown(path)),
+        ));
+    }
+    if path.len() > MAX_PATH {
+        return Err(ValidationError::new(
+            field,
+            format!("longer than {MAX_PATH} bytes"),
+        ));
+    }
+    if path.contains('\0') {
+        return Err(ValidationError::new(field, "contains a NUL byte"));
+    }
+    if path.split('/').any(|c| c == "..") {
+        return Err(ValidationError::new(
+            field,
+            "must not contain '..' components",
+        ));
+    }
+    Ok(())
+}
+
+/// vCPUs: 1 ..= `max`.
+pub fn validate_cpus(cpus: u32, max: u32) -> VResult {
+    if cpus == 0 || cpus > max {
+        return Err(ValidationError::new(
+            "cpus",
+            format!("must be between 1 and {max} (got {cpus})"),
+        ));
+    }
+    Ok(())
+}
+
+/// Memory: 64 ..= `max` MiB.
+pub fn validate_memory_mb(mb: u32, max: u32) -> VResult {
+    if mb < MIN_MEMORY_MB || mb > max {
+        return Err(ValidationError::new(
+            "memory_mb",
+            format!("must be between {MIN_MEMORY_MB} and {max} (got {mb})"),
+        ));
+    }
+    Ok(())
+}
+
+/// Root disk size: 1 ..= `max` MiB.
+pub fn validate_disk_mb(mb: u64, max: u64) -> VResult {
+    if mb == 0 || mb > max {
+        return Err(ValidationError::new(
+            "disk_mb",
+            format!("must be between 1 and {max} (got {mb})"),
+        ));
+    }
+    Ok(())
+}
+
+/// Labels: at most 64; keys `[A-Za-z0-9][A-Za-z0-9._/-]{0,62}`; values at
+/// most 256 bytes without control characters.
+pub fn validate_labels(labels: &BTreeMap<String, String>) -> VResult {
+    if labels.len() > MAX_LABELS {
+        return Err(ValidationError::new(
+            "labels",
+            format!("at most {MAX_LABELS} labels"),
+        ));
+    }
+    for (k, v) in labels {
+        let b = k.as_bytes();
+        let ok = !b.is_empty()
+            && b.len() <= 63
+            && b[0].is_ascii_alphanumeric()
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'/' | b'-'));
+        if !ok {
+            return Err(ValidationError::new(
+                "labels",
+                format!("label keys must be 1-63 characters of letters, digits, '.', '_', '/', '-' starting with a letter or digit (got {})", shown(k)),
+            ));
+        }
+        if v.len() > MAX_LABEL_VALUE || v.chars().any(char::is_control) {
+            return Err(ValidationError::new(
+                format!("labels.{k}"),
+                format!(
+                    "values must be at most {MAX_LABEL_VALUE} bytes without control characters"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A command: at least the program, no NUL, bounded size.
+pub fn validate_cmd(cmd: &[String]) -> VResult {
+    if cmd.is_empty() || cmd[0].is_empty() {
+        return Err(ValidationError::new(
+            "cmd",
+            "must name a program, e.g. [\"ls\", \"-l\"]",
+        ));
+    }
+    if cmd.len() > MAX_ARGS {
+        return Err(ValidationError::new(
+            "cmd",
+            format!("at most {MAX_ARGS} arguments"),
+        ));
+    }
+    if cmd.iter().map(|a| a.len() + 1).sum::<usize>() > MAX_CMD_BYTES {
+        return Err(ValidationError::new(
+            "cmd",
+            format!("longer than {MAX_CMD_BYTES} bytes in all"),
+        ));
+    }
+    if cmd.iter().any(|a| a.contains('\0')) {
+        return Err(ValidationError::new(
+            "cmd",
+            "arguments must not contain NUL bytes",
+        ));
+    }
+    Ok(())
+}
+
+/// A value quoted for an error message, cut to a readable length.
+fn shown(s: &str) -> String {
+    let cut: String = s.chars().take(70).collect();
+    if cut.len() < s.len() {
+        format!("{:?}…", cut)
+    } else {
+        format!("{cut:?}")
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Sandboxes
+// ---------------------------------------------------------------------------
+
+/// `POST /sandboxes`. Absent sizes take the daemon's defaults. Idempotent by
+/// name: an existing name answers 200 with that sandbox.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CreateSandbox {
+    /// `[a-z0-9][a-z0-9-]{0,62}`; the daemon picks one when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_mb: Option<u64>,
+    /// Environment of every command in the sandbox.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Shell script run once at first boot (as the sandbox user, detached).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init: Option<String>,
+    /// Never pause or snapshot this sandbox when idle.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub keep_hot: bool,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Names of the caller's secrets to put into the sandbox's environment.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
+    /// Start from this checkpoint (same as `POST /snapshots/{name}/resume`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_snapshot: Option<String>,
+}
+
+/// Hard bounds a request is checked against (the config's `[vm]` maxima; the
+/// user's caps are checked separately by [`crate::auth::EffectiveCaps`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeBounds {
+    pub max_cpus: u32,
+    pub max_memory_mb: u32,
+    pub max_disk_mb: u64,
+}
+
+impl SizeBounds {
+    pub fn from_config(vm: &crate::config::VmConfig) -> SizeBounds {
+        SizeBounds {
+            max_cpus: vm.max_cpus,
+            max_memory_mb: vm.max_memory_mb,
+            max_disk_mb: vm.max_disk_mb,
+        }
+    }
+}
+
+impl CreateSandbox {
+    /// Checks every field; sizes against `bounds`.
+    pub fn validate(&self, bounds: &SizeBounds) -> VResult {
+        if let Some(n) = &self.name {
+            validate_name("name", n)?;
+        }
+        if let Some(c) = self.cpus {
+            validate_cpus(c, bounds.max_cpus)?;
+        }
+        if let Some(m) = self.memory_mb {
+            validate_memory_mb(m, bounds.max_memory_mb)?;
+        }
+        if let Some(d) = self.disk_mb {
+            validate_disk_mb(d, bounds.max_disk_mb)?;
+        }
+        validate_env("env", &self.env)?;
+        if let Some(init) = &self.init {
+            if init.len() > MAX_INIT {
+                return Err(ValidationError::new(
+                    "init",
+                    format!("longer than {MAX_INIT} bytes"),
+                ));
+            }
+            if init.contains('\0') {
+                return Err(ValidationError::new("init", "contains a NUL byte"));
+            }
+        }
+        validate_labels(&self.labels)?;
+        if self.secrets.len() > MAX_ENV_ENTRIES {
+            return Err(ValidationError::new(
+                "secrets",
+                format!("at most {MAX_ENV_ENTRIES} secrets"),
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for s in &self.secrets {
+            crate::secrets::validate_name(s)
+                .map_err(|e| ValidationError::new("secrets", e.message))?;
+            if !seen.insert(s) {
+                return Err(ValidationError::new(
+                    "secrets",
+                    format!("{s} is listed twice"),
+                ));
+            }
+            if self.env.contains_key(s) {
+                return Err(ValidationError::new(
+                    "secrets",
+                    format!("{s} is also set in env; set it in one place"),
+                ));
+            }
+        }
+        if let Some(snap) = &self.from_snapshot {
+            validate_name("from_snapshot", snap)?;
+        }
+        Ok(())
+    }
+}
+
+/// `PATCH /sandboxes/{id}`: fields present are changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PatchSandbox {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_hot: Option<bool>,
+    /// Replaces all labels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+impl PatchSandbox {
+    pub fn validate(&self) -> VResult {
+        if let Some(l) = &self.labels {
+            validate_labels(l)?;
+        }
+        Ok(())
+    }
+}
+
+/// What the API says a sandbox is doing. Pausing and snapshotting to disk
+/// when idle are invisible here (see [`Thermal`]): an idle sandbox is
+/// `running`; `stopped` is only ever the result of `POST …/stop`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxStatus {
+    Creating,
+    Running,
+    Stopped,
+    Failed,
+}
+
+impl SandboxStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxStatus::Creating => "creating",
+            SandboxStatus::Running => "running",
+            SandboxStatus::Stopped => "stopped",
+            SandboxStatus::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for SandboxStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for SandboxStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "creating" => SandboxStatus::Creating,
+            "running" => SandboxStatus::Running,
+            "stopped" => SandboxStatus::Stopped,
+            "failed" => SandboxStatus::Failed,
+            _ => return Err(format!("unknown sandbox status {s:?}")),
+        })
+    }
+}
+
+/// Where a sandbox is on the idle ladder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Thermal {
+    /// vCPUs running.
+    Hot,
+    /// VMM alive, vCPUs paused.
+    Warm,
+    /// No VMM; memory on disk.
+    Cold,
+}
+
+/// A sandbox as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxView {
+    pub id: String,
+    pub name: String,
+    pub status: SandboxStatus,
+    pub thermal: Thermal,
+    pub cpus: u32,
+    pub memory_mb: u32,
+    /// `None`: the base image's size.
+    pub disk_mb: Option<u64>,
+    pub keep_hot: bool,
+    pub labels: BTreeMap<String, String>,
+    /// The guest's address on its bridge, when networked.
+    pub ip: Option<String>,
+    /// RFC 3339.
+    pub created_at: String,
+    /// Why it is `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `GET /sandboxes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxList {
+    pub sandboxes: Vec<SandboxView>,
+}
+
+// ---------------------------------------------------------------------------
+// Exec
+// ---------------------------------------------------------------------------
+
+/// `POST /sandboxes/{id}/exec`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Program and arguments (no shell; use `["sh", "-c", "…"]` for one).
+    pub cmd: Vec<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Working directory (absolute); default the user's home.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Bytes written to the command's stdin, which is then closed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    /// Kill the command's process group after this many seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout_sec: Option<u64>,
+    /// Start it and return at once; it keeps running.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub detach: bool,
+}
+
+impl ExecRequest {
+    pub fn validate(&self) -> VResult {
+        validate_cmd(&self.cmd)?;
+        validate_env("env", &self.env)?;
+        if let Some(cwd) = &self.cwd {
+            validate_guest_path("cwd", cwd)?;
+        }
+        if let Some(stdin) = &self.stdin {
+            if stdin.len() > MAX_STDIN {
+                return Err(ValidationError::new(
+                    "stdin",
+                    format!("longer than {MAX_STDIN} bytes"),
+                ));
+            }
+        }
+        if let Some(t) = self.timeout_sec {
+            if t == 0 || t > MAX_TIMEOUT_SEC {
+                return Err(ValidationError::new(
+                    "timeout_sec",
+                    format!("must be between 1 and {MAX_TIMEOUT_SEC} (got {t})"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The buffered answer to an exec.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecResult {
+    /// The exit code; 128+n when killed by signal n.
+    pub exit_code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    /// The timeout killed it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub timed_out: bool,
+}
+
+/// One line of an `application/x-ndjson` exec stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecEvent {
+    Stdout {
+        data: String,
+    },
+    Stderr {
+        data: String,
+    },
+    /// The last line when the command ran to its end.
+    Exit {
+        exit_code: i32,
+    },
+    /// The last line when the stream failed.
+    Error {
+        error: String,
+    },
+}
+
+impl ExecEvent {
+    /// The event as one NDJSON line, newline included.
+    pub fn to_line(&self) -> String {
+        let mut s = serde_json::to_string(self).expect("ExecEvent serializes");
+        s.push('\n');
+        s
+    }
+}
+
+/// Turns a byte stream into UTF-8 text chunks without splitting a character
+/// across two chunks: an incomplete sequence at a chunk's end waits for the
+/// next; invalid bytes become U+FFFD. One per output stream.
+#[derive(Debug, Default)]
+pub struct Utf8Chunker {
+    pending: Vec<u8>,
+}
+
+impl Utf8Chunker {
+    /// The text decodable so far ("" when all of `bytes` waits).
+    pub fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        let mut out = String::new();
+        loop {
+            match std::str::from_utf8(&self.pending) {
+                Ok(s) => {
+                    out.push_str(s);
+                    self.pending.clear();
+                    return out;
+                }
+                Err(e) => {
+                    let good = e.valid_up_to();
+                    out.push_str(std::str::from_utf8(&self.pending[..good]).expect("valid prefix"));
+                    match e.error_len() {
+                        // Incomplete at the end: keep it for the next chunk.
+                        None => {
+                            self.pending.drain(..good);
+                            return out;
+                        }
+                        Some(bad) => {
+                            out.push(char::REPLACEMENT_CHARACTER);
+                            self.pending.drain(..good + bad);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// What is left at the end of the stream.
+    pub fn finish(&mut self) -> String {
+        let rest = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        rest
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Files, checkpoints, secrets, users, errors
+// ---------------------------------------------------------------------------
+
+/// What a directory entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+/// One entry of `GET /sandboxes/{id}/files?path=…&ls=true`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub name: String,
+    pub kind: FileKind,
+    pub size: u64,
+    /// Permission bits, e.g. 420 (0o644).
+    pub mode: u32,
+    /// RFC 3339.
+    pub modified_at: String,
+}
+
+impl From<&bhatti_protocol::message::FileStat> for FileEntry {
+    fn from(s: &bhatti_protocol::message::FileStat) -> Self {
+        use bhatti_protocol::message::FileKind as K;
+        FileEntry {
+            name: s.name.clone(),
+            kind: match s.kind {
+                K::File => FileKind::File,
+                K::Dir => FileKind::Dir,
+                K::Symlink => FileKind::Symlink,
+                K::Other => FileKind::Other,
+            },
+            size: s.size,
+            mode: s.mode & 0o7777,
+            modified_at: rfc3339_ms(s.mtime_ms),
+        }
+    }
+}
+
+/// A directory listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileList {
+    pub path: String,
+    pub entries: Vec<FileEntry>,
+    /// The directory had more entries than were listed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+}
+
+/// Query of `GET|PUT|HEAD /sandboxes/{id}/files`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileQuery {
+    pub path: String,
+    /// First line to return (0-based).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    /// Most lines to return.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    /// Most bytes to return.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+    /// List a directory as JSON instead of reading a file.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub ls: bool,
+}
+
+impl FileQuery {
+    pub fn validate(&self) -> VResult {
+        validate_guest_path("path", &self.path)
+    }
+}
+
+/// `POST /sandboxes/{id}/checkpoint`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointRequest {
+    pub name: String,
+}
+
+impl CheckpointRequest {
+    pub fn validate(&self) -> VResult {
+        validate_name("name", &self.name)
+    }
+}
+
+/// `POST /snapshots/{name}/resume`: the new sandbox's name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResumeRequest {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_hot: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+impl ResumeRequest {
+    pub fn validate(&self) -> VResult {
+        if let Some(n) = &self.name {
+            validate_name("name", n)?;
+        }
+        if let Some(l) = &self.labels {
+            validate_labels(l)?;
+        }
+        Ok(())
+    }
+}
+
+/// A checkpoint as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub name: String,
+    /// The sandbox it was taken from.
+    pub sandbox_id: String,
+    pub size_bytes: u64,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+/// `PUT /secrets/{name}` (or `POST /secrets` with `name`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetSecret {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub value: String,
+}
+
+/// A secret as the API shows it: never its value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretView {
+    pub name: String,
+    /// RFC 3339.
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// A user as `bhatti user list --json` shows it (no key, no hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserView {
+    pub id: String,
+    pub name: String,
+    /// Effective caps (overrides or the config's defaults).
+    pub max_sandboxes: u32,
+    pub max_cpus: u32,
+    pub max_memory_mb: u32,
+    pub max_snapshots: u32,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+/// `bhatti user create|rotate-key --json`: the key, shown this once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedKeyView {
+    pub name: String,
+    pub api_key: String,
+}
+
+/// `GET /health`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+}
+
+/// Every error body: `{"error": "…"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}
+
+impl ApiError {
+    pub fn new(msg: impl Into<String>) -> ApiError {
+        ApiError { error: msg.into() }
+    }
+}
+
+impl From<&ValidationError> for ApiError {
+    fn from(e: &ValidationError) -> Self {
+        ApiError::new(e.to_string())
+    }
+}
+
+/// Unix milliseconds as RFC 3339 UTC with milliseconds, e.g.
+/// `2024-05-01T12:34:56.789Z`.
+pub fn rfc3339_ms(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let milli = ms.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{milli:03}Z",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bounds() -> SizeBounds {
+        SizeBounds {
+            max_cpus: 8,
+            max_memory_mb: 8192,
+            max_disk_mb: 10240,
+        }
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["a", "0", "web-1", "a-", &"a".repeat(63)] {
+            validate_name("name", ok).unwrap();
+        }
+        for bad in ["", "-a", "A", "a_b", "a.b", "a b", "ü", &"a".repeat(64)] {
+            let e = validate_name("name", bad).unwrap_err();
+            assert_eq!(e.field, "name");
+            assert!(e.to_string().starts_with("name: must be 1-63"), "{e}");
+        }
+        let long = validate_name("name", &"X".repeat(500))
+            .unwrap_err()
+            .to_string();
+        assert!(long.len() < 300, "{long}");
+    }
+
+    #[test]
+    fn env_keys_and_values() {
+        validate_env_key("env", "PATH").unwrap();
+        validate_env_key("env", "_x1").unwrap();
+        for bad in ["", "1A", "A-B", "A=B", "A B"] {
+            assert!(validate_env_key("env", bad)
+                .unwrap_err()
+                .to_string()
+                .contains("[A-Za-z_]"));
+        }
+        let mut env = BTreeMap::from([("A".to_string(), "x\0y".to_string())]);
+        assert_eq!(validate_env("env", &env).unwrap_err().field, "env.A");
+        env.insert("A".into(), "x".repeat(MAX_ENV_VALUE + 1));
+        assert!(validate_env("env", &env).is_err());
+        let many: BTreeMap<_, _> = (0..=MAX_ENV_ENTRIES)
+            .map(|i| (format!("V{i}"), String::new()))
+            .collect();
+        assert!(validate_env("env", &many).is_err());
+    }
+
+    #[test]
+    fn paths() {
+        validate_guest_path("path", "/").unwrap();
+        validate_guest_path("path", "/home/lohar/a b.txt").unwrap();
+        validate_guest_path("path", "/a/..b/c..").unwrap();
+        assert!(validate_guest_path("path", "").is_err());
+        assert!(validate_guest_path("path", "rel/x")
+            .unwrap_err()
+            .to_string()
+            .contains("absolute"));
+        assert!(validate_guest_path("path", "/a/../etc")
+            .unwrap_err()
+            .to_string()
+            .contains(".."));
+        assert!(validate_guest_path("path", "/a\0b").is_err());
+        assert!(validate_guest_path("path", &format!("/{}", "a".repeat(MAX_PATH))).is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        validate_cpus(1, 8).unwrap();
+        validate_cpus(8, 8).unwrap();
+        assert_eq!(
+            validate_cpus(0, 8).unwrap_err().to_string(),
+            "cpus: must be between 1 and 8 (got 0)"
+        );
+        assert!(validate_cpus(9, 8).is_err());
+        validate_memory_mb(64, 1024).unwrap();
+        assert!(validate_memory_mb(63, 1024)
+            .unwrap_err()
+            .to_string()
+            .starts_with("memory_mb:"));
+        assert!(validate_memory_mb(2048, 1024).is_err());
+        assert!(validate_disk_mb(0, 10).is_err());
+        validate_disk_mb(10, 10).unwrap();
+    }
+
+    #[test]
+    fn labels() {
+        validate_labels(&BTreeMap::from([(
+            "app.kubernetes.io/name".into(),
+            "web".into(),
+        )]))
+        .unwrap();
+        assert!(validate_labels(&BTreeMap::from([("".into(), "x".into())])).is_err());
+        assert!(validate_labels(&BTreeMap::from([("-a".into(), "x".into())])).is_err());
+        let e = validate_labels(&BTreeMap::from([("a".into(), "x\ny".into())])).unwrap_err();
+        assert_eq!(e.field, "labels.a");
+    }
+
+    #[test]
+    fn create_request() {
+        let body = r#"{"name":"web","cpus":2,"memory_mb":1024,"env":{"A":"1"},"secrets":["TOKEN"],"labels":{"k":"v"},"keep_hot":true}"#;
+        let c: CreateSandbox = serde_json::from_str(body).unwrap();
+        c.validate(&bounds()).unwrap();
+        assert!(c.keep_hot);
+        // Empty body is valid: everything defaults.
+        let c: CreateSandbox = serde_json::from_str("{}").unwrap();
+        c.validate(&bounds()).unwrap();
+        // Unknown fields are errors naming the field.
+        let e = serde_json::from_str::<CreateSandbox>(r#"{"nmae":"x"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nmae"), "{e}");
+        let e = serde_json::from_str::<CreateSandbox>(r#"{"cpus":-1}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("invalid value"), "{e}");
+
+        let bad = |c: CreateSandbox, field: &str| {
+            let e = c.validate(&bounds()).unwrap_err();
+            assert!(e.field.starts_with(field), "{e} should be about {field}");
+        };
+        bad(
+            CreateSandbox {
+                name: Some("Web".into()),
+                ..Default::default()
+            },
+            "name",
+        );
+        bad(
+            CreateSandbox {
+                cpus: Some(9),
+                ..Default::default()
+            },
+            "cpus",
+        );
+        bad(
+            CreateSandbox {
+                memory_mb: Some(16),
+                ..Default::default()
+            },
+            "memory_mb",
+        );
+        bad(
+            CreateSandbox {
+                disk_mb: Some(0),
+                ..Default::default()
+            },
+            "disk_mb",
+        );
+        bad(
+            CreateSandbox {
+                init: Some("a\0".into()),
+                ..Default::default()
+            },
+            "init",
+        );
+        bad(
+            CreateSandbox {
+                secrets: vec!["lower".into()],
+                ..Default::default()
+            },
+            "secrets",
+        );
+        bad(
+            CreateSandbox {
+                secrets: vec!["A".into(), "A".into()],
+                ..Default::default()
+            },
+            "secrets",
+        );
+        bad(
+            CreateSandbox {
+                secrets: vec!["A".into()],
+                env: BTreeMap::from([("A".into(), "x".into())]),
+                ..Default::default()
+            },
+            "secrets",
+        );
+        bad(
+            CreateSandbox {
+                from_snapshot: Some("../x".into()),
+                ..Default::default()
+            },
+            "from_snapshot",
+        );
+        // Round trip omits defaults.
+        let c = CreateSandbox {
+            name: Some("a".into()),
+            ..Default::default()
+        };
+        assert_eq!(serde_json::to_string(&c).unwrap(), r#"{"name":"a"}"#);
+    }
+
+    #[test]
+    fn exec_request() {
+        let r: ExecRequest =
+            serde_json::from_str(r#"{"cmd":["ls","-l"],"cwd":"/tmp","timeout_sec":5}"#).unwrap();
+        r.validate().unwrap();
+        let e = |j: &str| {
+            serde_json::from_str::<ExecRequest>(j)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .field
+        };
+        assert_eq!(e(r#"{"cmd":[]}"#), "cmd");
+        assert_eq!(e(r#"{"cmd":[""]}"#), "cmd");
+        assert_eq!(e(r#"{"cmd":["a\u0000"]}"#), "cmd");
+        assert_eq!(e(r#"{"cmd":["ls"],"cwd":"tmp"}"#), "cwd");
+        assert_eq!(e(r#"{"cmd":["ls"],"timeout_sec":0}"#), "timeout_sec");
+        assert_eq!(e(r#"{"cmd":["ls"],"env":{"1":"x"}}"#), "env");
+        assert!(serde_json::from_str::<ExecRequest>(r#"{"cmd":"ls"}"#).is_err());
+    }
+
+    #[test]
+    fn exec_events_wire_format() {
+        assert_eq!(
+            ExecEvent::Stdout {
+                data: "hi\n".into()
+            }
+            .to_line(),
+            "{\"type\":\"stdout\",\"data\":\"hi\\n\"}\n"
+        );
+        assert_eq!(
+            serde_json::to_string(&ExecEvent::Exit { exit_code: 3 }).unwrap(),
+            r#"{"type":"exit","exit_code":3}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&ExecEvent::Error { error: "x".into() }).unwrap(),
+            r#"{"type":"error","error":"x"}"#
+        );
+        let back: ExecEvent = serde_json::from_str(r#"{"type":"stderr","data":"e"}"#).unwrap();
+        assert_eq!(back, ExecEvent::Stderr { data: "e".into() });
+        let r = ExecResult {
+            exit_code: 0,
+            stdout: "a".into(),
+            stderr: String::new(),
+            timed_out: false,
+        };
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"exit_code":0,"stdout":"a","stderr":""}"#
+        );
+    }
+
+    #[test]
+    fn utf8_chunker_never_splits_characters() {
+        let text = "héllo → wörld 🎉";
+        let bytes = text.as_bytes();
+        for split in 0..bytes.len() {
+            let mut c = Utf8Chunker::default();
+            let mut out = c.push(&bytes[..split]);
+            out.push_str(&c.push(&bytes[split..]));
+            out.push_str(&c.finish());
+            assert_eq!(out, text, "split at {split}");
+        }
+        let mut c = Utf8Chunker::default();
+        assert_eq!(c.push(&[b'a', 0xff, b'b']), "a\u{fffd}b");
+        assert_eq!(c.push(&[0xe2, 0x82]), "");
+        assert_eq!(c.finish(), "\u{fffd}");
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_ms(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(rfc3339_ms(1_714_566_896_789), "2024-05-01T12:34:56.789Z");
+        assert_eq!(rfc3339_ms(-1), "1969-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn other_bodies() {
+        assert!(serde_json::from_str::<PatchSandbox>(r#"{"cpus":2}"#).is_err());
+        let p: PatchSandbox = serde_json::from_str(r#"{"keep_hot":true}"#).unwrap();
+        p.validate().unwrap();
+        assert!(CheckpointRequest { name: "Bad".into() }.validate().is_err());
+        assert!(ResumeRequest {
+            name: Some("x y".into()),
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        let q = FileQuery {
+            path: "etc".into(),
+            ..Default::default()
+        };
+        assert_eq!(q.validate().unwrap_err().field, "path");
+        assert_eq!(
+            serde_json::to_string(&ApiError::new("no sandbox 'x'")).unwrap(),
+            r#"{"error":"no sandbox 'x'"}"#
+        );
+        let s: SandboxStatus = "stopped".parse().unwrap();
+        assert_eq!(s, SandboxStatus::Stopped);
+        assert!("paused".parse::<SandboxStatus>().is_err());
+        let st = bhatti_protocol::message::FileStat {
+            name: "a".into(),
+            kind: bhatti_protocol::message::FileKind::Dir,
+            size: 1,
+            mode: 0o40755,
+            uid: 1000,
+            gid: 1000,
+            mtime_ms: 0,
+        };
+        let fe = FileEntry::from(&st);
+        assert_eq!((fe.kind, fe.mode), (FileKind::Dir, 0o755));
+    }
+}
