@@ -12,7 +12,6 @@ use std::fs::OpenOptions;
 use std::future::Future;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::process::Stdio;
 use std::time::Duration;
 
 use bhatti_protocol::frame::MAX_CHUNK;
@@ -28,6 +27,7 @@ use tokio::time::Instant;
 
 use crate::handlers::Reply;
 use crate::server::Agent;
+use crate::spawn::Io;
 use crate::user;
 
 /// Stdin bytes buffered for a child that isn't reading. Past this the agent
@@ -50,13 +50,9 @@ pub async fn run(agent: &Agent, channel: Channel, req: ExecRequest) -> Reply {
             stdio: user::Stdio::Pipes,
         },
     )?;
-    cmd.stdin(if req.stdin {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    cmd.stdin(if req.stdin { Io::piped() } else { Io::null() })
+        .stdout(Io::piped())
+        .stderr(Io::piped());
     let argv0 = req.argv.first().map(String::as_str).unwrap_or_default();
     let (mut child, mut exit_rx) =
         crate::reaper::spawn(&mut cmd).map_err(|e| user::spawn_error(argv0, &e))?;
@@ -329,7 +325,7 @@ fn detached(agent: &Agent, req: &ExecRequest) -> Reply {
             stdio: user::Stdio::Pipes,
         },
     )?;
-    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    cmd.stdin(Io::null()).stdout(out).stderr(err);
     let argv0 = req.argv.first().map(String::as_str).unwrap_or_default();
     // The status receiver is dropped: the reaper discards the status.
     let (child, _) = crate::reaper::spawn(&mut cmd).map_err(|e| user::spawn_error(argv0, &e))?;

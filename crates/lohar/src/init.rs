@@ -313,7 +313,7 @@ fn load_config(dev: &str) -> anyhow::Result<GuestConfig> {
     GuestConfig::from_json(&bytes).with_context(|| format!("parsing {CONFIG_FILE}"))
 }
 
-fn valid_hostname(h: &str) -> bool {
+pub(crate) fn valid_hostname(h: &str) -> bool {
     !h.is_empty()
         && h.len() <= 64
         && !h.starts_with(['-', '.'])
@@ -321,7 +321,7 @@ fn valid_hostname(h: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
-fn apply_hostname(hostname: &str) {
+pub(crate) fn apply_hostname(hostname: &str) {
     if !valid_hostname(hostname) {
         tracing::warn!("ignoring invalid hostname {hostname:?}");
         return;
@@ -364,7 +364,7 @@ fn hosts_file(old: &str, hostname: &str) -> String {
 
 /// Replaces `path` via a temp file and rename (also replacing a symlink,
 /// e.g. a resolv.conf pointing into systemd's /run).
-fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     let tmp = path.with_extension("bhatti-tmp");
     let mut f = OpenOptions::new()
         .write(true)
@@ -408,7 +408,7 @@ fn place_file(
 
 // ---------------------------------------------------------------- network
 
-fn inet_socket() -> io::Result<OwnedFd> {
+pub(crate) fn inet_socket() -> io::Result<OwnedFd> {
     use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
     socket(
         AddressFamily::Inet,
@@ -419,7 +419,7 @@ fn inet_socket() -> io::Result<OwnedFd> {
     .map_err(io::Error::from)
 }
 
-fn ifreq(name: &str) -> io::Result<libc::ifreq> {
+pub(crate) fn ifreq(name: &str) -> io::Result<libc::ifreq> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -435,7 +435,7 @@ fn ifreq(name: &str) -> io::Result<libc::ifreq> {
 }
 
 /// One socket ioctl taking a pointer to `T`.
-fn ioctl<T>(sock: &OwnedFd, request: libc::c_ulong, arg: &mut T) -> io::Result<()> {
+pub(crate) fn ioctl<T>(sock: &OwnedFd, request: libc::c_ulong, arg: &mut T) -> io::Result<()> {
     // SAFETY: every caller passes the structure type the request expects
     // (ifreq or rtentry), valid and exclusively borrowed for the call.
     let rc = unsafe { libc::ioctl(sock.as_raw_fd(), request as _, arg as *mut T) };
@@ -446,7 +446,7 @@ fn ioctl<T>(sock: &OwnedFd, request: libc::c_ulong, arg: &mut T) -> io::Result<(
     }
 }
 
-fn sockaddr_v4(ip: Ipv4Addr) -> libc::sockaddr {
+pub(crate) fn sockaddr_v4(ip: Ipv4Addr) -> libc::sockaddr {
     let sin = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: 0,
@@ -460,7 +460,7 @@ fn sockaddr_v4(ip: Ipv4Addr) -> libc::sockaddr {
     unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
 }
 
-fn link_up(sock: &OwnedFd, name: &str) -> io::Result<()> {
+pub(crate) fn link_up(sock: &OwnedFd, name: &str) -> io::Result<()> {
     let mut req = ifreq(name)?;
     ioctl(sock, libc::SIOCGIFFLAGS, &mut req)?;
     // SAFETY: SIOCGIFFLAGS filled in the flags member of the union.
@@ -477,7 +477,7 @@ fn has_ipv4(sock: &OwnedFd, name: &str) -> bool {
     ifreq(name).is_ok_and(|mut req| ioctl(sock, libc::SIOCGIFADDR, &mut req).is_ok())
 }
 
-fn configure_ipv4(sock: &OwnedFd, net: &NetworkConfig) -> io::Result<()> {
+pub(crate) fn configure_ipv4(sock: &OwnedFd, net: &NetworkConfig) -> io::Result<()> {
     let (ip, prefix) = net.cidr().ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -565,7 +565,7 @@ fn start_init_script(agent: &crate::server::Agent, script: String) {
             .mode(0o644)
             .open(INIT_LOG)?;
         std::os::unix::fs::fchown(&log, Some(agent.config.uid), Some(agent.config.gid))?;
-        cmd.stdin(std::process::Stdio::null())
+        cmd.stdin(crate::spawn::Io::null())
             .stdout(log.try_clone()?)
             .stderr(log);
         let (child, exited) = crate::reaper::spawn(&mut cmd)?;

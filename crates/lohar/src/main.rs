@@ -10,12 +10,14 @@ mod exec;
 mod files;
 mod forward;
 mod handlers;
+mod identity;
 mod init;
 mod listen;
 mod pty;
 mod reaper;
 mod server;
 mod sessions;
+mod spawn;
 mod user;
 
 fn main() -> ExitCode {

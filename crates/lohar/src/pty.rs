@@ -7,7 +7,6 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,7 +70,7 @@ pub async fn start(agent: &Agent, channel: Channel, req: PtyRequest) -> Reply {
 /// Opens a PTY, starts the command on it and the task draining its output.
 fn spawn_session(
     agent: &Agent,
-    mut cmd: std::process::Command,
+    mut cmd: crate::spawn::Command,
     argv: Vec<String>,
     rows: u16,
     cols: u16,
@@ -88,10 +87,12 @@ fn spawn_session(
     for fd in [&pty.master, &pty.slave] {
         set_cloexec(fd.as_fd()).map_err(|e| internal("fcntl", e))?;
     }
-    let stdio = || -> Result<Stdio, ErrorBody> {
-        Ok(Stdio::from(
-            pty.slave.try_clone().map_err(|e| internal("dup", e))?,
-        ))
+    let stdio = || -> Result<crate::spawn::Io, ErrorBody> {
+        Ok(pty
+            .slave
+            .try_clone()
+            .map_err(|e| internal("dup", e))?
+            .into())
     };
     cmd.stdin(stdio()?).stdout(stdio()?).stderr(stdio()?);
     let argv0 = argv.first().map(String::as_str).unwrap_or_default();

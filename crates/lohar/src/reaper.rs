@@ -10,7 +10,6 @@
 //! with [`spawn`] and await the returned receiver instead.
 
 use std::collections::{HashMap, VecDeque};
-use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -20,6 +19,8 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::oneshot;
+
+use crate::spawn::{Child, Command};
 
 /// Unclaimed statuses kept at most (orphans can be many: bounded).
 const MAX_UNCLAIMED: usize = 256;
@@ -117,7 +118,7 @@ pub fn spawn(cmd: &mut Command) -> std::io::Result<(Child, oneshot::Receiver<Wai
     let mut guard = registry();
     let reg = guard.get_or_insert_with(Registry::default);
     // Holding the lock also keeps the reaper away from a child whose exec
-    // failed: std reaps that one itself inside `spawn`.
+    // failed: `Command::spawn` reaps that one itself.
     let child = cmd.spawn()?;
     let (tx, rx) = oneshot::channel();
     let pid = child.id() as i32;

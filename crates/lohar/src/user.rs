@@ -8,13 +8,12 @@
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::Command;
 
 use bhatti_protocol::{ErrorBody, ErrorCode};
 
 use crate::config::AgentConfig;
+use crate::spawn;
 
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -45,10 +44,10 @@ fn user_name(uid: u32) -> String {
     }
 }
 
-/// A `Command` for `spec` running as the configured user in a new session
+/// A command for `spec` running as the configured user in a new session
 /// (its own process group, so it can be signalled as a whole). The caller
-/// sets stdio and spawns it through `reaper::spawn`.
-pub fn command(cfg: &AgentConfig, spec: &Spec<'_>) -> Result<Command, ErrorBody> {
+/// sets stdio and starts it through `reaper::spawn`.
+pub fn command(cfg: &AgentConfig, spec: &Spec<'_>) -> Result<spawn::Command, ErrorBody> {
     let Some(program) = spec.argv.first() else {
         return Err(ErrorBody::new(ErrorCode::BadRequest, "argv is empty"));
     };
@@ -83,8 +82,6 @@ pub fn command(cfg: &AgentConfig, spec: &Spec<'_>) -> Result<Command, ErrorBody>
             ))
         }
     }
-    let cwd_c = CString::new(Path::new(cwd).as_os_str().as_bytes())
-        .map_err(|_| ErrorBody::new(ErrorCode::BadRequest, "cwd contains a NUL byte"))?;
     for (k, v) in cfg.env.iter().chain(spec.env.iter()) {
         if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
             return Err(ErrorBody::new(
@@ -94,58 +91,41 @@ pub fn command(cfg: &AgentConfig, spec: &Spec<'_>) -> Result<Command, ErrorBody>
         }
     }
 
-    let mut cmd = Command::new(program);
-    cmd.args(&spec.argv[1..]);
-    cmd.env_clear()
-        .env("PATH", PATH)
-        .env("HOME", &cfg.home)
-        .env("USER", user_name(cfg.uid))
-        .env("LOGNAME", user_name(cfg.uid))
-        .env("SHELL", &cfg.shell)
-        .env(
-            "TERM",
-            match spec.stdio {
-                Stdio::Pty => "xterm-256color",
-                Stdio::Pipes => "dumb",
-            },
-        )
-        .env("LANG", "C.UTF-8")
-        .envs(&cfg.env)
-        .envs(spec.env);
+    let cwd_c = CString::new(Path::new(cwd).as_os_str().as_bytes())
+        .map_err(|_| ErrorBody::new(ErrorCode::BadRequest, "cwd contains a NUL byte"))?;
+    let term = match spec.stdio {
+        Stdio::Pty => "xterm-256color",
+        Stdio::Pipes => "dumb",
+    };
+    // Later entries override earlier ones, as with `Command::env`.
+    let mut env: BTreeMap<&str, &str> = BTreeMap::new();
+    let name = user_name(cfg.uid);
+    for (k, v) in [
+        ("PATH", PATH),
+        ("HOME", cfg.home.as_str()),
+        ("USER", name.as_str()),
+        ("LOGNAME", name.as_str()),
+        ("SHELL", cfg.shell.as_str()),
+        ("TERM", term),
+        ("LANG", "C.UTF-8"),
+    ] {
+        env.insert(k, v);
+    }
+    for (k, v) in cfg.env.iter().chain(spec.env.iter()) {
+        env.insert(k, v);
+    }
+    // NULs were rejected above, so these conversions cannot fail.
+    let cstr = |s: String| CString::new(s).unwrap_or_default();
+    let envp = env.iter().map(|(k, v)| cstr(format!("{k}={v}"))).collect();
+    let argv = spec.argv.iter().map(|a| cstr(a.clone())).collect();
 
+    let mut cmd = spawn::Command::new(program.clone(), argv, envp, cwd_c);
     // Switch only when needed: in test mode lohar may run as that user
     // already, and then setuid/setgroups would fail for lack of privilege.
-    let switch =
-        nix::unistd::geteuid().as_raw() != cfg.uid || nix::unistd::getegid().as_raw() != cfg.gid;
-    let (uid, gid) = (cfg.uid, cfg.gid);
-    let pty = spec.stdio == Stdio::Pty;
-    // SAFETY: the closure runs in the forked child before exec and only
-    // makes async-signal-safe system calls on data prepared before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if pty && libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if switch {
-                let groups = [gid as libc::gid_t];
-                // Only root may set groups; a non-root agent keeps its own.
-                if libc::geteuid() == 0 && libc::setgroups(1, groups.as_ptr()) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::setgid(gid) < 0 || libc::setuid(uid) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            // After dropping privileges, so the user's own access applies.
-            if libc::chdir(cwd_c.as_ptr()) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+    if nix::unistd::geteuid().as_raw() != cfg.uid || nix::unistd::getegid().as_raw() != cfg.gid {
+        cmd.creds = Some((cfg.uid, cfg.gid));
     }
+    cmd.ctty = spec.stdio == Stdio::Pty;
     Ok(cmd)
 }
 
