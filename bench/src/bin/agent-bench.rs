@@ -78,7 +78,19 @@ async fn bench(
         anyhow::ensure!(Instant::now() < deadline, "lohar did not start");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let stream = tokio::net::UnixStream::connect(socket).await?;
+    // The socket exists from bind(); connects are refused until listen().
+    let stream = loop {
+        match tokio::net::UnixStream::connect(socket).await {
+            Ok(s) => break s,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(2)).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     let client = Arc::new(AgentClient::connect(stream, TOKEN).await?);
     let n = args.samples;
     let exec_n = n.min(1000);

@@ -128,7 +128,9 @@ async fn reattach_from_an_offset_is_exact() {
     // Output keeps coming while we detach and reattach.
     write(
         &s,
-        "i=0; while [ $i -lt 3000 ]; do echo line-$i; i=$((i+1)); done; echo ALL''DONE\n",
+        // `read` holds the end back until after the reattach, so the
+        // second attachment always has output to deliver.
+        "i=0; while [ $i -lt 3000 ]; do echo line-$i; i=$((i+1)); done; read x; echo ALL''DONE\n",
     )
     .await;
     let mut first = Vec::new();
@@ -155,6 +157,7 @@ async fn reattach_from_an_offset_is_exact() {
     assert_eq!(s2.start_offset, first.len() as u64);
     assert!(s2.gap.is_none());
     let mut second = Vec::new();
+    write(&s2, "go\n").await;
     read_until(&mut s2, &mut second, "ALLDONE").await;
 
     // The whole output from the start, held in the scrollback.

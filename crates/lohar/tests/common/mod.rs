@@ -47,10 +47,22 @@ impl TestAgent {
         self.child.id()
     }
 
+    /// Connects, retrying while the agent has bound its socket but is not
+    /// listening yet (connect is refused in that window).
     pub async fn raw(&self) -> tokio::net::UnixStream {
-        tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .expect("connect")
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match tokio::net::UnixStream::connect(&self.socket).await {
+                Ok(s) => return s,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(2)).await
+                }
+                Err(e) => panic!("connect: {e}"),
+            }
+        }
     }
 
     pub async fn client(&self) -> AgentClient {
