@@ -93,8 +93,20 @@ fn backends() -> Vec<(String, Arc<dyn VmmBackend>)> {
             Err(e) => eprintln!("qemu backend unavailable: {e}"),
         }
     }
-    // Firecracker needs hardware KVM; add it here once its backend exists
-    // (`host.hardware_kvm && host.firecracker.is_some()`).
+    // Firecracker boots Linux only with hardware KVM (not PVM or TCG). On
+    // such hosts the QEMU entry above uses KVM too.
+    if host.hardware_kvm && host.firecracker.is_some() {
+        let cfg = bhatti_vmm::firecracker::FirecrackerConfig {
+            binary: host.firecracker.clone(),
+            ..Default::default()
+        };
+        match bhatti_vmm::firecracker::FirecrackerBackend::new(cfg) {
+            Ok(b) => v.push(("firecracker".into(), Arc::new(b))),
+            Err(e) => eprintln!("firecracker backend unavailable: {e}"),
+        }
+    } else if host.firecracker.is_some() {
+        eprintln!("SKIP firecracker in the Linux-guest suite: no hardware KVM here (its lifecycle is tested with the tiny guest)");
+    }
     if v.is_empty() {
         eprintln!("no VMM backend can boot Linux on this host");
     }
