@@ -10,7 +10,6 @@
 use std::collections::VecDeque;
 use std::fs::OpenOptions;
 use std::future::Future;
-use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::Duration;
 
@@ -67,19 +66,19 @@ pub async fn run(agent: &Agent, channel: Channel, req: ExecRequest) -> Reply {
     let stdout = child
         .stdout
         .take()
-        .map(|p| pipe::Receiver::from_owned_fd(OwnedFd::from(p)))
+        .map(pipe::Receiver::from_owned_fd)
         .transpose()
         .map_err(|e| internal("stdout pipe", e))?;
     let stderr = child
         .stderr
         .take()
-        .map(|p| pipe::Receiver::from_owned_fd(OwnedFd::from(p)))
+        .map(pipe::Receiver::from_owned_fd)
         .transpose()
         .map_err(|e| internal("stderr pipe", e))?;
     let mut stdin = child
         .stdin
         .take()
-        .map(|p| pipe::Sender::from_owned_fd(OwnedFd::from(p)))
+        .map(pipe::Sender::from_owned_fd)
         .transpose()
         .map_err(|e| internal("stdin pipe", e))?;
     // `child` is never waited on: the reaper owns exit statuses.
