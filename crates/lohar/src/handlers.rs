@@ -40,6 +40,7 @@ pub async fn handle(agent: Agent, channel: Channel, request: Bytes) {
         Request::Activity => Ok(agent.activity.snapshot(&agent)),
         Request::Sync => crate::init::sync().await,
         Request::Shutdown => crate::init::request_poweroff(),
+        Request::Reidentify(req) => crate::identity::reidentify(&agent, req).await,
     };
     let outcome = match reply {
         Ok(v) => Outcome::Ok(v),

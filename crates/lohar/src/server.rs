@@ -26,6 +26,9 @@ pub struct AgentState {
     pub boot_id: String,
     pub activity: ActivityTracker,
     pub sessions: SessionTable,
+    /// The token connections must present: `config.token` at start, then
+    /// whatever a `reidentify` set (a guest restored into a new sandbox).
+    token: std::sync::RwLock<String>,
 }
 
 pub type Agent = Arc<AgentState>;
@@ -38,15 +41,23 @@ impl AgentState {
             boot_id: random_id(),
             activity: ActivityTracker::new(),
             sessions,
+            token: std::sync::RwLock::new(config.token.clone()),
             config,
         })
     }
 
     fn token_matches(&self, presented: &str) -> bool {
-        let expected = self.config.token.as_bytes();
+        let token = self.token.read().unwrap_or_else(|p| p.into_inner());
+        let expected = token.as_bytes();
         // ct_eq on slices of different lengths is false without leaking
         // where they differ.
         bool::from(expected.ct_eq(presented.as_bytes())) && !expected.is_empty()
+    }
+
+    /// Replaces the token for connections opened from now on; open ones
+    /// stay.
+    pub fn set_token(&self, token: String) {
+        *self.token.write().unwrap_or_else(|p| p.into_inner()) = token;
     }
 }
 

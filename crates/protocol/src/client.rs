@@ -270,6 +270,12 @@ impl AgentClient {
             .map(|_| ())
     }
 
+    /// Gives a guest restored from another sandbox's checkpoint a fresh
+    /// identity. The token applies to connections opened afterwards.
+    pub async fn reidentify(&self, req: ReidentifyRequest) -> Result<ReidentifyDone> {
+        self.call(&Request::Reidentify(req)).await
+    }
+
     /// Asks the guest to sync and power off.
     pub async fn shutdown(&self) -> Result<()> {
         self.call::<serde_json::Value>(&Request::Shutdown)

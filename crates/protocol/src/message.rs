@@ -65,6 +65,39 @@ pub enum Request {
     Activity,
     Sync,
     Shutdown,
+    /// Take a fresh identity after a restore into a new sandbox.
+    Reidentify(ReidentifyRequest),
+}
+
+/// A new identity for a guest restored from another sandbox's checkpoint.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ReidentifyRequest {
+    /// The token every *future* connection must present.
+    pub token: String,
+    pub hostname: String,
+    pub sandbox_id: String,
+    /// eth0's new MAC, `aa:bb:cc:dd:ee:ff`.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// eth0's new address, `a.b.c.d/len`.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// The new default gateway.
+    #[serde(default)]
+    pub gateway: Option<std::net::Ipv4Addr>,
+    /// Host random bytes (hex) mixed into the guest's RNG.
+    #[serde(default)]
+    pub entropy: Option<String>,
+}
+
+/// Reply to `reidentify`: the parts applied and the ones that failed (with
+/// why). The token is always among `applied`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReidentifyDone {
+    pub applied: Vec<String>,
+    #[serde(default)]
+    pub failed: Vec<String>,
 }
 
 /// A piped (non-PTY) command.
