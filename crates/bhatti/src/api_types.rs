@@ -276,7 +276,7 @@ fn shown(s: &str) -> String {
 
 /// `POST /sandboxes`. Absent sizes take the daemon's defaults. Idempotent by
 /// name: an existing name answers 200 with that sandbox.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct CreateSandbox {
     /// `[a-z0-9][a-z0-9-]{0,62}`; the daemon picks one when absent.
@@ -385,7 +385,7 @@ impl CreateSandbox {
 }
 
 /// `PATCH /sandboxes/{id}`: fields present are changed.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct PatchSandbox {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -407,7 +407,7 @@ impl PatchSandbox {
 /// What the API says a sandbox is doing. Pausing and snapshotting to disk
 /// when idle are invisible here (see [`Thermal`]): an idle sandbox is
 /// `running`; `stopped` is only ever the result of `POST …/stop`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SandboxStatus {
     Creating,
@@ -447,7 +447,7 @@ impl std::str::FromStr for SandboxStatus {
 }
 
 /// Where a sandbox is on the idle ladder.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Thermal {
     /// vCPUs running.
@@ -459,7 +459,7 @@ pub enum Thermal {
 }
 
 /// A sandbox as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SandboxView {
     pub id: String,
     pub name: String,
@@ -481,7 +481,7 @@ pub struct SandboxView {
 }
 
 /// `GET /sandboxes`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SandboxList {
     pub sandboxes: Vec<SandboxView>,
 }
@@ -491,7 +491,7 @@ pub struct SandboxList {
 // ---------------------------------------------------------------------------
 
 /// `POST /sandboxes/{id}/exec`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ExecRequest {
     /// Program and arguments (no shell; use `["sh", "-c", "…"]` for one).
@@ -540,7 +540,7 @@ impl ExecRequest {
 }
 
 /// The buffered answer to an exec.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ExecResult {
     /// The exit code; 128+n when killed by signal n.
     pub exit_code: i32,
@@ -552,7 +552,7 @@ pub struct ExecResult {
 }
 
 /// One line of an `application/x-ndjson` exec stream.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ExecEvent {
     Stdout {
@@ -632,7 +632,7 @@ impl Utf8Chunker {
 // ---------------------------------------------------------------------------
 
 /// What a directory entry is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FileKind {
     File,
@@ -642,14 +642,21 @@ pub enum FileKind {
 }
 
 /// One entry of `GET /sandboxes/{id}/files?path=…&ls=true`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FileEntry {
     pub name: String,
     pub kind: FileKind,
     pub size: u64,
     /// Permission bits, e.g. 420 (0o644).
     pub mode: u32,
-    /// RFC 3339.
+    #[serde(default)]
+    pub uid: u32,
+    #[serde(default)]
+    pub gid: u32,
+    /// Modification time, Unix milliseconds.
+    #[serde(default)]
+    pub mtime_ms: i64,
+    /// The same time, RFC 3339.
     pub modified_at: String,
 }
 
@@ -666,13 +673,16 @@ impl From<&bhatti_protocol::message::FileStat> for FileEntry {
             },
             size: s.size,
             mode: s.mode & 0o7777,
+            uid: s.uid,
+            gid: s.gid,
+            mtime_ms: s.mtime_ms,
             modified_at: rfc3339_ms(s.mtime_ms),
         }
     }
 }
 
 /// A directory listing.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FileList {
     pub path: String,
     pub entries: Vec<FileEntry>,
@@ -707,7 +717,7 @@ impl FileQuery {
 }
 
 /// `POST /sandboxes/{id}/checkpoint`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointRequest {
     pub name: String,
@@ -720,7 +730,7 @@ impl CheckpointRequest {
 }
 
 /// `POST /snapshots/{name}/resume`: the new sandbox's name.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ResumeRequest {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -744,7 +754,7 @@ impl ResumeRequest {
 }
 
 /// A checkpoint as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Checkpoint {
     pub name: String,
     /// The sandbox it was taken from.
@@ -755,7 +765,7 @@ pub struct Checkpoint {
 }
 
 /// `PUT /secrets/{name}` (or `POST /secrets` with `name`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetSecret {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -764,7 +774,7 @@ pub struct SetSecret {
 }
 
 /// A secret as the API shows it: never its value.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SecretView {
     pub name: String,
     /// RFC 3339.
@@ -794,14 +804,139 @@ pub struct IssuedKeyView {
 }
 
 /// `GET /health`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Health {
     pub status: String,
     pub version: String,
+    /// The VMM backend: `qemu` or `firecracker`.
+    #[serde(default)]
+    pub backend: String,
+}
+
+/// `POST /sandboxes/{id}/start`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct StartRequest {
+    /// Boot from the disk, ignoring the memory snapshot.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub fresh: bool,
+}
+
+/// The answer to a detached exec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ExecDetached {
+    pub pid: u32,
+}
+
+/// `PUT /sandboxes/{id}/files`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WriteResult {
+    pub bytes: u64,
+}
+
+/// How a session's process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SessionExit {
+    pub exit_code: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+}
+
+/// One PTY session (`GET /sandboxes/{id}/sessions`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SessionView {
+    pub id: String,
+    pub pid: u32,
+    pub argv: Vec<String>,
+    pub rows: u16,
+    pub cols: u16,
+    /// WebSocket clients attached now.
+    pub attached: u32,
+    /// `null` while it runs.
+    pub exit: Option<SessionExit>,
+    /// Offset of the next output byte.
+    pub end_offset: u64,
+    /// Oldest offset still replayable.
+    pub start_offset: u64,
+    pub started_unix_ms: i64,
+}
+
+impl From<&bhatti_protocol::message::SessionInfo> for SessionView {
+    fn from(s: &bhatti_protocol::message::SessionInfo) -> Self {
+        SessionView {
+            id: s.id.clone(),
+            pid: s.pid,
+            argv: s.argv.clone(),
+            rows: s.rows,
+            cols: s.cols,
+            attached: s.attached,
+            exit: s.exit.map(|e| SessionExit {
+                exit_code: e.exit_code,
+                signal: e.signal,
+            }),
+            end_offset: s.end_offset,
+            start_offset: s.start_offset,
+            started_unix_ms: s.started_unix_ms,
+        }
+    }
+}
+
+/// `GET /sandboxes/{id}/sessions`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SessionList {
+    pub sessions: Vec<SessionView>,
+}
+
+/// `GET /snapshots`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CheckpointList {
+    pub snapshots: Vec<Checkpoint>,
+}
+
+/// `GET /secrets`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SecretList {
+    pub secrets: Vec<SecretView>,
+}
+
+/// Text frames of `GET /sandboxes/{id}/ws`, server → client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ShellServerMessage {
+    /// First frame: the session, and the offset of the first output byte
+    /// that follows; `gap` is output asked for but no longer held.
+    Session {
+        id: String,
+        offset: u64,
+        gap: Option<ShellGap>,
+    },
+    /// Output `[from, to)` was lost to this client (it fell behind).
+    Gap { from: u64, to: u64 },
+    /// The session's process ended; `offset` is the end of its output.
+    Exit { exit_code: i32, offset: u64 },
+    /// This client detached; reattach from `offset`.
+    Detached { offset: u64 },
+    /// The bridge to the guest failed.
+    Error { error: String },
+}
+
+/// Bytes `[from, to)` of a session's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ShellGap {
+    pub from: u64,
+    pub to: u64,
+}
+
+/// Text frames of `GET /sandboxes/{id}/ws`, client → server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ShellClientMessage {
+    Resize { rows: u16, cols: u16 },
+    Detach,
 }
 
 /// Every error body: `{"error": "…"}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ApiError {
     pub error: String,
 }

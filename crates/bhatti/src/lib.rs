@@ -12,7 +12,9 @@ pub mod storage;
 
 pub use engine::{CreateSpec, Engine, EngineConfig, EngineError, Sandbox, SandboxState};
 
+pub mod api;
 pub mod api_types;
+pub mod daemon;
 pub mod auth;
 pub mod config;
 pub mod secrets;

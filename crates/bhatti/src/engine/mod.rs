@@ -20,6 +20,7 @@
 //! for a sandbox's operation: it reads a published copy of its state.
 
 mod agent;
+mod checkpoint;
 mod error;
 mod state;
 
@@ -34,14 +35,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bhatti_protocol::guest_config::{AgentTransport, GuestConfig, NetworkConfig};
 use bhatti_protocol::AgentClient;
 use bhatti_vmm::process::VmmProcess;
-use bhatti_vmm::{BackendKind, SnapshotFiles, SnapshotKind, Vm, VmConfig, VmmBackend};
+use bhatti_vmm::{BackendKind, SnapshotFiles, SnapshotKind, Vm, VmmBackend};
 use serde::Serialize;
 use tracing::Instrument;
 
 use crate::net::{NetSettings, Network};
-use crate::storage::{DiskMethod, DiskStrategy, RootDisk, Storage, StorageConfig};
+use crate::storage::{DiskMethod, DiskStrategy, Storage, StorageConfig};
 
 pub use agent::{wait_for_agent, WaitError};
+pub use checkpoint::{CheckpointMeta, CHECKPOINT_META};
 pub use error::{EngineError, Result};
 pub use state::{
     transition, validate_name, CreateSpec, Op, SandboxRecord, SandboxState, SnapshotRecord,
@@ -290,116 +292,17 @@ impl Engine {
     /// failure nothing of it is left behind and the error carries the
     /// guest console's tail.
     pub async fn create(&self, spec: CreateSpec) -> Result<Sandbox> {
-        spec.validate().map_err(EngineError::Invalid)?;
-        let inner = &self.inner;
-        let id = format!("sb-{}", random_hex(6));
-        let name = spec.name.clone().unwrap_or_else(|| id.clone());
-        let dir = inner.sandboxes_dir.join(&id);
-        let run_dir = inner.run_root.join(&id);
-        let net = match &inner.net {
-            Some(n) => Some(n.allocate(&id)?),
-            None => None,
-        };
-        let mut kernel_args = Vec::new();
-        if let Some(n) = &net {
-            kernel_args.push(
-                inner
-                    .net
-                    .as_ref()
-                    .expect("net")
-                    .subnet()
-                    .kernel_ip_arg(n.ip),
-            );
-        }
-        if !inner.cfg.kernel_args.trim().is_empty() {
-            kernel_args.push(inner.cfg.kernel_args.trim().to_owned());
-        }
-        let config_disk = dir.join("config.ext4");
-        let vm = VmConfig {
-            id: id.clone(),
-            vcpus: spec.cpus,
-            memory_mib: spec.memory_mb,
-            kernel: inner.cfg.kernel.clone(),
-            kernel_args: kernel_args.join(" "),
-            root_disk: inner.storage.root_disk_path(&id, &dir),
-            config_disk: Some(config_disk.clone()),
-            net: net.as_ref().map(|n| bhatti_vmm::NetConfig {
-                tap: n.tap.clone(),
-                mac: n.mac.clone(),
-            }),
-            netns: inner
-                .net
-                .as_ref()
-                .and_then(|n| n.netns().map(str::to_owned)),
-            run_dir,
-        };
-        let rec = SandboxRecord {
-            version: state::RECORD_VERSION,
-            id: id.clone(),
-            name: name.clone(),
-            created_unix_ms: now_ms(),
-            spec,
-            token: random_hex(32),
-            state: SandboxState::Creating,
-            error: None,
-            backend: inner.cfg.backend.kind(),
-            disk: RootDisk {
-                path: vm.root_disk.clone(),
-                method: inner.storage.method(),
-            },
-            config_disk,
-            net,
-            vm,
-            snapshot: None,
-            boot_id: None,
-            pid: None,
-        };
-        let slot = Arc::new(Slot {
-            id: id.clone(),
-            span: tracing::info_span!("sandbox", id = %id, name = %name),
-            view: std::sync::Mutex::new(Sandbox::from_record(&rec, &dir)),
-            dir,
-            live: tokio::sync::Mutex::new(Live {
-                rec,
-                vm: None,
-                agent: None,
-                gone: false,
-            }),
-        });
-        let mut live = slot.live.lock().await;
-        {
-            let mut slots = inner.slots.lock().expect("slots lock");
-            let taken = slots
-                .values()
-                .any(|s| s.view.lock().expect("view lock").name == name);
-            if taken {
-                if let (Some(n), Some(g)) = (&inner.net, &live.rec.net) {
-                    n.release(g);
-                }
-                return Err(EngineError::AlreadyExists(name));
-            }
-            slots.insert(id.clone(), slot.clone());
-        }
-        let span = slot.span.clone();
-        let result = inner
-            .do_create(&slot, &mut live)
-            .instrument(span.clone())
-            .await;
-        match result {
-            Ok(()) => {
-                span.in_scope(|| tracing::info!("sandbox created"));
-                Ok(slot.view.lock().expect("view lock").clone())
-            }
-            Err(e) => {
-                span.in_scope(|| tracing::warn!("create failed: {e}"));
-                if let Err(ce) = inner.cleanup(&slot, &mut live).instrument(span).await {
-                    tracing::error!(id = %id, "cleanup after a failed create: {ce}");
-                }
-                live.gone = true;
-                inner.slots.lock().expect("slots lock").remove(&id);
-                Err(e)
-            }
-        }
+        self.create_as(new_sandbox_id(), spec).await
+    }
+
+    /// Like [`Engine::create`] with an id chosen by the caller (the daemon
+    /// records the sandbox under it before the boot starts). The id must
+    /// be a valid name and unused.
+    pub async fn create_as(&self, id: String, spec: CreateSpec) -> Result<Sandbox> {
+        self.create_inner(id, spec, |inner, slot, live| {
+            Box::pin(async move { inner.do_create(slot, live).await })
+        })
+        .await
     }
 
     /// The agent connection of a sandbox, woken first: a paused sandbox is
@@ -471,6 +374,32 @@ impl Engine {
     pub async fn start(&self, id: &str) -> Result<Sandbox> {
         self.op(id, |inner, slot, live| {
             Box::pin(async move { inner.wake(slot, live).await })
+        })
+        .await?;
+        self.get(id)
+    }
+
+    /// Boots a stopped or failed sandbox from its disk, discarding its
+    /// memory snapshot (a guest that will not restore, or a clean start).
+    /// A running or paused sandbox is refused: stop it first.
+    pub async fn start_fresh(&self, id: &str) -> Result<Sandbox> {
+        self.op(id, |inner, slot, live| {
+            Box::pin(async move {
+                match live.rec.state {
+                    SandboxState::Stopped | SandboxState::Failed => {}
+                    other => {
+                        return Err(inner.state_err(
+                            slot,
+                            format!("a fresh start needs a stopped sandbox, and it is {other}"),
+                        ))
+                    }
+                }
+                if let Err(e) = inner.boot_fresh(slot, live, "did not boot").await {
+                    inner.set_state(slot, live, SandboxState::Failed, Some(e.to_string()));
+                    return Err(e);
+                }
+                Ok(())
+            })
         })
         .await?;
         self.get(id)
@@ -647,7 +576,11 @@ impl Inner {
     fn guest_config(&self, rec: &SandboxRecord) -> GuestConfig {
         GuestConfig {
             sandbox_id: rec.id.clone(),
-            hostname: rec.name.clone(),
+            hostname: rec
+                .spec
+                .hostname
+                .clone()
+                .unwrap_or_else(|| rec.name.clone()),
             token: rec.token.clone(),
             env: rec.spec.env.clone(),
             files: rec.spec.files.clone(),
@@ -1204,6 +1137,11 @@ fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// A fresh sandbox id: `sb-` and 12 random hex digits.
+pub fn new_sandbox_id() -> String {
+    format!("sb-{}", random_hex(6))
 }
 
 /// `n` random bytes from the kernel, hex-encoded.

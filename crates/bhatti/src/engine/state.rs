@@ -106,6 +106,8 @@ pub struct CreateSpec {
     pub init: Option<String>,
     /// Files placed in the guest at boot.
     pub files: Vec<GuestFile>,
+    /// The guest's hostname; defaults to the name.
+    pub hostname: Option<String>,
 }
 
 impl Default for CreateSpec {
@@ -118,6 +120,7 @@ impl Default for CreateSpec {
             env: BTreeMap::new(),
             init: None,
             files: Vec::new(),
+            hostname: None,
         }
     }
 }
@@ -126,6 +129,9 @@ impl CreateSpec {
     pub fn validate(&self) -> Result<(), String> {
         if let Some(name) = &self.name {
             validate_name(name)?;
+        }
+        if let Some(h) = &self.hostname {
+            validate_name(h)?;
         }
         if !(1..=64).contains(&self.cpus) {
             return Err(format!("cpus must be 1 to 64, not {}", self.cpus));

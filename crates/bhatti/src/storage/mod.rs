@@ -241,6 +241,51 @@ impl Storage {
     }
 
     /// Removes a root disk; a missing one is fine.
+    /// Where a checkpoint keeps its copy of a root disk: beside the other
+    /// disks on the reflink filesystem (so copies are reflinks), else in
+    /// the checkpoint's own directory.
+    pub fn checkpoint_disk_path(&self, key: &str, checkpoint_dir: &Path) -> PathBuf {
+        match self.method {
+            DiskMethod::XfsLoop => self
+                .reflink_root
+                .as_ref()
+                .expect("xfs-loop has a mount")
+                .join("checkpoints")
+                .join(format!("{key}.ext4")),
+            DiskMethod::Reflink | DiskMethod::Copy => checkpoint_dir.join("rootfs.ext4"),
+        }
+    }
+
+    /// Copies a disk image to `dest` (a new file): a reflink where the
+    /// method has them, else (or if the reflink fails) a sparse copy.
+    pub async fn clone_disk(&self, src: &Path, dest: &Path) -> Result<()> {
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| StorageError::io(format!("creating {}", parent.display()), e))?;
+        }
+        let started = Instant::now();
+        if self.method != DiskMethod::Copy {
+            match ficlone_file(src, dest) {
+                Ok(()) => {
+                    tracing::debug!(ms = ms(started.elapsed()), "disk reflinked");
+                    return Ok(());
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(dest);
+                    tracing::debug!("reflink of {} failed ({e}); copying", src.display());
+                }
+            }
+        }
+        let (s, d) = (src.to_path_buf(), dest.to_path_buf());
+        blocking(move || sparse_copy(&s, &d))
+            .await
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(dest);
+            })?;
+        tracing::debug!(ms = ms(started.elapsed()), "disk copied");
+        Ok(())
+    }
+
     pub fn remove_root_disk(&self, disk: &Path) -> Result<()> {
         match std::fs::remove_file(disk) {
             Ok(()) => Ok(()),

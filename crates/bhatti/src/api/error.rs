@@ -1,0 +1,189 @@
+//! The one place errors become HTTP statuses: every handler returns
+//! `Result<_, ApiError>`, and `From` impls map the engine's, the store's,
+//! the agent's and validation errors. Bodies are `{"error": "…"}`.
+
+use std::time::Duration;
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bhatti_protocol::{ClientError, ErrorCode};
+
+use crate::api_types::{self, ValidationError};
+use crate::auth::CapError;
+use crate::engine::EngineError;
+use crate::secrets::SecretsError;
+use crate::store::StoreError;
+
+/// Everything a request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the request is malformed or a value is not allowed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 401
+    #[error("missing or invalid API key (send Authorization: Bearer bht_…)")]
+    Unauthorized,
+    /// 404: absent, or another user's.
+    #[error("{0}")]
+    NotFound(String),
+    /// 405
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    /// 409: a name in use, or the sandbox's state does not allow it.
+    #[error("{0}")]
+    Conflict(String),
+    /// 413
+    #[error("{0}")]
+    TooLarge(String),
+    /// 429: a cap, or a rate limit (with the time until a retry may pass).
+    #[error("{message}")]
+    TooMany {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// 500: a bug or a host failure; logged.
+    #[error("{0}")]
+    Internal(String),
+    /// 502: the guest agent failed or could not be reached.
+    #[error("{0}")]
+    BadGateway(String),
+    /// 504: the guest did not answer in time.
+    #[error("{0}")]
+    Timeout(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooMany { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        match &self {
+            ApiError::Internal(_) => tracing::error!(status = status.as_u16(), "{self}"),
+            ApiError::BadGateway(_) | ApiError::Timeout(_) => {
+                tracing::warn!(status = status.as_u16(), "{self}")
+            }
+            _ => tracing::debug!(status = status.as_u16(), "{self}"),
+        }
+        let mut resp = (status, Json(api_types::ApiError::new(self.to_string()))).into_response();
+        if let ApiError::TooMany {
+            retry_after: Some(d),
+            ..
+        } = &self
+        {
+            let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+            if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(e: ValidationError) -> Self {
+        ApiError::BadRequest(e.to_string())
+    }
+}
+
+impl From<CapError> for ApiError {
+    fn from(e: CapError) -> Self {
+        if e.status() == 429 {
+            ApiError::TooMany {
+                message: e.to_string(),
+                retry_after: None,
+            }
+        } else {
+            ApiError::BadRequest(e.to_string())
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(m) => ApiError::NotFound(m),
+            StoreError::Conflict(m) => ApiError::Conflict(m),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<SecretsError> for ApiError {
+    fn from(e: SecretsError) -> Self {
+        match e {
+            SecretsError::Invalid(v) => v.into(),
+            SecretsError::Store(s) => s.into(),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<ClientError> for ApiError {
+    fn from(e: ClientError) -> Self {
+        match &e {
+            ClientError::Agent(body) => {
+                let m = body.message.clone();
+                match body.code {
+                    ErrorCode::NotFound => ApiError::NotFound(m),
+                    ErrorCode::BadRequest
+                    | ErrorCode::NotAFile
+                    | ErrorCode::NotADirectory
+                    | ErrorCode::PermissionDenied => ApiError::BadRequest(m),
+                    ErrorCode::AlreadyExists => ApiError::Conflict(m),
+                    ErrorCode::TooLarge => ApiError::TooLarge(m),
+                    ErrorCode::LimitReached => ApiError::TooMany {
+                        message: m,
+                        retry_after: None,
+                    },
+                    _ => ApiError::BadGateway(format!("the guest agent failed: {e}")),
+                }
+            }
+            _ => ApiError::BadGateway(format!("the guest agent failed: {e}")),
+        }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::NotFound(id) => ApiError::NotFound(format!("no sandbox '{id}'")),
+            EngineError::AlreadyExists(n) => {
+                ApiError::Conflict(format!("a sandbox named '{n}' already exists"))
+            }
+            EngineError::Invalid(m) => ApiError::BadRequest(m),
+            EngineError::State { message, .. } => ApiError::Conflict(message),
+            EngineError::Agent { source, .. } => source.into(),
+            EngineError::Boot { reason, .. } if reason.contains("did not answer within") => {
+                ApiError::Timeout(format!("the guest did not answer in time: {reason}"))
+            }
+            e @ EngineError::Boot { .. } => {
+                // The console tail is in the daemon's log, not the answer.
+                let full = e.to_string();
+                tracing::warn!("{full}");
+                let short = full
+                    .split("\n--- guest console")
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                ApiError::BadGateway(short)
+            }
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! `GET|PUT|HEAD /sandboxes/{id}/files?path=…`: raw bytes in and out,
+//! `ls=true` for a JSON listing. Whole-file reads stream; reads bounded by
+//! `offset`/`limit`/`max_bytes` are buffered so `X-Truncated` is known
+//! before the body starts. Uploads stream into the guest's atomic write.
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bhatti_protocol::{ReadFileRequest, WriteFileRequest};
+use futures_util::StreamExt;
+use serde::Deserialize;
+
+use super::{ApiError, AppStateRef, Caller, MAX_UPLOAD, Q};
+use crate::api_types::{validate_guest_path, FileEntry, FileList, FileQuery, WriteResult};
+use crate::auth::RequestClass;
+
+const X_FILE_SIZE: HeaderName = HeaderName::from_static("x-file-size");
+const X_TRUNCATED: HeaderName = HeaderName::from_static("x-truncated");
+const X_FILE_KIND: HeaderName = HeaderName::from_static("x-file-kind");
+const X_FILE_MODE: HeaderName = HeaderName::from_static("x-file-mode");
+
+fn num(v: u64) -> HeaderValue {
+    HeaderValue::from(v)
+}
+
+/// Reads a file (raw bytes), or lists a directory with `ls=true`.
+#[utoipa::path(get, path = "/sandboxes/{id}/files", tag = "files",
+    params(("id" = String, Path),
+        ("path" = String, Query, description = "Absolute guest path"),
+        ("offset" = Option<u64>, Query, description = "First line (0-based)"),
+        ("limit" = Option<u64>, Query, description = "Most lines"),
+        ("max_bytes" = Option<u64>, Query, description = "Most bytes"),
+        ("ls" = Option<bool>, Query, description = "List a directory as JSON")),
+    responses(
+        (status = 200, description = "The bytes (headers X-File-Size, X-Truncated), or a FileList with ls=true",
+            content_type = "application/octet-stream"),
+        (status = 400, body = crate::api_types::ApiError), (status = 404, body = crate::api_types::ApiError)))]
+pub async fn get(
+    State(st): State<AppStateRef>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Q(q): Q<FileQuery>,
+) -> Result<Response, ApiError> {
+    caller.rate(&st, RequestClass::Read)?;
+    q.validate()?;
+    let row = st.sandbox(&caller, &id).await?;
+    let client = st.agent(&row).await?;
+    if q.ls {
+        let listing = client.list(&q.path, None).await?;
+        return Ok(Json(FileList {
+            path: q.path,
+            entries: listing.entries.iter().map(FileEntry::from).collect(),
+            truncated: listing.truncated,
+        })
+        .into_response());
+    }
+    let req = ReadFileRequest {
+        path: q.path,
+        offset: q.offset,
+        limit: q.limit,
+        max_bytes: q.max_bytes,
+    };
+    let octet = (
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if q.offset.is_some() || q.limit.is_some() || q.max_bytes.is_some() {
+        let (bytes, done) = client.read_file_all(req).await?;
+        let truncated = HeaderValue::from_static(if done.truncated { "true" } else { "false" });
+        return Ok((
+            [
+                octet,
+                (X_FILE_SIZE, num(done.total_size)),
+                (X_TRUNCATED, truncated),
+            ],
+            bytes,
+        )
+            .into_response());
+    }
+    let reader = client.read_file(req).await?;
+    let size = reader.size;
+    let body = futures_util::stream::unfold(Some(reader), |r| async move {
+        let mut r = r?;
+        match r.chunk().await {
+            Ok(Some(b)) => Some((Ok::<_, std::io::Error>(b), Some(r))),
+            Ok(None) => None,
+            Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
+        }
+    });
+    Ok((
+        [
+            octet,
+            (header::CONTENT_LENGTH, num(size)),
+            (X_FILE_SIZE, num(size)),
+            (X_TRUNCATED, HeaderValue::from_static("false")),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response())
+}
+
+/// A file's size, kind and mode as headers; 404 if absent.
+#[utoipa::path(head, path = "/sandboxes/{id}/files", tag = "files",
+    params(("id" = String, Path), ("path" = String, Query)),
+    responses((status = 200, description = "Headers X-File-Size, X-File-Kind, X-File-Mode"),
+        (status = 404, description = "No such file")))]
+pub async fn head(
+    State(st): State<AppStateRef>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Q(q): Q<FileQuery>,
+) -> Result<Response, ApiError> {
+    caller.rate(&st, RequestClass::Read)?;
+    q.validate()?;
+    let row = st.sandbox(&caller, &id).await?;
+    let client = st.agent(&row).await?;
+    let stat = client.stat(&q.path).await?;
+    let e = FileEntry::from(&stat);
+    let kind = serde_json::to_value(e.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let mut resp = StatusCode::OK.into_response();
+    let h = resp.headers_mut();
+    h.insert(X_FILE_SIZE, num(e.size));
+    if let Ok(v) = HeaderValue::from_str(&kind) {
+        h.insert(X_FILE_KIND, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("{:04o}", e.mode)) {
+        h.insert(X_FILE_MODE, v);
+    }
+    Ok(resp)
+}
+
+/// Query of a PUT.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutQuery {
+    path: String,
+    /// Octal permission bits, e.g. `0644`.
+    #[serde(default)]
+    mode: Option<String>,
+}
+
+/// Writes a file atomically from the raw body (parents are created; owned
+/// by the sandbox user).
+#[utoipa::path(put, path = "/sandboxes/{id}/files", tag = "files",
+    params(("id" = String, Path), ("path" = String, Query),
+        ("mode" = Option<String>, Query, description = "Octal, e.g. 0644")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, body = WriteResult), (status = 400, body = crate::api_types::ApiError),
+        (status = 404, body = crate::api_types::ApiError), (status = 413, body = crate::api_types::ApiError)))]
+pub async fn put(
+    State(st): State<AppStateRef>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Q(q): Q<PutQuery>,
+    req: Request,
+) -> Result<Json<WriteResult>, ApiError> {
+    caller.rate(&st, RequestClass::Exec)?;
+    validate_guest_path("path", &q.path)?;
+    let mode = match q.mode.as_deref() {
+        None => None,
+        Some(m) => Some(
+            u32::from_str_radix(m, 8)
+                .ok()
+                .filter(|m| *m <= 0o7777)
+                .ok_or_else(|| {
+                    ApiError::BadRequest(format!("mode: {m:?} is not octal permission bits"))
+                })?,
+        ),
+    };
+    let too_large = || ApiError::TooLarge(format!("uploads are limited to {MAX_UPLOAD} bytes"));
+    if req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n > MAX_UPLOAD)
+    {
+        return Err(too_large());
+    }
+    let row = st.sandbox(&caller, &id).await?;
+    let client = st.agent(&row).await?;
+    let mut writer = client.write_file_stream(WriteFileRequest { path: q.path, mode })?;
+    let mut body = req.into_body().into_data_stream();
+    let mut total: u64 = 0;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the upload: {e}")))?;
+        total += chunk.len() as u64;
+        if total > MAX_UPLOAD {
+            // Dropping the writer cancels: the guest discards its temp file.
+            return Err(too_large());
+        }
+        writer.write(chunk).await?;
+    }
+    let done = writer.finish().await?;
+    Ok(Json(WriteResult { bytes: done.bytes }))
+}

@@ -1,0 +1,376 @@
+//! The HTTP + WebSocket API (`docs/api.md` is the contract).
+//!
+//! - [`router`] builds the axum router from `utoipa_axum` route lists, so
+//!   the OpenAPI document (`GET /openapi.json`) is generated from the same
+//!   list the router serves; a test also compares them.
+//! - Middleware: a request id (`X-Request-Id`, taken from the client or
+//!   made here) and a `request` span around every request; bearer auth on
+//!   every route but `/health` and `/openapi.json` ([`Caller`]).
+//! - Errors: [`ApiError`] is the one mapping to statuses and
+//!   `{"error": "…"}` bodies; extractor rejections go through it too.
+//! - Handlers are thin: parse → validate → engine/store → view.
+//! - Bodies: JSON up to [`MAX_JSON`] (exec: [`MAX_EXEC_JSON`], its stdin
+//!   can be 16 MiB); file uploads stream up to [`MAX_UPLOAD`].
+
+mod error;
+mod exec;
+mod files;
+mod meta;
+mod sandboxes;
+mod secrets;
+mod shell;
+mod snapshots;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use bhatti_protocol::AgentClient;
+use bhatti_vmm::BackendKind;
+use serde::de::DeserializeOwned;
+use tracing::Instrument;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+pub use error::ApiError;
+
+use crate::auth::{EffectiveCaps, RateLimits, RequestClass};
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::secrets::SecretBox;
+use crate::store::sandboxes::SandboxRow;
+use crate::store::users::User;
+use crate::store::Store;
+
+/// Largest JSON body of most requests.
+pub const MAX_JSON: usize = 1 << 20;
+/// Largest JSON body of an exec (inline stdin up to 16 MiB, JSON-escaped).
+pub const MAX_EXEC_JSON: usize = 40 << 20;
+/// Largest file upload.
+pub const MAX_UPLOAD: u64 = 1 << 30;
+
+/// Everything handlers share.
+#[derive(Debug)]
+pub struct AppState {
+    pub engine: Engine,
+    pub store: Store,
+    pub secrets: SecretBox,
+    pub config: Config,
+    pub rate: RateLimits,
+    pub backend: BackendKind,
+    /// `<data_dir>/checkpoints`
+    pub checkpoints_dir: PathBuf,
+    /// Serializes the sandbox-count check with the insert it guards.
+    create_lock: tokio::sync::Mutex<()>,
+    openapi: OnceLock<String>,
+    next_request: AtomicU64,
+}
+
+impl AppState {
+    pub fn new(
+        engine: Engine,
+        store: Store,
+        secrets: SecretBox,
+        config: Config,
+        backend: BackendKind,
+    ) -> AppState {
+        AppState {
+            rate: RateLimits::new(&config.limits.rate),
+            checkpoints_dir: config.data_dir.join("checkpoints"),
+            engine,
+            store,
+            secrets,
+            config,
+            backend,
+            create_lock: tokio::sync::Mutex::new(()),
+            openapi: OnceLock::new(),
+            next_request: AtomicU64::new(1),
+        }
+    }
+
+    /// The agent of a sandbox, woken first; a sandbox the user had stopped
+    /// is running again afterwards.
+    async fn agent(&self, row: &SandboxRow) -> Result<AgentClient, ApiError> {
+        let client = self.engine.agent(&row.id).await?;
+        if row.status != "running" {
+            self.set_status(&row.owner, &row.id, "running").await;
+        }
+        Ok(client)
+    }
+
+    async fn set_status(&self, owner: &str, id: &str, status: &'static str) {
+        let (o, i) = (owner.to_owned(), id.to_owned());
+        if let Err(e) = self
+            .store
+            .run(move |c| crate::store::sandboxes::set_status(c, &o, &i, status))
+            .await
+        {
+            tracing::warn!(id, "recording status {status}: {e}");
+        }
+    }
+
+    /// The caller's sandbox by id or name; another user's is 404.
+    async fn sandbox(&self, caller: &Caller, id: &str) -> Result<SandboxRow, ApiError> {
+        let (owner, id) = (caller.user.id.clone(), id.to_owned());
+        Ok(self
+            .store
+            .run(move |c| crate::store::sandboxes::require(c, &owner, &id))
+            .await?)
+    }
+}
+
+pub type AppStateRef = Arc<AppState>;
+
+/// The authenticated user of a request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub user: User,
+    pub caps: EffectiveCaps,
+}
+
+impl Caller {
+    /// Takes one token of the user's `class` bucket, or 429.
+    fn rate(&self, st: &AppState, class: RequestClass) -> Result<(), ApiError> {
+        st.rate
+            .check(&self.user.id, class)
+            .map_err(|wait| ApiError::TooMany {
+                message: format!("rate limit exceeded; retry in {} ms", wait.as_millis()),
+                retry_after: Some(wait),
+            })
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .ok_or(ApiError::Unauthorized)
+    }
+}
+
+/// A JSON body of at most `LIMIT` bytes; rejections are [`ApiError`]s.
+#[derive(Debug)]
+pub struct JsonBody<T, const LIMIT: usize = MAX_JSON>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned, const LIMIT: usize> FromRequest<S>
+    for JsonBody<T, LIMIT>
+{
+    type Rejection = ApiError;
+    async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
+        let bytes = read_body(req, LIMIT).await?;
+        let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &bytes
+        };
+        serde_json::from_slice(text)
+            .map(JsonBody)
+            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+    }
+}
+
+async fn read_body(req: Request, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    let too_large = || ApiError::TooLarge(format!("the body is larger than {limit} bytes"));
+    if let Some(len) = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > limit as u64 {
+            return Err(too_large());
+        }
+    }
+    axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|e| {
+            let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(s) = src {
+                if s.is::<http_body_util::LengthLimitError>() {
+                    return too_large();
+                }
+                src = s.source();
+            }
+            ApiError::BadRequest(format!("reading the body: {e}"))
+        })
+}
+
+/// Query parameters; rejections are [`ApiError`]s (400).
+#[derive(Debug)]
+pub struct Q<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Q<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, s: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, s)
+            .await
+            .map(|q| Q(q.0))
+            .map_err(|e| ApiError::BadRequest(e.body_text()))
+    }
+}
+
+/// The OpenAPI document's frame; paths come from the route lists.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "bhatti",
+        description = "Sandboxes as microVMs: the daemon's HTTP API (see docs/api.md)."
+    ),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("bht_…")
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// Every route, with its OpenAPI description.
+pub fn api_router() -> OpenApiRouter<AppStateRef> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(meta::health))
+        .routes(routes!(meta::openapi_json))
+        .routes(routes!(sandboxes::create, sandboxes::list))
+        .routes(routes!(sandboxes::get, sandboxes::patch, sandboxes::delete))
+        .routes(routes!(sandboxes::stop))
+        .routes(routes!(sandboxes::start))
+        .routes(routes!(exec::exec))
+        .routes(routes!(shell::ws))
+        .routes(routes!(shell::sessions))
+        .routes(routes!(files::get, files::put, files::head))
+        .routes(routes!(snapshots::checkpoint))
+        .routes(routes!(snapshots::list))
+        .routes(routes!(snapshots::resume))
+        .routes(routes!(snapshots::delete))
+        .routes(routes!(secrets::list))
+        .routes(routes!(secrets::put, secrets::delete))
+}
+
+/// The OpenAPI document as served at `/openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_router().into_openapi()
+}
+
+/// The whole service: routes, auth, request ids, fallbacks.
+pub fn router(state: AppStateRef) -> Router {
+    let (routes, api) = api_router().split_for_parts();
+    let json = serde_json::to_string_pretty(&api).unwrap_or_else(|_| "{}".into());
+    let _ = state.openapi.set(json);
+    routes
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .fallback(fallback)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            request_span,
+        ))
+        .with_state(state)
+}
+
+async fn fallback(req: Request) -> ApiError {
+    ApiError::NotFound(format!(
+        "no such route: {} {}",
+        req.method(),
+        req.uri().path()
+    ))
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::MethodNotAllowed(format!(
+        "method {} is not allowed on {}",
+        req.method(),
+        req.uri().path()
+    ))
+}
+
+/// Bearer key → [`Caller`] in the request's extensions; open routes pass.
+async fn auth(State(st): State<AppStateRef>, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if path == "/health" || path == "/openapi.json" {
+        return next.run(req).await;
+    }
+    let key = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::auth::bearer_token)
+        .map(str::to_owned);
+    let Some(key) = key else {
+        return ApiError::Unauthorized.into_response();
+    };
+    let user = match st
+        .store
+        .run(move |c| crate::auth::authenticate(c, &key))
+        .await
+    {
+        Ok(Some(u)) => u,
+        Ok(None) => return ApiError::Unauthorized.into_response(),
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let caps = EffectiveCaps::resolve(&user.caps, &st.config.limits, &st.config.vm);
+    tracing::Span::current().record("user", user.name.as_str());
+    req.extensions_mut().insert(Caller { user, caps });
+    next.run(req).await
+}
+
+/// A request id and a span per request; the status and time are logged.
+async fn request_span(State(st): State<AppStateRef>, req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("r{}", st.next_request.fetch_add(1, Ordering::Relaxed)));
+    let span = tracing::info_span!(
+        "request",
+        id = %id,
+        method = %req.method(),
+        path = %req.uri().path(),
+        user = tracing::field::Empty,
+    );
+    let started = std::time::Instant::now();
+    let mut resp = next.run(req).instrument(span.clone()).await;
+    let status = resp.status();
+    span.in_scope(|| {
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), ms, "request failed");
+        } else {
+            tracing::debug!(status = status.as_u16(), ms, "request");
+        }
+    });
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+/// `201 Created` with a JSON body.
+fn created<T: serde::Serialize>(v: T) -> Response {
+    (StatusCode::CREATED, axum::Json(v)).into_response()
+}

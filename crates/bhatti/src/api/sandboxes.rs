@@ -1,0 +1,436 @@
+//! `/sandboxes`: create (fresh or from a checkpoint), list, get, patch,
+//! delete, stop, start. The store row says who owns a sandbox and what the
+//! user asked for; the engine says what its VM is doing.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::{created, ApiError, AppState, AppStateRef, Caller, JsonBody};
+use crate::api_types::{
+    rfc3339_ms, CreateSandbox, PatchSandbox, SandboxList, SandboxStatus, SandboxView, SizeBounds,
+    StartRequest, Thermal,
+};
+use crate::auth::RequestClass;
+use crate::engine::{new_sandbox_id, CheckpointMeta, CreateSpec, Sandbox, SandboxState};
+use crate::store::sandboxes::{self, NewSandbox, SandboxRow, SandboxUpdate};
+use crate::store::StoreError;
+
+/// The API's view of a sandbox: its row plus the engine's state (never
+/// waits for or wakes the VM).
+pub(super) fn view(row: &SandboxRow, sb: Option<&Sandbox>) -> SandboxView {
+    let spec_u32 = |k: &str| {
+        row.spec
+            .get(k)
+            .and_then(|v| v.as_u64())
+            .map(|v| v.min(u64::from(u32::MAX)) as u32)
+    };
+    let (status, thermal, error) = match sb {
+        None => (
+            SandboxStatus::Failed,
+            Thermal::Cold,
+            Some("the engine has no record of this sandbox".to_string()),
+        ),
+        Some(sb) => {
+            let thermal = match sb.state {
+                SandboxState::Running | SandboxState::Creating => Thermal::Hot,
+                SandboxState::Paused => Thermal::Warm,
+                SandboxState::Stopped | SandboxState::Failed => Thermal::Cold,
+            };
+            let status = match sb.state {
+                SandboxState::Creating => SandboxStatus::Creating,
+                SandboxState::Failed => SandboxStatus::Failed,
+                _ if row.status == "creating" => SandboxStatus::Creating,
+                SandboxState::Stopped if row.status == "stopped" => SandboxStatus::Stopped,
+                _ => SandboxStatus::Running,
+            };
+            let error = (status == SandboxStatus::Failed)
+                .then(|| sb.error.clone())
+                .flatten();
+            (status, thermal, error)
+        }
+    };
+    SandboxView {
+        id: row.id.clone(),
+        name: row.name.clone(),
+        status,
+        thermal,
+        cpus: sb
+            .map(|s| u32::from(s.cpus))
+            .or_else(|| spec_u32("cpus"))
+            .unwrap_or(0),
+        memory_mb: sb
+            .map(|s| s.memory_mb)
+            .or_else(|| spec_u32("memory_mb"))
+            .unwrap_or(0),
+        disk_mb: sb.and_then(|s| s.disk_mb),
+        keep_hot: row.keep_hot,
+        labels: row.labels.clone(),
+        ip: sb.and_then(|s| s.ip).map(|ip| ip.to_string()),
+        created_at: rfc3339_ms(row.created_at),
+        error,
+    }
+}
+
+fn view_of(st: &AppState, row: &SandboxRow) -> SandboxView {
+    view(row, st.engine.get(&row.id).ok().as_ref())
+}
+
+/// Creates a sandbox (or forks a checkpoint). Idempotent by name: an
+/// existing name answers 200 with that sandbox.
+#[utoipa::path(post, path = "/sandboxes", tag = "sandboxes",
+    request_body = CreateSandbox,
+    responses(
+        (status = 201, body = SandboxView, description = "Created; its agent answers"),
+        (status = 200, body = SandboxView, description = "A sandbox of that name existed"),
+        (status = 400, body = crate::api_types::ApiError),
+        (status = 404, body = crate::api_types::ApiError, description = "from_snapshot names no checkpoint"),
+        (status = 413, body = crate::api_types::ApiError),
+        (status = 429, body = crate::api_types::ApiError),
+        (status = 502, body = crate::api_types::ApiError)))]
+pub async fn create(
+    State(st): State<AppStateRef>,
+    caller: Caller,
+    JsonBody(req): JsonBody<CreateSandbox>,
+) -> Result<Response, ApiError> {
+    caller.rate(&st, RequestClass::Create)?;
+    req.validate(&SizeBounds::from_config(&st.config.vm))?;
+    if let Some(snap) = req.from_snapshot.clone() {
+        if req.cpus.is_some()
+            || req.memory_mb.is_some()
+            || req.disk_mb.is_some()
+            || !req.env.is_empty()
+            || req.init.is_some()
+            || !req.secrets.is_empty()
+        {
+            return Err(ApiError::BadRequest(
+                "from_snapshot: cpus, memory_mb, disk_mb, env, init and secrets come from the checkpoint".into(),
+            ));
+        }
+        return fork(&st, &caller, &snap, req.name, req.keep_hot, req.labels).await;
+    }
+    if let Some(existing) = existing(&st, &caller, req.name.as_deref()).await? {
+        return Ok((StatusCode::OK, Json(view_of(&st, &existing))).into_response());
+    }
+    let vm = &st.config.vm;
+    let cpus = req.cpus.unwrap_or(vm.default_cpus);
+    let memory_mb = req.memory_mb.unwrap_or(vm.default_memory_mb);
+    let disk_mb = req
+        .disk_mb
+        .or((vm.default_disk_mb > 0).then_some(vm.default_disk_mb));
+    caller.caps.check_sandbox_size(cpus, memory_mb)?;
+    let mut env = req.env.clone();
+    if !req.secrets.is_empty() {
+        let (owner, names, st2) = (caller.user.id.clone(), req.secrets.clone(), st.clone());
+        let secret_env = tokio::task::spawn_blocking(move || {
+            st2.store
+                .with(|c| Ok(st2.secrets.resolve_env(c, &owner, &names)))
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??
+        .map_err(|e| match e {
+            crate::secrets::SecretsError::Store(StoreError::NotFound(m)) => {
+                ApiError::BadRequest(format!("secrets: {m}"))
+            }
+            other => other.into(),
+        })?;
+        env.extend(secret_env);
+    }
+    let id = new_sandbox_id();
+    let name = req.name.clone().unwrap_or_else(|| id.clone());
+    let mut stored = req.clone();
+    stored.cpus = Some(cpus);
+    stored.memory_mb = Some(memory_mb);
+    stored.disk_mb = disk_mb;
+    let row = match insert_row(&st, &caller, &id, &name, &stored, req.keep_hot, req.labels).await? {
+        Inserted::New(row) => row,
+        Inserted::Existing(row) => {
+            return Ok((StatusCode::OK, Json(view_of(&st, &row))).into_response())
+        }
+    };
+    let spec = CreateSpec {
+        name: Some(id.clone()),
+        hostname: Some(name),
+        cpus: u8::try_from(cpus).unwrap_or(u8::MAX),
+        memory_mb,
+        disk_mb,
+        env,
+        init: req.init.clone(),
+        files: Vec::new(),
+    };
+    finish_create(&st, row, st.engine.create_as(id.clone(), spec).await).await
+}
+
+/// `POST /snapshots/{name}/resume` and `from_snapshot`: a new sandbox from
+/// a checkpoint, with a fresh identity.
+pub(super) async fn fork(
+    st: &AppStateRef,
+    caller: &Caller,
+    snapshot: &str,
+    name: Option<String>,
+    keep_hot: bool,
+    labels: BTreeMap<String, String>,
+) -> Result<Response, ApiError> {
+    if let Some(existing) = existing(st, caller, name.as_deref()).await? {
+        return Ok((StatusCode::OK, Json(view_of(st, &existing))).into_response());
+    }
+    let (owner, snap) = (caller.user.id.clone(), snapshot.to_owned());
+    let cp = st
+        .store
+        .run(move |c| crate::store::snapshots::get(c, &owner, &snap))
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no checkpoint '{snapshot}'")))?;
+    let dir = super::snapshots::checkpoint_dir(st, &cp)?;
+    let meta = CheckpointMeta::load(&dir)?;
+    caller
+        .caps
+        .check_sandbox_size(u32::from(meta.vcpus), meta.memory_mib)?;
+    let id = new_sandbox_id();
+    let name = name.unwrap_or_else(|| id.clone());
+    let stored = CreateSandbox {
+        name: Some(name.clone()),
+        cpus: Some(u32::from(meta.vcpus)),
+        memory_mb: Some(meta.memory_mib),
+        disk_mb: meta.spec.disk_mb,
+        from_snapshot: Some(snapshot.to_owned()),
+        ..Default::default()
+    };
+    let row = match insert_row(st, caller, &id, &name, &stored, keep_hot, labels).await? {
+        Inserted::New(row) => row,
+        Inserted::Existing(row) => {
+            return Ok((StatusCode::OK, Json(view_of(st, &row))).into_response())
+        }
+    };
+    let spec = CreateSpec {
+        name: Some(id.clone()),
+        hostname: Some(name),
+        env: meta.spec.env.clone(),
+        init: meta.spec.init.clone(),
+        ..CreateSpec::default()
+    };
+    finish_create(st, row, st.engine.fork(id.clone(), spec, &dir).await).await
+}
+
+async fn existing(
+    st: &AppState,
+    caller: &Caller,
+    name: Option<&str>,
+) -> Result<Option<SandboxRow>, ApiError> {
+    let Some(name) = name else { return Ok(None) };
+    let (owner, name) = (caller.user.id.clone(), name.to_owned());
+    Ok(st
+        .store
+        .run(move |c| Ok(sandboxes::get(c, &owner, &name)?.filter(|r| r.name == name)))
+        .await?)
+}
+
+enum Inserted {
+    New(SandboxRow),
+    Existing(SandboxRow),
+}
+
+/// Records the sandbox as `creating`, checking the user's count cap first
+/// (both under one lock, so concurrent creates cannot overshoot it).
+async fn insert_row(
+    st: &AppState,
+    caller: &Caller,
+    id: &str,
+    name: &str,
+    spec: &CreateSandbox,
+    keep_hot: bool,
+    labels: BTreeMap<String, String>,
+) -> Result<Inserted, ApiError> {
+    let _guard = st.create_lock.lock().await;
+    let new = NewSandbox {
+        id: id.to_owned(),
+        owner: caller.user.id.clone(),
+        name: name.to_owned(),
+        spec: serde_json::to_value(spec).unwrap_or_default(),
+        status: "creating".into(),
+        keep_hot,
+        labels,
+    };
+    let caps = caller.caps;
+    let r = st
+        .store
+        .transaction(move |tx| {
+            if let Some(row) =
+                sandboxes::get(tx, &new.owner, &new.name)?.filter(|r| r.name == new.name)
+            {
+                return Ok(Err(Some(row)));
+            }
+            let n = sandboxes::count(tx, &new.owner)?;
+            if caps.check_sandbox_count(n).is_err() {
+                return Ok(Err(None));
+            }
+            Ok(Ok(sandboxes::insert(tx, &new)?))
+        })
+        .await?;
+    match r {
+        Ok(row) => Ok(Inserted::New(row)),
+        Err(Some(row)) => Ok(Inserted::Existing(row)),
+        Err(None) => Err(crate::auth::CapError::TooManySandboxes {
+            max: caller.caps.max_sandboxes,
+        }
+        .into()),
+    }
+}
+
+async fn finish_create(
+    st: &AppState,
+    row: SandboxRow,
+    result: crate::engine::Result<Sandbox>,
+) -> Result<Response, ApiError> {
+    match result {
+        Ok(sb) => {
+            st.set_status(&row.owner, &row.id, "running").await;
+            let mut row = row;
+            row.status = "running".into();
+            Ok(created(view(&row, Some(&sb))))
+        }
+        Err(e) => {
+            let (owner, id) = (row.owner.clone(), row.id.clone());
+            if let Err(de) = st
+                .store
+                .run(move |c| sandboxes::delete(c, &owner, &id))
+                .await
+            {
+                tracing::error!(id = %row.id, "removing the row of a failed create: {de}");
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// The caller's sandboxes, oldest first. Never wakes any.
+#[utoipa::path(get, path = "/sandboxes", tag = "sandboxes",
+    responses((status = 200, body = SandboxList), (status = 401, body = crate::api_types::ApiError)))]
+pub async fn list(
+    State(st): State<AppStateRef>,
+    caller: Caller,
+) -> Result<Json<SandboxList>, ApiError> {
+    caller.rate(&st, RequestClass::Read)?;
+    let owner = caller.user.id.clone();
+    let rows = st.store.run(move |c| sandboxes::list(c, &owner)).await?;
+    Ok(Json(SandboxList {
+        sandboxes: rows.iter().map(|r| view_of(&st, r)).collect(),
+    }))
+}
+
+/// One sandbox, by id or name. Never wakes it.
+#[utoipa::path(get, path = "/sandboxes/{id}", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id or name")),
+    responses((status = 200, body = SandboxView), (status = 404, body = crate::api_types::ApiError)))]
+pub async fn get(
+    State(st): State<AppStateRef>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxView>, ApiError> {
+    caller.rate(&st, RequestClass::Read)?;
+    let row = st.sandbox(&caller, &id).await?;
+    Ok(Json(view_of(&st, &row)))
+}
+
+/// Changes `keep_hot` and/or replaces the labels.
+#[utoipa::path(patch, path = "/sandboxes/{id}", tag = "sandboxes",
+    params(("id" = String, Path)),
+    request_body = PatchSandbox,
+    responses((status = 200, body = SandboxView), (status = 400, body = crate::api_types::ApiError),
+        (status = 404, body = crate::api_types::ApiError)))]
+pub async fn patch(
+    State(st): State<AppStateRef>,
+    caller: Caller,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<PatchSandbox>,
+) -> Result<Json<SandboxView>, ApiError> {
+    caller.rate(&st, RequestClass::Exec)?;
+    req.validate()?;
+    let row = st.sandbox(&caller, &id).await?;
+    let update = SandboxUpdate {
+        keep_hot: req.keep_hot,
+        labels: req.labels,
+        ..Default::default()
+    };
+    let (owner, rid) = (row.owner.clone(), row.id.clone());
+    let row = st
+        .store
+        .run(move |c| sandboxes::update(c, &owner, &rid, &update))
+        .await?;
+    Ok(Json(view_of(&st, &row)))
+}
+
+/// Destroys a sandbox: VM, disks, snapshots (not checkpoints), network.
+#[utoipa::path(delete, path = "/sandboxes/{id}", tag = "sandboxes",
+    params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = crate::api_types::ApiError)))]
+pub async fn delete(
+    State(st): State<AppStateRef>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.rate(&st, RequestClass::Create)?;
+    let row = st.sandbox(&caller, &id).await?;
+    st.engine.destroy(&row.id).await?;
+    let (owner, rid) = (row.owner.clone(), row.id.clone());
+    st.store
+        .run(move |c| sandboxes::delete(c, &owner, &rid))
+        .await?;
+    tracing::info!(id = %row.id, name = %row.name, "sandbox deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Snapshots the sandbox to disk and ends its VMM (memory freed).
+#[utoipa::path(post, path = "/sandboxes/{id}/stop", tag = "sandboxes",
+    params(("id" = String, Path)),
+    responses((status = 200, body = SandboxView), (status = 404, body = crate::api_types::ApiError),
+        (status = 409, body = crate::api_types::ApiError)))]
+pub async fn stop(
+    State(st): State<AppStateRef>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxView>, ApiError> {
+    caller.rate(&st, RequestClass::Create)?;
+    let mut row = st.sandbox(&caller, &id).await?;
+    if row.status == "creating" {
+        return Err(ApiError::Conflict(
+            "the sandbox is still being created".into(),
+        ));
+    }
+    let sb = st.engine.snapshot_to_disk(&row.id).await?;
+    st.set_status(&row.owner, &row.id, "stopped").await;
+    row.status = "stopped".into();
+    Ok(Json(view(&row, Some(&sb))))
+}
+
+/// Starts a stopped sandbox: from its memory snapshot, or (`fresh`) from
+/// its disk.
+#[utoipa::path(post, path = "/sandboxes/{id}/start", tag = "sandboxes",
+    params(("id" = String, Path)),
+    request_body(content = Option<StartRequest>, description = "Optional"),
+    responses((status = 200, body = SandboxView), (status = 404, body = crate::api_types::ApiError),
+        (status = 409, body = crate::api_types::ApiError), (status = 502, body = crate::api_types::ApiError)))]
+pub async fn start(
+    State(st): State<AppStateRef>,
+    caller: Caller,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<StartRequest>,
+) -> Result<Json<SandboxView>, ApiError> {
+    caller.rate(&st, RequestClass::Create)?;
+    let mut row = st.sandbox(&caller, &id).await?;
+    if row.status == "creating" {
+        return Err(ApiError::Conflict(
+            "the sandbox is still being created".into(),
+        ));
+    }
+    let sb = if req.fresh {
+        st.engine.start_fresh(&row.id).await?
+    } else {
+        st.engine.start(&row.id).await?
+    };
+    st.set_status(&row.owner, &row.id, "running").await;
+    row.status = "running".into();
+    Ok(Json(view(&row, Some(&sb))))
+}

@@ -1,0 +1,167 @@
+//! Checkpoints: `POST /sandboxes/{id}/checkpoint`, `GET /snapshots`,
+//! `POST /snapshots/{name}/resume`, `DELETE /snapshots/{name}`.
+
+use std::path::PathBuf;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::Json;
+
+use super::{created, ApiError, AppState, AppStateRef, Caller, JsonBody};
+use crate::api_types::{
+    rfc3339_ms, validate_name, Checkpoint, CheckpointList, CheckpointRequest, ResumeRequest,
+};
+use crate::auth::RequestClass;
+use crate::engine::CheckpointMeta;
+use crate::store::snapshots::{self, NewSnapshot, SnapshotRow};
+
+fn checkpoint_view(row: &SnapshotRow) -> Checkpoint {
+    Checkpoint {
+        name: row.name.clone(),
+        sandbox_id: row.sandbox_id.clone(),
+        size_bytes: row.size_bytes,
+        created_at: rfc3339_ms(row.created_at),
+    }
+}
+
+/// The checkpoint's directory, which must be under the daemon's
+/// checkpoints dir.
+pub(super) fn checkpoint_dir(st: &AppState, row: &SnapshotRow) -> Result<PathBuf, ApiError> {
+    let dir = row
+        .files
+        .get("dir")
+        .and_then(|v| v.as_str())
+        .map(PathBuf::from)
+        .filter(|d| d.starts_with(&st.checkpoints_dir))
+        .ok_or_else(|| ApiError::Internal(format!("checkpoint '{}' has no directory", row.name)))?;
+    Ok(dir)
+}
+
+/// Takes a named checkpoint of a running sandbox; it keeps running.
+#[utoipa::path(post, path = "/sandboxes/{id}/checkpoint", tag = "snapshots",
+    params(("id" = String, Path)),
+    request_body = CheckpointRequest,
+    responses((status = 201, body = Checkpoint), (status = 400, body = crate::api_types::ApiError),
+        (status = 404, body = crate::api_types::ApiError), (status = 409, body = crate::api_types::ApiError),
+        (status = 429, body = crate::api_types::ApiError)))]
+pub async fn checkpoint(
+    State(st): State<AppStateRef>,
+    caller: Caller,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<CheckpointRequest>,
+) -> Result<Response, ApiError> {
+    caller.rate(&st, RequestClass::Create)?;
+    req.validate()?;
+    let row = st.sandbox(&caller, &id).await?;
+    let (owner, name) = (caller.user.id.clone(), req.name.clone());
+    let (exists, count) = st
+        .store
+        .run(move |c| {
+            Ok((
+                snapshots::get(c, &owner, &name)?.is_some(),
+                snapshots::count(c, &owner)?,
+            ))
+        })
+        .await?;
+    if exists {
+        return Err(ApiError::Conflict(format!(
+            "a checkpoint named '{}' already exists",
+            req.name
+        )));
+    }
+    caller.caps.check_snapshot_count(count)?;
+    std::fs::create_dir_all(&st.checkpoints_dir)
+        .map_err(|e| ApiError::Internal(format!("creating the checkpoints dir: {e}")))?;
+    let dir = st.checkpoints_dir.join(crate::store::new_id("cp_"));
+    let meta = st.engine.checkpoint(&row.id, &dir).await?;
+    if row.status != "running" {
+        st.set_status(&row.owner, &row.id, "running").await;
+    }
+    let new = NewSnapshot {
+        owner: caller.user.id.clone(),
+        name: req.name.clone(),
+        sandbox_id: row.id.clone(),
+        files: serde_json::json!({ "dir": dir }),
+        spec: serde_json::json!({
+            "source_name": row.name,
+            "cpus": meta.vcpus,
+            "memory_mb": meta.memory_mib,
+        }),
+        size_bytes: meta.size_bytes,
+    };
+    match st.store.run(move |c| snapshots::insert(c, &new)).await {
+        Ok(r) => Ok(created(checkpoint_view(&r))),
+        Err(e) => {
+            if let Err(re) = CheckpointMeta::remove(&dir) {
+                tracing::warn!("removing an unrecorded checkpoint: {re}");
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// The caller's checkpoints.
+#[utoipa::path(get, path = "/snapshots", tag = "snapshots",
+    responses((status = 200, body = CheckpointList)))]
+pub async fn list(
+    State(st): State<AppStateRef>,
+    caller: Caller,
+) -> Result<Json<CheckpointList>, ApiError> {
+    caller.rate(&st, RequestClass::Read)?;
+    let owner = caller.user.id.clone();
+    let rows = st.store.run(move |c| snapshots::list(c, &owner)).await?;
+    Ok(Json(CheckpointList {
+        snapshots: rows.iter().map(checkpoint_view).collect(),
+    }))
+}
+
+/// A new sandbox from a checkpoint (fresh id, token, MAC, IP, hostname),
+/// running beside the original.
+#[utoipa::path(post, path = "/snapshots/{name}/resume", tag = "snapshots",
+    params(("name" = String, Path, description = "Checkpoint name")),
+    request_body = ResumeRequest,
+    responses((status = 201, body = crate::api_types::SandboxView), (status = 200, body = crate::api_types::SandboxView),
+        (status = 400, body = crate::api_types::ApiError), (status = 404, body = crate::api_types::ApiError),
+        (status = 429, body = crate::api_types::ApiError), (status = 502, body = crate::api_types::ApiError)))]
+pub async fn resume(
+    State(st): State<AppStateRef>,
+    caller: Caller,
+    Path(name): Path<String>,
+    JsonBody(req): JsonBody<ResumeRequest>,
+) -> Result<Response, ApiError> {
+    caller.rate(&st, RequestClass::Create)?;
+    validate_name("name", &name)?;
+    req.validate()?;
+    super::sandboxes::fork(
+        &st,
+        &caller,
+        &name,
+        req.name,
+        req.keep_hot.unwrap_or(false),
+        req.labels.unwrap_or_default(),
+    )
+    .await
+}
+
+/// Deletes a checkpoint (sandboxes made from it are not affected).
+#[utoipa::path(delete, path = "/snapshots/{name}", tag = "snapshots",
+    params(("name" = String, Path)),
+    responses((status = 204), (status = 404, body = crate::api_types::ApiError)))]
+pub async fn delete(
+    State(st): State<AppStateRef>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.rate(&st, RequestClass::Create)?;
+    let owner = caller.user.id.clone();
+    let row = st
+        .store
+        .run(move |c| snapshots::delete(c, &owner, &name))
+        .await?;
+    let dir = checkpoint_dir(&st, &row)?;
+    if let Err(e) = CheckpointMeta::remove(&dir) {
+        tracing::warn!("removing checkpoint files: {e}");
+    }
+    Ok(StatusCode::NO_CONTENT)
+}

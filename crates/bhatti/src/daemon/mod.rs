@@ -1,0 +1,269 @@
+//! `bhatti serve`: the daemon.
+//!
+//! [`serve`] opens the data dir (SQLite store, secrets identity), picks the
+//! VMM backend (host probe + `[vm] backend`), starts the engine and
+//! re-adopts what a previous daemon left ([`reconcile`]), then serves the
+//! API on the unix socket (mode 0666: every request is authenticated by
+//! its API key, so the socket itself need not be restricted) and on the
+//! optional TCP address until `shutdown` resolves.
+//!
+//! Shutdown: stop accepting, give in-flight requests [`SHUTDOWN_GRACE`],
+//! then close every agent connection (ending shells and streams). VMs keep
+//! running; the next daemon adopts them.
+
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bhatti_vmm::probe::BackendPref;
+use bhatti_vmm::{BackendKind, VmmBackend};
+
+use crate::api::{self, AppState};
+use crate::config::{Backend, Config, LogFormat};
+use crate::engine::{Engine, EngineConfig, SandboxState};
+use crate::net::NetSettings;
+use crate::secrets::SecretBox;
+use crate::store::Store;
+
+/// How long in-flight requests may run on after a shutdown signal.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the daemon could not start (or stopped with an error).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Secrets(#[from] crate::secrets::SecretsError),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
+    let context = context.into();
+    move |source| DaemonError::Io { context, source }
+}
+
+/// Sets up logging from `[log]` (`RUST_LOG` wins). Does nothing when a
+/// global subscriber exists already (tests, an embedding program).
+pub fn init_tracing(cfg: &crate::config::LogConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = match cfg.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// The backend `[vm]` asks for, as the host allows.
+pub fn backend(cfg: &crate::config::VmConfig) -> Result<Arc<dyn VmmBackend>, DaemonError> {
+    let host = bhatti_vmm::probe::probe();
+    let pref = match cfg.backend {
+        Backend::Auto => BackendPref::Auto,
+        Backend::Firecracker => BackendPref::Firecracker,
+        Backend::Qemu => BackendPref::Qemu,
+    };
+    let kind = host.choose(pref).map_err(DaemonError::Setup)?;
+    match kind {
+        BackendKind::Qemu => {
+            let binary = cfg
+                .qemu_bin
+                .components()
+                .nth(1)
+                .is_some()
+                .then(|| cfg.qemu_bin.clone());
+            let b = bhatti_vmm::qemu::QemuBackend::new(bhatti_vmm::qemu::QemuConfig {
+                binary,
+                accel: cfg.qemu_accel.into(),
+                extra_args: Vec::new(),
+            })
+            .map_err(|e| DaemonError::Setup(format!("the QEMU backend: {e}")))?;
+            tracing::info!(accel = ?b.accel(), "backend qemu");
+            Ok(Arc::new(b))
+        }
+        BackendKind::Firecracker => Err(DaemonError::Setup(
+            "the Firecracker backend is not available in this build; set [vm] backend = \"qemu\""
+                .into(),
+        )),
+    }
+}
+
+/// Runs the daemon until `shutdown` resolves.
+pub async fn serve(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DaemonError> {
+    init_tracing(&config.log);
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(io(format!("creating {}", config.data_dir.display())))?;
+    let _ = std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700));
+    let store = Store::open(config.db_path())?;
+    let secrets = SecretBox::load_or_create(&config.data_dir)?;
+    let backend = backend(&config.vm)?;
+    let kind = backend.kind();
+    let mut ecfg = EngineConfig::new(
+        &config.data_dir,
+        &config.vm.kernel,
+        &config.vm.rootfs,
+        backend,
+    );
+    ecfg.net = config.network.enabled.then(|| NetSettings {
+        bridge: config.network.bridge.clone(),
+        subnet: config.network.subnet.clone(),
+        netns: config.network.netns.clone(),
+    });
+    ecfg.disk_strategy = config.vm.disk_strategy.into();
+    ecfg.xfs_loop_size_mb = config.vm.xfs_loop_size_mb;
+    ecfg.boot_timeout = Duration::from_secs(config.vm.boot_timeout_secs);
+    ecfg.agent_timeout = Duration::from_secs(config.vm.agent_timeout_secs);
+    ecfg.kernel_args = config.vm.kernel_args.clone();
+    ecfg.dns = config.network.dns.clone();
+    let engine = Engine::new(ecfg).await?;
+    let recovered = engine.recover().await?;
+    tracing::info!(sandboxes = recovered.len(), "engine recovered");
+    reconcile(&store, &engine).await?;
+
+    // Listeners before anything is announced.
+    let unix = bind_unix(&config.listen_unix)?;
+    let tcp = match config.listen_tcp {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(io(format!("listening on {addr}")))?,
+        ),
+        None => None,
+    };
+    let state = Arc::new(AppState::new(
+        engine.clone(),
+        store,
+        secrets,
+        config.clone(),
+        kind,
+    ));
+    let app = api::router(state.clone());
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let mut servers = tokio::task::JoinSet::new();
+    {
+        let app = app.clone();
+        let stop = stopped(stop_rx.clone());
+        servers.spawn(async move { axum::serve(unix, app).with_graceful_shutdown(stop).await });
+    }
+    if let Some(tcp) = tcp {
+        let stop = stopped(stop_rx.clone());
+        servers.spawn(async move { axum::serve(tcp, app).with_graceful_shutdown(stop).await });
+    }
+    let sweeper = {
+        let st = state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                st.rate.retain_recent();
+            }
+        })
+    };
+    tracing::info!(
+        unix = %config.listen_unix.display(),
+        tcp = ?config.listen_tcp,
+        backend = %kind,
+        "bhatti daemon listening"
+    );
+
+    shutdown.await;
+    tracing::info!("shutting down: no new connections");
+    let _ = stop_tx.send(true);
+    sweeper.abort();
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while servers.join_next().await.is_some() {}
+    })
+    .await;
+    // Ends shells and streams still open; VMs keep running.
+    engine.shutdown().await;
+    if drained.is_err() {
+        tracing::warn!("requests still running after {SHUTDOWN_GRACE:?}; ending them");
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while servers.join_next().await.is_some() {}
+        })
+        .await;
+        servers.abort_all();
+    }
+    let _ = std::fs::remove_file(&config.listen_unix);
+    tracing::info!("daemon stopped; sandboxes keep running");
+    Ok(())
+}
+
+/// Binds the unix socket, replacing a stale one (but not one a live
+/// daemon answers on).
+fn bind_unix(path: &std::path::Path) -> Result<tokio::net::UnixListener, DaemonError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::Setup(format!(
+                "another daemon is listening on {}",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path).map_err(io(format!("removing stale {}", path.display())))?;
+    }
+    let l = tokio::net::UnixListener::bind(path)
+        .map_err(io(format!("listening on {}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .map_err(io(format!("chmod {}", path.display())))?;
+    Ok(l)
+}
+
+/// Makes the store and the engine agree after a (re)start: a row whose
+/// create never finished is `failed` (or running, if the engine got it
+/// running); engine sandboxes without a row (a create that crashed before
+/// its row was written cannot happen, so these are leftovers of a delete
+/// that crashed) are destroyed.
+pub async fn reconcile(store: &Store, engine: &Engine) -> Result<(), DaemonError> {
+    let rows = store.run(|c| crate::store::sandboxes::list_all(c)).await?;
+    for row in &rows {
+        let status = match engine.get(&row.id) {
+            Ok(sb) => match (sb.state, row.status.as_str()) {
+                (SandboxState::Failed, s) if s != "failed" => Some("failed"),
+                (SandboxState::Running | SandboxState::Paused, "creating") => Some("running"),
+                (SandboxState::Stopped, "creating") => Some("failed"),
+                _ => None,
+            },
+            Err(_) if row.status != "failed" => {
+                tracing::warn!(id = %row.id, name = %row.name, "the engine has no record of this sandbox");
+                Some("failed")
+            }
+            Err(_) => None,
+        };
+        if let Some(status) = status {
+            let (o, i) = (row.owner.clone(), row.id.clone());
+            store
+                .run(move |c| crate::store::sandboxes::set_status(c, &o, &i, status))
+                .await?;
+        }
+    }
+    for sb in engine.list() {
+        if !rows.iter().any(|r| r.id == sb.id) {
+            tracing::warn!(id = %sb.id, "destroying a sandbox no user owns");
+            if let Err(e) = engine.destroy(&sb.id).await {
+                tracing::warn!(id = %sb.id, "{e}");
+            }
+        }
+    }
+    Ok(())
+}

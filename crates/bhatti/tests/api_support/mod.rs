@@ -1,0 +1,491 @@
+//! Shared by the `api_*` tests: a real daemon (in-process `daemon::serve`,
+//! or the `bhatti serve` binary) on a temp unix socket, with its own data
+//! dir and network namespace, removed on drop even when a test fails; an
+//! HTTP client and a WebSocket client over that socket.
+//!
+//! Artifacts: `BHATTI_KERNEL` / `BHATTI_ROOTFS` (else the newest in
+//! `/var/cache/bhatti-ci`), as `engine_linux.rs` finds them. Missing ones
+//! (or not being root) skip a test with one line.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bhatti::config::{Backend, Config, DiskStrategy};
+use bhatti::store::users::UserCaps;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn newest(dir: &Path, file: &str) -> Option<PathBuf> {
+    let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with(['.', '_']))
+        .map(|e| e.path().join(file))
+        .filter(|p| p.is_file())
+        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+        .collect();
+    found.sort();
+    found.pop().map(|(_, p)| p)
+}
+
+fn env_path(var: &str) -> Option<PathBuf> {
+    std::env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+#[derive(Debug, Clone)]
+pub struct Artifacts {
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+}
+
+pub fn artifacts(test: &str) -> Option<Artifacts> {
+    let cache = Path::new("/var/cache/bhatti-ci");
+    let kernel = env_path("BHATTI_KERNEL").or_else(|| newest(&cache.join("kernel"), "vmlinux"));
+    let rootfs =
+        env_path("BHATTI_ROOTFS").or_else(|| newest(&cache.join("rootfs"), "rootfs+lohar.ext4"));
+    let mut missing = Vec::new();
+    if !nix::unistd::geteuid().is_root() {
+        missing.push("root");
+    }
+    if bhatti_vmm::probe::probe().qemu.is_none() {
+        missing.push("qemu");
+    }
+    match (&kernel, &rootfs) {
+        (Some(k), Some(r)) if k.is_file() && r.is_file() => {}
+        _ => missing.push("kernel/rootfs (BHATTI_KERNEL, BHATTI_ROOTFS)"),
+    }
+    if !missing.is_empty() {
+        eprintln!("SKIP {test}: missing {}", missing.join(", "));
+        return None;
+    }
+    Some(Artifacts {
+        kernel: kernel?,
+        rootfs: rootfs?,
+    })
+}
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "bhatti=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A data dir, a socket path and a netns; everything under them is
+/// removed on drop (VMMs killed, XFS loop unmounted, netns deleted).
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub ns: String,
+    pub art: Artifacts,
+}
+
+impl Env {
+    pub fn new(art: Artifacts) -> Env {
+        let ns = format!("bhatti-a-{}", bhatti::engine::random_hex(4));
+        let dir = tempfile::Builder::new()
+            .prefix("bhatti-api-test.")
+            .tempdir()
+            .expect("tempdir");
+        Env { dir, ns, art }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn sock(&self) -> PathBuf {
+        self.dir.path().join("bhatti.sock")
+    }
+
+    pub fn config(&self) -> Config {
+        let mut c = Config {
+            data_dir: self.data_dir(),
+            listen_unix: self.sock(),
+            listen_tcp: None,
+            ..Config::default()
+        };
+        c.vm.backend = Backend::Qemu;
+        c.vm.kernel = self.art.kernel.clone();
+        c.vm.rootfs = self.art.rootfs.clone();
+        c.vm.boot_timeout_secs = 180;
+        c.vm.agent_timeout_secs = 60;
+        c.vm.disk_strategy = DiskStrategy::Auto;
+        c.vm.xfs_loop_size_mb = 16 << 10;
+        c.network.netns = Some(self.ns.clone());
+        c.network.dns = vec![];
+        c.thermal.warm_after_secs = 0;
+        c.thermal.cold_after_secs = 0;
+        c.limits.rate.read_per_second = 100;
+        c.limits.rate.read_burst = 200;
+        c.limits.rate.create_per_minute = 600;
+        c.limits.rate.create_burst = 100;
+        c
+    }
+
+    /// Creates a user directly in the store; returns the API key.
+    pub fn user(&self, name: &str, caps: UserCaps) -> String {
+        let store = bhatti::store::Store::open(self.data_dir().join("bhatti.db")).expect("store");
+        store
+            .with(|c| {
+                Ok(bhatti::auth::create_user(c, name, caps)
+                    .expect("create user")
+                    .api_key)
+            })
+            .expect("user")
+    }
+
+    pub fn client(&self, key: Option<&str>) -> Client {
+        Client {
+            sock: self.sock(),
+            key: key.map(str::to_owned),
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let data = self.data_dir();
+        for run in std::fs::read_dir(data.join("run"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            kill_vmm_of(&run.path());
+        }
+        let mnt = data.join("reflink");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while bhatti::storage::is_mountpoint(&mnt) && Instant::now() < deadline {
+            let _ = std::process::Command::new("umount")
+                .arg("-d")
+                .arg(&mnt)
+                .stderr(std::process::Stdio::null())
+                .status();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .status();
+    }
+}
+
+/// Kills the VMM of a run dir by its pid file, if the process is it.
+pub fn kill_vmm_of(run_dir: &Path) {
+    let Ok(pid) = std::fs::read_to_string(run_dir.join("vmm.pid")) else {
+        return;
+    };
+    let Ok(pid) = pid.trim().parse::<i32>() else {
+        return;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let needle = run_dir.to_string_lossy();
+    if String::from_utf8_lossy(&cmdline).contains(needle.as_ref()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The in-process daemon.
+pub struct Daemon {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), bhatti::daemon::DaemonError>>>,
+}
+
+impl Daemon {
+    pub async fn start(env: &Env, config: Config) -> Daemon {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(bhatti::daemon::serve(config, async move {
+            let _ = rx.await;
+        }));
+        let mut d = Daemon {
+            stop: Some(tx),
+            task: Some(task),
+        };
+        d.wait_ready(env).await;
+        d
+    }
+
+    async fn wait_ready(&mut self, env: &Env) {
+        let c = env.client(None);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(r) = c.try_send(Method::GET, "/health", &[], Bytes::new()).await {
+                if r.status == StatusCode::OK {
+                    return;
+                }
+            }
+            if let Some(t) = &self.task {
+                if t.is_finished() {
+                    let r = self.task.take().expect("task").await;
+                    panic!("the daemon ended during start: {r:?}");
+                }
+            }
+            assert!(Instant::now() < deadline, "the daemon did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Graceful shutdown; VMs keep running.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let r = tokio::time::timeout(Duration::from_secs(30), t)
+                .await
+                .expect("daemon stops within 30 s");
+            r.expect("daemon task").expect("daemon result");
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "{} is not JSON ({e}): {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    }
+
+    /// Asserts the status, returning the JSON body (Null when empty).
+    #[track_caller]
+    pub fn expect(&self, status: u16) -> Value {
+        assert_eq!(
+            self.status.as_u16(),
+            status,
+            "body: {}",
+            String::from_utf8_lossy(&self.body)
+        );
+        if self.body.is_empty() {
+            Value::Null
+        } else if self
+            .header("content-type")
+            .is_some_and(|c| c.starts_with("application/json"))
+        {
+            self.json()
+        } else {
+            Value::String(String::from_utf8_lossy(&self.body).into_owned())
+        }
+    }
+
+    /// An error response with its `{"error"}` body.
+    #[track_caller]
+    pub fn expect_err(&self, status: u16) -> String {
+        let v = self.expect(status);
+        v["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error field: {v}"))
+            .to_owned()
+    }
+}
+
+/// HTTP over the daemon's unix socket, one connection per request.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub sock: PathBuf,
+    pub key: Option<String>,
+}
+
+impl Client {
+    pub fn with_key(&self, key: &str) -> Client {
+        Client {
+            sock: self.sock.clone(),
+            key: Some(key.to_owned()),
+        }
+    }
+
+    pub async fn open(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> std::io::Result<Response<Incoming>> {
+        let stream = tokio::net::UnixStream::connect(&self.sock).await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("http://localhost{path}"))
+            .header("host", "localhost");
+        if let Some(k) = &self.key {
+            req = req.header("authorization", format!("Bearer {k}"));
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(body)).map_err(std::io::Error::other)?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(std::io::Error::other)
+    }
+
+    pub async fn try_send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> std::io::Result<Resp> {
+        let resp = self.open(method, path, headers, body).await?;
+        let (parts, body) = resp.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(std::io::Error::other)?
+            .to_bytes();
+        Ok(Resp {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Resp {
+        self.try_send(method.clone(), path, headers, body)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    pub async fn get(&self, path: &str) -> Resp {
+        self.send(Method::GET, path, &[], Bytes::new()).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Resp {
+        self.send(Method::DELETE, path, &[], Bytes::new()).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Resp {
+        self.send(
+            Method::POST,
+            path,
+            &[("content-type", "application/json")],
+            Bytes::from(body.to_string()),
+        )
+        .await
+    }
+
+    pub async fn patch(&self, path: &str, body: Value) -> Resp {
+        self.send(
+            Method::PATCH,
+            path,
+            &[("content-type", "application/json")],
+            Bytes::from(body.to_string()),
+        )
+        .await
+    }
+
+    pub async fn put(&self, path: &str, body: impl Into<Bytes>) -> Resp {
+        self.send(Method::PUT, path, &[], body.into()).await
+    }
+
+    /// Buffered exec of `sh -c script`; returns (exit, stdout, stderr).
+    pub async fn sh(&self, sandbox: &str, script: &str) -> (i64, String, String) {
+        let v = self
+            .post(
+                &format!("/sandboxes/{sandbox}/exec"),
+                serde_json::json!({"cmd": ["sh", "-c", script]}),
+            )
+            .await
+            .expect(200);
+        (
+            v["exit_code"].as_i64().unwrap_or(-1),
+            v["stdout"].as_str().unwrap_or_default().to_owned(),
+            v["stderr"].as_str().unwrap_or_default().to_owned(),
+        )
+    }
+
+    /// A WebSocket to `path` (query included).
+    pub async fn ws(
+        &self,
+        path: &str,
+    ) -> Result<
+        tokio_tungstenite::WebSocketStream<tokio::net::UnixStream>,
+        tokio_tungstenite::tungstenite::Error,
+    > {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let stream = tokio::net::UnixStream::connect(&self.sock)
+            .await
+            .map_err(tokio_tungstenite::tungstenite::Error::Io)?;
+        let mut req = format!("ws://localhost{path}").into_client_request()?;
+        if let Some(k) = &self.key {
+            req.headers_mut().insert(
+                "authorization",
+                format!("Bearer {k}").parse().expect("header value"),
+            );
+        }
+        let (ws, _) = tokio_tungstenite::client_async(req, stream).await?;
+        Ok(ws)
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
