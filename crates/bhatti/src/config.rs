@@ -103,6 +103,10 @@ pub struct VmConfig {
     /// Firecracker binary: a path, or a name looked up in `PATH`.
     /// Default `firecracker`.
     pub firecracker_bin: PathBuf,
+    /// Run Firecracker with its built-in seccomp filters. Official release
+    /// binaries want this; turn it off only for a self-built binary whose
+    /// filters do not match its libc. Default true.
+    pub firecracker_seccomp: bool,
     /// QEMU binary: a path, or a name looked up in `PATH`.
     /// Default `qemu-system-x86_64`.
     pub qemu_bin: PathBuf,
@@ -297,6 +301,7 @@ impl Default for VmConfig {
             backend: Backend::Auto,
             qemu_accel: QemuAccel::Auto,
             firecracker_bin: PathBuf::from("firecracker"),
+            firecracker_seccomp: true,
             qemu_bin: PathBuf::from("qemu-system-x86_64"),
             kernel: PathBuf::from("images/vmlinux"),
             rootfs: PathBuf::from("images/rootfs.ext4"),
@@ -635,6 +640,8 @@ impl Config {
         e.c("VMM binaries: a path, or a name looked up in PATH.");
         e.kv("firecracker_bin", path(&v.firecracker_bin));
         e.kv("qemu_bin", path(&v.qemu_bin));
+        e.c("Firecracker's seccomp filters; off only for self-built binaries whose filters don't fit their libc.");
+        e.kv("firecracker_seccomp", v.firecracker_seccomp);
         e.c("Guest kernel (vmlinux) and base rootfs (ext4); relative paths are under data_dir.");
         e.kv("kernel", path(&v.kernel));
         e.kv("rootfs", path(&v.rootfs));

@@ -92,10 +92,25 @@ pub fn backend(cfg: &crate::config::VmConfig) -> Result<Arc<dyn VmmBackend>, Dae
             tracing::info!(accel = ?b.accel(), "backend qemu");
             Ok(Arc::new(b))
         }
-        BackendKind::Firecracker => Err(DaemonError::Setup(
-            "the Firecracker backend is not available in this build; set [vm] backend = \"qemu\""
-                .into(),
-        )),
+        BackendKind::Firecracker => {
+            // A bare name means "look it up" (BHATTI_FIRECRACKER, then PATH).
+            let binary = cfg
+                .firecracker_bin
+                .components()
+                .nth(1)
+                .is_some()
+                .then(|| cfg.firecracker_bin.clone());
+            let b = bhatti_vmm::firecracker::FirecrackerBackend::new(
+                bhatti_vmm::firecracker::FirecrackerConfig {
+                    binary,
+                    seccomp: cfg.firecracker_seccomp,
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| DaemonError::Setup(format!("the Firecracker backend: {e}")))?;
+            tracing::info!(seccomp = cfg.firecracker_seccomp, "backend firecracker");
+            Ok(Arc::new(b))
+        }
     }
 }
 
