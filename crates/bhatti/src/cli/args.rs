@@ -1,0 +1,540 @@
+//! The command line, as clap derive types. Parsing only: settings are
+//! resolved (flags > environment > config file > defaults) in
+//! [`super::settings`], and every command runs in its own module.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// bhatti: sandboxes in microVMs.
+///
+/// Data goes to stdout and everything else (progress, notes) to stderr.
+/// Exit codes: 0 success, 1 error, 2 usage error; `exec` and `shell` exit
+/// with the remote command's code, and 255 when bhatti itself failed.
+#[derive(Debug, Parser)]
+#[command(
+    name = "bhatti",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every command takes.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// Print machine-readable JSON on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// The daemon: `unix:///run/bhatti/bhatti.sock` (default) or
+    /// `http://host:port`.
+    #[arg(long, global = true, env = "BHATTI_URL", value_name = "URL")]
+    pub url: Option<String>,
+    /// API key (`bht_…`).
+    #[arg(
+        long,
+        global = true,
+        env = "BHATTI_TOKEN",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Save the daemon's address and your API key for later commands.
+    Setup(SetupArgs),
+    /// Create a sandbox and wait until it answers (idempotent by name).
+    Create(CreateArgs),
+    /// List your sandboxes.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show one sandbox.
+    Inspect(SandboxArg),
+    /// Change a sandbox's keep-hot flag or labels.
+    Edit(EditArgs),
+    /// Run a command in a sandbox; its output streams and its exit code
+    /// becomes bhatti's.
+    Exec(ExecArgs),
+    /// An interactive terminal in a sandbox (Ctrl+\ detaches).
+    Shell(ShellArgs),
+    /// List a sandbox's terminal sessions.
+    Ps(SandboxArg),
+    /// Read, write and list files in a sandbox.
+    #[command(subcommand)]
+    File(FileCommand),
+    /// Stop a sandbox: its memory is saved to disk and freed.
+    Stop(SandboxArg),
+    /// Start a stopped sandbox.
+    Start(StartArgs),
+    /// Destroy a sandbox with its disks.
+    #[command(visible_alias = "rm")]
+    Destroy(SandboxArg),
+    /// Checkpoints: named snapshots of a running sandbox.
+    #[command(subcommand, visible_alias = "snapshots")]
+    Snapshot(SnapshotCommand),
+    /// Secrets, injected into sandboxes' environments by name.
+    #[command(subcommand, visible_alias = "secrets")]
+    Secret(SecretCommand),
+    /// Print a shell completion script.
+    Completion(CompletionArgs),
+    /// Run the daemon (on the host, as root).
+    Serve(HostArgs),
+    /// Manage API users (on the host, as root; works on the daemon's database).
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Host administration.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct SetupArgs {
+    /// Save without checking that the daemon answers and accepts the key.
+    #[arg(long)]
+    pub no_verify: bool,
+}
+
+/// A sandbox by name or id.
+#[derive(Debug, Args)]
+pub struct SandboxArg {
+    /// Sandbox name or id.
+    pub sandbox: String,
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Name: lower-case letters, digits and '-' (the daemon picks one when
+    /// absent).
+    #[arg(value_parser = parse_name)]
+    pub name: Option<String>,
+    /// vCPUs.
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Memory in MiB.
+    #[arg(long, value_name = "MB")]
+    pub memory: Option<u32>,
+    /// Root disk size in MiB.
+    #[arg(long, value_name = "MB")]
+    pub disk: Option<u64>,
+    /// Environment variable for every command (repeatable).
+    #[arg(short, long = "env", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub env: Vec<(String, String)>,
+    /// Shell script run once at first boot.
+    #[arg(long, value_name = "SCRIPT")]
+    pub init: Option<String>,
+    /// Never pause or snapshot this sandbox when idle.
+    #[arg(long)]
+    pub keep_hot: bool,
+    /// Label (repeatable).
+    #[arg(short, long = "label", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub labels: Vec<(String, String)>,
+    /// One of your secrets to put into the environment (repeatable).
+    #[arg(long = "secret", value_name = "NAME")]
+    pub secrets: Vec<String>,
+    /// Start from this checkpoint.
+    #[arg(long, value_name = "CHECKPOINT", value_parser = parse_name)]
+    pub from_snapshot: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct EditArgs {
+    /// Sandbox name or id.
+    pub sandbox: String,
+    /// Set or clear keep-hot.
+    #[arg(long, value_name = "true|false")]
+    pub keep_hot: Option<bool>,
+    /// Add or change a label (repeatable).
+    #[arg(short, long = "label", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub labels: Vec<(String, String)>,
+    /// Remove a label (repeatable).
+    #[arg(long = "remove-label", value_name = "KEY")]
+    pub remove_labels: Vec<String>,
+    /// Remove all labels (before applying --label).
+    #[arg(long)]
+    pub clear_labels: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Sandbox name or id.
+    pub sandbox: String,
+    /// Environment variable (repeatable).
+    #[arg(short, long = "env", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub env: Vec<(String, String)>,
+    /// Working directory (absolute).
+    #[arg(short = 'w', long, value_name = "DIR")]
+    pub cwd: Option<String>,
+    /// Kill the command after this many seconds.
+    #[arg(short, long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    /// Start the command and return at once, printing its pid.
+    #[arg(short, long)]
+    pub detach: bool,
+    /// Do not forward stdin even when it is piped.
+    #[arg(short = 'n', long)]
+    pub no_stdin: bool,
+    /// The command and its arguments (after `--`).
+    #[arg(required = true, num_args = 1.., trailing_var_arg = true, value_name = "CMD")]
+    pub cmd: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ShellArgs {
+    /// Sandbox name or id.
+    pub sandbox: String,
+    /// Reattach to this session, replaying what was missed.
+    #[arg(short, long, value_name = "ID")]
+    pub session: Option<String>,
+    /// Replay from this output offset instead of the last one seen here.
+    #[arg(long, value_name = "N", requires = "session")]
+    pub offset: Option<u64>,
+    /// Program to run instead of the login shell (new sessions only).
+    #[arg(last = true, value_name = "CMD", conflicts_with = "session")]
+    pub cmd: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FileCommand {
+    /// Print a file's contents.
+    Read(FileReadArgs),
+    /// Write a file atomically from a local file or stdin.
+    Write(FileWriteArgs),
+    /// List a directory.
+    Ls(FileLsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FileReadArgs {
+    /// Sandbox name or id.
+    pub sandbox: String,
+    /// Absolute path in the sandbox.
+    pub path: String,
+    /// First line to print (0-based).
+    #[arg(long, value_name = "LINE")]
+    pub offset: Option<u64>,
+    /// Most lines to print.
+    #[arg(long, value_name = "LINES")]
+    pub limit: Option<u64>,
+    /// Most bytes to print.
+    #[arg(long, value_name = "BYTES")]
+    pub max_bytes: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct FileWriteArgs {
+    /// Sandbox name or id.
+    pub sandbox: String,
+    /// Absolute path in the sandbox.
+    pub path: String,
+    /// Local file to upload; `-` or absent reads stdin.
+    pub local: Option<PathBuf>,
+    /// Permission bits in octal, e.g. 0755.
+    #[arg(long, value_parser = parse_mode)]
+    pub mode: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct FileLsArgs {
+    /// Sandbox name or id.
+    pub sandbox: String,
+    /// Absolute directory path in the sandbox.
+    #[arg(default_value = "/")]
+    pub path: String,
+}
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// Sandbox name or id.
+    pub sandbox: String,
+    /// Boot from the disk, ignoring the saved memory.
+    #[arg(long)]
+    pub fresh: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Checkpoint a sandbox under a name (it keeps running).
+    Create {
+        /// Sandbox name or id.
+        sandbox: String,
+        /// Checkpoint name.
+        #[arg(value_parser = parse_name)]
+        name: String,
+    },
+    /// List your checkpoints.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Start a new sandbox from a checkpoint.
+    Resume {
+        /// Checkpoint name.
+        snapshot: String,
+        /// The new sandbox's name.
+        #[arg(long, value_parser = parse_name)]
+        name: Option<String>,
+        /// Never pause or snapshot the new sandbox when idle.
+        #[arg(long)]
+        keep_hot: bool,
+    },
+    /// Delete a checkpoint.
+    #[command(visible_alias = "rm")]
+    Delete {
+        /// Checkpoint name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Set a secret from --value, stdin, or a prompt (no echo).
+    Set {
+        /// Name: upper-case letters, digits and '_'.
+        #[arg(value_parser = parse_secret_name)]
+        name: String,
+        /// The value (visible in your shell history; prefer stdin or the prompt).
+        #[arg(long)]
+        value: Option<String>,
+    },
+    /// List your secrets (never their values).
+    #[command(visible_alias = "ls")]
+    List,
+    /// Delete a secret.
+    #[command(visible_alias = "rm")]
+    Delete {
+        /// Secret name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionArgs {
+    /// The shell.
+    pub shell: clap_complete::Shell,
+}
+
+/// Where the daemon's configuration is.
+#[derive(Debug, Clone, Args)]
+pub struct HostArgs {
+    /// Daemon config file (TOML). Default: BHATTI_CONFIG, else
+    /// /etc/bhatti/config.toml when it exists, else built-in defaults.
+    #[arg(long, env = "BHATTI_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create a user and print its API key (shown only this once).
+    Create {
+        #[command(flatten)]
+        host: HostArgs,
+        /// User name.
+        #[arg(long, value_parser = parse_name)]
+        name: String,
+        /// Most sandboxes at once (default: the config's [limits]).
+        #[arg(long, value_name = "N")]
+        max_sandboxes: Option<u32>,
+        /// Most vCPUs per sandbox.
+        #[arg(long, value_name = "N")]
+        max_cpus: Option<u32>,
+        /// Most memory per sandbox, MiB.
+        #[arg(long, value_name = "MB")]
+        max_memory: Option<u32>,
+        /// Most checkpoints kept.
+        #[arg(long, value_name = "N")]
+        max_snapshots: Option<u32>,
+    },
+    /// List users.
+    #[command(visible_alias = "ls")]
+    List {
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Delete a user (refused while it has sandboxes or checkpoints).
+    #[command(visible_alias = "rm")]
+    Delete {
+        #[command(flatten)]
+        host: HostArgs,
+        /// User name.
+        name: String,
+    },
+    /// Issue a new API key; the old one stops working at once.
+    RotateKey {
+        #[command(flatten)]
+        host: HostArgs,
+        /// User name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// The daemon's health, users and sandboxes at a glance (exit 1 when
+    /// the daemon does not answer).
+    Status {
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Print a daemon config file with every key at its default, commented.
+    ExampleConfig,
+}
+
+/// A sandbox, checkpoint or user name, checked before anything is sent.
+pub fn parse_name(s: &str) -> Result<String, String> {
+    bhatti::api_types::validate_name("name", s)
+        .map(|()| s.to_string())
+        .map_err(|e| e.message)
+}
+
+fn parse_secret_name(s: &str) -> Result<String, String> {
+    bhatti::secrets::validate_name(s)
+        .map(|()| s.to_string())
+        .map_err(|e| e.message)
+}
+
+/// `KEY=VALUE` (the value may contain `=` and be empty).
+pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+/// Octal permission bits: `644`, `0644` or `0o644`.
+pub fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o7777 && !digits.is_empty() => Ok(m),
+        _ => Err(format!(
+            "expected octal permission bits such as 0644, got {s:?}"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("bhatti").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn exec_takes_everything_after_dashes() {
+        let cli = parse(&["exec", "dev", "--", "sh", "-c", "exit 7"]).unwrap();
+        let Command::Exec(e) = cli.command else {
+            panic!("not exec")
+        };
+        assert_eq!(e.sandbox, "dev");
+        assert_eq!(e.cmd, ["sh", "-c", "exit 7"]);
+        // Flags after the command belong to the command.
+        let cli = parse(&["exec", "-e", "A=1=2", "dev", "ls", "-l", "--json"]).unwrap();
+        let Command::Exec(e) = cli.command else {
+            panic!("not exec")
+        };
+        assert_eq!(e.cmd, ["ls", "-l", "--json"]);
+        assert_eq!(e.env, [("A".to_string(), "1=2".to_string())]);
+        assert!(!cli.global.json);
+        assert!(parse(&["exec", "dev"]).is_err());
+    }
+
+    #[test]
+    fn global_flags_anywhere() {
+        let cli = parse(&["list", "--json", "--url", "http://h:1"]).unwrap();
+        assert!(cli.global.json);
+        assert_eq!(cli.global.url.as_deref(), Some("http://h:1"));
+        let cli = parse(&["--json", "snapshot", "list"]).unwrap();
+        assert!(cli.global.json);
+    }
+
+    #[test]
+    fn names_are_checked_locally() {
+        let e = parse(&["create", "Bad_Name"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
+        assert!(parse(&["create", "good-1"]).is_ok());
+        assert!(parse(&["create"]).is_ok());
+        assert!(parse(&["snapshot", "create", "dev", "x y"]).is_err());
+        assert!(parse(&["user", "create", "--name", "-x"]).is_err());
+        assert!(parse(&["secret", "set", "lower"]).is_err());
+        assert!(parse(&["secret", "set", "GITHUB_TOKEN"]).is_ok());
+    }
+
+    #[test]
+    fn key_values_and_modes() {
+        assert_eq!(parse_key_value("a=").unwrap(), ("a".into(), "".into()));
+        assert!(parse_key_value("=a").is_err());
+        assert!(parse_key_value("a").is_err());
+        assert_eq!(parse_mode("0755").unwrap(), 0o755);
+        assert_eq!(parse_mode("0o600").unwrap(), 0o600);
+        assert!(parse_mode("9").is_err());
+        assert!(parse_mode("").is_err());
+        assert!(parse_mode("77777").is_err());
+    }
+
+    #[test]
+    fn user_create_flags() {
+        let cli = parse(&[
+            "user",
+            "create",
+            "--name",
+            "alice",
+            "--max-sandboxes",
+            "3",
+            "--max-memory",
+            "2048",
+            "--json",
+            "--config",
+            "/tmp/c.toml",
+        ])
+        .unwrap();
+        let Command::User(UserCommand::Create {
+            host,
+            name,
+            max_sandboxes,
+            max_memory,
+            ..
+        }) = cli.command
+        else {
+            panic!("not user create")
+        };
+        assert_eq!(name, "alice");
+        assert_eq!((max_sandboxes, max_memory), (Some(3), Some(2048)));
+        assert_eq!(host.config.unwrap(), PathBuf::from("/tmp/c.toml"));
+        assert!(cli.global.json);
+        assert!(parse(&["user", "create", "--name", "a", "--max-cpus", "x"]).is_err());
+    }
+
+    #[test]
+    fn shell_and_files() {
+        let cli = parse(&["shell", "dev", "--session", "s1"]).unwrap();
+        let Command::Shell(s) = cli.command else {
+            panic!("not shell")
+        };
+        assert_eq!(s.session.as_deref(), Some("s1"));
+        assert!(parse(&["shell", "dev", "--offset", "5"]).is_err());
+        let cli = parse(&["shell", "dev", "--", "top"]).unwrap();
+        let Command::Shell(s) = cli.command else {
+            panic!("not shell")
+        };
+        assert_eq!(s.cmd, ["top"]);
+        let cli = parse(&["file", "write", "dev", "/x", "--mode", "600"]).unwrap();
+        let Command::File(FileCommand::Write(w)) = cli.command else {
+            panic!("not file write")
+        };
+        assert_eq!((w.local, w.mode), (None, Some(0o600)));
+        assert!(parse(&["start", "dev", "--fresh"]).is_ok());
+        assert!(parse(&["completion", "zsh"]).is_ok());
+        assert!(parse(&["completion", "tcsh"]).is_err());
+    }
+}

@@ -1,0 +1,791 @@
+//! The `bhatti` binary driven as a user drives it, against a real daemon
+//! (`bhatti serve` as a child process) booting real VMs.
+//!
+//! Needs root, a kernel (`BHATTI_KERNEL`, else the newest
+//! `/var/cache/bhatti-ci/kernel/*/vmlinux`) and a rootfs with lohar
+//! (`BHATTI_ROOTFS`, else the newest `/var/cache/bhatti-ci/rootfs/*/rootfs+lohar.ext4`);
+//! without them the VM test prints one SKIP line. The daemon gets its own
+//! data dir, socket and network namespace, all removed afterwards, even on
+//! failure ([`Daemon`]'s `Drop`). One VM serves the whole flow: a boot under
+//! TCG takes seconds.
+//!
+//! The tests without a daemon (usage errors, unreachable daemon, setup
+//! validation) run everywhere.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_bhatti");
+/// Longest any one CLI command may take (a create boots a VM under TCG).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn env_path(var: &str) -> Option<PathBuf> {
+    std::env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+fn newest(dir: &Path, file: &str) -> Option<PathBuf> {
+    let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with(['.', '_']))
+        .map(|e| e.path().join(file))
+        .filter(|p| p.is_file())
+        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+        .collect();
+    found.sort();
+    found.pop().map(|(_, p)| p)
+}
+
+/// Kernel and rootfs, or `None` after one SKIP line.
+fn artifacts(test: &str) -> Option<(PathBuf, PathBuf)> {
+    let cache = Path::new("/var/cache/bhatti-ci");
+    let kernel = env_path("BHATTI_KERNEL").or_else(|| newest(&cache.join("kernel"), "vmlinux"));
+    let rootfs =
+        env_path("BHATTI_ROOTFS").or_else(|| newest(&cache.join("rootfs"), "rootfs+lohar.ext4"));
+    let mut missing = Vec::new();
+    if !nix::unistd::geteuid().is_root() {
+        missing.push("root");
+    }
+    if !kernel.as_ref().is_some_and(|p| p.is_file()) {
+        missing.push("kernel (BHATTI_KERNEL)");
+    }
+    if !rootfs.as_ref().is_some_and(|p| p.is_file()) {
+        missing.push("rootfs with lohar (BHATTI_ROOTFS)");
+    }
+    if !missing.is_empty() {
+        eprintln!("SKIP {test}: missing {}", missing.join(", "));
+        return None;
+    }
+    Some((kernel?, rootfs?))
+}
+
+/// What one run of the binary did.
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {:?}", self.stdout))
+    }
+
+    /// Asserts success and returns self.
+    fn ok(self, what: &str) -> Run {
+        assert_eq!(
+            self.code, 0,
+            "{what}: exit {}\nstdout: {}\nstderr: {}",
+            self.code, self.stdout, self.stderr
+        );
+        self
+    }
+
+    /// Asserts a failure with `code` and exactly one line on stderr.
+    fn fails(self, what: &str, code: i32) -> Run {
+        assert_eq!(
+            self.code, code,
+            "{what}: expected exit {code}\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
+        assert_eq!(
+            self.stderr.trim_end().lines().count(),
+            1,
+            "{what}: the error should be one line: {:?}",
+            self.stderr
+        );
+        assert!(
+            self.stderr.starts_with("bhatti: "),
+            "{what}: {:?}",
+            self.stderr
+        );
+        self
+    }
+}
+
+/// Runs the binary with `envs` (and nothing inherited that would change
+/// which daemon or key it uses), feeding `stdin`, within [`COMMAND_TIMEOUT`].
+fn bhatti(home: &Path, envs: &[(&str, &str)], args: &[&str], stdin: Option<&[u8]>) -> Run {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_remove("BHATTI_URL")
+        .env_remove("BHATTI_TOKEN")
+        .env_remove("BHATTI_CONFIG")
+        .env_remove("XDG_CONFIG_HOME")
+        .env("HOME", home)
+        .envs(envs.iter().copied())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn bhatti");
+    if let Some(input) = stdin {
+        let mut w = child.stdin.take().expect("stdin");
+        let input = input.to_vec();
+        std::thread::spawn(move || {
+            let _ = w.write_all(&input);
+        });
+    }
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out: Output = match rx.recv_timeout(COMMAND_TIMEOUT) {
+        Ok(r) => r.expect("wait for bhatti"),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::SIGKILL,
+            );
+            panic!("bhatti {args:?} did not finish within {COMMAND_TIMEOUT:?}");
+        }
+    };
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A daemon child with its own data dir, socket and network namespace.
+struct Daemon {
+    dir: tempfile::TempDir,
+    netns: String,
+    child: Option<Child>,
+    config: PathBuf,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(kernel: &Path, rootfs: &Path) -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("bhatti-cli.")
+            .tempdir()
+            .expect("tempdir");
+        let netns = format!("bhatti-cli-{}", bhatti::engine::random_hex(4));
+        let socket = dir.path().join("bhatti.sock");
+        let config = dir.path().join("config.toml");
+        let toml = format!(
+            r#"data_dir = {data:?}
+listen_unix = {socket:?}
+listen_tcp = ""
+
+[vm]
+kernel = {kernel:?}
+rootfs = {rootfs:?}
+boot_timeout_secs = 240
+agent_timeout_secs = 60
+
+[network]
+netns = {netns:?}
+
+[thermal]
+warm_after_secs = 0
+cold_after_secs = 0
+"#,
+            data = dir.path().join("data"),
+        );
+        std::fs::write(&config, toml).expect("write config");
+        std::fs::create_dir_all(dir.path().join("home")).expect("home");
+        let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log");
+        let child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "bhatti=debug,info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn bhatti serve");
+        let mut d = Daemon {
+            dir,
+            netns,
+            child: Some(child),
+            config,
+            socket,
+        };
+        d.wait_ready();
+        d
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Waits (bounded) until `/health` answers on the socket; fails at once
+    /// when the daemon exits.
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "bhatti serve exited ({status}) before it was ready:\n{}",
+                    self.log()
+                );
+            }
+            if health(&self.socket) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "bhatti serve did not answer /health within 120 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+
+    fn url(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    fn config_arg(&self) -> String {
+        self.config.display().to_string()
+    }
+}
+
+/// One `GET /health` over the unix socket, true on a 200.
+fn health(socket: &Path) -> bool {
+    use std::io::Read;
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if s.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.1 200")
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // VMMs outlive the daemon by design: end any this test left (their
+        // command lines name files under our temp dir).
+        let marker = self.dir.path().to_string_lossy().into_owned();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            if pid != std::process::id() as i32
+                && String::from_utf8_lossy(&cmdline).contains(&marker)
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::SIGKILL,
+                );
+            }
+        }
+        // Mounts the daemon made under the data dir (the XFS loop image of
+        // the disk strategy on hosts without reflink); a killed VMM may hold
+        // its disk a moment longer than its pid shows, so retry briefly.
+        let mounts = || -> Vec<String> {
+            std::fs::read_to_string("/proc/mounts")
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.split(' ').nth(1))
+                .filter(|m| m.starts_with(&marker))
+                .map(str::to_string)
+                .collect()
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !mounts().is_empty() && Instant::now() < deadline {
+            for m in mounts().iter().rev() {
+                let _ = Command::new("umount")
+                    .args(["-d", m])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            if !mounts().is_empty() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .stderr(Stdio::null())
+            .status();
+        if std::thread::panicking() {
+            eprintln!("--- daemon log ---\n{}", self.log());
+        }
+    }
+}
+
+/// `bhatti` on a pseudo-terminal (stdin and stdout), as a person at a
+/// terminal runs it; stderr is captured apart.
+struct PtyRun {
+    master: std::fs::File,
+    output: std::sync::mpsc::Receiver<Vec<u8>>,
+    seen: Vec<u8>,
+    done: std::sync::mpsc::Receiver<Output>,
+}
+
+impl PtyRun {
+    fn spawn(home: &Path, envs: &[(&str, &str)], args: &[&str]) -> PtyRun {
+        let ws = nix::pty::Winsize {
+            ws_row: 24,
+            ws_col: 80,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let pty = nix::pty::openpty(Some(&ws), None).expect("openpty");
+        let slave_in = pty.slave.try_clone().expect("dup pty");
+        let child = Command::new(BIN)
+            .args(args)
+            .env_remove("BHATTI_URL")
+            .env_remove("BHATTI_TOKEN")
+            .env_remove("XDG_CONFIG_HOME")
+            .env("HOME", home)
+            .envs(envs.iter().copied())
+            .stdin(Stdio::from(slave_in))
+            .stdout(Stdio::from(pty.slave))
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn bhatti on a pty");
+        let master = std::fs::File::from(pty.master);
+        let mut reader = master.try_clone().expect("dup master");
+        let (tx, output) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 4096];
+            // EIO once every slave end is closed.
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        let (dtx, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = dtx.send(child.wait_with_output().expect("wait"));
+        });
+        PtyRun {
+            master,
+            output,
+            seen: Vec::new(),
+            done,
+        }
+    }
+
+    /// Everything shown so far once `needle` is among it.
+    fn until(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !String::from_utf8_lossy(&self.seen).contains(needle) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.output.recv_timeout(left) {
+                Ok(b) => self.seen.extend_from_slice(&b),
+                Err(_) => panic!(
+                    "{needle:?} did not show up; the terminal shows {:?}",
+                    String::from_utf8_lossy(&self.seen)
+                ),
+            }
+        }
+        String::from_utf8_lossy(&self.seen).into_owned()
+    }
+
+    fn type_bytes(&mut self, b: &[u8]) {
+        self.master.write_all(b).expect("write to the pty");
+    }
+
+    /// Exit code and stderr, and everything the terminal showed.
+    fn finish(mut self) -> (i32, String, String) {
+        let out = self
+            .done
+            .recv_timeout(COMMAND_TIMEOUT)
+            .expect("bhatti on the pty did not exit");
+        // The reader ends (EIO) once the child, the last holder of the
+        // slave side, is gone.
+        while let Ok(b) = self.output.recv_timeout(COMMAND_TIMEOUT) {
+            self.seen.extend_from_slice(&b);
+        }
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            String::from_utf8_lossy(&self.seen).into_owned(),
+        )
+    }
+}
+
+/// Detach with Ctrl+\, let output happen while detached, reattach: the
+/// replay has what was missed and nothing already shown.
+fn shell_detach_and_reattach(home: &Path, env: &[(&str, &str)]) {
+    let script = "echo one-$((0+1)); while [ ! -f /tmp/go ]; do sleep 0.05; done; echo two-$((1+1)); read x; echo got-$x; exit 4";
+    let mut first = PtyRun::spawn(home, env, &["shell", "dev", "--", "sh", "-c", script]);
+    first.until("one-1");
+    first.type_bytes(&[0x1c]);
+    let (code, stderr, _) = first.finish();
+    assert_eq!(code, 0, "detach exits 0: {stderr}");
+    let session = stderr
+        .split("--session ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no reattach hint in {stderr:?}"))
+        .to_string();
+    let offsets = std::fs::read_to_string(home.join(".config/bhatti/sessions.json"))
+        .expect("offsets saved on detach");
+    assert!(offsets.contains(&session), "{offsets}");
+
+    bhatti(home, env, &["exec", "dev", "--", "touch", "/tmp/go"], None).ok("trigger");
+    let mut second = PtyRun::spawn(home, env, &["shell", "dev", "--session", &session]);
+    second.until("two-2");
+    second.type_bytes(b"hello\r");
+    let (code, stderr, shown) = second.finish();
+    assert_eq!(code, 4, "the session's exit code passes through: {stderr}");
+    assert!(shown.contains("got-hello"), "{shown:?}");
+    assert!(
+        !shown.contains("one-1"),
+        "bytes shown before the detach were repeated: {shown:?}"
+    );
+    assert_eq!(shown.matches("two-2").count(), 1, "{shown:?}");
+    let offsets =
+        std::fs::read_to_string(home.join(".config/bhatti/sessions.json")).unwrap_or_default();
+    assert!(
+        !offsets.contains(&session),
+        "an ended session is forgotten: {offsets}"
+    );
+}
+
+#[test]
+fn cli_against_a_real_daemon() {
+    let Some((kernel, rootfs)) = artifacts("cli_against_a_real_daemon") else {
+        return;
+    };
+    let d = Daemon::start(&kernel, &rootfs);
+    let home = d.home();
+    let cfg = d.config_arg();
+
+    // Host admin: a user, its key shown once.
+    let user = bhatti(
+        &home,
+        &[],
+        &[
+            "user", "create", "--name", "tester", "--json", "--config", &cfg,
+        ],
+        None,
+    )
+    .ok("user create")
+    .json();
+    assert_eq!(user["name"], "tester");
+    let key = user["api_key"].as_str().expect("api_key").to_string();
+    assert!(key.starts_with("bht_"), "{key}");
+    let users = bhatti(
+        &home,
+        &[],
+        &["user", "list", "--json", "--config", &cfg],
+        None,
+    )
+    .ok("user list")
+    .json();
+    assert_eq!(users["users"][0]["name"], "tester");
+    bhatti(
+        &home,
+        &[],
+        &["user", "create", "--name", "tester", "--config", &cfg],
+        None,
+    )
+    .fails("duplicate user", 1);
+
+    let url = d.url();
+    let env = [("BHATTI_URL", url.as_str()), ("BHATTI_TOKEN", key.as_str())];
+    let b = |args: &[&str]| bhatti(&home, &env, args, None);
+    let b_in = |args: &[&str], input: &[u8]| bhatti(&home, &env, args, Some(input));
+
+    // Create (idempotent), list, inspect.
+    let sb = b(&["create", "dev", "--label", "team=a", "--json"])
+        .ok("create")
+        .json();
+    assert_eq!(sb["name"], "dev");
+    assert_eq!(sb["status"], "running");
+    let id = sb["id"].as_str().expect("id").to_string();
+    let again = b(&["create", "dev", "--json"]).ok("create again").json();
+    assert_eq!(again["id"], id.as_str(), "create is idempotent by name");
+    let list = b(&["list", "--json"]).ok("list").json();
+    let names: Vec<&str> = list["sandboxes"]
+        .as_array()
+        .expect("sandboxes array")
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(names, ["dev"]);
+    let human = b(&["list"]).ok("list (table)");
+    assert!(human.stdout.starts_with("NAME"), "{}", human.stdout);
+    assert!(human.stdout.contains(&id), "{}", human.stdout);
+    assert_eq!(
+        b(&["inspect", &id, "--json"]).ok("inspect by id").json()["name"],
+        "dev"
+    );
+
+    // Exec: streams, stderr apart, the exit code passes through.
+    let r = b(&[
+        "exec",
+        "dev",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 7",
+    ]);
+    assert_eq!(r.code, 7, "exit code passes through: {}", r.stderr);
+    assert_eq!(r.stdout, "out\n");
+    assert!(r.stderr.contains("err"), "{:?}", r.stderr);
+    assert_eq!(b(&["exec", "dev", "--", "true"]).code, 0);
+    // Piped stdin reaches the command.
+    let r = b_in(
+        &["exec", "dev", "--", "sh", "-c", "tr a-z A-Z"],
+        b"hello stdin\n",
+    )
+    .ok("exec stdin");
+    assert_eq!(r.stdout, "HELLO STDIN\n");
+    // --json: one document, the code still passes through.
+    let r = b(&[
+        "exec",
+        "dev",
+        "--json",
+        "--",
+        "sh",
+        "-c",
+        "printf x; exit 3",
+    ]);
+    assert_eq!(r.code, 3);
+    let v = r.json();
+    assert_eq!(
+        (v["exit_code"].as_i64(), v["stdout"].as_str()),
+        (Some(3), Some("x"))
+    );
+    // Env and cwd.
+    let r = b(&[
+        "exec",
+        "dev",
+        "-e",
+        "GREETING=hi there",
+        "-w",
+        "/tmp",
+        "--",
+        "sh",
+        "-c",
+        "echo \"$GREETING\" $(pwd)",
+    ])
+    .ok("exec env cwd");
+    assert_eq!(r.stdout, "hi there /tmp\n");
+
+    // Files: write from stdin, read back byte for byte, list.
+    let content: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+    let w = b_in(
+        &["file", "write", "dev", "/tmp/cli/blob.bin", "--json"],
+        &content,
+    )
+    .ok("file write");
+    assert_eq!(w.json()["bytes"].as_u64(), Some(content.len() as u64));
+    let out = Command::new(BIN)
+        .args(["file", "read", "dev", "/tmp/cli/blob.bin"])
+        .env("HOME", &home)
+        .envs(env)
+        .output()
+        .expect("file read");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stdout == content,
+        "file read returned {} bytes, not the {} written",
+        out.stdout.len(),
+        content.len()
+    );
+    let r = b(&["file", "read", "dev", "/tmp/cli/blob.bin", "--json"]).ok("file read --json");
+    assert_eq!(r.json()["encoding"], "base64");
+    let ls = b(&["file", "ls", "dev", "/tmp/cli", "--json"])
+        .ok("file ls")
+        .json();
+    assert!(ls.to_string().contains("blob.bin"), "{ls}");
+    b(&["file", "read", "dev", "/tmp/cli/missing"]).fails("read a missing file", 1);
+    b(&["file", "read", "dev", "relative"]).fails("relative path", 2);
+
+    // Edit labels.
+    let e = b(&[
+        "edit",
+        "dev",
+        "--label",
+        "env=test",
+        "--keep-hot",
+        "true",
+        "--json",
+    ])
+    .ok("edit")
+    .json();
+    assert_eq!(e["labels"]["team"], "a");
+    assert_eq!(e["labels"]["env"], "test");
+    assert_eq!(e["keep_hot"], true);
+
+    // A shell over the WebSocket with piped input: the exit code passes through.
+    let r = b_in(&["shell", "dev"], b"echo shell-$((40+2))\nexit 5\n");
+    assert_eq!(r.code, 5, "shell exit code: {}", r.stderr);
+    assert!(r.stdout.contains("shell-42"), "{:?}", r.stdout);
+    shell_detach_and_reattach(&home, &env);
+    let ps = b(&["ps", "dev", "--json"]).ok("ps").json();
+    assert!(ps["sessions"].is_array(), "{ps}");
+
+    // Secrets: the value from stdin, never shown.
+    b_in(&["secret", "set", "CLI_TOKEN"], b"s3cret\n").ok("secret set");
+    let secrets = b(&["secret", "list", "--json"]).ok("secret list");
+    assert!(secrets.stdout.contains("CLI_TOKEN") && !secrets.stdout.contains("s3cret"));
+    b(&["secret", "delete", "CLI_TOKEN"]).ok("secret delete");
+
+    // Checkpoint, stop, start.
+    let cp = b(&["snapshot", "create", "dev", "cp-one", "--json"])
+        .ok("snapshot create")
+        .json();
+    assert_eq!(cp["name"], "cp-one");
+    let cps = b(&["snapshot", "list", "--json"])
+        .ok("snapshot list")
+        .json();
+    assert!(cps["snapshots"]
+        .as_array()
+        .expect("snapshots")
+        .iter()
+        .any(|c| c["name"] == "cp-one"));
+    b(&["exec", "dev", "--", "sh", "-c", "echo kept > /tmp/state"]).ok("write state");
+    let st = b(&["stop", "dev", "--json"]).ok("stop").json();
+    assert_eq!(st["status"], "stopped");
+    assert_eq!(
+        b(&["inspect", "dev", "--json"])
+            .ok("inspect stopped")
+            .json()["status"],
+        "stopped"
+    );
+    b(&["start", "dev"]).ok("start");
+    let r = b(&["exec", "dev", "--", "cat", "/tmp/state"]).ok("state after start");
+    assert_eq!(r.stdout, "kept\n");
+
+    // Errors: one line, non-zero.
+    b(&["inspect", "nosuch"]).fails("unknown sandbox", 1);
+    b(&["exec", "nosuch", "--", "true"]).fails("exec on an unknown sandbox", 255);
+    b(&["create", "Bad_Name"]).fails("bad name", 2);
+    bhatti(&home, &[("BHATTI_URL", url.as_str())], &["list"], None).fails("no key", 1);
+    bhatti(
+        &home,
+        &[("BHATTI_URL", url.as_str()), ("BHATTI_TOKEN", "bht_wrong")],
+        &["list"],
+        None,
+    )
+    .fails("wrong key", 1);
+
+    // setup writes a private config that later commands use.
+    bhatti(
+        &home,
+        &[],
+        &["setup", "--url", &url, "--token", &key, "--json"],
+        None,
+    )
+    .ok("setup");
+    let cfg_file = home.join(".config/bhatti/config.toml");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&cfg_file)
+            .expect("config file")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    bhatti(&home, &[], &["list", "--json"], None).ok("list via the saved config");
+
+    // Clean up through the CLI.
+    b(&["snapshot", "delete", "cp-one"]).ok("snapshot delete");
+    b(&["destroy", "dev"]).ok("destroy");
+    let list = b(&["list", "--json"]).ok("list after destroy").json();
+    assert_eq!(list["sandboxes"].as_array().map(Vec::len), Some(0));
+    b(&["destroy", "dev"]).fails("destroy twice", 1);
+    bhatti(
+        &home,
+        &[],
+        &["user", "delete", "tester", "--config", &cfg],
+        None,
+    )
+    .ok("user delete");
+}
+
+#[test]
+fn usage_errors_are_one_line_with_exit_2() {
+    let home = tempfile::tempdir().expect("tempdir");
+    for args in [
+        &["frobnicate"][..],
+        &["create", "Has_Caps"],
+        &["exec", "dev"],
+        &["list", "--bogus"],
+        &["file", "write", "dev", "/x", "--mode", "999"],
+        &["completion", "nosh"],
+    ] {
+        bhatti(home.path(), &[], args, None).fails(&format!("{args:?}"), 2);
+    }
+    let help = bhatti(home.path(), &[], &["--help"], None).ok("help");
+    assert!(help.stdout.contains("exec"));
+    let comp = bhatti(home.path(), &[], &["completion", "bash"], None).ok("completion");
+    assert!(comp.stdout.contains("bhatti"));
+}
+
+#[test]
+fn unreachable_daemon_and_missing_key() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let sock = home.path().join("none.sock");
+    let url = format!("unix://{}", sock.display());
+    bhatti(home.path(), &[("BHATTI_URL", &url)], &["list"], None).fails("no key", 1);
+    let r = bhatti(
+        home.path(),
+        &[("BHATTI_URL", &url), ("BHATTI_TOKEN", "bht_x")],
+        &["list"],
+        None,
+    )
+    .fails("unreachable", 1);
+    assert!(r.stderr.contains("cannot reach"), "{}", r.stderr);
+    bhatti(
+        home.path(),
+        &[("BHATTI_URL", &url), ("BHATTI_TOKEN", "bht_x")],
+        &["exec", "dev", "--", "true"],
+        None,
+    )
+    .fails("exec unreachable", 255);
+    bhatti(home.path(), &[("BHATTI_URL", "ftp://x")], &["list"], None).fails("bad url", 2);
+    // setup refuses a malformed key before touching anything.
+    bhatti(
+        home.path(),
+        &[],
+        &["setup", "--url", &url, "--token", "nope"],
+        None,
+    )
+    .fails("malformed key", 2);
+    assert!(!home.path().join(".config/bhatti/config.toml").exists());
+}
