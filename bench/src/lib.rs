@@ -125,6 +125,74 @@ impl Report {
     }
 }
 
+impl Row {
+    /// ours / floor at p50, p95 and p99 (None without a floor).
+    pub fn ratios(&self) -> Option<[f64; 3]> {
+        let f = self.floor.as_ref()?;
+        let r = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+        Some([
+            r(self.op.p50_us, f.p50_us),
+            r(self.op.p95_us, f.p95_us),
+            r(self.op.p99_us, f.p99_us),
+        ])
+    }
+}
+
+impl Report {
+    /// The table in milliseconds with an ours/floor column (p50 and p99),
+    /// for operations that take from microseconds to seconds (VMs).
+    pub fn print_table_ms(&self) {
+        println!("\n{} on {}", self.benchmark, self.host);
+        println!(
+            "{:<36} {:>9} {:>9} {:>9} | {:<44} {:>9} {:>9} {:>9} | {:>11} | {:<16} met",
+            "operation (ms)", "p50", "p95", "p99", "floor (raw, same run)", "p50", "p95", "p99",
+            "ratio50/99", "target"
+        );
+        for r in &self.rows {
+            let (fname, f50, f95, f99) = match &r.floor {
+                Some(f) => (
+                    f.name.as_str(),
+                    format!("{:.3}", f.p50_us / 1000.0),
+                    format!("{:.3}", f.p95_us / 1000.0),
+                    format!("{:.3}", f.p99_us / 1000.0),
+                ),
+                None => ("-", "-".into(), "-".into(), "-".into()),
+            };
+            let ratio = match r.ratios() {
+                Some([a, _, c]) => format!("{a:.2}/{c:.2}"),
+                None => "-".into(),
+            };
+            let met = match r.met {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "-",
+            };
+            println!(
+                "{:<36} {:>9.3} {:>9.3} {:>9.3} | {:<44} {:>9} {:>9} {:>9} | {:>11} | {:<16} {}",
+                r.op.name,
+                r.op.p50_us / 1000.0,
+                r.op.p95_us / 1000.0,
+                r.op.p99_us / 1000.0,
+                fname,
+                f50,
+                f95,
+                f99,
+                ratio,
+                r.target,
+                met
+            );
+        }
+    }
+}
+
+/// `/proc/loadavg`'s first three fields ("1.02 0.87 0.55"), or "unknown".
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// A one-line description of the machine for reports.
 pub fn host_description() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
