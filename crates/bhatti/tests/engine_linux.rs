@@ -705,10 +705,18 @@ async fn snapshot_restore_and_recover() {
             engine.restore("snap").await.is_err(),
             "a flagged snapshot was retried"
         );
-        let c = engine
+        // Waking it does not silently give up its memory: that takes an
+        // explicit fresh start.
+        let e = engine
             .agent("snap")
             .await
+            .expect_err("woke without its snapshot");
+        assert!(e.to_string().contains("start it fresh"), "{e}");
+        engine
+            .start_fresh("snap")
+            .await
             .expect("fresh boot after a bad snapshot");
+        let c = engine.agent("snap").await.unwrap();
         assert_ne!(c.hello().boot_id, boot_id, "expected a fresh boot");
         let (got, _) = c
             .read_file_all(ReadFileRequest {
@@ -873,5 +881,60 @@ async fn boot_failures_report_the_console() {
             std::fs::read_dir(data.join("sandboxes")).unwrap().count(),
             0
         );
+    }
+}
+
+/// Checkpoints and forks with plain copies (no reflink, no XFS loop): the
+/// checkpoint's disk lives inside the checkpoint directory then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_and_fork_with_copied_disks() {
+    init_tracing();
+    let Some(art) = artifacts("checkpoint_and_fork_with_copied_disks") else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    for (label, backend) in backends() {
+        eprintln!("== checkpoint_and_fork_with_copied_disks on {label}");
+        let env = TestEnv::new(art.clone_paths());
+        let mut cfg = env.config("e", backend);
+        cfg.disk_strategy = bhatti::storage::DiskStrategy::Copy;
+        let engine = Engine::new(cfg).await.expect("engine");
+        let sb = engine
+            .create(CreateSpec {
+                name: Some("origin".into()),
+                memory_mb: 256,
+                ..Default::default()
+            })
+            .await
+            .expect("create");
+        let c = engine.agent(&sb.id).await.unwrap();
+        sh(&c, "echo before > /workspace/mark").await;
+        let cp_dir = env.dir.path().join("cp-copy");
+        engine
+            .checkpoint(&sb.id, &cp_dir)
+            .await
+            .expect("checkpoint");
+        assert!(
+            cp_dir.join("rootfs.ext4").is_file(),
+            "the disk copy moved in with the checkpoint"
+        );
+        sh(&c, "echo after > /workspace/mark").await;
+        let child = engine
+            .fork(
+                "fork-copy".into(),
+                CreateSpec {
+                    name: Some("child".into()),
+                    ..Default::default()
+                },
+                &cp_dir,
+            )
+            .await
+            .expect("fork");
+        let cc = engine.agent(&child.id).await.unwrap();
+        assert_eq!(sh(&cc, "cat /workspace/mark").await.trim(), "before");
+        assert_eq!(sh(&c, "cat /workspace/mark").await.trim(), "after");
+        assert_eq!(sh(&cc, "hostname").await.trim(), "child");
+        engine.destroy(&child.id).await.unwrap();
+        engine.destroy(&sb.id).await.unwrap();
     }
 }

@@ -173,6 +173,12 @@ impl Inner {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| random_hex(8));
         let disk = self.storage.checkpoint_disk_path(&key, dir);
+        // A disk that lives inside the checkpoint dir is written into the
+        // temp dir and arrives with its rename; others are written in place.
+        let tmp_disk = match disk.strip_prefix(dir) {
+            Ok(rel) => tmp.join(rel),
+            Err(_) => disk.clone(),
+        };
         let files = SnapshotFiles {
             state: dir.join("snapshot").join("state"),
             memory: (self.cfg.backend.kind() == BackendKind::Firecracker)
@@ -208,7 +214,7 @@ impl Inner {
                     source,
                 })?;
             self.storage
-                .clone_disk(&src_disk, &disk)
+                .clone_disk(&src_disk, &tmp_disk)
                 .await
                 .map_err(EngineError::from)?;
             Ok::<_, EngineError>(())
@@ -218,7 +224,7 @@ impl Inner {
         let resumed = vm.resume().await;
         if let Err(e) = written {
             remove_dir_if_exists(&tmp);
-            let _ = std::fs::remove_file(&disk);
+            let _ = std::fs::remove_file(&tmp_disk);
             if let Err(re) = resumed {
                 tracing::error!("resuming after a failed checkpoint: {re}");
             }
@@ -230,7 +236,7 @@ impl Inner {
         let pause_ms = started.elapsed().as_millis() as u64;
         let size_bytes = file_size(&tmp_files.state)
             + tmp_files.memory.as_deref().map_or(0, file_size)
-            + file_size(&disk);
+            + file_size(&tmp_disk);
         let meta = CheckpointMeta {
             version: META_VERSION,
             source_id: live.rec.id.clone(),
@@ -259,7 +265,7 @@ impl Inner {
             }
             fsync_tree(&tmp.join("snapshot"))?;
             fsync_tree(&tmp)?;
-            std::fs::File::open(&disk)?.sync_all()?;
+            std::fs::File::open(&tmp_disk)?.sync_all()?;
             std::fs::rename(&tmp, dir)?;
             if let Some(parent) = dir.parent() {
                 state::sync_dir(parent)?;
@@ -268,7 +274,7 @@ impl Inner {
         })();
         if let Err(e) = finished {
             remove_dir_if_exists(&tmp);
-            let _ = std::fs::remove_file(&disk);
+            let _ = std::fs::remove_file(&tmp_disk);
             return Err(EngineError::io("writing the checkpoint", e));
         }
         tracing::info!(pause_ms, size_bytes, dir = %dir.display(), "checkpoint taken");

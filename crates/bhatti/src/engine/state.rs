@@ -232,6 +232,17 @@ impl SandboxRecord {
 
     /// Writes `dir/sandbox.json` atomically (temp file, fsync, rename).
     pub fn save(&self, dir: &Path) -> std::io::Result<()> {
+        self.write(dir, true)
+    }
+
+    /// Like [`SandboxRecord::save`] but without the fsyncs: for changes that
+    /// need not survive a host crash (paused ↔ running: after a crash the
+    /// VMM is gone anyway, and a live one reports its own state on adopt).
+    pub fn save_volatile(&self, dir: &Path) -> std::io::Result<()> {
+        self.write(dir, false)
+    }
+
+    fn write(&self, dir: &Path, durable: bool) -> std::io::Result<()> {
         let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
         let tmp = dir.join(format!(".{RECORD_FILE}.tmp"));
         let mut f = std::fs::OpenOptions::new()
@@ -241,10 +252,15 @@ impl SandboxRecord {
             .mode(0o600)
             .open(&tmp)?;
         f.write_all(&json)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         drop(f);
         std::fs::rename(&tmp, dir.join(RECORD_FILE))?;
-        sync_dir(dir)
+        if durable {
+            sync_dir(dir)?;
+        }
+        Ok(())
     }
 
     pub fn load(dir: &Path) -> std::io::Result<SandboxRecord> {
