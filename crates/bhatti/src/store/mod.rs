@@ -198,21 +198,30 @@ pub fn configure(conn: &Connection) -> Result<()> {
 /// the database at a whole version. Returns the version reached.
 pub fn migrate_to(conn: &mut Connection, target: i64) -> Result<i64> {
     let target = target.min(schema_version());
-    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if current > schema_version() {
+    let version = |c: &Connection| -> Result<i64> {
+        Ok(c.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    };
+    let first = version(conn)?;
+    if first > schema_version() {
         return Err(StoreError::TooNew {
-            found: current,
+            found: first,
             supported: schema_version(),
         });
     }
-    for v in current..target {
-        let tx = conn.transaction()?;
+    loop {
+        // The version is read inside a write transaction (BEGIN IMMEDIATE),
+        // so two processes opening a new database at once (the daemon and
+        // `bhatti user create`) cannot both apply the same step.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let v = version(&tx)?;
+        if v >= target {
+            return Ok(v);
+        }
         tx.execute_batch(MIGRATIONS[v as usize])?;
         // PRAGMA takes no bound parameters; v is an integer we own.
         tx.execute_batch(&format!("PRAGMA user_version = {}", v + 1))?;
         tx.commit()?;
     }
-    Ok(target.max(current))
 }
 
 /// Applies every pending migration.
@@ -428,6 +437,33 @@ mod tests {
         let e = Store::open(&p).unwrap_err();
         assert!(matches!(e, StoreError::TooNew { found: 99, .. }), "{e}");
         assert!(e.to_string().contains("newer"));
+    }
+
+    #[test]
+    fn concurrent_first_opens_all_succeed() {
+        // The daemon and `bhatti user create` may open a new database at the
+        // same moment: both must end up with one, fully migrated schema.
+        for _ in 0..10 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("race.db");
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    let (p, b) = (path.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        b.wait();
+                        open_connection(&p).map(|c| {
+                            c.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+                                .unwrap()
+                        })
+                    })
+                })
+                .collect();
+            for h in handles {
+                let v = h.join().unwrap().expect("open under contention");
+                assert_eq!(v, schema_version());
+            }
+        }
     }
 
     #[test]
