@@ -14,8 +14,9 @@ pub use engine::{CreateSpec, Engine, EngineConfig, EngineError, Sandbox, Sandbox
 
 pub mod api;
 pub mod api_types;
-pub mod daemon;
 pub mod auth;
 pub mod config;
+pub mod daemon;
 pub mod secrets;
 pub mod store;
+pub mod thermal;

@@ -173,6 +173,15 @@ pub trait Vm: Send + Sync + Debug {
     /// renames them into place). The VM stays paused.
     async fn snapshot(&self, kind: SnapshotKind, files: &SnapshotFiles) -> Result<()>;
 
+    /// Snapshots this handle has written (or attempted). Backends that take
+    /// Diff snapshots count them: a Diff covers the pages dirtied since the
+    /// previous snapshot of the process (or since its restore), so a caller
+    /// that restored a VM can tell whether a Diff still follows that
+    /// snapshot (the count is unchanged since the restore). Others: 0.
+    fn snapshots_taken(&self) -> u64 {
+        0
+    }
+
     /// Ends the VMM process and waits for it to be gone.
     async fn kill(&self) -> Result<()>;
 

@@ -22,7 +22,9 @@
 mod agent;
 mod checkpoint;
 mod error;
+mod snapshot_chain;
 mod state;
+mod wake;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -35,7 +37,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bhatti_protocol::guest_config::{AgentTransport, GuestConfig, NetworkConfig};
 use bhatti_protocol::AgentClient;
 use bhatti_vmm::process::VmmProcess;
-use bhatti_vmm::{BackendKind, SnapshotFiles, SnapshotKind, Vm, VmmBackend};
+use bhatti_vmm::{BackendKind, SnapshotFiles, Vm, VmmBackend};
 use serde::Serialize;
 use tracing::Instrument;
 
@@ -49,6 +51,7 @@ pub use state::{
     transition, validate_name, CreateSpec, Op, SandboxRecord, SandboxState, SnapshotRecord,
     RECORD_FILE,
 };
+pub use wake::WakeReport;
 
 /// Name of the VMM console log in a run dir (both backends use it).
 pub const CONSOLE_LOG: &str = "console.log";
@@ -183,6 +186,8 @@ struct Inner {
     sandboxes_dir: PathBuf,
     run_root: PathBuf,
     slots: std::sync::Mutex<HashMap<String, Arc<Slot>>>,
+    /// What each restored VMM was restored from (Diff snapshots).
+    chains: snapshot_chain::Chains,
 }
 
 /// One sandbox: its published view and its serialized live state.
@@ -250,6 +255,7 @@ impl Engine {
                 sandboxes_dir,
                 run_root,
                 slots: std::sync::Mutex::new(HashMap::new()),
+                chains: Default::default(),
             }),
         })
     }
@@ -553,8 +559,17 @@ impl Inner {
 
     /// Persists the record and publishes the view.
     fn save(&self, slot: &Slot, live: &Live) -> Result<()> {
+        self.save_as(slot, live, true)
+    }
+
+    fn save_as(&self, slot: &Slot, live: &Live, durable: bool) -> Result<()> {
         *slot.view.lock().expect("view lock") = Sandbox::from_record(&live.rec, &slot.dir);
-        live.rec.save(&slot.dir).map_err(|e| {
+        let saved = if durable {
+            live.rec.save(&slot.dir)
+        } else {
+            live.rec.save_volatile(&slot.dir)
+        };
+        saved.map_err(|e| {
             EngineError::io(
                 format!("saving {}", slot.dir.join(RECORD_FILE).display()),
                 e,
@@ -566,9 +581,17 @@ impl Inner {
         if live.rec.state != state {
             tracing::info!(from = %live.rec.state, to = %state, "state");
         }
+        // Pausing and resuming are the hot path of the thermal manager and
+        // need no fsync (see SandboxRecord::save_volatile).
+        let durable = !matches!(
+            (live.rec.state, state),
+            (SandboxState::Running, SandboxState::Paused)
+                | (SandboxState::Paused, SandboxState::Running)
+        ) || live.rec.error.is_some()
+            || error.is_some();
         live.rec.state = state;
         live.rec.error = error;
-        if let Err(e) = self.save(slot, live) {
+        if let Err(e) = self.save_as(slot, live, durable) {
             tracing::error!("{e}");
         }
     }
@@ -694,11 +717,20 @@ impl Inner {
 
     async fn do_start(&self, slot: &Slot, live: &mut Live) -> Result<()> {
         transition(live.rec.state, Op::Start).map_err(|m| self.state_err(slot, m))?;
+        // A snapshot that did not restore is not retried, and the guest's
+        // memory is not silently given up: booting from the disk instead
+        // takes an explicit fresh start (`start_fresh`).
+        if let Some(why) = live.rec.snapshot.as_ref().and_then(|s| s.failed.as_deref()) {
+            let why = why.lines().next().unwrap_or_default().to_owned();
+            return Err(self.state_err(
+                slot,
+                format!(
+                    "its memory snapshot did not restore ({why}); start it fresh to boot from its disk"
+                ),
+            ));
+        }
         if live.rec.usable_snapshot().is_some() {
-            match self.do_restore(slot, live).await {
-                Ok(()) => return Ok(()),
-                Err(e) => tracing::warn!("restore failed, booting from the disk instead: {e}"),
-            }
+            return self.do_restore(slot, live).await;
         }
         if let Err(e) = self.boot_fresh(slot, live, "did not boot").await {
             self.set_state(slot, live, SandboxState::Failed, Some(e.to_string()));
@@ -850,7 +882,9 @@ impl Inner {
                 .mode(0o700)
                 .create(&tmp)
                 .map_err(|e| EngineError::io(format!("creating {}", tmp.display()), e))?;
-            vm.snapshot(SnapshotKind::Full, &files(&tmp))
+            // Full, or a Diff merged into a copy of the previous image.
+            let kind = self
+                .write_chained_snapshot(&id, vm, &files(&tmp))
                 .await
                 .map_err(|source| EngineError::Vmm {
                     id: id.clone(),
@@ -859,18 +893,21 @@ impl Inner {
                 })?;
             fsync_tree(&tmp)
                 .map_err(|e| EngineError::io(format!("syncing {}", tmp.display()), e))?;
-            Ok::<_, EngineError>(())
+            Ok::<_, EngineError>(kind)
         }
         .await;
-        if let Err(e) = written {
-            remove_dir_if_exists(&tmp);
-            if from == SandboxState::Running {
-                if let Err(re) = vm.resume().await {
-                    tracing::error!("resuming after a failed snapshot: {re}");
+        let kind = match written {
+            Ok(kind) => kind,
+            Err(e) => {
+                remove_dir_if_exists(&tmp);
+                if from == SandboxState::Running {
+                    if let Err(re) = vm.resume().await {
+                        tracing::error!("resuming after a failed snapshot: {re}");
+                    }
                 }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
         // 3. Into place: the previous snapshot (which may back a restored
         // VM's memory) is moved aside, never overwritten.
         let moved = (|| -> std::io::Result<()> {
@@ -900,16 +937,17 @@ impl Inner {
                 source,
             });
         }
+        self.forget_chain(&slot.id);
         remove_dir_if_exists(&old);
         remove_sockets(&live.rec.vm.run_dir);
         live.rec.pid = None;
         live.rec.snapshot = Some(SnapshotRecord {
             files: files(&fin),
-            kind: SnapshotKind::Full,
+            kind,
             created_unix_ms: now_ms(),
             failed: None,
         });
-        tracing::info!(write_ms, "snapshot written, VMM ended");
+        tracing::info!(write_ms, ?kind, "snapshot written, VMM ended");
         self.set_state(slot, live, SandboxState::Stopped, None);
         Ok(())
     }
@@ -955,6 +993,7 @@ impl Inner {
         );
         live.rec.boot_id = Some(boot_id);
         live.rec.pid = Some(vm.pid());
+        self.note_restored(&slot.id, vm.as_ref(), &snap.files);
         // The snapshot is used up: the disk moves on from here. Its files
         // stay until the next snapshot (a VMM may map its memory file).
         live.rec.snapshot = None;

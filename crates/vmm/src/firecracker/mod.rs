@@ -40,7 +40,7 @@ mod api;
 mod merge;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -258,6 +258,7 @@ impl FirecrackerBackend {
             api: ApiClient::new(&paths.api),
             paths,
             paused: AtomicBool::new(false),
+            snapshots: AtomicU64::new(0),
         };
         if let Err(e) = vm.wait_api(STARTUP_TIMEOUT).await {
             let e = vm.with_console(e);
@@ -414,6 +415,7 @@ impl VmmBackend for FirecrackerBackend {
             api: ApiClient::new(&paths.api),
             paths,
             paused: AtomicBool::new(false),
+            snapshots: AtomicU64::new(0),
         };
         // A live VMM has long been listening: a short wait is plenty.
         vm.wait_api(ADOPT_TIMEOUT).await?;
@@ -458,6 +460,8 @@ pub struct FirecrackerVm {
     /// What we last told (or learnt from) Firecracker; saves a `GET /`
     /// before each snapshot.
     paused: AtomicBool,
+    /// Snapshots requested through this handle (see [`Vm::snapshots_taken`]).
+    snapshots: AtomicU64,
 }
 
 impl FirecrackerVm {
@@ -572,6 +576,9 @@ impl Vm for FirecrackerVm {
         if !self.paused.load(Ordering::Relaxed) {
             self.set_state("Paused").await?;
         }
+        // Counted before the call: even a failed snapshot may have reset
+        // dirty tracking.
+        self.snapshots.fetch_add(1, Ordering::Relaxed);
         let body = json!({
             "snapshot_type": match kind {
                 SnapshotKind::Full => "Full",
@@ -590,6 +597,10 @@ impl Vm for FirecrackerVm {
             .await
             .map(|_| ())
             .map_err(|e| self.with_console(e))
+    }
+
+    fn snapshots_taken(&self) -> u64 {
+        self.snapshots.load(Ordering::Relaxed)
     }
 
     async fn kill(&self) -> Result<()> {
