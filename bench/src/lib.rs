@@ -91,8 +91,8 @@ impl Report {
     pub fn print_table(&self) {
         println!("\n{} on {}", self.benchmark, self.host);
         println!(
-            "{:<34} {:>10} {:>10} {:>10} | {:<28} {:>10} {:>10} | {:<24} {}",
-            "operation", "p50 µs", "p95 µs", "p99 µs", "floor", "p50 µs", "p99 µs", "target", "met"
+            "{:<34} {:>10} {:>10} {:>10} | {:<28} {:>10} {:>10} | {:<24} met",
+            "operation", "p50 µs", "p95 µs", "p99 µs", "floor", "p50 µs", "p99 µs", "target"
         );
         for r in &self.rows {
             let (fname, f50, f99) = match &r.floor {
@@ -145,8 +145,16 @@ impl Report {
         println!("\n{} on {}", self.benchmark, self.host);
         println!(
             "{:<36} {:>9} {:>9} {:>9} | {:<44} {:>9} {:>9} {:>9} | {:>11} | {:<16} met",
-            "operation (ms)", "p50", "p95", "p99", "floor (raw, same run)", "p50", "p95", "p99",
-            "ratio50/99", "target"
+            "operation (ms)",
+            "p50",
+            "p95",
+            "p99",
+            "floor (raw, same run)",
+            "p50",
+            "p95",
+            "p99",
+            "ratio50/99",
+            "target"
         );
         for r in &self.rows {
             let (fname, f50, f95, f99) = match &r.floor {
