@@ -478,6 +478,9 @@ pub struct SandboxView {
     /// Why it is `failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Idle timers and activity (`GET /sandboxes/{id}` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thermal_info: Option<crate::thermal::ThermalInfo>,
 }
 
 /// `GET /sandboxes`.
@@ -1284,4 +1287,22 @@ mod tests {
         let fe = FileEntry::from(&st);
         assert_eq!((fe.kind, fe.mode), (FileKind::Dir, 0o755));
     }
+}
+
+/// `GET /events`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct EventList {
+    pub events: Vec<crate::thermal::ThermalEvent>,
+}
+
+/// Query of `GET /events`.
+#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    /// Only this sandbox (id or name).
+    pub sandbox: Option<String>,
+    /// Only events after this sequence number (for polling).
+    pub after: Option<u64>,
+    /// At most this many (newest last; default 100, at most 1000).
+    pub limit: Option<usize>,
 }

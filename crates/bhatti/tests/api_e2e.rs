@@ -646,6 +646,28 @@ async fn api_end_to_end() {
         (v["status"].as_str(), v["thermal"].as_str()),
         (Some("running"), Some("hot"))
     );
+    // The wake went through the thermal manager: logged with its latency,
+    // and visible only to the owner.
+    assert_eq!(v["thermal_info"]["state"], "hot", "{v}");
+    let ev = a.get("/events?sandbox=dev").await.expect(200);
+    let wakes: Vec<_> = ev["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["kind"] == "wake" && e["sandbox_id"] == v["id"])
+        .collect();
+    assert_eq!(wakes.len(), 1, "one wake logged: {ev}");
+    assert!(wakes[0]["latency_ms"].as_f64().unwrap_or(-1.0) > 0.0);
+    b.get("/events?sandbox=dev").await.expect_err(404);
+    let theirs = b.get("/events").await.expect(200);
+    assert!(
+        theirs["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .all(|e| e["sandbox_id"] != v["id"]),
+        "another user's events stay hidden"
+    );
     a.post("/sandboxes/dev/stop", json!({})).await.expect(200);
     let v = a.post("/sandboxes/dev/start", json!({})).await.expect(200);
     assert_eq!(v["status"], "running");

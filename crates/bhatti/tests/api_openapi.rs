@@ -58,12 +58,18 @@ async fn openapi_matches_the_router() {
         })
         .expect("user");
     let secrets = bhatti::secrets::SecretBox::load_or_create(&config.data_dir).expect("secrets");
+    let thermal = bhatti::thermal::ThermalManager::spawn(
+        engine.clone(),
+        Some(store.clone()),
+        &config.thermal,
+    );
     let state = Arc::new(AppState::new(
         engine,
         store,
         secrets,
         config,
         bhatti_vmm::BackendKind::Qemu,
+        thermal.handle(),
     ));
     let app = api::router(state);
 
@@ -158,6 +164,7 @@ async fn openapi_matches_the_router() {
         "PUT /secrets/{name}",
         "GET /secrets",
         "DELETE /secrets/{name}",
+        "GET /events",
     ];
     documented.sort();
     let mut want: Vec<String> = contract.iter().map(|s| s.to_string()).collect();

@@ -13,6 +13,7 @@
 //!   can be 16 MiB); file uploads stream up to [`MAX_UPLOAD`].
 
 mod error;
+mod events;
 mod exec;
 mod files;
 mod meta;
@@ -65,6 +66,8 @@ pub struct AppState {
     pub config: Config,
     pub rate: RateLimits,
     pub backend: BackendKind,
+    /// Idle tracking: every request that touches a guest goes through it.
+    pub thermal: crate::thermal::ThermalHandle,
     /// `<data_dir>/checkpoints`
     pub checkpoints_dir: PathBuf,
     /// Serializes the sandbox-count check with the insert it guards.
@@ -80,8 +83,10 @@ impl AppState {
         secrets: SecretBox,
         config: Config,
         backend: BackendKind,
+        thermal: crate::thermal::ThermalHandle,
     ) -> AppState {
         AppState {
+            thermal,
             rate: RateLimits::new(&config.limits.rate),
             checkpoints_dir: config.data_dir.join("checkpoints"),
             engine,
@@ -98,7 +103,10 @@ impl AppState {
     /// The agent of a sandbox, woken first; a sandbox the user had stopped
     /// is running again afterwards.
     async fn agent(&self, row: &SandboxRow) -> Result<AgentClient, ApiError> {
-        let client = self.engine.agent(&row.id).await?;
+        // Through the thermal manager: it counts the request as activity,
+        // wakes the sandbox once however many requests wait, and records
+        // the wake.
+        let client = self.thermal.agent(&row.id).await?;
         if row.status != "running" {
             self.set_status(&row.owner, &row.id, "running").await;
         }
@@ -268,6 +276,7 @@ pub fn api_router() -> OpenApiRouter<AppStateRef> {
         .routes(routes!(snapshots::delete))
         .routes(routes!(secrets::list))
         .routes(routes!(secrets::put, secrets::delete))
+        .routes(routes!(events::list))
 }
 
 /// The OpenAPI document as served at `/openapi.json`.

@@ -72,11 +72,14 @@ pub(super) fn view(row: &SandboxRow, sb: Option<&Sandbox>) -> SandboxView {
         ip: sb.and_then(|s| s.ip).map(|ip| ip.to_string()),
         created_at: rfc3339_ms(row.created_at),
         error,
+        thermal_info: None,
     }
 }
 
 fn view_of(st: &AppState, row: &SandboxRow) -> SandboxView {
-    view(row, st.engine.get(&row.id).ok().as_ref())
+    let mut v = view(row, st.engine.get(&row.id).ok().as_ref());
+    v.thermal_info = st.thermal.info(&row.id);
+    v
 }
 
 /// Creates a sandbox (or forks a checkpoint). Idempotent by name: an
@@ -359,6 +362,9 @@ pub async fn patch(
         .store
         .run(move |c| sandboxes::update(c, &owner, &rid, &update))
         .await?;
+    if let Some(k) = req.keep_hot {
+        st.thermal.set_keep_hot(&row.id, k);
+    }
     Ok(Json(view_of(&st, &row)))
 }
 
@@ -374,6 +380,7 @@ pub async fn delete(
     caller.rate(&st, RequestClass::Create)?;
     let row = st.sandbox(&caller, &id).await?;
     st.engine.destroy(&row.id).await?;
+    st.thermal.forget(&row.id);
     let (owner, rid) = (row.owner.clone(), row.id.clone());
     st.store
         .run(move |c| sandboxes::delete(c, &owner, &rid))

@@ -82,6 +82,9 @@ pub enum Command {
     /// Secrets, injected into sandboxes' environments by name.
     #[command(subcommand, visible_alias = "secrets")]
     Secret(SecretCommand),
+    /// Thermal transitions of your sandboxes (warm, cold, wake and its
+    /// latency), oldest first.
+    Events(EventsArgs),
     /// Print a shell completion script.
     Completion(CompletionArgs),
     /// Run the daemon (on the host, as root).
@@ -138,8 +141,8 @@ pub struct CreateArgs {
     /// One of your secrets to put into the environment (repeatable).
     #[arg(long = "secret", value_name = "NAME")]
     pub secrets: Vec<String>,
-    /// Start from this checkpoint.
-    #[arg(long, value_name = "CHECKPOINT", value_parser = parse_name)]
+    /// Start from this checkpoint (a fork with a fresh identity).
+    #[arg(long, visible_alias = "from", value_name = "CHECKPOINT", value_parser = parse_name)]
     pub from_snapshot: Option<String>,
 }
 
@@ -537,4 +540,13 @@ mod tests {
         assert!(parse(&["completion", "zsh"]).is_ok());
         assert!(parse(&["completion", "tcsh"]).is_err());
     }
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Only this sandbox.
+    pub sandbox: Option<String>,
+    /// At most this many (the newest).
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
 }

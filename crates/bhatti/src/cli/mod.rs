@@ -171,6 +171,7 @@ fn dispatch(cli: Cli) -> Result<ExitStatus> {
                     Command::Exec(a) => sandbox::exec(&client, a, &out).await,
                     Command::Shell(a) => shell::shell(&client, a, &out).await,
                     Command::Ps(a) => shell::ps(&client, &a.sandbox, &out).await,
+                    Command::Events(a) => sandbox::events(&client, a, &out).await,
                     Command::File(c) => files::file(&client, c, &out).await,
                     Command::Snapshot(c) => sandbox::snapshot(&client, c, &out).await,
                     Command::Secret(c) => sandbox::secret(&client, c, &out).await,

@@ -9,7 +9,9 @@ use http_body_util::BodyExt;
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use super::args::{CreateArgs, EditArgs, ExecArgs, SecretCommand, SnapshotCommand, StartArgs};
+use super::args::{
+    CreateArgs, EditArgs, EventsArgs, ExecArgs, SecretCommand, SnapshotCommand, StartArgs,
+};
 use super::http::{enc, Body, Client};
 use super::output::{self, human_bytes, labels, n, s, short_time, Printer};
 use super::settings::{prompt_secret, require_token};
@@ -64,6 +66,30 @@ fn sandbox_fields(v: &Value) -> Vec<(&'static str, String)> {
     ];
     if v.get("error").is_some_and(|e| !e.is_null()) {
         f.push(("error", s(v, "error")));
+    }
+    if let Some(t) = v.get("thermal_info").filter(|t| t.is_object()) {
+        let secs = |k: &str| match n(t, k) {
+            Some(0) => "never".to_string(),
+            Some(x) => format!("{x} s idle"),
+            None => "-".into(),
+        };
+        f.push(("warm after", secs("warm_after_secs")));
+        f.push(("cold after", secs("cold_after_secs")));
+        f.push((
+            "idle",
+            n(t, "idle_ms").map_or("-".into(), |ms| format!("{:.1} s", ms as f64 / 1000.0)),
+        ));
+        let at = |k: &str| {
+            t.get(k)
+                .and_then(Value::as_i64)
+                .map(|ms| short_time(&bhatti::api_types::rfc3339_ms(ms)))
+        };
+        if let Some(w) = at("warm_at_unix_ms") {
+            f.push(("goes warm at", w));
+        }
+        if let Some(c) = at("cold_at_unix_ms") {
+            f.push(("goes cold at", c));
+        }
     }
     f
 }
@@ -565,6 +591,50 @@ pub async fn secret(c: &Client, cmd: SecretCommand, out: &Printer) -> Result<Exi
             }
         }
     }
+    Ok(ExitStatus::Success)
+}
+
+/// `bhatti events [SANDBOX]`: the thermal log.
+pub async fn events(c: &Client, a: EventsArgs, out: &Printer) -> Result<ExitStatus> {
+    require_token(c)?;
+    let mut q = vec![("limit", a.limit.to_string())];
+    if let Some(sb) = &a.sandbox {
+        q.push(("sandbox", sb.clone()));
+    }
+    let v = c.get(&format!("/events{}", super::http::query(&q))).await?;
+    if out.json {
+        out.json_value(&v)?;
+        return Ok(ExitStatus::Success);
+    }
+    let empty = Vec::new();
+    let list = v.get("events").and_then(Value::as_array).unwrap_or(&empty);
+    if list.is_empty() {
+        out.note("no transitions yet");
+        return Ok(ExitStatus::Success);
+    }
+    let rows = list
+        .iter()
+        .map(|e| {
+            let at = e
+                .get("at_unix_ms")
+                .and_then(Value::as_i64)
+                .map_or("-".into(), |ms| {
+                    short_time(&bhatti::api_types::rfc3339_ms(ms))
+                });
+            let latency = e
+                .get("latency_ms")
+                .and_then(Value::as_f64)
+                .map_or("-".into(), |l| format!("{l:.1} ms"));
+            vec![
+                at,
+                s(e, "sandbox_id"),
+                s(e, "kind"),
+                format!("{} → {}", s(e, "from"), s(e, "to")),
+                latency,
+            ]
+        })
+        .collect();
+    out.table(&["TIME", "SANDBOX", "EVENT", "STATE", "LATENCY"], rows)?;
     Ok(ExitStatus::Success)
 }
 

@@ -159,12 +159,15 @@ pub async fn serve(
         ),
         None => None,
     };
+    let thermal =
+        crate::thermal::ThermalManager::spawn(engine.clone(), Some(store.clone()), &config.thermal);
     let state = Arc::new(AppState::new(
         engine.clone(),
         store,
         secrets,
         config.clone(),
         kind,
+        thermal.handle(),
     ));
     let app = api::router(state.clone());
 
@@ -201,6 +204,8 @@ pub async fn serve(
 
     shutdown.await;
     tracing::info!("shutting down: no new connections");
+    // No sandbox is paused or snapshotted while the daemon goes away.
+    drop(thermal);
     let _ = stop_tx.send(true);
     sweeper.abort();
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {

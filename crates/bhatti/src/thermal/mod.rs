@@ -125,7 +125,7 @@ impl Fleet for Engine {
 }
 
 /// What `inspect` shows about a sandbox's thermal life.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ThermalInfo {
     pub state: ThermalState,
     pub keep_hot: bool,
