@@ -40,9 +40,23 @@ impl Qmp {
     /// Connects and negotiates capabilities.
     pub async fn connect(path: &Path, timeout: Duration) -> Result<Qmp> {
         let fut = async {
-            let stream = UnixStream::connect(path)
-                .await
-                .map_err(|e| VmmError::io(format!("connecting to QMP at {}", path.display()), e))?;
+            // QEMU creates the socket file at bind() and accepts only after
+            // listen(): a connect in between is refused, so retry that (the
+            // timeout below bounds it).
+            let stream = loop {
+                match UnixStream::connect(path).await {
+                    Ok(s) => break s,
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        tokio::time::sleep(Duration::from_millis(2)).await
+                    }
+                    Err(e) => {
+                        return Err(VmmError::io(
+                            format!("connecting to QMP at {}", path.display()),
+                            e,
+                        ))
+                    }
+                }
+            };
             let mut qmp = Qmp {
                 framed: Framed::new(stream, LinesCodec::new_with_max_length(MAX_LINE)),
                 next_id: 1,
