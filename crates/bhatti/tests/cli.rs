@@ -23,46 +23,9 @@ const BIN: &str = env!("CARGO_BIN_EXE_bhatti");
 /// Longest any one CLI command may take (a create boots a VM under TCG).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
 
-fn env_path(var: &str) -> Option<PathBuf> {
-    std::env::var_os(var)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-}
-
-fn newest(dir: &Path, file: &str) -> Option<PathBuf> {
-    let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .filter(|e| !e.file_name().to_string_lossy().starts_with(['.', '_']))
-        .map(|e| e.path().join(file))
-        .filter(|p| p.is_file())
-        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
-        .collect();
-    found.sort();
-    found.pop().map(|(_, p)| p)
-}
-
 /// Kernel and rootfs, or `None` after one SKIP line.
 fn artifacts(test: &str) -> Option<(PathBuf, PathBuf)> {
-    let cache = Path::new("/var/cache/bhatti-ci");
-    let kernel = env_path("BHATTI_KERNEL").or_else(|| newest(&cache.join("kernel"), "vmlinux"));
-    let rootfs =
-        env_path("BHATTI_ROOTFS").or_else(|| newest(&cache.join("rootfs"), "rootfs+lohar.ext4"));
-    let mut missing = Vec::new();
-    if !nix::unistd::geteuid().is_root() {
-        missing.push("root");
-    }
-    if !kernel.as_ref().is_some_and(|p| p.is_file()) {
-        missing.push("kernel (BHATTI_KERNEL)");
-    }
-    if !rootfs.as_ref().is_some_and(|p| p.is_file()) {
-        missing.push("rootfs with lohar (BHATTI_ROOTFS)");
-    }
-    if !missing.is_empty() {
-        eprintln!("SKIP {test}: missing {}", missing.join(", "));
-        return None;
-    }
-    Some((kernel?, rootfs?))
+    bhatti_testkit::artifacts(test).map(|a| (a.kernel, a.rootfs))
 }
 
 /// What one run of the binary did.
@@ -334,10 +297,7 @@ impl Drop for Daemon {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .stderr(Stdio::null())
-            .status();
+        bhatti_testkit::delete_netns(&self.netns);
         if std::thread::panicking() {
             eprintln!("--- daemon log ---\n{}", self.log());
         }

@@ -14,7 +14,7 @@
 //! Within a test, one VM serves several independent checks.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,87 +31,9 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// A boot under TCG takes seconds; four at once on two cores take longer.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
-fn newest(dir: &Path, file: &str) -> Option<PathBuf> {
-    let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .filter(|e| !e.file_name().to_string_lossy().starts_with(['.', '_']))
-        .map(|e| e.path().join(file))
-        .filter(|p| p.is_file())
-        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
-        .collect();
-    found.sort();
-    found.pop().map(|(_, p)| p)
-}
-
-fn env_path(var: &str) -> Option<PathBuf> {
-    std::env::var_os(var)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-}
-
-struct Artifacts {
-    kernel: PathBuf,
-    rootfs: PathBuf,
-}
-
-fn artifacts(test: &str) -> Option<Artifacts> {
-    let cache = Path::new("/var/cache/bhatti-ci");
-    let kernel = env_path("BHATTI_KERNEL").or_else(|| newest(&cache.join("kernel"), "vmlinux"));
-    let rootfs =
-        env_path("BHATTI_ROOTFS").or_else(|| newest(&cache.join("rootfs"), "rootfs+lohar.ext4"));
-    let mut missing = Vec::new();
-    if !nix::unistd::geteuid().is_root() {
-        missing.push("root");
-    }
-    if !kernel.as_ref().is_some_and(|p| p.is_file()) {
-        missing.push("kernel (BHATTI_KERNEL)");
-    }
-    if !rootfs.as_ref().is_some_and(|p| p.is_file()) {
-        missing.push("rootfs with lohar (BHATTI_ROOTFS)");
-    }
-    if !missing.is_empty() {
-        eprintln!("SKIP {test}: missing {}", missing.join(", "));
-        return None;
-    }
-    Some(Artifacts {
-        kernel: kernel.unwrap(),
-        rootfs: rootfs.unwrap(),
-    })
-}
-
-/// Every backend that boots Linux here, with a label.
-fn backends() -> Vec<(String, Arc<dyn VmmBackend>)> {
-    let host = bhatti_vmm::probe::probe();
-    let mut v: Vec<(String, Arc<dyn VmmBackend>)> = Vec::new();
-    if host.qemu.is_some() {
-        match bhatti_vmm::qemu::QemuBackend::new(bhatti_vmm::qemu::QemuConfig::default()) {
-            Ok(b) => {
-                let label = format!("qemu/{:?}", b.accel()).to_lowercase();
-                v.push((label, Arc::new(b)));
-            }
-            Err(e) => eprintln!("qemu backend unavailable: {e}"),
-        }
-    }
-    // Firecracker boots Linux only with hardware KVM (not PVM or TCG). On
-    // such hosts the QEMU entry above uses KVM too.
-    if host.hardware_kvm && host.firecracker.is_some() {
-        let cfg = bhatti_vmm::firecracker::FirecrackerConfig {
-            binary: host.firecracker.clone(),
-            ..Default::default()
-        };
-        match bhatti_vmm::firecracker::FirecrackerBackend::new(cfg) {
-            Ok(b) => v.push(("firecracker".into(), Arc::new(b))),
-            Err(e) => eprintln!("firecracker backend unavailable: {e}"),
-        }
-    } else if host.firecracker.is_some() {
-        eprintln!("SKIP firecracker in the Linux-guest suite: no hardware KVM here (its lifecycle is tested with the tiny guest)");
-    }
-    if v.is_empty() {
-        eprintln!("no VMM backend can boot Linux on this host");
-    }
-    v
-}
+use bhatti_testkit::{
+    artifacts, clean_data_dir, delete_netns, linux_backends as backends, Artifacts,
+};
 
 fn init_tracing() {
     let _ = tracing_subscriber::fmt()
@@ -178,51 +100,12 @@ impl TestEnv {
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
-        let Ok(engines) = std::fs::read_dir(self.dir.path()) else {
-            return;
-        };
-        for engine in engines.flatten() {
-            for run in std::fs::read_dir(engine.path().join("run"))
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                kill_vmm_of(&run.path());
-            }
-            // A killed VMM's threads may hold its disk open a little
-            // longer than its pid shows: retry.
-            let mnt = engine.path().join("reflink");
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while bhatti::storage::is_mountpoint(&mnt) && Instant::now() < deadline {
-                let _ = std::process::Command::new("umount")
-                    .arg("-d")
-                    .arg(&mnt)
-                    .stderr(std::process::Stdio::null())
-                    .status();
-                std::thread::sleep(Duration::from_millis(100));
+        if let Ok(engines) = std::fs::read_dir(self.dir.path()) {
+            for engine in engines.flatten() {
+                clean_data_dir(&engine.path());
             }
         }
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.ns])
-            .status();
-    }
-}
-
-fn kill_vmm_of(run_dir: &Path) {
-    let Ok(pid) = std::fs::read_to_string(run_dir.join("vmm.pid")) else {
-        return;
-    };
-    let Ok(pid) = pid.trim().parse::<i32>() else {
-        return;
-    };
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    if String::from_utf8_lossy(&cmdline).contains(&*run_dir.to_string_lossy()) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
-        // Wait until it is gone: it holds its disk on the XFS mount open.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while bhatti_vmm::process::pid_alive(pid as u32) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        delete_netns(&self.ns);
     }
 }
 
@@ -298,7 +181,7 @@ async fn exec_files_pty_pause() {
     let _serial = SERIAL.lock().await;
     for (label, backend) in backends() {
         eprintln!("== exec_files_pty_pause on {label}");
-        let env = TestEnv::new(art.clone_paths());
+        let env = TestEnv::new(art.clone());
         let engine = env.engine("e", backend).await;
         let t0 = Instant::now();
         let sb = engine
@@ -548,15 +431,6 @@ async fn exec_files_pty_pause() {
     }
 }
 
-impl Artifacts {
-    fn clone_paths(&self) -> Artifacts {
-        Artifacts {
-            kernel: self.kernel.clone(),
-            rootfs: self.rootfs.clone(),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_restore_and_recover() {
     init_tracing();
@@ -566,7 +440,7 @@ async fn snapshot_restore_and_recover() {
     let _serial = SERIAL.lock().await;
     for (label, backend) in backends() {
         eprintln!("== snapshot_restore_and_recover on {label}");
-        let env = TestEnv::new(art.clone_paths());
+        let env = TestEnv::new(art.clone());
         let engine = env.engine("e", backend.clone()).await;
         let sb = engine
             .create(CreateSpec {
@@ -739,7 +613,7 @@ async fn four_at_once_then_destroy_leaves_nothing() {
     let _serial = SERIAL.lock().await;
     for (label, backend) in backends() {
         eprintln!("== four_at_once on {label}");
-        let env = TestEnv::new(art.clone_paths());
+        let env = TestEnv::new(art.clone());
         let engine = env.engine("e", backend).await;
         let t = Instant::now();
         let tasks: Vec<_> = (0..4)
@@ -829,7 +703,7 @@ async fn boot_failures_report_the_console() {
     let _serial = SERIAL.lock().await;
     for (label, backend) in backends() {
         eprintln!("== boot_failures on {label}");
-        let env = TestEnv::new(art.clone_paths());
+        let env = TestEnv::new(art.clone());
 
         // A kernel that finds no init.
         let mut cfg = env.config("noinit", backend.clone());
@@ -895,7 +769,7 @@ async fn checkpoint_and_fork_with_copied_disks() {
     let _serial = SERIAL.lock().await;
     for (label, backend) in backends() {
         eprintln!("== checkpoint_and_fork_with_copied_disks on {label}");
-        let env = TestEnv::new(art.clone_paths());
+        let env = TestEnv::new(art.clone());
         let mut cfg = env.config("e", backend);
         cfg.disk_strategy = bhatti::storage::DiskStrategy::Copy;
         let engine = Engine::new(cfg).await.expect("engine");

@@ -6,7 +6,7 @@
 //! network namespace and data dir per test, removed on drop. One test, one
 //! engine, few VMs: under TCG every boot and snapshot costs seconds.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,68 +21,16 @@ use bytes::Bytes;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
-fn newest(dir: &Path, file: &str) -> Option<PathBuf> {
-    let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .filter(|e| !e.file_name().to_string_lossy().starts_with(['.', '_']))
-        .map(|e| e.path().join(file))
-        .filter(|p| p.is_file())
-        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
-        .collect();
-    found.sort();
-    found.pop().map(|(_, p)| p)
-}
-
-fn env_path(var: &str) -> Option<PathBuf> {
-    std::env::var_os(var)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-}
-
-fn artifacts(test: &str) -> Option<(PathBuf, PathBuf)> {
-    let cache = Path::new("/var/cache/bhatti-ci");
-    let kernel = env_path("BHATTI_KERNEL").or_else(|| newest(&cache.join("kernel"), "vmlinux"));
-    let rootfs =
-        env_path("BHATTI_ROOTFS").or_else(|| newest(&cache.join("rootfs"), "rootfs+lohar.ext4"));
-    let mut missing = Vec::new();
-    if !nix::unistd::geteuid().is_root() {
-        missing.push("root");
-    }
-    if !kernel.as_ref().is_some_and(|p| p.is_file()) {
-        missing.push("kernel (BHATTI_KERNEL)");
-    }
-    if !rootfs.as_ref().is_some_and(|p| p.is_file()) {
-        missing.push("rootfs with lohar (BHATTI_ROOTFS)");
-    }
-    if !missing.is_empty() {
-        eprintln!("SKIP {test}: missing {}", missing.join(", "));
-        return None;
-    }
-    Some((kernel.unwrap(), rootfs.unwrap()))
-}
+use bhatti_testkit::{artifacts, clean_data_dir, delete_netns, Artifacts};
 
 /// The backend the daemon would pick for Linux guests here: Firecracker
 /// with hardware KVM (Diff snapshots), else QEMU.
 fn backend() -> Option<(String, Arc<dyn VmmBackend>)> {
-    let host = bhatti_vmm::probe::probe();
-    if host.hardware_kvm && host.firecracker.is_some() {
-        let cfg = bhatti_vmm::firecracker::FirecrackerConfig {
-            binary: host.firecracker.clone(),
-            ..Default::default()
-        };
-        if let Ok(b) = bhatti_vmm::firecracker::FirecrackerBackend::new(cfg) {
-            return Some(("firecracker".into(), Arc::new(b)));
-        }
+    let found = bhatti_testkit::linux_backends().into_iter().next();
+    if found.is_none() {
+        eprintln!("SKIP: no VMM backend can boot Linux on this host");
     }
-    if host.qemu.is_some() {
-        if let Ok(b) = bhatti_vmm::qemu::QemuBackend::new(bhatti_vmm::qemu::QemuConfig::default()) {
-            let label = format!("qemu/{:?}", b.accel()).to_lowercase();
-            return Some((label, Arc::new(b)));
-        }
-    }
-    eprintln!("SKIP: no VMM backend can boot Linux on this host");
-    None
+    found
 }
 
 fn init_tracing() {
@@ -105,7 +53,7 @@ struct TestEnv {
 }
 
 impl TestEnv {
-    fn new((kernel, rootfs): (PathBuf, PathBuf)) -> TestEnv {
+    fn new(Artifacts { kernel, rootfs }: Artifacts) -> TestEnv {
         let ns = format!("bhatti-t-{}", bhatti::engine::random_hex(4));
         let dir = tempfile::Builder::new()
             .prefix("bhatti-thermal-test.")
@@ -140,44 +88,8 @@ impl TestEnv {
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
-        let e = self.dir.path().join("e");
-        for run in std::fs::read_dir(e.join("run"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            kill_vmm_of(&run.path());
-        }
-        let mnt = e.join("reflink");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while bhatti::storage::is_mountpoint(&mnt) && Instant::now() < deadline {
-            let _ = std::process::Command::new("umount")
-                .arg("-d")
-                .arg(&mnt)
-                .stderr(std::process::Stdio::null())
-                .status();
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.ns])
-            .status();
-    }
-}
-
-fn kill_vmm_of(run_dir: &Path) {
-    let Ok(pid) = std::fs::read_to_string(run_dir.join("vmm.pid")) else {
-        return;
-    };
-    let Ok(pid) = pid.trim().parse::<i32>() else {
-        return;
-    };
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    if String::from_utf8_lossy(&cmdline).contains(&*run_dir.to_string_lossy()) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while bhatti_vmm::process::pid_alive(pid as u32) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        clean_data_dir(&self.dir.path().join("e"));
+        delete_netns(&self.ns);
     }
 }
 

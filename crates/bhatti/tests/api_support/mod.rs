@@ -9,7 +9,7 @@
 
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bhatti::config::{Backend, Config, DiskStrategy};
@@ -23,55 +23,15 @@ use serde_json::Value;
 
 pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn newest(dir: &Path, file: &str) -> Option<PathBuf> {
-    let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .filter(|e| !e.file_name().to_string_lossy().starts_with(['.', '_']))
-        .map(|e| e.path().join(file))
-        .filter(|p| p.is_file())
-        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
-        .collect();
-    found.sort();
-    found.pop().map(|(_, p)| p)
-}
+pub use bhatti_testkit::Artifacts;
 
-fn env_path(var: &str) -> Option<PathBuf> {
-    std::env::var_os(var)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-}
-
-#[derive(Debug, Clone)]
-pub struct Artifacts {
-    pub kernel: PathBuf,
-    pub rootfs: PathBuf,
-}
-
+/// Kernel and rootfs (and QEMU), or `None` after one SKIP line.
 pub fn artifacts(test: &str) -> Option<Artifacts> {
-    let cache = Path::new("/var/cache/bhatti-ci");
-    let kernel = env_path("BHATTI_KERNEL").or_else(|| newest(&cache.join("kernel"), "vmlinux"));
-    let rootfs =
-        env_path("BHATTI_ROOTFS").or_else(|| newest(&cache.join("rootfs"), "rootfs+lohar.ext4"));
-    let mut missing = Vec::new();
-    if !nix::unistd::geteuid().is_root() {
-        missing.push("root");
-    }
     if bhatti_vmm::probe::probe().qemu.is_none() {
-        missing.push("qemu");
-    }
-    match (&kernel, &rootfs) {
-        (Some(k), Some(r)) if k.is_file() && r.is_file() => {}
-        _ => missing.push("kernel/rootfs (BHATTI_KERNEL, BHATTI_ROOTFS)"),
-    }
-    if !missing.is_empty() {
-        eprintln!("SKIP {test}: missing {}", missing.join(", "));
+        eprintln!("SKIP {test}: missing qemu");
         return None;
     }
-    Some(Artifacts {
-        kernel: kernel?,
-        rootfs: rootfs?,
-    })
+    bhatti_testkit::artifacts(test)
 }
 
 pub fn init_tracing() {
@@ -157,49 +117,8 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        let data = self.data_dir();
-        for run in std::fs::read_dir(data.join("run"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            kill_vmm_of(&run.path());
-        }
-        let mnt = data.join("reflink");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while bhatti::storage::is_mountpoint(&mnt) && Instant::now() < deadline {
-            let _ = std::process::Command::new("umount")
-                .arg("-d")
-                .arg(&mnt)
-                .stderr(std::process::Stdio::null())
-                .status();
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.ns])
-            .status();
-    }
-}
-
-/// Kills the VMM of a run dir by its pid file, if the process is it.
-pub fn kill_vmm_of(run_dir: &Path) {
-    let Ok(pid) = std::fs::read_to_string(run_dir.join("vmm.pid")) else {
-        return;
-    };
-    let Ok(pid) = pid.trim().parse::<i32>() else {
-        return;
-    };
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let needle = run_dir.to_string_lossy();
-    if String::from_utf8_lossy(&cmdline).contains(needle.as_ref()) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        bhatti_testkit::clean_data_dir(&self.data_dir());
+        bhatti_testkit::delete_netns(&self.ns);
     }
 }
 
