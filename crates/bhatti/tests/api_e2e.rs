@@ -382,6 +382,47 @@ async fn api_end_to_end() {
     )
     .await;
 
+    // --- exec, buffered: a client that goes away kills the command too
+    {
+        use tokio::io::AsyncWriteExt;
+        let body =
+            json!({"cmd": ["sh", "-c", "echo $$ > /tmp/bf.pid; exec sleep 300"]}).to_string();
+        let mut raw = tokio::net::UnixStream::connect(env.sock())
+            .await
+            .expect("connect");
+        let req = format!(
+            "POST /sandboxes/dev/exec HTTP/1.1\r\nhost: bhatti\r\nauthorization: Bearer {alice}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        raw.write_all(req.as_bytes()).await.expect("request");
+        eventually(
+            "the buffered command to start",
+            Duration::from_secs(30),
+            || async {
+                let (_, out, _) = a
+                    .sh("dev", "test -s /tmp/bf.pid && echo yes || echo no")
+                    .await;
+                (out == "yes\n").then_some(())
+            },
+        )
+        .await;
+        drop(raw);
+        eventually(
+            "the command of a dropped buffered exec to die",
+            Duration::from_secs(30),
+            || async {
+                let (_, out, _) = a
+                    .sh(
+                        "dev",
+                        "kill -0 $(cat /tmp/bf.pid) 2>/dev/null && echo alive || echo dead",
+                    )
+                    .await;
+                (out == "dead\n").then_some(())
+            },
+        )
+        .await;
+    }
+
     // --- files
     let r = a
         .put(
