@@ -41,7 +41,6 @@ use bhatti_bench::{host_description, load_average, sample, Recorder, Report, Row
 use bhatti_protocol::client::ExecOutput;
 use bhatti_protocol::guest_config::{AgentTransport, GuestConfig, NetworkConfig};
 use bhatti_protocol::{AgentClient, ExecRequest, ReadFileRequest, WriteFileRequest};
-use bhatti_vmm::probe::HostProbe;
 use bhatti_vmm::process::VmmProcess;
 use bhatti_vmm::qemu::{qemu_args, Accel, Qmp, QemuBackend, QemuConfig};
 use bhatti_vmm::{NetConfig, VmConfig, VmmBackend};
@@ -77,6 +76,16 @@ struct Args {
     /// Write the JSON report here (default: stdout after the table).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Samples per side of each Firecracker tiny-guest operation (and of
+    /// the Linux-guest boots and snapshot cycles under hardware KVM).
+    #[arg(long, default_value_t = 30)]
+    fc_samples: usize,
+    /// Unrecorded Firecracker samples per operation and side first.
+    #[arg(long, default_value_t = 2)]
+    fc_warmup: usize,
+    /// Run only this backend's rows.
+    #[arg(long, value_parser = ["qemu", "firecracker"])]
+    only: Option<String>,
 }
 
 /// Boot or restore budget under TCG on a loaded 2-core host.
@@ -88,9 +97,14 @@ const GUEST_FLOOR_FILE: &str = "/home/lohar/vmm-bench-floor.dat";
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let Some(art) = artifacts() else {
+    let art = artifacts();
+    let only_fc = args.only.as_deref() == Some("firecracker");
+    if art.is_none() && !only_fc {
         return Ok(());
-    };
+    }
+    if art.is_none() {
+        eprintln!("[vmm-bench] --only firecracker: the tiny-guest rows need none of that");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -104,7 +118,7 @@ fn main() -> anyhow::Result<()> {
     );
     let result = rt.block_on(async {
         tokio::select! {
-            r = run(&args, &art, &guard) => r,
+            r = run(&args, art.as_ref(), &guard) => r,
             _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
         }
     });
@@ -171,54 +185,38 @@ struct Ratio {
     p99: f64,
 }
 
-async fn run(args: &Args, art: &Artifacts, guard: &Guard) -> anyhow::Result<Vec<BackendOut>> {
+async fn run(
+    args: &Args,
+    art: Option<&Artifacts>,
+    guard: &Guard,
+) -> anyhow::Result<Vec<BackendOut>> {
     let host = bhatti_vmm::probe::probe();
     let mut out = Vec::new();
-    if host.qemu.is_some() {
-        let backend = QemuBackend::new(QemuConfig::default())?;
-        if backend.accel() == Accel::Tcg {
-            eprintln!(
-                "[vmm-bench] no hardware KVM here: QEMU runs guests under TCG (software \
-                 emulation); absolute figures are those of an emulated CPU"
-            );
+    let only = args.only.as_deref();
+    match (host.qemu.is_some(), art) {
+        _ if only == Some("firecracker") => {}
+        (true, Some(art)) => {
+            let backend = QemuBackend::new(QemuConfig::default())?;
+            if backend.accel() == Accel::Tcg {
+                eprintln!(
+                    "[vmm-bench] no hardware KVM here: QEMU runs guests under TCG (software \
+                     emulation); absolute figures are those of an emulated CPU"
+                );
+            }
+            out.push(bench_qemu(args, art, guard, backend).await?);
         }
-        out.push(bench_qemu(args, art, guard, backend).await?);
-    } else {
-        eprintln!("[vmm-bench] SKIP qemu: qemu-system-x86_64 not found (BHATTI_QEMU or PATH)");
+        _ => eprintln!("[vmm-bench] SKIP qemu: qemu-system-x86_64 not found (BHATTI_QEMU or PATH)"),
     }
-    if let Some(b) = firecracker_hook(&host) {
-        out.push(b);
+    if only != Some("qemu") {
+        out.extend(firecracker::bench_firecracker(args, art, guard, &host).await?);
     }
     ensure!(!out.is_empty(), "no VMM backend present");
     Ok(out)
 }
 
-// ───────────────────────────── HOOK(firecracker) ─────────────────────────────
-// The Firecracker backend (crates/vmm/src/firecracker) is being written. Once
-// it is done, add its rows here when a binary is found (BHATTI_FIRECRACKER or
-// PATH, `host.firecracker`):
-//  1. With hardware KVM (`host.hardware_kvm`): run the same flow as
-//     `bench_qemu` with `FirecrackerBackend` as the engine's backend, the raw
-//     side being Firecracker API calls over its socket (PUT /boot-source,
-//     /drives, /machine-config, /vsock, /actions InstanceStart → vsock
-//     handshake; PATCH /vm Paused/Resumed; PUT /snapshot/create Full *and*
-//     Diff; PUT /snapshot/load), so the Diff row gets a real value.
-//  2. Always (this host: PVM, no hardware KVM): raw Firecracker API calls on
-//     the tiny guest (crates/vmm/tests/fixtures/tiny-guest, assembled with
-//     binutils at bench time as the lifecycle test does): boot, pause,
-//     resume, Full and Diff snapshot, restore, each timed through the
-//     backend and as a bare API call, in a `BackendOut` labelled
-//     "firecracker/tiny-guest".
-fn firecracker_hook(host: &HostProbe) -> Option<BackendOut> {
-    let bin = host.firecracker.as_ref()?;
-    eprintln!(
-        "[vmm-bench] firecracker found at {}, but its rows are not wired in yet (the \
-         backend in crates/vmm/src/firecracker is in progress; see HOOK(firecracker))",
-        bin.display()
-    );
-    None
-}
-// ─────────────────────────── end HOOK(firecracker) ───────────────────────────
+// Firecracker rows (tiny guest always; Linux guest with hardware KVM).
+#[path = "vmm_bench/firecracker.rs"]
+mod firecracker;
 
 async fn bench_qemu(
     args: &Args,
