@@ -120,12 +120,23 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
     init_tracing(&config.log);
+    let backend = backend(&config.vm)?;
+    serve_with_backend(config, backend, shutdown).await
+}
+
+/// [`serve`] with a VMM backend chosen by the caller (benchmarks, tests);
+/// `[vm] backend` is then not consulted.
+pub async fn serve_with_backend(
+    config: Config,
+    backend: Arc<dyn VmmBackend>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DaemonError> {
+    init_tracing(&config.log);
     std::fs::create_dir_all(&config.data_dir)
         .map_err(io(format!("creating {}", config.data_dir.display())))?;
     let _ = std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700));
     let store = Store::open(config.db_path())?;
     let secrets = SecretBox::load_or_create(&config.data_dir)?;
-    let backend = backend(&config.vm)?;
     let kind = backend.kind();
     let mut ecfg = EngineConfig::new(
         &config.data_dir,
