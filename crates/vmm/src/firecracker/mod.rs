@@ -486,6 +486,9 @@ impl FirecrackerVm {
     async fn wait_api(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         wait_for_path(&self.paths.api, timeout, &self.process).await?;
+        // bind() to listen() takes microseconds: retry at once at first
+        // rather than on tokio's millisecond timer.
+        let eager_until = Instant::now() + Duration::from_millis(5);
         loop {
             // The socket file exists from bind(); connections are refused
             // until listen().
@@ -511,7 +514,11 @@ impl FirecrackerVm {
                     }
                 }
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            if Instant::now() < eager_until {
+                tokio::task::yield_now().await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
         }
     }
 
