@@ -155,8 +155,10 @@ struct Report {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The daemon runs in this process: give it the scheduler `bhatti serve`
+    // builds from the default config.
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(bhatti::config::Config::default().worker_threads)
         .enable_all()
         .build()?;
     rt.block_on(run(args))

@@ -129,7 +129,7 @@ impl AppState {
         let (owner, id) = (caller.user.id.clone(), id.to_owned());
         Ok(self
             .store
-            .run(move |c| crate::store::sandboxes::require(c, &owner, &id))
+            .read(move |c| crate::store::sandboxes::require(c, &owner, &id))
             .await?)
     }
 }
@@ -333,7 +333,7 @@ async fn auth(State(st): State<AppStateRef>, mut req: Request, next: Next) -> Re
     };
     let user = match st
         .store
-        .run(move |c| crate::auth::authenticate(c, &key))
+        .read(move |c| crate::auth::authenticate(c, &key))
         .await
     {
         Ok(Some(u)) => u,

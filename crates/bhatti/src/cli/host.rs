@@ -53,6 +53,7 @@ fn open_store(cfg: &Config) -> Result<Store> {
 pub fn serve(host: &HostArgs) -> Result<ExitStatus> {
     let (cfg, _) = load_config(host)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.worker_threads)
         .enable_all()
         .thread_name("bhatti")
         .build()

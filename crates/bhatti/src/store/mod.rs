@@ -292,6 +292,24 @@ impl Store {
         f(&mut guard)
     }
 
+    /// For point reads on the request path (an indexed lookup takes a few
+    /// microseconds, a hop to the blocking pool tens): runs `f` right here
+    /// when the connection is free, else on the blocking pool like
+    /// [`Store::run`] so a long write never stalls an async worker.
+    pub async fn read<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<R> + Send + 'static,
+    {
+        // The guard must not live across the await below (it is !Send).
+        let f = match self.conn.try_lock() {
+            Ok(mut g) => return f(&mut g),
+            Err(std::sync::TryLockError::Poisoned(p)) => return f(&mut p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => f,
+        };
+        self.run(f).await
+    }
+
     /// Runs `f` with the connection on tokio's blocking pool.
     pub async fn run<R, F>(&self, f: F) -> Result<R>
     where
