@@ -27,6 +27,11 @@ use crate::handlers::{io_error, Reply};
 use crate::server::Agent;
 
 /// Largest `Data` chunk a read sends.
+/// Files up to this size are read on the agent's thread, not streamed
+/// from the blocking pool (see `read`).
+const INLINE_READ_MAX: u64 = 64 * 1024;
+/// Bodies up to this size are collected before the write task starts.
+const INLINE_WRITE_MAX: usize = 64 * 1024;
 const READ_CHUNK: usize = 64 * 1024;
 /// Chunks queued between the disk and the channel, each way.
 const QUEUE_DEPTH: usize = 8;
@@ -255,7 +260,7 @@ fn produce(
     mut file: File,
     path: PathBuf,
     mut window: LineWindow,
-    tx: mpsc::Sender<Bytes>,
+    mut emit: impl FnMut(Bytes) -> Result<(), ErrorBody>,
 ) -> Result<ReadSummary, ErrorBody> {
     let ctx = || format!("read {}", path.display());
     let mut buf = vec![0u8; READ_CHUNK];
@@ -271,9 +276,7 @@ fn produce(
         let (start, end, stop) = window.feed(&buf[..n]);
         if end > start {
             bytes += (end - start) as u64;
-            // A closed queue means the channel side gave up (cancel).
-            tx.blocking_send(Bytes::copy_from_slice(&buf[start..end]))
-                .map_err(|_| cancelled())?;
+            emit(Bytes::copy_from_slice(&buf[start..end]))?;
         }
         if stop {
             let more = end < n || read_retry(&mut file, &mut buf[..1]).unwrap_or(0) > 0;
@@ -292,18 +295,43 @@ pub async fn read(agent: &Agent, channel: Channel, req: ReadFileRequest) -> Repl
         sender,
         mut receiver,
     } = channel;
-    let open_path = path.clone();
-    let (file, md) = blocking(move || open_regular(&open_path)).await?;
+    // Opening is a path lookup (O_NONBLOCK: a FIFO cannot hang us), done
+    // here: a hop to the blocking pool costs more than the call.
+    let (file, md) = open_regular(&path)?;
     let info = Event::FileInfo {
         size: md.len(),
         mode: md.mode() & 0o7777,
     };
     let info = serde_json::to_vec(&info).unwrap_or_default();
     sender.event(Bytes::from(info)).map_err(|_| cancelled())?;
+    let window = LineWindow::new(&req);
+
+    if md.len() <= INLINE_READ_MAX {
+        // Small files (the common case for a coding agent) are read right
+        // here: page-cache reads take microseconds, and the whole file fits
+        // in the channel's initial window, so sending never waits long.
+        let mut chunks = Vec::new();
+        let summary = produce(file, path, window, |b| {
+            chunks.push(b);
+            Ok(())
+        })?;
+        for chunk in chunks {
+            sender.data(chunk).await.map_err(|_| cancelled())?;
+        }
+        return to_value(&ReadFileDone {
+            bytes: summary.bytes,
+            total_size: md.len(),
+            truncated: summary.truncated,
+        });
+    }
 
     let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUE_DEPTH);
-    let window = LineWindow::new(&req);
-    let producer = tokio::task::spawn_blocking(move || produce(file, path, window, tx));
+    // A closed queue means the channel side gave up (cancel).
+    let producer = tokio::task::spawn_blocking(move || {
+        produce(file, path, window, |b| {
+            tx.blocking_send(b).map_err(|_| cancelled())
+        })
+    });
     loop {
         let step = async {
             match rx.recv().await {
@@ -468,10 +496,38 @@ pub async fn write(agent: &Agent, channel: Channel, req: WriteFileRequest) -> Re
         sender: _sender,
         mut receiver,
     } = channel;
-    let pending = blocking(move || prepare_write(path, uid, gid)).await?;
-    let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-    let worker = tokio::task::spawn_blocking(move || pending.run(rx, mode, uid, gid));
-    loop {
+    // Small writes (the whole body before Eof, up to INLINE_WRITE_MAX) are
+    // collected here and committed by one blocking task: each hop between
+    // threads costs tens of microseconds, the fsyncs must not stall the
+    // agent's thread, and a large body streams to the worker as it comes.
+    let mut head: Vec<Bytes> = Vec::new();
+    let mut head_len = 0usize;
+    let complete = loop {
+        match receiver.recv().await {
+            Some(Inbound::Data(b)) => {
+                agent.activity.touch();
+                head_len += b.len();
+                head.push(b);
+                if head_len > INLINE_WRITE_MAX {
+                    break false;
+                }
+            }
+            Some(Inbound::Eof) => break true,
+            Some(Inbound::Close(_)) | None => return Err(cancelled()),
+            Some(_) => {}
+        }
+    };
+    let (tx, rx) = mpsc::channel(QUEUE_DEPTH.max(head.len() + 1));
+    for b in head {
+        // The queue was sized to hold the head, and the worker is not running yet.
+        let _ = tx.try_send(WriteMsg::Data(b));
+    }
+    let worker =
+        tokio::task::spawn_blocking(move || prepare_write(path, uid, gid)?.run(rx, mode, uid, gid));
+    if complete {
+        let _ = tx.try_send(WriteMsg::Commit);
+    }
+    while !complete {
         match receiver.recv().await {
             Some(Inbound::Data(b)) => {
                 agent.activity.touch();
@@ -514,13 +570,10 @@ fn display_name(path: &Path) -> String {
 pub async fn stat(agent: &Agent, path: &str) -> Reply {
     let path = abs_path(path)?;
     agent.activity.touch();
-    let st = blocking(move || {
-        let md = fs::symlink_metadata(&path)
-            .map_err(|e| io_error(&format!("stat {}", path.display()), &e))?;
-        Ok(file_stat(display_name(&path), &md))
-    })
-    .await?;
-    to_value(&st)
+    // One lstat: cheaper than a hop to the blocking pool.
+    let md = fs::symlink_metadata(&path)
+        .map_err(|e| io_error(&format!("stat {}", path.display()), &e))?;
+    to_value(&file_stat(display_name(&path), &md))
 }
 
 pub async fn list(agent: &Agent, path: &str, limit: Option<u32>) -> Reply {
