@@ -527,25 +527,27 @@ pub async fn write(agent: &Agent, channel: Channel, req: WriteFileRequest) -> Re
     if complete {
         let _ = tx.try_send(WriteMsg::Commit);
     }
-    while !complete {
-        match receiver.recv().await {
-            Some(Inbound::Data(b)) => {
-                agent.activity.touch();
-                // A closed queue means the worker failed; its error follows.
-                if tx.send(WriteMsg::Data(b)).await.is_err() {
+    if !complete {
+        loop {
+            match receiver.recv().await {
+                Some(Inbound::Data(b)) => {
+                    agent.activity.touch();
+                    // A closed queue means the worker failed; its error follows.
+                    if tx.send(WriteMsg::Data(b)).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Inbound::Eof) => {
+                    let _ = tx.send(WriteMsg::Commit).await;
                     break;
                 }
+                Some(Inbound::Close(_)) | None => {
+                    drop(tx);
+                    let _ = worker.await;
+                    return Err(cancelled());
+                }
+                Some(_) => {}
             }
-            Some(Inbound::Eof) => {
-                let _ = tx.send(WriteMsg::Commit).await;
-                break;
-            }
-            Some(Inbound::Close(_)) | None => {
-                drop(tx);
-                let _ = worker.await;
-                return Err(cancelled());
-            }
-            Some(_) => {}
         }
     }
     drop(tx);
