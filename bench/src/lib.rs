@@ -2,6 +2,9 @@
 //! JSON + table report. Every figure is printed beside a floor measured in
 //! the same run on the same machine.
 
+pub mod fc_tiny;
+pub mod vm;
+
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -216,4 +219,80 @@ pub fn host_description() -> String {
         .map(|n| n.get())
         .unwrap_or(1);
     format!("{cpu}, {cores} cores")
+}
+
+/// ours / floor of one row, at p50, p95 and p99.
+#[derive(Debug, Serialize)]
+pub struct Ratio {
+    pub op: String,
+    pub floor: String,
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+}
+
+/// The ratios of the rows that have a floor.
+pub fn ratios(rows: &[Row]) -> Vec<Ratio> {
+    rows.iter()
+        .filter_map(|r| {
+            let [p50, p95, p99] = r.ratios()?;
+            Some(Ratio {
+                op: r.op.name.clone(),
+                floor: r.floor.as_ref()?.name.clone(),
+                p50,
+                p95,
+                p99,
+            })
+        })
+        .collect()
+}
+
+/// One backend's part of a VM benchmark's output.
+#[derive(Debug, Serialize)]
+pub struct Section {
+    pub backend: String,
+    pub report: Report,
+    /// ours / floor at p50, p95, p99, per row with a floor.
+    pub ratios: Vec<Ratio>,
+    pub not_applicable: Vec<(String, String)>,
+    pub notes: Vec<String>,
+}
+
+impl Section {
+    /// `rows` as the report `"<benchmark> <label>"` on this host (with the
+    /// load average now), and their ratios.
+    pub fn new(
+        benchmark: &str,
+        label: String,
+        rows: Vec<Row>,
+        not_applicable: Vec<(String, String)>,
+        notes: Vec<String>,
+    ) -> Section {
+        Section {
+            ratios: ratios(&rows),
+            report: Report {
+                benchmark: format!("{benchmark} {label}"),
+                host: format!(
+                    "{}; load average now {}",
+                    host_description(),
+                    load_average()
+                ),
+                rows,
+            },
+            backend: label,
+            not_applicable,
+            notes,
+        }
+    }
+
+    /// The ms table, then the n/a rows and the notes.
+    pub fn print(&self) {
+        self.report.print_table_ms();
+        for (what, why) in &self.not_applicable {
+            println!("{what:<36} {why}");
+        }
+        for n in &self.notes {
+            println!("note: {n}");
+        }
+    }
 }

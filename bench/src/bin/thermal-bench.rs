@@ -21,27 +21,28 @@
 //! loop, deletes the namespace and the dir (on errors, panics, Ctrl-C too).
 //! One VM runs at a time while something is measured.
 
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, ensure, Context};
+use anyhow::{anyhow, ensure, Context};
 use bhatti::config::ThermalConfig;
 use bhatti::engine::{
-    new_sandbox_id, random_hex, CheckpointMeta, CreateSpec, Engine, EngineConfig, SandboxRecord,
+    new_sandbox_id, CheckpointMeta, CreateSpec, Engine, EngineConfig, SandboxRecord,
 };
-use bhatti::net::{GuestNet, NetSettings};
+use bhatti::net::GuestNet;
 use bhatti::thermal::{ThermalHandle, ThermalManager};
-use bhatti_bench::{host_description, load_average, Recorder, Report, Row};
-use bhatti_protocol::{AgentClient, ExecRequest};
+use bhatti_bench::vm::{
+    artifact_paths, bench_engine_config, connect_qmp, drop_caches, exec_true, migrate_incoming,
+    migrate_to_file, raw_agent, spawn_qemu, uncap_migration, Artifacts, Guard, BOOT_TIMEOUT,
+};
+use bhatti_bench::{host_description, load_average, Recorder, Row, Section};
+use bhatti_protocol::AgentClient;
 use bhatti_vmm::process::VmmProcess;
-use bhatti_vmm::qemu::{qemu_args, Accel, QemuBackend, QemuConfig, Qmp};
+use bhatti_vmm::qemu::{Accel, QemuBackend, QemuConfig, Qmp};
 use bhatti_vmm::{NetConfig, VmConfig, VmmBackend};
 use clap::Parser;
 use serde::Serialize;
-use serde_json::{json, Value};
 
 #[path = "../thermal_bench/fc_tiny.rs"]
 mod fc_tiny;
@@ -73,8 +74,6 @@ pub(crate) struct Args {
     json: Option<PathBuf>,
 }
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let Some(art) = artifacts() else {
@@ -84,7 +83,7 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let guard = Guard::new()?;
+    let guard = Guard::new("thermal-bench", "bhatti-t", &["raw", "fc"])?;
     let load_start = load_average();
     let t0 = Instant::now();
     eprintln!(
@@ -105,13 +104,7 @@ fn main() -> anyhow::Result<()> {
     out.load_average_end = load_average();
     out.wall_seconds = t0.elapsed().as_secs_f64();
     for s in &out.sections {
-        s.report.print_table_ms();
-        for (what, why) in &s.not_applicable {
-            println!("{what:<36} {why}");
-        }
-        for n in &s.notes {
-            println!("note: {n}");
-        }
+        s.print();
     }
     println!(
         "load average (1/5/15 min): {} at start, {} at end; whole run {:.0} s",
@@ -134,39 +127,6 @@ struct Output {
     wall_seconds: f64,
     args: Args,
     sections: Vec<Section>,
-}
-
-#[derive(Debug, Serialize)]
-pub(crate) struct Section {
-    pub backend: String,
-    pub report: Report,
-    pub ratios: Vec<Ratio>,
-    pub not_applicable: Vec<(String, String)>,
-    pub notes: Vec<String>,
-}
-
-#[derive(Debug, Serialize)]
-pub(crate) struct Ratio {
-    op: String,
-    floor: String,
-    p50: f64,
-    p95: f64,
-    p99: f64,
-}
-
-pub(crate) fn ratios(rows: &[Row]) -> Vec<Ratio> {
-    rows.iter()
-        .filter_map(|r| {
-            let [p50, p95, p99] = r.ratios()?;
-            Some(Ratio {
-                op: r.op.name.clone(),
-                floor: r.floor.as_ref()?.name.clone(),
-                p50,
-                p95,
-                p99,
-            })
-        })
-        .collect()
 }
 
 pub(crate) fn row(op: &Recorder, floor: Option<&Recorder>) -> Row {
@@ -209,26 +169,6 @@ async fn run(args: &Args, art: &Artifacts, guard: &Guard) -> anyhow::Result<Outp
     })
 }
 
-/// `sync; echo 3 > /proc/sys/vm/drop_caches`.
-fn drop_caches() -> anyhow::Result<()> {
-    nix::unistd::sync();
-    std::fs::write("/proc/sys/vm/drop_caches", "3").context("writing /proc/sys/vm/drop_caches")
-}
-
-async fn exec_true(c: &AgentClient) -> anyhow::Result<()> {
-    let out = c
-        .exec(
-            ExecRequest {
-                argv: vec!["/bin/true".into()],
-                ..Default::default()
-            },
-            None,
-        )
-        .await?;
-    ensure!(out.status.exit_code == 0, "true exited {:?}", out.status);
-    Ok(())
-}
-
 /// Wake (if needed) through the thermal handle, then exec `true`.
 async fn thermal_exec(th: &ThermalHandle, id: &str) -> anyhow::Result<()> {
     let c = th.agent(id).await?;
@@ -244,14 +184,7 @@ async fn bench_qemu(args: &Args, art: &Artifacts, guard: &Guard) -> anyhow::Resu
         &art.rootfs,
         Arc::new(backend.clone()) as Arc<dyn VmmBackend>,
     );
-    cfg.net = Some(NetSettings {
-        bridge: "bhatti0".into(),
-        subnet: args.subnet.clone(),
-        netns: Some(guard.ns.clone()),
-    });
-    cfg.boot_timeout = BOOT_TIMEOUT;
-    cfg.agent_timeout = Duration::from_secs(60);
-    cfg.xfs_loop_size_mb = 16 << 10;
+    bench_engine_config(&mut cfg, &args.subnet, &guard.ns);
     let engine = Engine::new(cfg).await?;
     // The manager never cools anything by itself here (both timers 0): the
     // bench decides when a sandbox goes warm or cold, the handle wakes it.
@@ -508,24 +441,16 @@ async fn bench_qemu(args: &Args, art: &Artifacts, guard: &Guard) -> anyhow::Resu
         ),
         format!("thermal info after the warm rows: {wake_events}"),
     ];
-    Ok(Section {
-        backend: label.clone(),
-        ratios: ratios(&rows),
-        report: Report {
-            benchmark: format!("thermal-bench {label}"),
-            host: format!(
-                "{}; load average now {}",
-                host_description(),
-                load_average()
-            ),
-            rows,
-        },
-        not_applicable: vec![(
+    Ok(Section::new(
+        "thermal-bench",
+        label,
+        rows,
+        vec![(
             "Diff snapshot (QEMU)".into(),
             "n/a on QEMU (no diff snapshots; see the firecracker/tiny-guest rows)".into(),
         )],
         notes,
-    })
+    ))
 }
 
 /// A reflink (else sparse copy) of `disk` beside it, named `name.ext4`.
@@ -584,52 +509,23 @@ impl RawQemu {
         }
         let mut cfg = cfg.clone();
         cfg.netns = Some(self.netns.clone());
-        let args = qemu_args(&cfg, self.accel, &[], true);
         let console = cfg.run_dir.join(bhatti_vmm::qemu::CONSOLE_LOG);
         let file = std::fs::File::open(snapshot)?;
         let t0 = Instant::now();
-        let process = VmmProcess::spawn(
-            &self.binary,
-            &args,
-            &cfg.run_dir,
-            &console,
-            cfg.netns.as_deref(),
-        )?;
+        let process = spawn_qemu(&self.binary, self.accel, &cfg, true)?;
         let r = async {
-            let sock = cfg.run_dir.join(bhatti_vmm::qemu::QMP_SOCKET);
-            bhatti_vmm::process::wait_for_path(&sock, Duration::from_secs(20), &process).await?;
-            let mut q = Qmp::connect(&sock, Duration::from_secs(20)).await?;
-            q.send_fd("snap", file.as_fd()).await?;
-            q.execute("migrate-incoming", Some(json!({ "uri": "fd:snap" })))
-                .await?;
-            loop {
-                let st = q.execute("query-status", None).await?;
-                match st.get("status").and_then(Value::as_str).unwrap_or("") {
-                    "running" => break,
-                    "paused" | "postmigrate" => {
-                        q.execute("cont", None).await?;
-                        break;
-                    }
-                    "inmigrate" | "prelaunch" | "restore-vm" => {}
-                    other => bail!("raw restore: QEMU is {other}"),
-                }
-                ensure!(t0.elapsed() < BOOT_TIMEOUT, "raw restore timed out");
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
+            let mut q = connect_qmp(&cfg, &process).await?;
+            migrate_incoming(&mut q, &file, t0).await?;
             let agent = cfg.run_dir.join(bhatti_vmm::qemu::AGENT_SOCKET);
             let c = raw_agent(&agent, token, &process, BOOT_TIMEOUT).await?;
             exec_true(&c).await?;
-            Ok((q, c))
+            Ok::<_, anyhow::Error>((q, c))
         }
         .await;
         let d = t0.elapsed();
         match r {
             Ok((mut q, client)) => {
-                q.execute(
-                    "migrate-set-parameters",
-                    Some(json!({ "max-bandwidth": 64u64 << 30 })),
-                )
-                .await?;
+                uncap_migration(&mut q).await?;
                 Ok((
                     RawVm {
                         cfg,
@@ -654,22 +550,7 @@ impl RawQemu {
 impl RawVm {
     /// stop, migrate into `path` through an fd, wait for completion, fsync.
     async fn snapshot(&mut self, path: &Path) -> anyhow::Result<()> {
-        self.qmp.execute("stop", None).await?;
-        let file = std::fs::File::create(path)?;
-        self.qmp.send_fd("snap", file.as_fd()).await?;
-        self.qmp
-            .execute("migrate", Some(json!({ "uri": "fd:snap" })))
-            .await?;
-        loop {
-            let info = self.qmp.execute("query-migrate", None).await?;
-            match info.get("status").and_then(Value::as_str).unwrap_or("") {
-                "completed" => break,
-                "failed" | "cancelled" => bail!("raw migrate failed: {info}"),
-                _ => tokio::time::sleep(Duration::from_millis(1)).await,
-            }
-        }
-        file.sync_all()?;
-        Ok(())
+        migrate_to_file(&mut self.qmp, path).await
     }
 
     async fn kill(&mut self) -> anyhow::Result<()> {
@@ -678,68 +559,11 @@ impl RawVm {
     }
 }
 
-/// Connects to lohar through QEMU's chardev socket until the handshake and
-/// a ping answer, polling every 1 ms.
-async fn raw_agent(
-    sock: &Path,
-    token: &str,
-    process: &VmmProcess,
-    timeout: Duration,
-) -> anyhow::Result<AgentClient> {
-    let deadline = Instant::now() + timeout;
-    let mut last = String::from("no attempt");
-    loop {
-        ensure!(process.is_alive(), "QEMU exited ({last})");
-        let left = deadline.saturating_duration_since(Instant::now());
-        ensure!(!left.is_zero(), "no agent within {timeout:?} ({last})");
-        if let Ok(stream) = tokio::net::UnixStream::connect(sock).await {
-            let attempt = async {
-                let c = AgentClient::connect(stream, token).await?;
-                c.ping().await?;
-                Ok::<_, bhatti_protocol::ClientError>(c)
-            };
-            match tokio::time::timeout(left.min(Duration::from_secs(30)), attempt).await {
-                Ok(Ok(c)) => return Ok(c),
-                Ok(Err(e)) => last = e.to_string(),
-                Err(_) => last = "handshake timed out".into(),
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
-// ──────────────────────────── artifacts, guard ────────────────────────────
-
-struct Artifacts {
-    kernel: PathBuf,
-    rootfs: PathBuf,
-}
-
-fn newest(dir: &Path, file: &str) -> Option<PathBuf> {
-    let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .filter(|e| !e.file_name().to_string_lossy().starts_with(['.', '_']))
-        .map(|e| e.path().join(file))
-        .filter(|p| p.is_file())
-        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
-        .collect();
-    found.sort();
-    found.pop().map(|(_, p)| p)
-}
-
-fn env_path(var: &str) -> Option<PathBuf> {
-    std::env::var_os(var)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-}
+// ─────────────────────────────── artifacts ───────────────────────────────
 
 /// The kernel and rootfs (as the engine tests find them), or one SKIP line.
 fn artifacts() -> Option<Artifacts> {
-    let cache = Path::new("/var/cache/bhatti-ci");
-    let kernel = env_path("BHATTI_KERNEL").or_else(|| newest(&cache.join("kernel"), "vmlinux"));
-    let rootfs =
-        env_path("BHATTI_ROOTFS").or_else(|| newest(&cache.join("rootfs"), "rootfs+lohar.ext4"));
+    let (kernel, rootfs) = artifact_paths();
     let mut missing = Vec::new();
     if !nix::unistd::geteuid().is_root() {
         missing.push("root (netns, bridge, TAPs, loop mount, drop_caches)");
@@ -747,10 +571,10 @@ fn artifacts() -> Option<Artifacts> {
     if bhatti_vmm::probe::probe().qemu.is_none() {
         missing.push("qemu-system-x86_64");
     }
-    if !kernel.as_ref().is_some_and(|p| p.is_file()) {
+    if kernel.is_none() {
         missing.push("kernel (BHATTI_KERNEL)");
     }
-    if !rootfs.as_ref().is_some_and(|p| p.is_file()) {
+    if rootfs.is_none() {
         missing.push("rootfs with lohar (BHATTI_ROOTFS)");
     }
     if !missing.is_empty() {
@@ -764,91 +588,4 @@ fn artifacts() -> Option<Artifacts> {
         kernel: kernel.expect("checked"),
         rootfs: rootfs.expect("checked"),
     })
-}
-
-/// The bench's network namespace and scratch dir; dropping it removes every
-/// VMM process started under the dir, the engine's XFS loop mount, the
-/// namespace (with its bridge and TAPs) and the dir.
-pub(crate) struct Guard {
-    ns: String,
-    dir: tempfile::TempDir,
-}
-
-impl Guard {
-    fn new() -> anyhow::Result<Guard> {
-        Ok(Guard {
-            ns: format!("bhatti-t-{}", random_hex(4)),
-            dir: tempfile::Builder::new()
-                .prefix("bhatti-thermal-bench.")
-                .tempdir()?,
-        })
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let root = self.dir.path();
-        let run_dirs = [
-            root.join("raw"),
-            root.join("engine").join("run"),
-            root.join("fc"),
-        ];
-        for d in run_dirs {
-            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-                kill_vmm_of(&e.path());
-            }
-        }
-        let mnt = root.join("engine").join("reflink");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while bhatti::storage::is_mountpoint(&mnt) && Instant::now() < deadline {
-            let _ = Command::new("umount")
-                .arg("-d")
-                .arg(&mnt)
-                .stderr(std::process::Stdio::null())
-                .status();
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if bhatti::storage::is_mountpoint(&mnt) {
-            eprintln!(
-                "[thermal-bench] {} still mounted; lazy unmount",
-                mnt.display()
-            );
-            let _ = Command::new("umount").arg("-l").arg(&mnt).status();
-        }
-        if Path::new("/run/netns").join(&self.ns).exists() {
-            let ok = Command::new("ip")
-                .args(["netns", "del", &self.ns])
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                eprintln!("[thermal-bench] could not delete netns {}", self.ns);
-            }
-        }
-        eprintln!(
-            "[thermal-bench] cleaned up (VMs, mount, netns {}, scratch dir)",
-            self.ns
-        );
-    }
-}
-
-/// SIGKILLs the VMM named by `<run_dir>/vmm.pid` if its command line names
-/// that run dir (never a recycled pid), and waits until it is gone.
-fn kill_vmm_of(run_dir: &Path) {
-    let Ok(pid) = std::fs::read_to_string(run_dir.join(bhatti_vmm::process::PID_FILE)) else {
-        return;
-    };
-    let Ok(pid) = pid.trim().parse::<i32>() else {
-        return;
-    };
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    if !bhatti_vmm::process::pid_alive(pid as u32)
-        || !String::from_utf8_lossy(&cmdline).contains(&*run_dir.to_string_lossy())
-    {
-        return;
-    }
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while bhatti_vmm::process::pid_alive(pid as u32) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }

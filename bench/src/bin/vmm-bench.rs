@@ -27,7 +27,6 @@
 //! VM runs at a time while something is measured (the other is paused): on
 //! two cores under TCG a second busy guest would only measure contention.
 
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,18 +35,22 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context};
 use bhatti::engine::{random_hex, CreateSpec, Engine, EngineConfig};
-use bhatti::net::{GuestNet, NetSettings, Network};
-use bhatti_bench::{host_description, load_average, sample, Recorder, Report, Row, Stats};
+use bhatti::net::{GuestNet, Network};
+use bhatti_bench::vm::{
+    artifact_paths, bench_engine_config, connect_qmp, exec_true, migrate_incoming, migrate_to_file,
+    raw_agent, spawn_qemu, uncap_migration, Artifacts, Guard, BOOT_TIMEOUT,
+};
+use bhatti_bench::{host_description, load_average, sample, Recorder, Row, Section, Stats};
 use bhatti_protocol::client::ExecOutput;
 use bhatti_protocol::guest_config::{AgentTransport, GuestConfig, NetworkConfig};
 use bhatti_protocol::{AgentClient, ExecRequest, ReadFileRequest, WriteFileRequest};
 use bhatti_vmm::process::VmmProcess;
-use bhatti_vmm::qemu::{qemu_args, Accel, Qmp, QemuBackend, QemuConfig};
+use bhatti_vmm::qemu::{Accel, QemuBackend, QemuConfig, Qmp};
 use bhatti_vmm::{NetConfig, VmConfig, VmmBackend};
 use bytes::Bytes;
 use clap::Parser;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 #[derive(Parser, Debug, Clone, Serialize)]
 #[command(about = "Benchmark the sandbox engine on real VMs beside raw VMM floors")]
@@ -88,8 +91,6 @@ struct Args {
     only: Option<String>,
 }
 
-/// Boot or restore budget under TCG on a loaded 2-core host.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 /// Where the floor program goes in the guest, and the files it and we use.
 const GUEST_HELPER: &str = "/tmp/vmm-bench-helper";
 const GUEST_FILE: &str = "/home/lohar/vmm-bench.dat";
@@ -109,7 +110,7 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let guard = Guard::new()?;
+    let guard = Guard::new("vmm-bench", "bhatti-b", &["raw"])?;
     let load_start = load_average();
     eprintln!(
         "[vmm-bench] netns {}, scratch {}, load average {load_start}",
@@ -135,13 +136,7 @@ fn main() -> anyhow::Result<()> {
         backends,
     };
     for b in &out.backends {
-        b.report.print_table_ms();
-        for (what, why) in &b.not_applicable {
-            println!("{what:<36} {why}");
-        }
-        for n in &b.notes {
-            println!("note: {n}");
-        }
+        b.print();
     }
     println!(
         "load average (1/5/15 min): {} at start, {} at end",
@@ -163,33 +158,10 @@ struct Output {
     load_average_end: String,
     network: String,
     args: Args,
-    backends: Vec<BackendOut>,
+    backends: Vec<Section>,
 }
 
-#[derive(Debug, Serialize)]
-struct BackendOut {
-    backend: String,
-    report: Report,
-    /// ours / floor at p50, p95, p99, per row with a floor.
-    ratios: Vec<Ratio>,
-    not_applicable: Vec<(String, String)>,
-    notes: Vec<String>,
-}
-
-#[derive(Debug, Serialize)]
-struct Ratio {
-    op: String,
-    floor: String,
-    p50: f64,
-    p95: f64,
-    p99: f64,
-}
-
-async fn run(
-    args: &Args,
-    art: Option<&Artifacts>,
-    guard: &Guard,
-) -> anyhow::Result<Vec<BackendOut>> {
+async fn run(args: &Args, art: Option<&Artifacts>, guard: &Guard) -> anyhow::Result<Vec<Section>> {
     let host = bhatti_vmm::probe::probe();
     let mut out = Vec::new();
     let only = args.only.as_deref();
@@ -223,7 +195,7 @@ async fn bench_qemu(
     art: &Artifacts,
     guard: &Guard,
     backend: QemuBackend,
-) -> anyhow::Result<BackendOut> {
+) -> anyhow::Result<Section> {
     let label = format!("qemu/{:?}", backend.accel()).to_lowercase();
     let helper = compile_helper(guard.dir.path())?;
     let spec = CreateSpec::default();
@@ -233,14 +205,7 @@ async fn bench_qemu(
         &art.rootfs,
         Arc::new(backend.clone()) as Arc<dyn VmmBackend>,
     );
-    cfg.net = Some(NetSettings {
-        bridge: "bhatti0".into(),
-        subnet: args.subnet.clone(),
-        netns: Some(guard.ns.clone()),
-    });
-    cfg.boot_timeout = BOOT_TIMEOUT;
-    cfg.agent_timeout = Duration::from_secs(60);
-    cfg.xfs_loop_size_mb = 16 << 10;
+    bench_engine_config(&mut cfg, &args.subnet, &guard.ns);
     let engine = Engine::new(cfg).await?;
     let raw = RawQemu {
         binary: backend.binary().to_path_buf(),
@@ -578,19 +543,6 @@ async fn bench_qemu(
         row(raw_running.stats(), None, "(raw, info)"),
     ];
     rows.retain(|r| r.op.samples > 0);
-    let ratios = rows
-        .iter()
-        .filter_map(|r| {
-            let [p50, p95, p99] = r.ratios()?;
-            Some(Ratio {
-                op: r.op.name.clone(),
-                floor: r.floor.as_ref()?.name.clone(),
-                p50,
-                p95,
-                p99,
-            })
-        })
-        .collect();
     notes.push(
         "write/read floors: the same syscalls lohar makes, timed inside the guest by a static \
          C program (gcc -static at bench time), not the agent round trip"
@@ -601,38 +553,16 @@ async fn bench_qemu(
          no sync and no kill"
             .into(),
     );
-    Ok(BackendOut {
-        backend: label.clone(),
-        report: Report {
-            benchmark: format!("vmm-bench {label}"),
-            host: format!(
-                "{}; load average now {}",
-                host_description(),
-                load_average()
-            ),
-            rows,
-        },
-        ratios,
-        not_applicable: vec![(
+    Ok(Section::new(
+        "vmm-bench",
+        label,
+        rows,
+        vec![(
             "Diff snapshot".into(),
             "n/a (QEMU has no diff snapshots)".into(),
         )],
         notes,
-    })
-}
-
-async fn exec_true(c: &AgentClient) -> anyhow::Result<()> {
-    let out = c
-        .exec(
-            ExecRequest {
-                argv: vec!["/bin/true".into()],
-                ..Default::default()
-            },
-            None,
-        )
-        .await?;
-    ensure!(out.status.exit_code == 0, "true exited {:?}", out.status);
-    Ok(())
+    ))
 }
 
 async fn exec_ok(c: &AgentClient, argv: &[&str]) -> anyhow::Result<ExecOutput> {
@@ -705,7 +635,12 @@ fn share(n: usize, rounds: usize, r: usize) -> usize {
 }
 
 /// [`sample`] into an existing recorder.
-async fn time_into<F, Fut>(rec: &mut Recorder, warmup: usize, n: usize, mut f: F) -> anyhow::Result<()>
+async fn time_into<F, Fut>(
+    rec: &mut Recorder,
+    warmup: usize,
+    n: usize,
+    mut f: F,
+) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
@@ -915,8 +850,9 @@ impl RawDisk {
                 let disk = dir.join(format!("{id}.ext4"));
                 let src = std::fs::File::open(base)?;
                 let dst = std::fs::File::create(&disk)?;
-                bhatti::storage::ficlone(&src, &dst)
-                    .with_context(|| format!("reflinking {} to {}", base.display(), disk.display()))?;
+                bhatti::storage::ficlone(&src, &dst).with_context(|| {
+                    format!("reflinking {} to {}", base.display(), disk.display())
+                })?;
                 Ok(disk)
             }
         }
@@ -989,20 +925,7 @@ impl RawQemu<'_> {
     }
 
     fn spawn(&self, cfg: &VmConfig, incoming: bool) -> anyhow::Result<VmmProcess> {
-        for s in [
-            bhatti_vmm::qemu::QMP_SOCKET,
-            bhatti_vmm::qemu::AGENT_SOCKET,
-        ] {
-            let _ = std::fs::remove_file(cfg.run_dir.join(s));
-        }
-        let args = qemu_args(cfg, self.accel, &[], incoming);
-        Ok(VmmProcess::spawn(
-            &self.binary,
-            &args,
-            &cfg.run_dir,
-            &cfg.run_dir.join(bhatti_vmm::qemu::CONSOLE_LOG),
-            cfg.netns.as_deref(),
-        )?)
+        spawn_qemu(&self.binary, self.accel, cfg, incoming)
     }
 
     /// Spawn → handshake+ping answered; QMP connected afterwards, unmeasured.
@@ -1056,15 +979,8 @@ impl RawQemu<'_> {
 
 impl RawVm {
     async fn connect_qmp(&mut self) -> anyhow::Result<()> {
-        let sock = self.cfg.run_dir.join(bhatti_vmm::qemu::QMP_SOCKET);
-        wait_path(&sock, &self.process).await?;
-        let mut q = Qmp::connect(&sock, Duration::from_secs(20)).await?;
-        // QEMU's default cap (128 MiB/s) would throttle a paused VM's stream.
-        q.execute(
-            "migrate-set-parameters",
-            Some(json!({ "max-bandwidth": 64u64 << 30 })),
-        )
-        .await?;
+        let mut q = connect_qmp(&self.cfg, &self.process).await?;
+        uncap_migration(&mut q).await?;
         self.qmp = Some(q);
         Ok(())
     }
@@ -1076,22 +992,8 @@ impl RawVm {
 
     /// stop, migrate into `path` through an fd, wait for completion, fsync.
     async fn snapshot(&mut self, path: &Path) -> anyhow::Result<()> {
-        self.qmp("stop", None).await?;
-        let file = std::fs::File::create(path)?;
         let q = self.qmp.as_mut().context("no QMP connection")?;
-        q.send_fd("snap", file.as_fd()).await?;
-        q.execute("migrate", Some(json!({ "uri": "fd:snap" })))
-            .await?;
-        loop {
-            let info = q.execute("query-migrate", None).await?;
-            match info.get("status").and_then(Value::as_str).unwrap_or("") {
-                "completed" => break,
-                "failed" | "cancelled" => bail!("raw migrate failed: {info}"),
-                _ => tokio::time::sleep(Duration::from_millis(1)).await,
-            }
-        }
-        file.sync_all()?;
-        Ok(())
+        migrate_to_file(q, path).await
     }
 
     async fn kill(&mut self) -> anyhow::Result<()> {
@@ -1111,36 +1013,14 @@ impl RawVm {
         let file = std::fs::File::open(snapshot)?;
         let t0 = Instant::now();
         self.process = raw.spawn(&self.cfg, true)?;
-        let sock = self.cfg.run_dir.join(bhatti_vmm::qemu::QMP_SOCKET);
-        wait_path(&sock, &self.process).await?;
-        let mut q = Qmp::connect(&sock, Duration::from_secs(20)).await?;
-        q.send_fd("snap", file.as_fd()).await?;
-        q.execute("migrate-incoming", Some(json!({ "uri": "fd:snap" })))
-            .await?;
-        loop {
-            let st = q.execute("query-status", None).await?;
-            match st.get("status").and_then(Value::as_str).unwrap_or("") {
-                "running" => break,
-                "paused" | "postmigrate" => {
-                    q.execute("cont", None).await?;
-                    break;
-                }
-                "inmigrate" | "prelaunch" | "restore-vm" => {}
-                other => bail!("raw restore: QEMU is {other}"),
-            }
-            ensure!(t0.elapsed() < BOOT_TIMEOUT, "raw restore timed out");
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        let mut q = connect_qmp(&self.cfg, &self.process).await?;
+        migrate_incoming(&mut q, &file, t0).await?;
         let running = t0.elapsed();
         let agent = self.cfg.run_dir.join(bhatti_vmm::qemu::AGENT_SOCKET);
         let c = raw_agent(&agent, &self.token, &self.process, BOOT_TIMEOUT).await?;
         exec_true(&c).await?;
         let first_exec = t0.elapsed();
-        q.execute(
-            "migrate-set-parameters",
-            Some(json!({ "max-bandwidth": 64u64 << 30 })),
-        )
-        .await?;
+        uncap_migration(&mut q).await?;
         self.qmp = Some(q);
         self.client = Some(c);
         Ok((running, first_exec))
@@ -1153,49 +1033,6 @@ impl RawVm {
         let _ = std::fs::remove_file(&self.cfg.root_disk);
         let _ = std::fs::remove_dir_all(&self.cfg.run_dir);
         Ok(())
-    }
-}
-
-async fn wait_path(p: &Path, process: &VmmProcess) -> anyhow::Result<()> {
-    Ok(bhatti_vmm::process::wait_for_path(p, Duration::from_secs(20), process).await?)
-}
-
-/// Connects to lohar through QEMU's chardev socket until the handshake and
-/// a ping answer (what the engine's `wait_for_agent` does), polling 1 ms.
-async fn raw_agent(
-    sock: &Path,
-    token: &str,
-    process: &VmmProcess,
-    timeout: Duration,
-) -> anyhow::Result<AgentClient> {
-    let deadline = Instant::now() + timeout;
-    let mut last = String::from("no attempt");
-    loop {
-        ensure!(process.is_alive(), "QEMU exited ({last})");
-        let left = deadline.saturating_duration_since(Instant::now());
-        ensure!(!left.is_zero(), "no agent within {timeout:?} ({last})");
-        if let Ok(stream) = tokio::net::UnixStream::connect(sock).await {
-            let attempt = async {
-                let c = AgentClient::connect(stream, token).await?;
-                c.ping().await?;
-                Ok::<_, bhatti_protocol::ClientError>(c)
-            };
-            tokio::select! {
-                r = tokio::time::timeout(left, attempt) => match r {
-                    Ok(Ok(c)) => return Ok(c),
-                    Ok(Err(e)) => last = e.to_string(),
-                    Err(_) => bail!("no agent within {timeout:?}"),
-                },
-                _ = dead(process) => bail!("QEMU exited during the handshake"),
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
-async fn dead(p: &VmmProcess) {
-    while p.is_alive() {
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -1221,7 +1058,10 @@ async fn watch_console(
                 let rest = after.split_once('\n').map(|x| x.1).unwrap_or("");
                 // Kernel lines start with "[" (printk time); a line
                 // starting otherwise comes from userspace.
-                if rest.lines().any(|l| !l.trim().is_empty() && !l.starts_with('[')) {
+                if rest
+                    .lines()
+                    .any(|l| !l.trim().is_empty() && !l.starts_with('['))
+                {
                     user = Some(t0.elapsed());
                 }
             }
@@ -1231,38 +1071,11 @@ async fn watch_console(
     (init, user)
 }
 
-// ──────────────────────────── artifacts, guard ────────────────────────────
-
-struct Artifacts {
-    kernel: PathBuf,
-    rootfs: PathBuf,
-}
-
-fn newest(dir: &Path, file: &str) -> Option<PathBuf> {
-    let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .filter(|e| !e.file_name().to_string_lossy().starts_with(['.', '_']))
-        .map(|e| e.path().join(file))
-        .filter(|p| p.is_file())
-        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
-        .collect();
-    found.sort();
-    found.pop().map(|(_, p)| p)
-}
-
-fn env_path(var: &str) -> Option<PathBuf> {
-    std::env::var_os(var)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-}
+// ─────────────────────────────── artifacts ───────────────────────────────
 
 /// The kernel and rootfs (as the engine tests find them), or one SKIP line.
 fn artifacts() -> Option<Artifacts> {
-    let cache = Path::new("/var/cache/bhatti-ci");
-    let kernel = env_path("BHATTI_KERNEL").or_else(|| newest(&cache.join("kernel"), "vmlinux"));
-    let rootfs =
-        env_path("BHATTI_ROOTFS").or_else(|| newest(&cache.join("rootfs"), "rootfs+lohar.ext4"));
+    let (kernel, rootfs) = artifact_paths();
     let gcc = Command::new("gcc")
         .arg("--version")
         .output()
@@ -1275,10 +1088,10 @@ fn artifacts() -> Option<Artifacts> {
     {
         missing.push("a VMM (qemu-system-x86_64 / firecracker)");
     }
-    if !kernel.as_ref().is_some_and(|p| p.is_file()) {
+    if kernel.is_none() {
         missing.push("kernel (BHATTI_KERNEL)");
     }
-    if !rootfs.as_ref().is_some_and(|p| p.is_file()) {
+    if rootfs.is_none() {
         missing.push("rootfs with lohar (BHATTI_ROOTFS)");
     }
     if !gcc {
@@ -1295,82 +1108,4 @@ fn artifacts() -> Option<Artifacts> {
         kernel: kernel.expect("checked"),
         rootfs: rootfs.expect("checked"),
     })
-}
-
-/// The bench's network namespace and scratch dir; dropping it removes every
-/// VMM process started under the dir, the engine's XFS loop mount, the
-/// namespace (with its bridge and TAPs) and the dir.
-struct Guard {
-    ns: String,
-    dir: tempfile::TempDir,
-}
-
-impl Guard {
-    fn new() -> anyhow::Result<Guard> {
-        Ok(Guard {
-            ns: format!("bhatti-b-{}", random_hex(4)),
-            dir: tempfile::Builder::new()
-                .prefix("bhatti-vmm-bench.")
-                .tempdir()?,
-        })
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let root = self.dir.path();
-        let run_dirs = [root.join("raw"), root.join("engine").join("run")];
-        for d in run_dirs {
-            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-                kill_vmm_of(&e.path());
-            }
-        }
-        // A killed VMM's threads may hold its disk a moment longer: retry.
-        let mnt = root.join("engine").join("reflink");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while bhatti::storage::is_mountpoint(&mnt) && Instant::now() < deadline {
-            let _ = Command::new("umount")
-                .arg("-d")
-                .arg(&mnt)
-                .stderr(std::process::Stdio::null())
-                .status();
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if bhatti::storage::is_mountpoint(&mnt) {
-            eprintln!("[vmm-bench] {} still mounted; lazy unmount", mnt.display());
-            let _ = Command::new("umount").arg("-l").arg(&mnt).status();
-        }
-        if Path::new("/run/netns").join(&self.ns).exists() {
-            let ok = Command::new("ip")
-                .args(["netns", "del", &self.ns])
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                eprintln!("[vmm-bench] could not delete netns {}", self.ns);
-            }
-        }
-        eprintln!("[vmm-bench] cleaned up (VMs, mount, netns {}, scratch dir)", self.ns);
-    }
-}
-
-/// SIGKILLs the VMM named by `<run_dir>/vmm.pid` if its command line names
-/// that run dir (never a recycled pid), and waits until it is gone.
-fn kill_vmm_of(run_dir: &Path) {
-    let Ok(pid) = std::fs::read_to_string(run_dir.join(bhatti_vmm::process::PID_FILE)) else {
-        return;
-    };
-    let Ok(pid) = pid.trim().parse::<i32>() else {
-        return;
-    };
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    if !bhatti_vmm::process::pid_alive(pid as u32)
-        || !String::from_utf8_lossy(&cmdline).contains(&*run_dir.to_string_lossy())
-    {
-        return;
-    }
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while bhatti_vmm::process::pid_alive(pid as u32) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }

@@ -22,44 +22,32 @@
 //! the bench's scratch dir (`raw/fc*`), which the main [`Guard`] scans for
 //! `vmm.pid` files and then deletes.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
-use std::os::unix::net::UnixStream as StdUnixStream;
-use std::os::unix::process::CommandExt;
+use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context};
-use bhatti_bench::{host_description, load_average, Recorder, Report, Row};
+use anyhow::ensure;
+use bhatti_bench::fc_tiny::{
+    build_tiny_guest, counter, data_extents, file_len, files, load_body, mem, raw_boot, raw_merge,
+    remove_files, snapshot_body, RawFc, PAUSED, RESUMED, RUN_A_BIT, START, TINY_MEM_MIB,
+};
+use bhatti_bench::vm::{Artifacts, Guard};
+use bhatti_bench::{Recorder, Row, Section};
 use bhatti_vmm::firecracker::{
-    merge_diff_snapshot, FirecrackerBackend, FirecrackerConfig, API_SOCKET, CONSOLE_LOG,
-    VSOCK_SOCKET,
+    merge_diff_snapshot, FirecrackerBackend, FirecrackerConfig, CONSOLE_LOG,
 };
 use bhatti_vmm::probe::HostProbe;
-use bhatti_vmm::{SnapshotFiles, SnapshotKind, VmConfig, VmmBackend};
+use bhatti_vmm::{SnapshotKind, VmConfig, VmmBackend};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{Args, Artifacts, BackendOut, Guard, Ratio};
+use super::Args;
 
 #[path = "firecracker_linux.rs"]
 mod linux;
 
-/// The tiny guest's counter (guest-physical == memory file offset).
-const COUNTER: u64 = 0x1800000;
 /// Increments between two `tick` lines.
 const TICK: u64 = 1 << 20;
-const TINY_MEM_MIB: u32 = 32;
-/// How long the guest runs before a snapshot ("ran a bit").
-const RUN_A_BIT: Duration = Duration::from_millis(10);
-/// The raw side polls the API socket this often until it accepts.
-const RAW_POLL: Duration = Duration::from_micros(100);
-const API_TIMEOUT: Duration = Duration::from_secs(10);
-const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
-const START: &str = r#"{"action_type":"InstanceStart"}"#;
-const PAUSED: &str = r#"{"state":"Paused"}"#;
-const RESUMED: &str = r#"{"state":"Resumed"}"#;
 
 /// The Firecracker sections: tiny guest, then the Linux guest under
 /// hardware KVM. One `SKIP` line when there is no binary.
@@ -68,7 +56,7 @@ pub(super) async fn bench_firecracker(
     art: Option<&Artifacts>,
     guard: &Guard,
     host: &HostProbe,
-) -> anyhow::Result<Vec<BackendOut>> {
+) -> anyhow::Result<Vec<Section>> {
     let Some(bin) = host.firecracker.clone() else {
         println!("SKIP firecracker rows: no binary");
         return Ok(Vec::new());
@@ -117,225 +105,6 @@ fn fc_version(bin: &Path) -> String {
         .unwrap_or_else(|| "Firecracker (unknown version)".into())
 }
 
-// ───────────────────────────── raw Firecracker ─────────────────────────────
-
-/// Firecracker's API on a unix socket, HTTP/1.1 written and parsed by
-/// hand, one keep-alive connection: the least a client can do. (Async: on
-/// this host a thread blocked in read(2) woke measurably later than a tokio
-/// worker parked in epoll, so the blocking variant was not the floor.)
-struct RawApi {
-    s: tokio::net::UnixStream,
-    buf: Vec<u8>,
-}
-
-impl RawApi {
-    /// One request; (status, body).
-    async fn call(
-        &mut self,
-        method: &str,
-        path: &str,
-        body: &str,
-    ) -> anyhow::Result<(u16, String)> {
-        let req = if body.is_empty() {
-            format!(
-                "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\r\n"
-            )
-        } else {
-            format!(
-                "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\
-                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            )
-        };
-        self.s.write_all(req.as_bytes()).await?;
-        self.buf.clear();
-        let mut chunk = [0u8; 2048];
-        loop {
-            if let Some(h) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&self.buf[..h]);
-                let status: u16 = head
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|s| s.parse().ok())
-                    .with_context(|| format!("bad status line in {head:?}"))?;
-                let len: usize = head
-                    .lines()
-                    .filter_map(|l| l.split_once(':'))
-                    .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-                    .and_then(|(_, v)| v.trim().parse().ok())
-                    .unwrap_or(0);
-                if self.buf.len() >= h + 4 + len {
-                    let body = String::from_utf8_lossy(&self.buf[h + 4..h + 4 + len]).into_owned();
-                    return Ok((status, body));
-                }
-            }
-            let n = self.s.read(&mut chunk).await?;
-            ensure!(n > 0, "the API closed the connection");
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-}
-
-/// A `firecracker` process spawned here (not through `VmmProcess`), with the
-/// backend's own arguments. SIGKILLed and reaped on drop.
-struct RawFc {
-    child: Option<Child>,
-    run_dir: PathBuf,
-    api: Option<RawApi>,
-}
-
-impl RawFc {
-    /// Makes the run dir and removes leftover sockets (before the clock).
-    fn prepare(run_dir: &Path) -> anyhow::Result<()> {
-        std::fs::create_dir_all(run_dir)?;
-        for s in [API_SOCKET, VSOCK_SOCKET] {
-            match std::fs::remove_file(run_dir.join(s)) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
-                _ => {}
-            }
-        }
-        Ok(())
-    }
-
-    fn spawn(bin: &Path, run_dir: &Path, id: &str, netns: Option<&str>) -> anyhow::Result<RawFc> {
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(run_dir.join(CONSOLE_LOG))?;
-        let mut cmd = Command::new(bin);
-        cmd.arg("--api-sock")
-            .arg(run_dir.join(API_SOCKET))
-            .args(["--id", id, "--level", "Warning", "--no-seccomp"])
-            .current_dir(run_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .process_group(0);
-        if let Some(ns) = netns {
-            let f = File::open(format!("/run/netns/{ns}"))
-                .with_context(|| format!("opening netns {ns}"))?;
-            // SAFETY: between fork and exec only setns(2) (async-signal-safe)
-            // on a descriptor opened before the fork.
-            unsafe {
-                cmd.pre_exec(move || {
-                    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .map_err(std::io::Error::from)
-                });
-            }
-        }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("spawning {}", bin.display()))?;
-        Ok(RawFc {
-            child: Some(child),
-            run_dir: run_dir.to_owned(),
-            api: None,
-        })
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-    }
-
-    fn console(&self) -> PathBuf {
-        self.run_dir.join(CONSOLE_LOG)
-    }
-
-    fn vsock(&self) -> PathBuf {
-        self.run_dir.join(VSOCK_SOCKET)
-    }
-
-    fn tail(&self) -> String {
-        bhatti_vmm::console_tail(&self.console(), 1500)
-    }
-
-    /// Connects (polling every 100 µs: tokio's timer has 1 ms steps, so a
-    /// thread sleep) once the API listens.
-    fn wait_api(&mut self) -> anyhow::Result<()> {
-        let sock = self.run_dir.join(API_SOCKET);
-        let deadline = Instant::now() + API_TIMEOUT;
-        loop {
-            match StdUnixStream::connect(&sock) {
-                Ok(s) => {
-                    s.set_nonblocking(true)?;
-                    self.api = Some(RawApi {
-                        s: tokio::net::UnixStream::from_std(s)?,
-                        buf: Vec::with_capacity(1024),
-                    });
-                    return Ok(());
-                }
-                Err(e) => {
-                    ensure!(
-                        self.alive(),
-                        "raw firecracker exited before its API answered; console:\n{}",
-                        self.tail()
-                    );
-                    ensure!(
-                        Instant::now() < deadline,
-                        "no API at {}: {e}",
-                        sock.display()
-                    );
-                    std::thread::sleep(RAW_POLL);
-                }
-            }
-        }
-    }
-
-    async fn call(&mut self, method: &str, path: &str, body: &str) -> anyhow::Result<()> {
-        let api = self.api.as_mut().context("no API connection")?;
-        let r = tokio::time::timeout(SNAPSHOT_TIMEOUT, api.call(method, path, body))
-            .await
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")));
-        match r {
-            Ok((st, _)) if (200..300).contains(&st) => Ok(()),
-            Ok((st, b)) => bail!("raw {method} {path}: HTTP {st}: {b}"),
-            Err(e) => bail!("raw {method} {path}: {e}; console:\n{}", self.tail()),
-        }
-    }
-
-    async fn put(&mut self, path: &str, body: &str) -> anyhow::Result<()> {
-        self.call("PUT", path, body).await
-    }
-
-    async fn patch_vm(&mut self, state: &str) -> anyhow::Result<()> {
-        self.call("PATCH", "/vm", state).await
-    }
-
-    /// SIGKILL, reap, remove the sockets.
-    fn kill(&mut self) {
-        self.api = None;
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = RawFc::prepare(&self.run_dir);
-    }
-}
-
-impl Drop for RawFc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Spawn, API, `reqs` in order (the last being InstanceStart).
-async fn raw_boot(
-    bin: &Path,
-    run_dir: &Path,
-    id: &str,
-    netns: Option<&str>,
-    reqs: &[(String, String)],
-) -> anyhow::Result<RawFc> {
-    let mut fc = RawFc::spawn(bin, run_dir, id, netns)?;
-    fc.wait_api()?;
-    for (p, b) in reqs {
-        fc.put(p, b).await?;
-    }
-    Ok(fc)
-}
-
 /// The backend's pre-boot PUTs for `cfg` (the same devices), serialized
 /// before the clock starts, then InstanceStart.
 fn same_boot_requests(cfg: &VmConfig) -> Vec<(String, String)> {
@@ -345,31 +114,6 @@ fn same_boot_requests(cfg: &VmConfig) -> Vec<(String, String)> {
         .collect();
     r.push(("/actions".into(), START.into()));
     r
-}
-
-fn snapshot_body(kind: &str, f: &SnapshotFiles) -> String {
-    json!({
-        "snapshot_type": kind,
-        "snapshot_path": f.state,
-        "mem_file_path": f.memory,
-    })
-    .to_string()
-}
-
-/// The `PUT /snapshot/load` body the backend sends (File memory backend,
-/// dirty tracking, resume, vsock moved to `run_dir`), written out here.
-fn load_body(f: &SnapshotFiles, run_dir: &Path, tap: Option<&str>) -> String {
-    let mut b = json!({
-        "snapshot_path": f.state,
-        "mem_backend": { "backend_type": "File", "backend_path": f.memory },
-        "track_dirty_pages": true,
-        "resume_vm": true,
-        "vsock_override": { "uds_path": run_dir.join(VSOCK_SOCKET) },
-    });
-    if let Some(tap) = tap {
-        b["network_overrides"] = json!([{ "iface_id": "eth0", "host_dev_name": tap }]);
-    }
-    b.to_string()
 }
 
 /// SIGKILLs the backend's VMMs it was told about (if still ours: the
@@ -414,82 +158,6 @@ impl Drop for Reaper {
     }
 }
 
-fn remove_files(f: &SnapshotFiles) {
-    let _ = std::fs::remove_file(&f.state);
-    if let Some(m) = &f.memory {
-        let _ = std::fs::remove_file(m);
-    }
-}
-
-fn mem(f: &SnapshotFiles) -> &Path {
-    f.memory
-        .as_deref()
-        .expect("Firecracker snapshots have memory")
-}
-
-fn files(dir: &Path, name: &str) -> SnapshotFiles {
-    SnapshotFiles {
-        state: dir.join(format!("{name}.state")),
-        memory: Some(dir.join(format!("{name}.mem"))),
-    }
-}
-
-/// (Full/Diff rows with a floor) → ours/floor ratios.
-fn ratios(rows: &[Row]) -> Vec<Ratio> {
-    rows.iter()
-        .filter_map(|r| {
-            let [p50, p95, p99] = r.ratios()?;
-            Some(Ratio {
-                op: r.op.name.clone(),
-                floor: r.floor.as_ref()?.name.clone(),
-                p50,
-                p95,
-                p99,
-            })
-        })
-        .collect()
-}
-
-// ─────────────────────────────── tiny guest ───────────────────────────────
-
-/// Assembles and links the tiny guest into `dir` (binutils).
-fn build_tiny_guest(dir: &Path) -> anyhow::Result<PathBuf> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/vmm/tests/fixtures/tiny-guest");
-    let (obj, elf) = (dir.join("guest.o"), dir.join("guest.elf"));
-    let run = |cmd: &mut Command| -> anyhow::Result<()> {
-        let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-        ensure!(
-            out.status.success(),
-            "{cmd:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
-    run(Command::new("as")
-        .arg("--64")
-        .arg("-o")
-        .arg(&obj)
-        .arg(src.join("guest.S")))?;
-    run(Command::new("ld")
-        .args(["-static", "-no-pie", "-z", "max-page-size=0x1000", "-T"])
-        .arg(src.join("guest.ld"))
-        .arg("-o")
-        .arg(&elf)
-        .arg(&obj))?;
-    Ok(elf)
-}
-
-fn file_len(p: &Path) -> u64 {
-    std::fs::metadata(p).map_or(0, |m| m.len())
-}
-
-/// The counter in a (Full, Diff or merged) memory file.
-fn counter(mem: &Path) -> anyhow::Result<u64> {
-    let mut b = [0u8; 8];
-    File::open(mem)?.read_exact_at(&mut b, COUNTER)?;
-    Ok(u64::from_le_bytes(b))
-}
-
 /// Values of the complete `tick` lines written to `console` after `from`.
 fn ticks(console: &Path, from: u64) -> Vec<u64> {
     let bytes = std::fs::read(console).unwrap_or_default();
@@ -529,56 +197,10 @@ async fn first_tick(console: &Path, from: u64, what: &str) -> anyhow::Result<u64
     }
 }
 
-/// The data extents of a sparse Diff memory file (SEEK_DATA / SEEK_HOLE).
-fn data_extents(path: &Path) -> anyhow::Result<Vec<(u64, u64)>> {
-    use nix::unistd::{lseek, Whence};
-    let f = File::open(path)?;
-    let size = f.metadata()?.len() as i64;
-    let mut out = Vec::new();
-    let mut pos = 0i64;
-    while pos < size {
-        let start = match lseek(&f, pos, Whence::SeekData) {
-            Ok(s) => s,
-            Err(nix::errno::Errno::ENXIO) => break,
-            Err(e) => return Err(e.into()),
-        };
-        let end = lseek(&f, start, Whence::SeekHole)?.min(size);
-        if end <= start {
-            break;
-        }
-        out.push((start as u64, end as u64));
-        pos = end;
-    }
-    Ok(out)
-}
-
 /// A copy of `src` at `dest`, on disk (so a merge's fsync is its own).
 fn copy_synced(src: &Path, dest: &Path) -> anyhow::Result<()> {
     std::fs::copy(src, dest)?;
     File::open(dest)?.sync_all()?;
-    Ok(())
-}
-
-/// The merge floor: the Diff's dirty extents (found before the clock)
-/// read and written onto the base at their offsets, then fsync.
-fn raw_merge(
-    base: &Path,
-    diff: &Path,
-    extents: &[(u64, u64)],
-    buf: &mut [u8],
-) -> anyhow::Result<()> {
-    let d = File::open(diff)?;
-    let b = OpenOptions::new().write(true).open(base)?;
-    for &(start, end) in extents {
-        let mut off = start;
-        while off < end {
-            let n = ((end - off) as usize).min(buf.len());
-            d.read_exact_at(&mut buf[..n], off)?;
-            b.write_all_at(&buf[..n], off)?;
-            off += n as u64;
-        }
-    }
-    b.sync_all()?;
     Ok(())
 }
 
@@ -590,7 +212,7 @@ async fn bench_tiny(
     guard: &Guard,
     bin: &Path,
     version: &str,
-) -> anyhow::Result<Option<BackendOut>> {
+) -> anyhow::Result<Option<Section>> {
     let base = guard.dir.path().join("raw");
     let fdir = base.join("fc-files");
     let snaps = fdir.join("snapshots");
@@ -939,19 +561,11 @@ async fn bench_tiny(
          and checks that the filesystem reports holes"
             .into(),
     ];
-    Ok(Some(BackendOut {
-        backend: label.clone(),
-        ratios: ratios(&rows),
-        report: Report {
-            benchmark: format!("vmm-bench {label}"),
-            host: format!(
-                "{}; load average now {}",
-                host_description(),
-                load_average()
-            ),
-            rows,
-        },
-        not_applicable: Vec::new(),
+    Ok(Some(Section::new(
+        "vmm-bench",
+        label,
+        rows,
+        Vec::new(),
         notes,
-    }))
+    )))
 }

@@ -17,7 +17,6 @@
 //! | `restore` + first exec | new process + `PUT /snapshot/load` (resume) + handshake + exec |
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,21 +24,23 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 use bhatti::engine::{random_hex, CreateSpec, Engine, EngineConfig};
 use bhatti::net::{GuestNet, NetSettings, Network};
-use bhatti_bench::{host_description, load_average, Recorder, Report, Row, Stats};
+use bhatti_bench::{Recorder, Row, Stats};
 use bhatti_protocol::guest_config::{AgentTransport, GuestConfig, NetworkConfig};
 use bhatti_protocol::AgentClient;
 use bhatti_vmm::firecracker::{FirecrackerBackend, FirecrackerConfig};
 use bhatti_vmm::{NetConfig, SnapshotFiles, VmConfig, VmmBackend, AGENT_VSOCK_PORT};
 use bytes::Bytes;
 
-use super::{
-    files, load_body, mem, ratios, remove_files, same_boot_requests, snapshot_body, RawFc, PAUSED,
-    RESUMED,
+use bhatti_bench::fc_tiny::{
+    files, load_body, mem, remove_files, snapshot_body, RawFc, PAUSED, RESUMED,
 };
+use bhatti_bench::vm::{clean_engine_dir, exec_true, Artifacts, Guard, BOOT_TIMEOUT};
+use bhatti_bench::Section;
+
+use super::same_boot_requests;
 use crate::{
-    compile_helper, exec_true, guest_floor, host_tsc_ns_per_tick, kill_vmm_of, share, time_into,
-    watch_console, Args, Artifacts, BackendOut, BootTimes, Guard, RawDisk, BOOT_TIMEOUT,
-    GUEST_HELPER, ROUNDS,
+    compile_helper, guest_floor, host_tsc_ns_per_tick, share, time_into, watch_console, Args,
+    BootTimes, RawDisk, GUEST_HELPER, ROUNDS,
 };
 
 /// The engine's data dir for this section, under the bench's scratch dir;
@@ -49,26 +50,7 @@ struct EngineDir(PathBuf);
 
 impl Drop for EngineDir {
     fn drop(&mut self) {
-        for e in std::fs::read_dir(self.0.join("run"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            kill_vmm_of(&e.path());
-        }
-        let mnt = self.0.join("reflink");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while bhatti::storage::is_mountpoint(&mnt) && Instant::now() < deadline {
-            let _ = Command::new("umount")
-                .arg("-d")
-                .arg(&mnt)
-                .stderr(std::process::Stdio::null())
-                .status();
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if bhatti::storage::is_mountpoint(&mnt) {
-            let _ = Command::new("umount").arg("-l").arg(&mnt).status();
-        }
+        clean_engine_dir(&self.0, None);
     }
 }
 
@@ -282,7 +264,7 @@ pub(super) async fn bench_fc_linux(
     guard: &Guard,
     bin: &Path,
     version: &str,
-) -> anyhow::Result<BackendOut> {
+) -> anyhow::Result<Section> {
     let label = "firecracker/linux".to_string();
     let backend = FirecrackerBackend::new(FirecrackerConfig {
         binary: Some(bin.to_path_buf()),
@@ -544,19 +526,5 @@ pub(super) async fn bench_fc_linux(
          chains snapshots); the raw Diff floor is pause + create Diff + fsync"
             .into(),
     );
-    Ok(BackendOut {
-        backend: label.clone(),
-        ratios: ratios(&rows),
-        report: Report {
-            benchmark: format!("vmm-bench {label}"),
-            host: format!(
-                "{}; load average now {}",
-                host_description(),
-                load_average()
-            ),
-            rows,
-        },
-        not_applicable: Vec::new(),
-        notes,
-    })
+    Ok(Section::new("vmm-bench", label, rows, Vec::new(), notes))
 }
