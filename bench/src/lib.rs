@@ -72,6 +72,41 @@ where
     Ok(rec.stats())
 }
 
+/// Like [`sample`] for an operation and its floor together: every
+/// iteration runs one of each, in alternating order, so drift in the
+/// machine's state (load, caches, clock) touches both alike.
+pub async fn sample_pair<A, FA, B, FB>(
+    (name_a, mut a): (&str, A),
+    (name_b, mut b): (&str, B),
+    warmup: usize,
+    n: usize,
+) -> anyhow::Result<(Stats, Stats)>
+where
+    A: FnMut() -> FA,
+    FA: std::future::Future<Output = anyhow::Result<()>>,
+    B: FnMut() -> FB,
+    FB: std::future::Future<Output = anyhow::Result<()>>,
+{
+    for _ in 0..warmup {
+        a().await?;
+        b().await?;
+    }
+    let (mut ra, mut rb) = (Recorder::new(name_a), Recorder::new(name_b));
+    for i in 0..n {
+        for first in [i % 2 == 0, i % 2 != 0] {
+            let t = Instant::now();
+            if first {
+                a().await?;
+                ra.record(t.elapsed());
+            } else {
+                b().await?;
+                rb.record(t.elapsed());
+            }
+        }
+    }
+    Ok((ra.stats(), rb.stats()))
+}
+
 /// One row of a report: an operation, its floor, and a target.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use bhatti_bench::{host_description, sample, Report, Row, Stats};
+use bhatti_bench::{host_description, sample, sample_pair, Report, Row, Stats};
 use bhatti_protocol::{AgentClient, ExecRequest, ReadFileRequest, WriteFileRequest};
 use bytes::Bytes;
 use clap::Parser;
@@ -95,40 +95,27 @@ async fn bench(
     let n = args.samples;
     let exec_n = n.min(1000);
 
-    // Floors, measured on this host in this run.
-    let spawn_floor = sample("posix_spawn+wait /bin/true", 50, exec_n, || async {
+    // Each operation alternates with its floor (the same work done directly
+    // on this host), so both see the same machine.
+    let exec_true = |c: Arc<AgentClient>| async move {
+        let out = c
+            .exec(
+                ExecRequest {
+                    argv: vec!["/bin/true".into()],
+                    ..Default::default()
+                },
+                None,
+            )
+            .await?;
+        anyhow::ensure!(out.status.exit_code == 0);
+        Ok(())
+    };
+    let spawn_true = || async {
         let st = Command::new("/bin/true").status()?;
         anyhow::ensure!(st.success());
         Ok(())
-    })
-    .await?;
-    let floor_dir = dir.join("floor");
-    std::fs::create_dir_all(&floor_dir)?;
-    let kib = vec![b'a'; 1024];
-    let fsync_floor = sample("write+fsync+rename 1 KiB", 50, n, || {
-        let (d, data) = (floor_dir.clone(), kib.clone());
-        async move {
-            use std::io::Write;
-            let tmp = d.join(".tmp");
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&data)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, d.join("f"))?;
-            Ok(())
-        }
-    })
-    .await?;
-    let read_floor = sample("open+read 1 KiB", 50, n, || {
-        let p = floor_dir.join("f");
-        async move {
-            let b = std::fs::read(&p)?;
-            anyhow::ensure!(b.len() == 1024);
-            Ok(())
-        }
-    })
-    .await?;
+    };
 
-    // Through the protocol.
     let c = client.clone();
     let rtt = sample("channel round trip (ping)", 200, n, || {
         let c = c.clone();
@@ -136,89 +123,103 @@ async fn bench(
     })
     .await?;
     let c = client.clone();
-    let exec = sample("exec true", 50, exec_n, || {
-        let c = c.clone();
-        async move {
-            let out = c
-                .exec(
-                    ExecRequest {
-                        argv: vec!["/bin/true".into()],
-                        ..Default::default()
-                    },
-                    None,
-                )
-                .await?;
-            anyhow::ensure!(out.status.exit_code == 0);
-            Ok(())
-        }
-    })
+    let (exec, spawn_floor) = sample_pair(
+        ("exec true", || exec_true(c.clone())),
+        ("posix_spawn+wait /bin/true", spawn_true),
+        50,
+        exec_n,
+    )
     .await?;
+
+    let floor_dir = dir.join("floor");
+    std::fs::create_dir_all(&floor_dir)?;
     let target = dir.join("file.txt").to_string_lossy().into_owned();
     let c = client.clone();
-    let write = sample("write 1 KiB (atomic)", 50, n, || {
-        let (c, t) = (c.clone(), target.clone());
-        async move {
-            c.write_file(
-                WriteFileRequest {
-                    path: t,
-                    mode: None,
-                },
-                Bytes::from(vec![b'b'; 1024]),
-            )
-            .await?;
-            Ok(())
-        }
-    })
-    .await?;
-    let c = client.clone();
-    let read = sample("read 1 KiB", 50, n, || {
-        let (c, t) = (c.clone(), target.clone());
-        async move {
-            let (b, _) = c
-                .read_file_all(ReadFileRequest {
-                    path: t,
-                    ..Default::default()
-                })
+    let (write, fsync_floor) = sample_pair(
+        ("write 1 KiB (atomic)", || {
+            let (c, t) = (c.clone(), target.clone());
+            async move {
+                c.write_file(
+                    WriteFileRequest {
+                        path: t,
+                        mode: None,
+                    },
+                    Bytes::from(vec![b'b'; 1024]),
+                )
                 .await?;
-            anyhow::ensure!(b.len() == 1024);
-            Ok(())
-        }
-    })
+                Ok(())
+            }
+        }),
+        ("write+fsync+rename 1 KiB", || {
+            let d = floor_dir.clone();
+            async move {
+                use std::io::Write;
+                let tmp = d.join(".tmp");
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&[b'a'; 1024])?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, d.join("f"))?;
+                Ok(())
+            }
+        }),
+        50,
+        n,
+    )
     .await?;
     let c = client.clone();
-    let conc = sample("10 concurrent exec true", 10, exec_n / 5, || {
-        let c = c.clone();
-        async move {
-            let mut set = tokio::task::JoinSet::new();
-            for _ in 0..10 {
-                let c = c.clone();
-                set.spawn(async move {
-                    c.exec(
-                        ExecRequest {
-                            argv: vec!["/bin/true".into()],
-                            ..Default::default()
-                        },
-                        None,
-                    )
-                    .await
-                });
+    let (read, read_floor) = sample_pair(
+        ("read 1 KiB", || {
+            let (c, t) = (c.clone(), target.clone());
+            async move {
+                let (b, _) = c
+                    .read_file_all(ReadFileRequest {
+                        path: t,
+                        ..Default::default()
+                    })
+                    .await?;
+                anyhow::ensure!(b.len() == 1024);
+                Ok(())
             }
-            while let Some(r) = set.join_next().await {
-                anyhow::ensure!(r??.status.exit_code == 0);
+        }),
+        ("open+read 1 KiB", || {
+            let p = floor_dir.join("f");
+            async move {
+                let b = std::fs::read(&p)?;
+                anyhow::ensure!(b.len() == 1024);
+                Ok(())
+            }
+        }),
+        50,
+        n,
+    )
+    .await?;
+    let c = client.clone();
+    let (conc, spawn10) = sample_pair(
+        ("10 concurrent exec true", || {
+            let c = c.clone();
+            async move {
+                let mut set = tokio::task::JoinSet::new();
+                for _ in 0..10 {
+                    set.spawn(exec_true(c.clone()));
+                }
+                while let Some(r) = set.join_next().await {
+                    r??;
+                }
+                Ok(())
+            }
+        }),
+        ("10 concurrent posix_spawn", || async {
+            let children: Vec<_> = (0..10)
+                .map(|_| Command::new("/bin/true").spawn())
+                .collect::<Result<_, _>>()?;
+            for mut ch in children {
+                ch.wait()?;
             }
             Ok(())
-        }
-    })
-    .await?;
-    let spawn10 = sample("10 concurrent posix_spawn", 10, exec_n / 5, || async {
-        let children: Vec<_> = (0..10)
-            .map(|_| Command::new("/bin/true").spawn())
-            .collect::<Result<_, _>>()?;
-        for mut ch in children {
-            ch.wait()?;
-        }
-        Ok(())
-    })
+        }),
+        10,
+        exec_n / 5,
+    )
     .await?;
 
     let plus = |op: &Stats, floor: &Stats, add_us: f64| Some(op.p50_us <= floor.p50_us + add_us);
