@@ -29,12 +29,25 @@ struct Args {
     /// Write the JSON report here (default: stdout after the table).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Don't pin the benchmark, lohar and the floors' children to one CPU.
+    #[arg(long)]
+    no_pin: bool,
 }
 
 const TOKEN: &str = "bench-token";
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if !args.no_pin {
+        // On a virtualized host, waking a halted vCPU costs tens of µs: the
+        // round trip is ~7 µs or ~50 µs depending on whether the scheduler
+        // put this program and lohar on the same CPU. Pinning both (lohar
+        // and every floor's child inherit the mask) measures the software.
+        let mut one = nix::sched::CpuSet::new();
+        one.set(0)?;
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one)?;
+        eprintln!("agent-bench: pinned to CPU 0 with lohar and the floors (--no-pin to measure across CPUs)");
+    }
     // One thread, like the agent: the round trip is then all protocol.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
