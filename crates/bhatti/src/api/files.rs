@@ -146,6 +146,9 @@ pub struct PutQuery {
 
 /// Writes a file atomically from the raw body (parents are created; owned
 /// by the sandbox user).
+/// Uploads up to this size (with a Content-Length) are read whole first.
+const SMALL_UPLOAD: u64 = 1 << 20;
+
 #[utoipa::path(put, path = "/sandboxes/{id}/files", tag = "files",
     params(("id" = String, Path), ("path" = String, Query),
         ("mode" = Option<String>, Query, description = "Octal, e.g. 0644")),
@@ -173,17 +176,27 @@ pub async fn put(
         ),
     };
     let too_large = || ApiError::TooLarge(format!("uploads are limited to {MAX_UPLOAD} bytes"));
-    if req
+    let length = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .is_some_and(|n| n > MAX_UPLOAD)
-    {
+        .and_then(|v| v.parse::<u64>().ok());
+    if length.is_some_and(|n| n > MAX_UPLOAD) {
         return Err(too_large());
     }
     let row = st.sandbox(&caller, &id).await?;
     let client = st.agent(&row).await?;
+    if length.is_some_and(|n| n <= SMALL_UPLOAD) {
+        // A small body goes to the guest in one batch (open, data, end):
+        // one wake-up of the agent instead of one per frame.
+        let data = axum::body::to_bytes(req.into_body(), SMALL_UPLOAD as usize)
+            .await
+            .map_err(|e| ApiError::BadRequest(format!("reading the upload: {e}")))?;
+        let done = client
+            .write_file(WriteFileRequest { path: q.path, mode }, data)
+            .await?;
+        return Ok(Json(WriteResult { bytes: done.bytes }));
+    }
     let mut writer = client.write_file_stream(WriteFileRequest { path: q.path, mode })?;
     let mut body = req.into_body().into_data_stream();
     let mut total: u64 = 0;
