@@ -202,3 +202,23 @@ pub fn console_tail(path: &Path, max: usize) -> String {
         Err(e) => format!("(console log unavailable: {e})"),
     }
 }
+
+/// A VM config with every device, for the backends' unit tests.
+#[cfg(test)]
+pub(crate) fn test_vm_config(id: &str) -> VmConfig {
+    VmConfig {
+        id: id.into(),
+        vcpus: 2,
+        memory_mib: 256,
+        kernel: "/k/vmlinux".into(),
+        kernel_args: "quiet".into(),
+        root_disk: "/d/root.ext4".into(),
+        config_disk: Some("/d/cfg.ext4".into()),
+        net: Some(NetConfig {
+            tap: "tap0".into(),
+            mac: "02:00:00:00:00:01".into(),
+        }),
+        netns: None,
+        run_dir: "/run/bhatti/sb1".into(),
+    }
+}

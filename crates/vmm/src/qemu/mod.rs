@@ -619,23 +619,12 @@ impl Vm for QemuVm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::NetConfig;
 
     fn cfg() -> VmConfig {
+        // A comma in a path must survive QEMU's option syntax.
         VmConfig {
-            id: "sb1".into(),
-            vcpus: 2,
-            memory_mib: 256,
-            kernel: "/k/vmlinux".into(),
-            kernel_args: "quiet".into(),
             root_disk: "/d/root,1.ext4".into(),
-            config_disk: Some("/d/cfg.ext4".into()),
-            net: Some(NetConfig {
-                tap: "tap0".into(),
-                mac: "02:00:00:00:00:01".into(),
-            }),
-            netns: None,
-            run_dir: "/run/bhatti/sb1".into(),
+            ..crate::test_vm_config("sb1")
         }
     }
 
