@@ -18,11 +18,19 @@ use tower::ServiceExt;
 
 const METHODS: [&str; 6] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"];
 
-#[tokio::test]
-async fn openapi_matches_the_router() {
+/// The real router over an engine that never boots a VM, with one user.
+struct Setup {
+    app: axum::Router,
+    key: String,
+    store: bhatti::store::Store,
+    _thermal: bhatti::thermal::ThermalManager,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(test: &str) -> Option<Setup> {
     let Some(qemu) = bhatti_vmm::probe::probe().qemu else {
-        eprintln!("SKIP openapi_matches_the_router: missing qemu");
-        return;
+        eprintln!("SKIP {test}: missing qemu");
+        return None;
     };
     let dir = tempfile::tempdir().expect("tempdir");
     for f in ["vmlinux", "rootfs.ext4"] {
@@ -65,7 +73,7 @@ async fn openapi_matches_the_router() {
     );
     let state = Arc::new(AppState::new(
         engine,
-        store,
+        store.clone(),
         secrets,
         config,
         bhatti_vmm::BackendKind::Qemu,
@@ -73,20 +81,37 @@ async fn openapi_matches_the_router() {
     ));
     let app = api::router(state);
 
+    Some(Setup {
+        app,
+        key,
+        store,
+        _thermal: thermal,
+        _dir: dir,
+    })
+}
+
+async fn send(app: &axum::Router, key: &str, method: &str, path: &str) -> (StatusCode, String) {
+    let req = Request::builder()
+        .method(Method::from_bytes(method.as_bytes()).expect("method"))
+        .uri(path)
+        .header("authorization", format!("Bearer {key}"))
+        .body(Body::empty())
+        .expect("request");
+    let resp = app.clone().oneshot(req).await.expect("infallible");
+    let status = resp.status();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn openapi_matches_the_router() {
+    let Some(Setup { app, key, .. }) = setup("openapi_matches_the_router").await else {
+        return;
+    };
     let send = |method: &str, path: &str| {
-        let app = app.clone();
-        let req = Request::builder()
-            .method(Method::from_bytes(method.as_bytes()).expect("method"))
-            .uri(path)
-            .header("authorization", format!("Bearer {key}"))
-            .body(Body::empty())
-            .expect("request");
-        async move {
-            let resp = app.oneshot(req).await.expect("infallible");
-            let status = resp.status();
-            let body = resp.into_body().collect().await.expect("body").to_bytes();
-            (status, String::from_utf8_lossy(&body).into_owned())
-        }
+        let (app, key) = (app.clone(), key.clone());
+        let (method, path) = (method.to_owned(), path.to_owned());
+        async move { send(&app, &key, &method, &path).await }
     };
 
     let (status, body) = send("GET", "/openapi.json").await;
@@ -181,4 +206,27 @@ async fn openapi_matches_the_router() {
             "the route table of docs/api.md does not list {route}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_rotated_key_stops_working_at_once() {
+    let Some(st) = setup("a_rotated_key_stops_working_at_once").await else {
+        return;
+    };
+    assert_eq!(
+        send(&st.app, &st.key, "GET", "/sandboxes").await.0,
+        StatusCode::OK
+    );
+    let new_key = st
+        .store
+        .with(|c| Ok(bhatti::auth::rotate_key(c, "u").expect("rotate").api_key))
+        .expect("rotate");
+    assert_eq!(
+        send(&st.app, &st.key, "GET", "/sandboxes").await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        send(&st.app, &new_key, "GET", "/sandboxes").await.0,
+        StatusCode::OK
+    );
 }
