@@ -215,3 +215,11 @@ pub fn find_binary(explicit: Option<&Path>, name: &str) -> Option<PathBuf> {
         .map(|d| d.join(name))
         .find(|p| p.is_file())
 }
+
+/// Writes what a backend needs to adopt or restore its VMM later (its
+/// launch record) as `<run_dir>/<file>`.
+pub fn write_record<T: serde::Serialize>(run_dir: &Path, file: &str, record: &T) -> Result<()> {
+    let json = serde_json::to_vec_pretty(record)
+        .map_err(|e| VmmError::io(format!("encoding {file}"), std::io::Error::other(e)))?;
+    std::fs::write(run_dir.join(file), json).map_err(|e| VmmError::io(format!("writing {file}"), e))
+}

@@ -241,9 +241,7 @@ impl FirecrackerBackend {
             vsock_socket: paths.vsock.clone(),
             restored_from: restored_from.cloned(),
         };
-        let record_json = serde_json::to_vec_pretty(&record).expect("serializable");
-        std::fs::write(cfg.run_dir.join(LAUNCH_RECORD), record_json)
-            .map_err(|e| VmmError::io("writing firecracker.json", e))?;
+        crate::process::write_record(&cfg.run_dir, LAUNCH_RECORD, &record)?;
         tracing::debug!(id = %cfg.id, binary = %self.binary.display(), ?args, "starting Firecracker");
         let process = VmmProcess::spawn(
             &self.binary,

@@ -168,9 +168,7 @@ impl QemuBackend {
             args: args.clone(),
             restored_from: incoming.map(Path::to_path_buf),
         };
-        let record_json = serde_json::to_vec_pretty(&record).expect("serializable");
-        std::fs::write(cfg.run_dir.join(LAUNCH_RECORD), record_json)
-            .map_err(|e| VmmError::io("writing qemu.json", e))?;
+        crate::process::write_record(&cfg.run_dir, LAUNCH_RECORD, &record)?;
         tracing::debug!(id = %cfg.id, binary = %self.binary.display(), ?args, "starting QEMU");
         let process = VmmProcess::spawn(
             &self.binary,
