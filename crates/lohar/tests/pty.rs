@@ -231,7 +231,10 @@ async fn reattach_after_overflow_reports_a_gap() {
         + 4;
     let start = again.start_offset as usize;
     let seen = &buf[start..start + done];
-    assert!(seen.iter().zip(&tail[..done]).all(|(a, b)| *a == 0 || a == b));
+    assert!(seen
+        .iter()
+        .zip(&tail[..done])
+        .all(|(a, b)| *a == 0 || a == b));
     assert!(tail.starts_with(b"xxxx"));
     assert!(String::from_utf8_lossy(&tail).contains("xx\r\nDONE"));
 
