@@ -184,11 +184,36 @@ pub fn schema_version() -> i64 {
     MIGRATIONS.len() as i64
 }
 
+/// How long a statement waits for another connection's lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Switches the file to WAL (the mode persists in the file). Changing the
+/// journal mode needs an exclusive lock and SQLite reports `SQLITE_BUSY` at
+/// once instead of calling the busy handler, so when several processes open
+/// a new database together (the daemon and `bhatti user create`) the losers
+/// retry here, with a short backoff, for as long as the busy timeout.
+fn set_wal(conn: &Connection) -> Result<()> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    let mut backoff = Duration::from_millis(1);
+    loop {
+        // journal_mode returns a row.
+        match conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0)) {
+            Ok(_) => return Ok(()),
+            Err(rusqlite::Error::SqliteFailure(f, _))
+                if f.code == ErrorCode::DatabaseBusy && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Sets the connection pragmas every bhatti connection uses.
 pub fn configure(conn: &Connection) -> Result<()> {
-    conn.busy_timeout(Duration::from_secs(5))?;
-    // journal_mode returns a row; WAL persists in the file.
-    let _mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    set_wal(conn)?;
     conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;")?;
     Ok(())
 }
