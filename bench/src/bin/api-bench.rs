@@ -157,10 +157,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // The daemon runs in this process: give it the scheduler `bhatti serve`
     // builds from the default config.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(bhatti::config::Config::default().worker_threads)
-        .enable_all()
-        .build()?;
+    let rt = bhatti::daemon::runtime(bhatti::config::Config::default().worker_threads)?;
     rt.block_on(run(args))
 }
 

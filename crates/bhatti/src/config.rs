@@ -61,7 +61,8 @@ pub struct Config {
     /// Threads of the daemon's async scheduler. The daemon's async work is
     /// I/O-bound (blocking work runs on a separate pool), and waking a task
     /// on another CPU costs tens of microseconds on virtualized hosts, so
-    /// one thread gives the lowest request latency. Default 1.
+    /// one thread (tokio's current-thread scheduler) gives the lowest
+    /// request latency; more use the multi-thread scheduler. Default 1.
     pub worker_threads: usize,
     /// Logging.
     pub log: LogConfig,
@@ -634,7 +635,7 @@ impl Config {
         e.c("TCP address for the API; \"\" disables TCP.");
         let tcp = d.listen_tcp.map(|a| a.to_string()).unwrap_or_default();
         e.kv("listen_tcp", toml_str(&tcp));
-        e.c("Async scheduler threads; 1 keeps a request on one CPU (blocking work has its own pool).");
+        e.c("Async scheduler threads; 1 (the current-thread scheduler) keeps a request on one CPU; blocking work has its own pool.");
         e.kv("worker_threads", d.worker_threads);
 
         e.table("log");

@@ -52,11 +52,7 @@ fn open_store(cfg: &Config) -> Result<Store> {
 /// `bhatti serve`.
 pub fn serve(host: &HostArgs) -> Result<ExitStatus> {
     let (cfg, _) = load_config(host)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.worker_threads)
-        .enable_all()
-        .thread_name("bhatti")
-        .build()
+    let rt = bhatti::daemon::runtime(cfg.worker_threads)
         .map_err(|e| CliError::new(format!("cannot start the async runtime: {e}")))?;
     rt.block_on(async move {
         bhatti::daemon::serve(cfg, shutdown_signal())

@@ -66,6 +66,25 @@ pub fn init_tracing(cfg: &crate::config::LogConfig) {
     };
 }
 
+/// The daemon's async runtime. With one thread (the default) it is tokio's
+/// current-thread scheduler: the same single thread without the
+/// work-stealing machinery, which measurably shortens every request (see
+/// the README's performance section). More threads: the multi-thread one.
+pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if worker_threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name("bhatti")
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(worker_threads)
+            .enable_all()
+            .thread_name("bhatti")
+            .build()
+    }
+}
+
 /// The backend `[vm]` asks for, as the host allows.
 pub fn backend(cfg: &crate::config::VmConfig) -> Result<Arc<dyn VmmBackend>, DaemonError> {
     let host = bhatti_vmm::probe::probe();
