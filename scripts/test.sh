@@ -11,4 +11,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 eval "$(scripts/artifacts.sh)"
 echo "test.sh: kernel=$BHATTI_KERNEL rootfs=$BHATTI_ROOTFS lohar=$BHATTI_LOHAR" >&2
+# cargo test hides a passing test's output, so say here what will skip.
+if [ -z "${BHATTI_FIRECRACKER:-}" ] && ! command -v firecracker >/dev/null; then
+  echo "test.sh: SKIP Firecracker lifecycle suite: no Firecracker binary (set BHATTI_FIRECRACKER or put it on PATH)" >&2
+fi
 cargo test --workspace --locked "$@"
