@@ -14,7 +14,7 @@
 //! |---|---|
 //! | `create` until the agent answers | QEMU spawned with the backend's own command line ([`qemu_args`]) on a prepared disk + config drive, until lohar's handshake and a ping answer |
 //! | `agent()` + exec `true` | a static C program in the guest timing posix_spawn+waitpid of `/bin/true` |
-//! | `agent()` + write / read 1 KiB | the same program doing what lohar does: tmp file, write, fsync, rename, dir fsync / open, fstat, read |
+//! | `agent()` + write / read 1 KiB | the same program doing what lohar does: tmp file, write, fsync, rename / open, fstat, read |
 //! | `pause` | QMP `stop` |
 //! | `agent()` + exec `true` on a paused VM | QMP `cont` + exec `true` over a direct agent connection |
 //! | `snapshot_to_disk` (sync, pause, migrate, fsync, kill) | QMP `stop` + `migrate` to an fd + fsync |
@@ -342,7 +342,7 @@ async fn bench_qemu(
     let mut write = Recorder::new("write 1 KiB (engine)");
     let mut read = Recorder::new("read 1 KiB (engine)");
     let mut spawn_floor = Recorder::new("in-guest posix_spawn+wait true");
-    let mut write_floor = Recorder::new("in-guest tmp+write+fsync+rename+dirsync");
+    let mut write_floor = Recorder::new("in-guest tmp+write+fsync+rename");
     let mut read_floor = Recorder::new("in-guest open+fstat+read 1 KiB");
     let mut tsc_check = Vec::new();
     let e = engine.clone();
@@ -693,7 +693,7 @@ static char buf[1024];
 
 static void die(const char *what) { perror(what); exit(1); }
 
-static void once(const char *mode, const char *path, const char *tmp, const char *dir) {
+static void once(const char *mode, const char *path, const char *tmp) {
     if (!strcmp(mode, "spawn")) {
         char *av[] = {"/bin/true", NULL};
         pid_t pid;
@@ -709,10 +709,6 @@ static void once(const char *mode, const char *path, const char *tmp, const char
         if (fchmod(fd, 0644)) die("fchmod");
         if (close(fd)) die("close");
         if (rename(tmp, path)) die("rename");
-        int d = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (d < 0) die("open dir");
-        fsync(d);
-        close(d);
     } else if (!strcmp(mode, "read")) {
         struct stat sb;
         int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -742,20 +738,17 @@ int main(int argc, char **argv) {
     const char *mode = argv[1];
     int n = atoi(argv[2]);
     const char *path = argc > 3 ? argv[3] : "/tmp/vmm-bench.dat";
-    char tmp[4096], dir[4096];
+    char tmp[4096];
     snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    snprintf(dir, sizeof dir, "%s", path);
-    char *slash = strrchr(dir, '/');
-    if (slash && slash != dir) *slash = 0; else strcpy(dir, "/");
     memset(buf, 'b', sizeof buf);
     int warm = n / 10 < 5 ? 5 : n / 10;
     unsigned long long *d = malloc(sizeof *d * (n > 0 ? n : 1));
     if (!d) die("malloc");
     unsigned long long k0 = tsc();
-    for (int i = 0; i < warm; i++) once(mode, path, tmp, dir);
+    for (int i = 0; i < warm; i++) once(mode, path, tmp);
     for (int i = 0; i < n; i++) {
         unsigned long long t = tsc();
-        once(mode, path, tmp, dir);
+        once(mode, path, tmp);
         d[i] = tsc() - t;
     }
     printf("# total_ticks=%llu\n", tsc() - k0);
