@@ -88,8 +88,10 @@ pub async fn run(agent: &Agent, channel: Channel, req: ExecRequest) -> Reply {
         sender,
         mut receiver,
     } = channel;
-    if let Ok(ev) = serde_json::to_vec(&Event::Started { pid }) {
-        let _ = sender.event(Bytes::from(ev));
+    if !req.no_started_event {
+        if let Ok(ev) = serde_json::to_vec(&Event::Started { pid }) {
+            let _ = sender.event(Bytes::from(ev));
+        }
     }
     let (finish_tx, finish_rx) = watch::channel(false);
     let pumps: Vec<JoinHandle<()>> = [(stdout, false), (stderr, true)]
@@ -187,7 +189,10 @@ pub async fn run(agent: &Agent, channel: Channel, req: ExecRequest) -> Reply {
     for h in pumps {
         let _ = h.await;
     }
-    let status = crate::reaper::exit_status(status, timed_out);
+    let status = bhatti_protocol::ExitStatus {
+        pid: Some(pid),
+        ..crate::reaper::exit_status(status, timed_out)
+    };
     serde_json::to_value(status).map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))
 }
 

@@ -205,6 +205,7 @@ fn wait_to_exit(st: Option<WaitStatus>) -> ExitStatus {
             exit_code: -1,
             signal: None,
             timed_out: false,
+            pid: None,
         },
     }
 }

@@ -153,17 +153,20 @@ pub fn exit_status(status: WaitStatus, timed_out: bool) -> bhatti_protocol::Exit
             exit_code: code,
             signal: None,
             timed_out,
+            pid: None,
         },
         WaitStatus::Signaled(_, sig, _) => bhatti_protocol::ExitStatus {
             exit_code: 128 + sig as i32,
             signal: Some(sig as i32),
             timed_out,
+            pid: None,
         },
         // Not produced by the reaper; report as an unknown failure.
         _ => bhatti_protocol::ExitStatus {
             exit_code: -1,
             signal: None,
             timed_out,
+            pid: None,
         },
     }
 }

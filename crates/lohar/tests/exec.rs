@@ -87,6 +87,33 @@ async fn output_and_exit_codes() {
 }
 
 #[tokio::test]
+async fn started_event_unless_asked_not_to() {
+    let agent = Agent::start(&[]);
+    let c = agent.client().await;
+    for skip in [false, true] {
+        let mut r = sh("echo $$");
+        r.no_started_event = skip;
+        let mut s = c.exec_stream(r).await.unwrap();
+        let mut started = None;
+        let mut stdout = Vec::new();
+        let status = loop {
+            match tokio::time::timeout(T, s.next()).await {
+                Ok(Ok(ExecEvent::Started { pid })) => started = Some(pid),
+                Ok(Ok(ExecEvent::Stdout(b))) => stdout.extend_from_slice(&b),
+                Ok(Ok(ExecEvent::Exit(st))) => break st,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => panic!("stream failed: {e}"),
+                Err(_) => panic!("no exit within {T:?}"),
+            }
+        };
+        let shell_pid: u32 = String::from_utf8_lossy(&stdout).trim().parse().unwrap();
+        // Either way the exit status names the process.
+        assert_eq!(status.pid, Some(shell_pid), "skip={skip}");
+        assert_eq!(started, (!skip).then_some(shell_pid), "skip={skip}");
+    }
+}
+
+#[tokio::test]
 async fn killed_by_signal_is_128_plus_n() {
     let agent = Agent::start(&[]);
     let c = agent.client().await;

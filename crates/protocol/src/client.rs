@@ -107,6 +107,8 @@ impl AgentClient {
     pub async fn exec(&self, mut req: ExecRequest, stdin: Option<Bytes>) -> Result<ExecOutput> {
         req.stdin = stdin.is_some();
         req.detach = false;
+        // The pid comes with the exit status.
+        req.no_started_event = true;
         let mut stream = self.exec_stream(req).await?;
         if let Some(input) = stdin {
             let sender = stream.sender.clone();
@@ -127,6 +129,7 @@ impl AgentClient {
                 ExecEvent::Stdout(b) => stdout.extend_from_slice(&b),
                 ExecEvent::Stderr(b) => stderr.extend_from_slice(&b),
                 ExecEvent::Exit(status) => {
+                    out.pid = status.pid.unwrap_or(out.pid);
                     out.status = status;
                     out.stdout = stdout.freeze();
                     out.stderr = stderr.freeze();
@@ -346,6 +349,7 @@ impl Default for ExitStatus {
             exit_code: -1,
             signal: None,
             timed_out: false,
+            pid: None,
         }
     }
 }

@@ -123,6 +123,11 @@ pub struct ExecRequest {
     pub detach: bool,
     #[serde(default)]
     pub output_file: Option<String>,
+    /// Leave out the `started` event; the exit status carries the pid
+    /// instead. One frame and one client wake-up fewer per command, for
+    /// callers that only want the result.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_started_event: bool,
 }
 
 /// A command on a pseudo-terminal: a new session.
@@ -297,6 +302,9 @@ pub struct ExitStatus {
     pub signal: Option<i32>,
     #[serde(default)]
     pub timed_out: bool,
+    /// The process, when the agent knows it (piped exec).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
 }
 
 /// Reply to a detached exec.

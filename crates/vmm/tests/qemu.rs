@@ -231,8 +231,7 @@ fn exec_req(argv: &[&str]) -> ExecRequest {
         cwd: None,
         stdin: false,
         timeout_ms: Some(30_000),
-        detach: false,
-        output_file: None,
+        ..Default::default()
     }
 }
 

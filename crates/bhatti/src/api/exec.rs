@@ -48,6 +48,8 @@ pub async fn exec(
         timeout_ms: req.timeout_sec.map(|s| s.saturating_mul(1000)),
         detach: false,
         output_file: None,
+        // Neither reply shape shows the pid: skip the event.
+        no_started_event: true,
     };
     if req.detach {
         if stdin.is_some() {
