@@ -189,10 +189,7 @@ pub async fn run(agent: &Agent, channel: Channel, req: ExecRequest) -> Reply {
     for h in pumps {
         let _ = h.await;
     }
-    let status = bhatti_protocol::ExitStatus {
-        pid: Some(pid),
-        ..crate::reaper::exit_status(status, timed_out)
-    };
+    let status = crate::reaper::exit_status(status, timed_out);
     serde_json::to_value(status).map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))
 }
 

@@ -201,12 +201,7 @@ async fn output_task(
 fn wait_to_exit(st: Option<WaitStatus>) -> ExitStatus {
     match st {
         Some(st) => crate::reaper::exit_status(st, false),
-        None => ExitStatus {
-            exit_code: -1,
-            signal: None,
-            timed_out: false,
-            pid: None,
-        },
+        None => ExitStatus::default(),
     }
 }
 

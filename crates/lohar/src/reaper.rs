@@ -148,25 +148,16 @@ pub fn register(pid: u32) -> oneshot::Receiver<WaitStatus> {
 
 /// The protocol's view of a wait status: exit code, or 128 + signal.
 pub fn exit_status(status: WaitStatus, timed_out: bool) -> bhatti_protocol::ExitStatus {
-    match status {
-        WaitStatus::Exited(_, code) => bhatti_protocol::ExitStatus {
-            exit_code: code,
-            signal: None,
-            timed_out,
-            pid: None,
-        },
-        WaitStatus::Signaled(_, sig, _) => bhatti_protocol::ExitStatus {
-            exit_code: 128 + sig as i32,
-            signal: Some(sig as i32),
-            timed_out,
-            pid: None,
-        },
+    let (exit_code, signal) = match status {
+        WaitStatus::Exited(_, code) => (code, None),
+        WaitStatus::Signaled(_, sig, _) => (128 + sig as i32, Some(sig as i32)),
         // Not produced by the reaper; report as an unknown failure.
-        _ => bhatti_protocol::ExitStatus {
-            exit_code: -1,
-            signal: None,
-            timed_out,
-            pid: None,
-        },
+        _ => (-1, None),
+    };
+    bhatti_protocol::ExitStatus {
+        exit_code,
+        signal,
+        timed_out,
+        pid: status.pid().map(|p| p.as_raw() as u32),
     }
 }

@@ -302,7 +302,7 @@ pub struct ExitStatus {
     pub signal: Option<i32>,
     #[serde(default)]
     pub timed_out: bool,
-    /// The process, when the agent knows it (piped exec).
+    /// The process that ended, when the agent knows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
 }
