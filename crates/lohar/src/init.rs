@@ -132,11 +132,26 @@ fn boot(cmdline: Cmdline) -> anyhow::Result<()> {
 
     apply_hostname(&guest.hostname);
     if !guest.dns.is_empty() {
-        let text: String = guest
+        let mut text: String = guest
             .dns
             .iter()
             .map(|ip| format!("nameserver {ip}\n"))
             .collect();
+        // Only plain domain labels: a newline would inject resolv.conf lines.
+        let search: Vec<&str> = guest
+            .dns_search
+            .iter()
+            .map(String::as_str)
+            .filter(|d| {
+                !d.is_empty()
+                    && d.len() <= 253
+                    && d.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            })
+            .collect();
+        if !search.is_empty() {
+            text.push_str(&format!("search {}\n", search.join(" ")));
+        }
         if let Err(e) = write_atomic(Path::new("/etc/resolv.conf"), text.as_bytes(), 0o644) {
             tracing::warn!("/etc/resolv.conf: {e}");
         }

@@ -48,6 +48,10 @@ pub struct GuestConfig {
     /// Name servers for `/etc/resolv.conf`.
     #[serde(default)]
     pub dns: Vec<IpAddr>,
+    /// Search domains for `/etc/resolv.conf` (e.g. `sb`, so sibling
+    /// sandboxes resolve by bare name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_search: Vec<String>,
     /// Where the agent listens. The kernel command line's `bhatti.agent=`
     /// overrides it.
     #[serde(default)]
