@@ -208,7 +208,7 @@ async fn bench_qemu(args: &Args, art: &Artifacts, guard: &Guard) -> anyhow::Resu
     std::fs::create_dir_all(&raw_dir)?;
     // The raw VMs' own TAP on the engine's bridge (one raw VM at a time).
     let gnet = net.allocate("tb-raw")?;
-    net.ensure_tap(&gnet.tap).await?;
+    net.ensure_tap(&gnet).await?;
 
     let t_create = Instant::now();
     let sb = engine

@@ -878,7 +878,7 @@ impl RawQemu<'_> {
         std::fs::create_dir_all(&run_dir)?;
         let root_disk = disk.make(id, &run_dir, &self.rootfs)?;
         let gnet = self.net.allocate(id)?;
-        self.net.ensure_tap(&gnet.tap).await?;
+        self.net.ensure_tap(&gnet).await?;
         let token = random_hex(32);
         let config_disk = run_dir.join("config.ext4");
         let gc = GuestConfig {
@@ -889,6 +889,7 @@ impl RawQemu<'_> {
             files: Vec::new(),
             init: None,
             dns: Vec::new(),
+            dns_search: Vec::new(),
             agent: AgentTransport::Serial {
                 name: bhatti_vmm::AGENT_SERIAL_NAME.to_owned(),
             },

@@ -305,6 +305,70 @@ pub struct CreateSandbox {
     /// Start from this checkpoint (same as `POST /snapshots/{name}/resume`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub from_snapshot: Option<String>,
+    /// Egress policy; absent: the daemon's default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkPolicy>,
+}
+
+/// A sandbox's egress policy as clients send it (`network` in create and
+/// PATCH). Rules are `CIDR`, `ADDR`, `CIDR:PORT` or `CIDR:LO-HI` (a port
+/// means TCP and UDP). Deny rules win over allow rules; the daemon's
+/// blocked ranges (private, link-local, metadata…) are never reachable.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkPolicy {
+    /// `allow` (everything but `deny`) or `deny` (nothing but `allow`).
+    /// Absent: on create the daemon's default, on PATCH the current one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
+}
+
+impl NetworkPolicy {
+    /// The policy it describes, `egress` defaulting to `default`.
+    pub fn to_policy(
+        &self,
+        default: crate::net::egress::Egress,
+    ) -> Result<crate::net::egress::EgressPolicy, ValidationError> {
+        use crate::net::egress::{EgressPolicy, EgressRule};
+        let egress = match &self.egress {
+            Some(e) => e
+                .parse()
+                .map_err(|m: String| ValidationError::new("network.egress", m))?,
+            None => default,
+        };
+        let rules = |field: &str, v: &[String]| {
+            v.iter()
+                .map(|r| {
+                    r.parse::<EgressRule>()
+                        .map_err(|m| ValidationError::new(field, m))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        EgressPolicy {
+            egress,
+            allow: rules("network.allow", &self.allow)?,
+            deny: rules("network.deny", &self.deny)?,
+        }
+        .normalized()
+        .map_err(|m| ValidationError::new("network", m))
+    }
+}
+
+/// A sandbox's network as `GET /sandboxes/{id}` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NetworkView {
+    pub ip: String,
+    pub gateway: String,
+    /// What its siblings resolve it by, e.g. `web.sb` (and plain `web`).
+    pub dns_name: String,
+    /// `allow` or `deny`.
+    pub egress: String,
+    pub allow: Vec<String>,
+    pub deny: Vec<String>,
 }
 
 /// Hard bounds a request is checked against (the config's `[vm]` maxima; the
@@ -380,6 +444,9 @@ impl CreateSandbox {
         if let Some(snap) = &self.from_snapshot {
             validate_name("from_snapshot", snap)?;
         }
+        if let Some(n) = &self.network {
+            n.to_policy(Default::default())?;
+        }
         Ok(())
     }
 }
@@ -393,12 +460,25 @@ pub struct PatchSandbox {
     /// Replaces all labels.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub labels: Option<BTreeMap<String, String>>,
+    /// A new name; siblings resolve it at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Replaces the egress policy; applies at once, also to open
+    /// connections.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkPolicy>,
 }
 
 impl PatchSandbox {
     pub fn validate(&self) -> VResult {
         if let Some(l) = &self.labels {
             validate_labels(l)?;
+        }
+        if let Some(n) = &self.name {
+            validate_name("name", n)?;
+        }
+        if let Some(n) = &self.network {
+            n.to_policy(Default::default())?;
         }
         Ok(())
     }
@@ -473,6 +553,9 @@ pub struct SandboxView {
     pub labels: BTreeMap<String, String>,
     /// The guest's address on its bridge, when networked.
     pub ip: Option<String>,
+    /// Address, gateway, DNS name and egress policy, when networked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkView>,
     /// RFC 3339.
     pub created_at: String,
     /// Why it is `failed`.

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::net::egress::{Cidr, Egress};
+
 /// The environment variable naming the config file when `--config` is absent.
 pub const CONFIG_ENV: &str = "BHATTI_CONFIG";
 
@@ -208,20 +210,75 @@ impl From<QemuAccel> for bhatti_vmm::qemu::Accel {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NetworkConfig {
-    /// Give guests a network at all (bridge, TAPs, NAT). Default true.
+    /// Give guests a network at all (bridges, TAPs, NAT). Default true.
     pub enabled: bool,
-    /// Bridge the sandboxes' TAP devices are enslaved to. Default `bhatti0`.
-    pub bridge: String,
-    /// The bridge's address with prefix length; guests get the other
-    /// addresses of this subnet. Default `10.77.0.1/24`.
-    pub subnet: String,
-    /// Network namespace (a name under `/run/netns`) holding the bridge, TAPs
-    /// and VMM processes; created when missing. Default: none (the host's).
+    /// The pool every user's /24 is carved from (by the user's subnet
+    /// index); gateway `.1`. Default `10.192.0.0/10` (16384 users).
+    pub pool: String,
+    /// Network namespace (a name under `/run/netns`) holding the bridges,
+    /// TAPs, firewall tables and VMM processes; created when missing.
+    /// Default: none (the host's).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub netns: Option<String>,
-    /// DNS servers written into guests' `resolv.conf`. Default
-    /// `["1.1.1.1", "8.8.8.8"]`.
-    pub dns: Vec<IpAddr>,
+    /// The interface guest traffic leaves by (masqueraded). Default "": the
+    /// default route's interface at startup.
+    pub egress_interface: String,
+    /// Where the sibling DNS servers send names that are not sandboxes
+    /// (`ip` or `ip:port`). Default: the host's `/etc/resolv.conf`
+    /// nameservers.
+    pub dns_upstreams: Vec<String>,
+    /// Sandboxes resolve as `<name>` and `<name>.<suffix>`. Default `sb`.
+    pub dns_suffix: String,
+    /// Egress of a sandbox created without a `network` policy: "allow"
+    /// (everything but the blocked ranges) or "deny". Default "allow".
+    pub default_egress: Egress,
+    /// One user's sandboxes cannot reach each other, unless the user's own
+    /// setting says otherwise. Default false.
+    pub isolate_sandboxes: bool,
+    /// Destinations guests can never reach, whatever their policy.
+    /// Default: RFC 1918, 100.64/10, 169.254/16, 127/8, 0/8, multicast and
+    /// 240/4.
+    pub blocked_ranges: Vec<String>,
+    /// TCP ports on a user's gateway that guests may reach besides DNS.
+    /// Default none.
+    pub guest_host_ports: Vec<u16>,
+}
+
+impl NetworkConfig {
+    /// The configured upstreams, or the host's resolv.conf ones.
+    pub fn upstreams(&self) -> Vec<SocketAddr> {
+        if self.dns_upstreams.is_empty() {
+            return crate::net::dns::host_upstreams();
+        }
+        self.dns_upstreams
+            .iter()
+            .filter_map(|s| parse_upstream(s).ok())
+            .collect()
+    }
+
+    pub fn pool_cidr(&self) -> Cidr {
+        self.pool.parse().unwrap_or_else(|_| {
+            "10.192.0.0/10"
+                .parse()
+                .expect("the built-in pool is a valid network")
+        })
+    }
+
+    pub fn blocked_cidrs(&self) -> Vec<Cidr> {
+        self.blocked_ranges
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect()
+    }
+}
+
+/// `ip` (port 53) or `ip:port` / `[v6]:port`.
+pub fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, 53));
+    }
+    s.parse::<SocketAddr>()
+        .map_err(|_| format!("`{s}` is not an address or address:port"))
 }
 
 /// `[thermal]`
@@ -331,10 +388,18 @@ impl Default for NetworkConfig {
     fn default() -> Self {
         NetworkConfig {
             enabled: true,
-            bridge: "bhatti0".into(),
-            subnet: "10.77.0.1/24".into(),
+            pool: "10.192.0.0/10".into(),
             netns: None,
-            dns: vec![IpAddr::from([1, 1, 1, 1]), IpAddr::from([8, 8, 8, 8])],
+            egress_interface: String::new(),
+            dns_upstreams: Vec::new(),
+            dns_suffix: "sb".into(),
+            default_egress: Egress::Allow,
+            isolate_sandboxes: false,
+            blocked_ranges: crate::net::egress::default_blocked_ranges()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            guest_host_ports: Vec::new(),
         }
     }
 }
@@ -539,19 +604,64 @@ impl Config {
             return Err(invalid("vm.xfs_loop_size_mb", "must be at least 512"));
         }
         let net = &self.network;
-        if net.bridge.is_empty()
-            || net.bridge.len() > 15
-            || !net
-                .bridge
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        {
+        let pool: Cidr = net.pool.parse().map_err(|m| invalid("network.pool", m))?;
+        if !(8..=24).contains(&pool.prefix) {
             return Err(invalid(
-                "network.bridge",
-                "must be 1-15 characters of letters, digits, '-', '_' or '.' (a Linux interface name)",
+                "network.pool",
+                "must be a network from /8 to /24 (it is split into one /24 per user)",
             ));
         }
-        validate_subnet(&net.subnet).map_err(|m| invalid("network.subnet", m))?;
+        if !net.egress_interface.is_empty()
+            && (net.egress_interface.len() > 15
+                || !net
+                    .egress_interface
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.'))
+        {
+            return Err(invalid(
+                "network.egress_interface",
+                "must be a Linux interface name (1-15 of letters, digits, '-', '_', '.') or \"\"",
+            ));
+        }
+        for u in &net.dns_upstreams {
+            let a = parse_upstream(u).map_err(|m| invalid("network.dns_upstreams", m))?;
+            if let std::net::IpAddr::V4(v4) = a.ip() {
+                if pool.contains(v4) {
+                    // A gateway forwarding to a gateway: a query loop.
+                    return Err(invalid(
+                        "network.dns_upstreams",
+                        format!("{u} lies inside network.pool {pool}"),
+                    ));
+                }
+            }
+        }
+        if net.dns_suffix.is_empty()
+            || net.dns_suffix.len() > 63
+            || !net
+                .dns_suffix
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(invalid(
+                "network.dns_suffix",
+                "must be one DNS label: 1-63 of a-z, 0-9 and '-'",
+            ));
+        }
+        for r in &net.blocked_ranges {
+            let c: Cidr = r
+                .parse()
+                .map_err(|m| invalid("network.blocked_ranges", m))?;
+            if c.overlaps(&pool) && c.prefix >= pool.prefix {
+                // A range inside the pool would cut users off their own DNS.
+                return Err(invalid(
+                    "network.blocked_ranges",
+                    format!("{c} lies inside network.pool {pool}"),
+                ));
+            }
+        }
+        if net.guest_host_ports.contains(&0) {
+            return Err(invalid("network.guest_host_ports", "0 is not a port"));
+        }
         if let Some(ns) = &net.netns {
             if ns.is_empty() || ns.contains('/') || ns == "." || ns == ".." || ns.len() > 64 {
                 return Err(invalid(
@@ -678,16 +788,27 @@ impl Config {
         e.kv("xfs_loop_size_mb", v.xfs_loop_size_mb);
 
         e.table("network");
-        e.c("Give guests a network (bridge, TAPs, NAT).");
+        e.c("Give guests a network (a bridge and /24 per user, firewall, NAT, sibling DNS).");
         e.kv("enabled", n.enabled);
-        e.c("Bridge for the sandboxes' TAPs, and its address/prefix (guests get the rest of the subnet).");
-        e.kv("bridge", toml_str(&n.bridge));
-        e.kv("subnet", toml_str(&n.subnet));
-        e.c("Network namespace (under /run/netns) for bridge, TAPs and VMMs; default: the host's.");
+        e.c("Pool split into one /24 per user (gateway .1); /10 holds 16384 users.");
+        e.kv("pool", toml_str(&n.pool));
+        e.c("Network namespace (under /run/netns) for bridges, TAPs, rules and VMMs; default: the host's.");
         e.c("netns = \"bhatti\"");
-        e.c("DNS servers for guests.");
-        let dns: Vec<String> = n.dns.iter().map(|a| toml_str(&a.to_string())).collect();
-        e.kv("dns", format!("[{}]", dns.join(", ")));
+        e.c("Interface guest traffic is masqueraded out of; \"\" = the default route's.");
+        e.kv("egress_interface", toml_str(&n.egress_interface));
+        e.c("Upstream resolvers for names that are not sandboxes (\"ip\" or \"ip:port\"); [] = the host's resolv.conf.");
+        e.kv("dns_upstreams", "[]");
+        e.c("Sandboxes resolve as <name> and <name>.<dns_suffix> for their owner's other sandboxes.");
+        e.kv("dns_suffix", toml_str(&n.dns_suffix));
+        e.c("Egress of sandboxes created without a policy: \"allow\" or \"deny\".");
+        e.kv("default_egress", toml_str(&n.default_egress.to_string()));
+        e.c("One user's sandboxes cannot reach each other (a user's own setting wins).");
+        e.kv("isolate_sandboxes", n.isolate_sandboxes);
+        e.c("Destinations no guest can reach, whatever its policy.");
+        let blocked: Vec<String> = n.blocked_ranges.iter().map(|a| toml_str(a)).collect();
+        e.kv("blocked_ranges", format!("[{}]", blocked.join(", ")));
+        e.c("TCP ports on the gateway that guests may reach besides DNS.");
+        e.kv("guest_host_ports", "[]");
 
         e.table("thermal");
         e.c("Idle seconds before a sandbox is paused (warm); 0 never pauses.");
@@ -745,23 +866,6 @@ impl Example {
 /// A TOML basic string literal.
 fn toml_str(v: &str) -> String {
     toml::Value::String(v.to_string()).to_string()
-}
-
-/// `a.b.c.d/len` with a usable host range.
-fn validate_subnet(s: &str) -> Result<(), String> {
-    let (addr, len) = s.split_once('/').ok_or_else(|| {
-        format!("`{s}` is not an IPv4 address with a prefix length such as 10.77.0.1/24")
-    })?;
-    let _: std::net::Ipv4Addr = addr
-        .parse()
-        .map_err(|_| format!("`{addr}` is not an IPv4 address"))?;
-    let len: u8 = len
-        .parse()
-        .map_err(|_| format!("`{len}` is not a prefix length"))?;
-    if !(8..=30).contains(&len) {
-        return Err(format!("prefix length /{len} must be between /8 and /30"));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -892,11 +996,22 @@ mod tests {
             ("[vm]\ndefault_memory_mb = 10", "vm.default_memory_mb"),
             ("[vm]\nboot_timeout_secs = 0", "vm.boot_timeout_secs"),
             ("[vm]\ndefault_cpus = -1", "default_cpus"),
-            ("[network]\nsubnet = \"10.0.0.0\"", "network.subnet"),
+            ("[network]\npool = \"10.0.0.0\"", "network.pool"),
+            ("[network]\npool = \"10.0.0.0/25\"", "network.pool"),
             (
-                "[network]\nbridge = \"a-very-long-bridge-name\"",
-                "network.bridge",
+                "[network]\negress_interface = \"a-very-long-interface-name\"",
+                "network.egress_interface",
             ),
+            (
+                "[network]\ndns_upstreams = [\"dns.example\"]",
+                "network.dns_upstreams",
+            ),
+            ("[network]\ndns_suffix = \"a.b\"", "network.dns_suffix"),
+            (
+                "[network]\nblocked_ranges = [\"10.200.0.0/16\"]",
+                "network.blocked_ranges",
+            ),
+            ("[network]\ndefault_egress = \"maybe\"", "default_egress"),
             ("[network]\nnetns = \"a/b\"", "network.netns"),
             (
                 "[thermal]\nwarm_after_secs = 100\ncold_after_secs = 50",

@@ -78,6 +78,7 @@ async fn setup(test: &str) -> Option<Setup> {
         config,
         bhatti_vmm::BackendKind::Qemu,
         thermal.handle(),
+        None,
     ));
     let app = api::router(state);
 

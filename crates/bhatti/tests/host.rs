@@ -156,14 +156,40 @@ async fn bridge_and_taps_in_a_netns() {
     // Idempotent.
     let net2 = Network::setup(settings).await.unwrap();
     drop(net2);
+    // The default bridge appears with its first TAP.
+    assert!(!net.link_exists("bhtest0").await);
+    let g = net.allocate("sb-abc").unwrap();
+    assert_eq!(g.ip.to_string(), "10.77.9.2");
+    net.ensure_tap(&g).await.unwrap();
+    net.ensure_tap(&g).await.unwrap();
     let show = bhatti::cmd::run("ip", ["-n", &ns, "-br", "addr", "show", "bhtest0"])
         .await
         .unwrap();
     assert!(show.contains("10.77.9.1/24"), "{show}");
-    let g = net.allocate("sb-abc").unwrap();
-    assert_eq!(g.ip.to_string(), "10.77.9.2");
-    net.ensure_tap(&g.tap).await.unwrap();
-    net.ensure_tap(&g.tap).await.unwrap();
+    // A TAP for another bridge joins that one.
+    net.ensure_bridge("bhtest1", "10.77.10.1/24").await.unwrap();
+    let other = net
+        .identity(
+            "sb-def",
+            Some(&bhatti::net::NetAttach {
+                bridge: "bhtest1".into(),
+                ip: "10.77.10.2".parse().unwrap(),
+                gateway: "10.77.10.1".parse().unwrap(),
+                prefix: 24,
+                dns: vec![],
+                dns_search: vec![],
+            }),
+        )
+        .unwrap();
+    net.ensure_tap(&other).await.unwrap();
+    let link = bhatti::cmd::run("ip", ["-n", &ns, "-d", "link", "show", &other.tap])
+        .await
+        .unwrap();
+    assert!(link.contains("master bhtest1"), "{link}");
+    assert!(net.links().await.unwrap().contains(&"bhtest1".to_string()));
+    net.remove_link(&other.tap).await.unwrap();
+    net.remove_link("bhtest1").await.unwrap();
+    assert!(!net.link_exists("bhtest1").await);
     let link = bhatti::cmd::run("ip", ["-n", &ns, "-d", "link", "show", &g.tap])
         .await
         .unwrap();

@@ -128,7 +128,7 @@ pub async fn run(args: &Args, art: &Artifacts) -> anyhow::Result<(String, Vec<Li
     config.vm.disk_strategy = DiskStrategy::Auto;
     config.vm.xfs_loop_size_mb = 16 << 10;
     config.network.netns = Some(ns.clone());
-    config.network.dns = vec![];
+    config.network.dns_upstreams = vec![];
     config.thermal.warm_after_secs = 1;
     config.thermal.cold_after_secs = 0;
     config.thermal.sweep_interval_ms = 100;
@@ -323,6 +323,7 @@ async fn raw_side(
         files: Vec::new(),
         init: None,
         dns: Vec::new(),
+        dns_search: Vec::new(),
         agent: match backend.kind() {
             BackendKind::Firecracker => AgentTransport::Vsock {
                 port: bhatti_vmm::AGENT_VSOCK_PORT,

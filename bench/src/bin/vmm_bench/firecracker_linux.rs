@@ -84,7 +84,7 @@ impl RawLinux<'_> {
         std::fs::create_dir_all(&run_dir)?;
         let root_disk = disk.make(id, &run_dir, &self.rootfs)?;
         let gnet = self.net.allocate(id)?;
-        self.net.ensure_tap(&gnet.tap).await?;
+        self.net.ensure_tap(&gnet).await?;
         let token = random_hex(32);
         let config_disk = run_dir.join("config.ext4");
         let gc = GuestConfig {
@@ -95,6 +95,7 @@ impl RawLinux<'_> {
             files: Vec::new(),
             init: None,
             dns: Vec::new(),
+            dns_search: Vec::new(),
             agent: AgentTransport::Vsock {
                 port: AGENT_VSOCK_PORT,
             },

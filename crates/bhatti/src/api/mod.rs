@@ -70,6 +70,12 @@ pub struct AppState {
     pub thermal: crate::thermal::ThermalHandle,
     /// `<data_dir>/checkpoints`
     pub checkpoints_dir: PathBuf,
+    /// Per-user networks; `None` when guests have no network.
+    pub tenants: Option<Arc<crate::net::tenants::Tenants>>,
+    /// Users' subnet indexes and isolation switches, by id (for views of
+    /// rows; refreshed when a user changes).
+    user_nets:
+        std::sync::RwLock<std::collections::HashMap<String, crate::net::tenants::TenantUser>>,
     /// Serializes the sandbox-count check with the insert it guards.
     create_lock: tokio::sync::Mutex<()>,
     openapi: OnceLock<String>,
@@ -84,9 +90,12 @@ impl AppState {
         config: Config,
         backend: BackendKind,
         thermal: crate::thermal::ThermalHandle,
+        tenants: Option<Arc<crate::net::tenants::Tenants>>,
     ) -> AppState {
         AppState {
             thermal,
+            tenants,
+            user_nets: Default::default(),
             rate: RateLimits::new(&config.limits.rate),
             checkpoints_dir: config.data_dir.join("checkpoints"),
             engine,
@@ -122,6 +131,28 @@ impl AppState {
         {
             tracing::warn!(id, "recording status {status}: {e}");
         }
+    }
+
+    /// A user's network identity (subnet index), cached from the store.
+    fn user_net(&self, user_id: &str) -> Option<crate::net::tenants::TenantUser> {
+        if let Some(u) = self
+            .user_nets
+            .read()
+            .ok()
+            .and_then(|m| m.get(user_id).cloned())
+        {
+            return Some(u);
+        }
+        let u = self
+            .store
+            .with(|c| crate::store::users::get(c, user_id))
+            .ok()
+            .flatten()?;
+        let tu = sandboxes::tenant_user(&u);
+        if let Ok(mut m) = self.user_nets.write() {
+            m.insert(user_id.to_owned(), tu.clone());
+        }
+        Some(tu)
     }
 
     /// The caller's sandbox by id or name; another user's is 404.

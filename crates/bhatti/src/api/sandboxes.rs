@@ -11,12 +11,15 @@ use axum::Json;
 
 use super::{created, ApiError, AppState, AppStateRef, Caller, JsonBody};
 use crate::api_types::{
-    rfc3339_ms, CreateSandbox, PatchSandbox, SandboxList, SandboxStatus, SandboxView, SizeBounds,
-    StartRequest, Thermal,
+    rfc3339_ms, CreateSandbox, NetworkView, PatchSandbox, SandboxList, SandboxStatus, SandboxView,
+    SizeBounds, StartRequest, Thermal,
 };
 use crate::auth::RequestClass;
 use crate::engine::{new_sandbox_id, CheckpointMeta, CreateSpec, Sandbox, SandboxState};
+use crate::net::egress::EgressPolicy;
+use crate::net::tenants::{TenantSandbox, TenantUser};
 use crate::store::sandboxes::{self, NewSandbox, SandboxRow, SandboxUpdate};
+use crate::store::users::User;
 use crate::store::StoreError;
 
 /// The API's view of a sandbox: its row plus the engine's state (never
@@ -70,6 +73,7 @@ pub(super) fn view(row: &SandboxRow, sb: Option<&Sandbox>) -> SandboxView {
         keep_hot: row.keep_hot,
         labels: row.labels.clone(),
         ip: sb.and_then(|s| s.ip).map(|ip| ip.to_string()),
+        network: None,
         created_at: rfc3339_ms(row.created_at),
         error,
         thermal_info: None,
@@ -77,9 +81,74 @@ pub(super) fn view(row: &SandboxRow, sb: Option<&Sandbox>) -> SandboxView {
 }
 
 fn view_of(st: &AppState, row: &SandboxRow) -> SandboxView {
-    let mut v = view(row, st.engine.get(&row.id).ok().as_ref());
+    let mut v = view_with_network(st, row, st.engine.get(&row.id).ok().as_ref());
     v.thermal_info = st.thermal.info(&row.id);
     v
+}
+
+/// [`view`] plus the network section (address, gateway, DNS name, egress).
+fn view_with_network(st: &AppState, row: &SandboxRow, sb: Option<&Sandbox>) -> SandboxView {
+    let mut v = view(row, sb);
+    v.network = network_view(st, row);
+    if v.ip.is_none() {
+        v.ip = v.network.as_ref().map(|n| n.ip.clone());
+    }
+    v
+}
+
+fn network_view(st: &AppState, row: &SandboxRow) -> Option<NetworkView> {
+    let tenants = st.tenants.as_ref()?;
+    let ip_host = row.ip_host?;
+    let owner = st.user_net(&row.owner)?;
+    let policy = egress_of(st, row);
+    let sb = TenantSandbox {
+        id: row.id.clone(),
+        name: row.name.clone(),
+        user: owner,
+        ip_host,
+        egress: policy.clone(),
+    };
+    let attach = tenants.attach(&sb).ok()?;
+    Some(NetworkView {
+        ip: attach.ip.to_string(),
+        gateway: attach.gateway.to_string(),
+        dns_name: format!("{}.{}", row.name, tenants.settings().dns_suffix),
+        egress: policy.egress.to_string(),
+        allow: policy.allow.iter().map(ToString::to_string).collect(),
+        deny: policy.deny.iter().map(ToString::to_string).collect(),
+    })
+}
+
+/// The sandbox's policy, or the config's default.
+fn egress_of(st: &AppState, row: &SandboxRow) -> EgressPolicy {
+    row.egress.clone().unwrap_or_else(|| EgressPolicy {
+        egress: st.config.network.default_egress,
+        ..Default::default()
+    })
+}
+
+/// The network's view of a user.
+pub(super) fn tenant_user(u: &User) -> TenantUser {
+    TenantUser {
+        user_id: u.id.clone(),
+        index: u.net_index,
+        isolated: u.net_isolated,
+    }
+}
+
+/// The network's view of one of `user`'s sandboxes, when it has an address.
+pub(super) fn tenant_sandbox(
+    st: &AppState,
+    row: &SandboxRow,
+    user: &User,
+) -> Option<TenantSandbox> {
+    Some(TenantSandbox {
+        id: row.id.clone(),
+        name: row.name.clone(),
+        user: tenant_user(user),
+        ip_host: row.ip_host?,
+        egress: egress_of(st, row),
+    })
 }
 
 /// Creates a sandbox (or forks a checkpoint). Idempotent by name: an
@@ -142,17 +211,37 @@ pub async fn create(
         })?;
         env.extend(secret_env);
     }
+    let egress = req
+        .network
+        .as_ref()
+        .map(|n| n.to_policy(st.config.network.default_egress))
+        .transpose()?;
     let id = new_sandbox_id();
     let name = req.name.clone().unwrap_or_else(|| id.clone());
     let mut stored = req.clone();
     stored.cpus = Some(cpus);
     stored.memory_mb = Some(memory_mb);
     stored.disk_mb = disk_mb;
-    let row = match insert_row(&st, &caller, &id, &name, &stored, req.keep_hot, req.labels).await? {
+    let row = match insert_row(
+        &st,
+        &caller,
+        &id,
+        &name,
+        &stored,
+        req.keep_hot,
+        req.labels,
+        egress,
+    )
+    .await?
+    {
         Inserted::New(row) => row,
         Inserted::Existing(row) => {
             return Ok((StatusCode::OK, Json(view_of(&st, &row))).into_response())
         }
+    };
+    let network = match attach_network(&st, &caller, &row).await {
+        Ok(n) => n,
+        Err(e) => return Err(abandon_create(&st, &caller, &row, e).await),
     };
     let spec = CreateSpec {
         name: Some(id.clone()),
@@ -163,8 +252,57 @@ pub async fn create(
         env,
         init: req.init.clone(),
         files: Vec::new(),
+        network,
     };
-    finish_create(&st, row, st.engine.create_as(id.clone(), spec).await).await
+    let result = st.engine.create_as(id.clone(), spec).await;
+    finish_create(&st, &caller, row, result).await
+}
+
+/// The owner's network up and the sandbox's rules in place, before its
+/// VM exists: the NIC's bridge and address for the engine.
+async fn attach_network(
+    st: &AppState,
+    caller: &Caller,
+    row: &SandboxRow,
+) -> Result<Option<crate::net::NetAttach>, ApiError> {
+    let Some(tenants) = st.tenants.as_ref() else {
+        return Ok(None);
+    };
+    let Some(tsb) = tenant_sandbox(st, row, &caller.user) else {
+        return Ok(None);
+    };
+    tenants
+        .add_sandbox(&tsb)
+        .await
+        .map_err(|e| ApiError::Internal(format!("setting up the sandbox's network: {e}")))?;
+    Ok(Some(tenants.attach(&tsb).map_err(|e| {
+        ApiError::Internal(format!("the sandbox's network: {e}"))
+    })?))
+}
+
+/// Removes the sandbox's network part (idempotent).
+async fn detach_network(st: &AppState, caller_user: &User, row: &SandboxRow) {
+    let (Some(tenants), Some(tsb)) = (st.tenants.as_ref(), tenant_sandbox(st, row, caller_user))
+    else {
+        return;
+    };
+    if let Err(e) = tenants.remove_sandbox(&tsb).await {
+        tracing::error!(id = %row.id, "removing the sandbox's network: {e}");
+    }
+}
+
+/// A create that failed before or in the engine: network and row go.
+async fn abandon_create(st: &AppState, caller: &Caller, row: &SandboxRow, e: ApiError) -> ApiError {
+    detach_network(st, &caller.user, row).await;
+    let (owner, id) = (row.owner.clone(), row.id.clone());
+    if let Err(de) = st
+        .store
+        .run(move |c| sandboxes::delete(c, &owner, &id))
+        .await
+    {
+        tracing::error!(id = %row.id, "removing the row of a failed create: {de}");
+    }
+    e
 }
 
 /// `POST /snapshots/{name}/resume` and `from_snapshot`: a new sandbox from
@@ -201,20 +339,26 @@ pub(super) async fn fork(
         from_snapshot: Some(snapshot.to_owned()),
         ..Default::default()
     };
-    let row = match insert_row(st, caller, &id, &name, &stored, keep_hot, labels).await? {
+    let row = match insert_row(st, caller, &id, &name, &stored, keep_hot, labels, None).await? {
         Inserted::New(row) => row,
         Inserted::Existing(row) => {
             return Ok((StatusCode::OK, Json(view_of(st, &row))).into_response())
         }
+    };
+    let network = match attach_network(st, caller, &row).await {
+        Ok(n) => n,
+        Err(e) => return Err(abandon_create(st, caller, &row, e).await),
     };
     let spec = CreateSpec {
         name: Some(id.clone()),
         hostname: Some(name),
         env: meta.spec.env.clone(),
         init: meta.spec.init.clone(),
+        network,
         ..CreateSpec::default()
     };
-    finish_create(st, row, st.engine.fork(id.clone(), spec, &dir).await).await
+    let result = st.engine.fork(id.clone(), spec, &dir).await;
+    finish_create(st, caller, row, result).await
 }
 
 async fn existing(
@@ -235,8 +379,11 @@ enum Inserted {
     Existing(SandboxRow),
 }
 
-/// Records the sandbox as `creating`, checking the user's count cap first
-/// (both under one lock, so concurrent creates cannot overshoot it).
+/// Records the sandbox as `creating` with an address from the owner's
+/// network, checking the user's count cap first (all in one transaction
+/// under one lock, so concurrent creates cannot overshoot the cap or share
+/// an address).
+#[allow(clippy::too_many_arguments)]
 async fn insert_row(
     st: &AppState,
     caller: &Caller,
@@ -245,9 +392,10 @@ async fn insert_row(
     spec: &CreateSandbox,
     keep_hot: bool,
     labels: BTreeMap<String, String>,
+    egress: Option<EgressPolicy>,
 ) -> Result<Inserted, ApiError> {
     let _guard = st.create_lock.lock().await;
-    let new = NewSandbox {
+    let mut new = NewSandbox {
         id: id.to_owned(),
         owner: caller.user.id.clone(),
         name: name.to_owned(),
@@ -255,7 +403,16 @@ async fn insert_row(
         status: "creating".into(),
         keep_hot,
         labels,
+        ip_host: None,
+        egress,
     };
+    if let Some(t) = &st.tenants {
+        // The owner's network must fit the pool before anything is made.
+        t.settings()
+            .user_net(caller.user.net_index, false)
+            .map_err(|e| ApiError::Conflict(format!("no network for this user: {e}")))?;
+    }
+    let networked = st.tenants.is_some();
     let caps = caller.caps;
     let r = st
         .store
@@ -268,6 +425,9 @@ async fn insert_row(
             let n = sandboxes::count(tx, &new.owner)?;
             if caps.check_sandbox_count(n).is_err() {
                 return Ok(Err(None));
+            }
+            if networked {
+                new.ip_host = Some(sandboxes::allocate_ip_host(tx, &new.owner)?);
             }
             Ok(Ok(sandboxes::insert(tx, &new)?))
         })
@@ -284,6 +444,7 @@ async fn insert_row(
 
 async fn finish_create(
     st: &AppState,
+    caller: &Caller,
     row: SandboxRow,
     result: crate::engine::Result<Sandbox>,
 ) -> Result<Response, ApiError> {
@@ -292,19 +453,9 @@ async fn finish_create(
             st.set_status(&row.owner, &row.id, "running").await;
             let mut row = row;
             row.status = "running".into();
-            Ok(created(view(&row, Some(&sb))))
+            Ok(created(view_with_network(st, &row, Some(&sb))))
         }
-        Err(e) => {
-            let (owner, id) = (row.owner.clone(), row.id.clone());
-            if let Err(de) = st
-                .store
-                .run(move |c| sandboxes::delete(c, &owner, &id))
-                .await
-            {
-                tracing::error!(id = %row.id, "removing the row of a failed create: {de}");
-            }
-            Err(e.into())
-        }
+        Err(e) => Err(abandon_create(st, caller, &row, e.into()).await),
     }
 }
 
@@ -351,17 +502,55 @@ pub async fn patch(
 ) -> Result<Json<SandboxView>, ApiError> {
     caller.rate(&st, RequestClass::Exec)?;
     req.validate()?;
-    let row = st.sandbox(&caller, &id).await?;
+    let before = st.sandbox(&caller, &id).await?;
+    let egress = match &req.network {
+        Some(n) => Some(n.to_policy(egress_of(&st, &before).egress)?),
+        None => None,
+    };
+    // The rules change first: a policy that cannot be applied is not
+    // recorded as if it were.
+    if let (Some(policy), Some(tenants), Some(tsb)) = (
+        &egress,
+        st.tenants.as_ref(),
+        tenant_sandbox(&st, &before, &caller.user),
+    ) {
+        tenants
+            .set_egress(&tsb, policy)
+            .await
+            .map_err(|e| ApiError::Internal(format!("applying the egress policy: {e}")))?;
+    }
     let update = SandboxUpdate {
         keep_hot: req.keep_hot,
         labels: req.labels,
+        name: req.name.clone().filter(|n| *n != before.name),
+        egress: egress.clone(),
         ..Default::default()
     };
-    let (owner, rid) = (row.owner.clone(), row.id.clone());
-    let row = st
+    let (owner, rid) = (before.owner.clone(), before.id.clone());
+    let updated = st
         .store
         .run(move |c| sandboxes::update(c, &owner, &rid, &update))
-        .await?;
+        .await;
+    let row = match updated {
+        Ok(row) => row,
+        Err(e) => {
+            // Put the old policy back.
+            if let (Some(_), Some(tenants), Some(tsb)) = (
+                &egress,
+                st.tenants.as_ref(),
+                tenant_sandbox(&st, &before, &caller.user),
+            ) {
+                let _ = tenants.set_egress(&tsb, &tsb.egress).await;
+            }
+            return Err(e.into());
+        }
+    };
+    if row.name != before.name {
+        if let Some(t) = &st.tenants {
+            t.rename(&row.owner, &before.name, &row.name);
+        }
+        tracing::info!(id = %row.id, from = %before.name, to = %row.name, "sandbox renamed");
+    }
     if let Some(k) = req.keep_hot {
         st.thermal.set_keep_hot(&row.id, k);
     }
@@ -381,6 +570,7 @@ pub async fn delete(
     let row = st.sandbox(&caller, &id).await?;
     st.engine.destroy(&row.id).await?;
     st.thermal.forget(&row.id);
+    detach_network(&st, &caller.user, &row).await;
     let (owner, rid) = (row.owner.clone(), row.id.clone());
     st.store
         .run(move |c| sandboxes::delete(c, &owner, &rid))
@@ -409,7 +599,7 @@ pub async fn stop(
     let sb = st.engine.snapshot_to_disk(&row.id).await?;
     st.set_status(&row.owner, &row.id, "stopped").await;
     row.status = "stopped".into();
-    Ok(Json(view(&row, Some(&sb))))
+    Ok(Json(view_with_network(&st, &row, Some(&sb))))
 }
 
 /// Starts a stopped sandbox: from its memory snapshot, or (`fresh`) from
@@ -439,5 +629,5 @@ pub async fn start(
     };
     st.set_status(&row.owner, &row.id, "running").await;
     row.status = "running".into();
-    Ok(Json(view(&row, Some(&sb))))
+    Ok(Json(view_with_network(&st, &row, Some(&sb))))
 }

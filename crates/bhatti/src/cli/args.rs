@@ -144,6 +144,16 @@ pub struct CreateArgs {
     /// Start from this checkpoint (a fork with a fresh identity).
     #[arg(long, visible_alias = "from", value_name = "CHECKPOINT", value_parser = parse_name)]
     pub from_snapshot: Option<String>,
+    /// No egress at all (sibling sandboxes and DNS still work).
+    #[arg(long)]
+    pub no_internet: bool,
+    /// Only let the guest reach this (repeatable): CIDR, ADDR, CIDR:PORT or
+    /// CIDR:LO-HI. Implies --no-internet for everything else.
+    #[arg(long, value_name = "CIDR[:PORT]", value_parser = parse_egress_rule)]
+    pub allow: Vec<String>,
+    /// Never let the guest reach this (repeatable).
+    #[arg(long, value_name = "CIDR[:PORT]", value_parser = parse_egress_rule)]
+    pub deny: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -162,6 +172,26 @@ pub struct EditArgs {
     /// Remove all labels (before applying --label).
     #[arg(long)]
     pub clear_labels: bool,
+    /// A new name (sibling sandboxes resolve it at once).
+    #[arg(long, value_name = "NAME", value_parser = parse_name)]
+    pub rename: Option<String>,
+    /// Replace the egress policy: nothing leaves (but --allow).
+    #[arg(long, conflicts_with = "internet")]
+    pub no_internet: bool,
+    /// Replace the egress policy: everything may leave (but --deny).
+    #[arg(long)]
+    pub internet: bool,
+    /// Replace the egress policy: only this may leave (repeatable).
+    #[arg(long, value_name = "CIDR[:PORT]", value_parser = parse_egress_rule)]
+    pub allow: Vec<String>,
+    /// Replace the egress policy: never this (repeatable).
+    #[arg(long, value_name = "CIDR[:PORT]", value_parser = parse_egress_rule)]
+    pub deny: Vec<String>,
+}
+
+fn parse_egress_rule(s: &str) -> std::result::Result<String, String> {
+    s.parse::<bhatti::net::egress::EgressRule>()
+        .map(|r| r.to_string())
 }
 
 #[derive(Debug, Args)]
@@ -351,6 +381,21 @@ pub enum UserCommand {
         /// Most checkpoints kept.
         #[arg(long, value_name = "N")]
         max_snapshots: Option<u32>,
+        /// Their sandboxes cannot reach each other (default: the config's
+        /// network.isolate_sandboxes).
+        #[arg(long, value_name = "true|false")]
+        isolate: Option<bool>,
+    },
+    /// Whether a user's sandboxes can reach each other (applies with their
+    /// next create, or at the daemon's next start).
+    Isolate {
+        #[command(flatten)]
+        host: HostArgs,
+        /// User name.
+        name: String,
+        /// true: isolated; false: not; default: the config's.
+        #[arg(value_name = "true|false|default")]
+        value: String,
     },
     /// List users.
     #[command(visible_alias = "ls")]

@@ -119,6 +119,7 @@ pub fn user(cmd: UserCommand, out: &Printer) -> Result<ExitStatus> {
             max_cpus,
             max_memory,
             max_snapshots,
+            isolate,
         } => {
             let (cfg, _) = load_config(&host)?;
             if let Some(c) = max_cpus {
@@ -139,7 +140,38 @@ pub fn user(cmd: UserCommand, out: &Printer) -> Result<ExitStatus> {
             let issued = store
                 .with(|c| Ok(auth::create_user(c, &name, caps)))?
                 .map_err(|e| CliError::new(e.to_string()))?;
+            if isolate.is_some() {
+                store
+                    .with(|c| bhatti::store::users::set_net_isolated(c, &name, isolate))
+                    .map_err(|e| CliError::new(e.to_string()))?;
+            }
             print_key(out, &issued, "created")?;
+        }
+        UserCommand::Isolate { host, name, value } => {
+            let isolated = match value.as_str() {
+                "true" | "on" | "yes" => Some(true),
+                "false" | "off" | "no" => Some(false),
+                "default" => None,
+                other => {
+                    return Err(CliError::usage(format!(
+                        "expected true, false or default, not {other:?}"
+                    )))
+                }
+            };
+            let (cfg, _) = load_config(&host)?;
+            let store = open_store(&cfg)?;
+            let u = store
+                .with(|c| bhatti::store::users::set_net_isolated(c, &name, isolated))
+                .map_err(|e| CliError::new(e.to_string()))?;
+            let effective = u.net_isolated.unwrap_or(cfg.network.isolate_sandboxes);
+            if out.json {
+                out.json_value(&json!({ "name": name, "isolated": effective }))?;
+            } else {
+                out.note(&format!(
+                    "user '{name}': sandboxes {} each other (with their next create, or the daemon's next start)",
+                    if effective { "cannot reach" } else { "can reach" }
+                ));
+            }
         }
         UserCommand::List { host } => {
             let (cfg, _) = load_config(&host)?;
@@ -226,6 +258,67 @@ fn read_counts(db: &Path) -> (i64, std::collections::BTreeMap<String, i64>) {
     (users, by_status)
 }
 
+/// One user's network as the store and the namespace show it.
+struct UserNetRow {
+    user: String,
+    bridge: String,
+    subnet: String,
+    isolated: bool,
+    sandboxes: i64,
+    up: bool,
+}
+
+/// Every user with sandboxes: their bridge, /24, isolation and whether the
+/// bridge exists (read-only, like [`read_counts`]).
+fn read_user_networks(cfg: &Config) -> Vec<UserNetRow> {
+    use rusqlite::{Connection, OpenFlags};
+    let Ok(c) = Connection::open_with_flags(cfg.db_path(), OpenFlags::SQLITE_OPEN_READ_ONLY) else {
+        return Vec::new();
+    };
+    let _ = c.busy_timeout(std::time::Duration::from_secs(2));
+    let Ok(mut st) = c.prepare(
+        "SELECT u.name, u.net_index, u.net_isolated, COUNT(s.id) FROM users u
+         JOIN sandboxes s ON s.owner = u.id AND s.ip_host IS NOT NULL
+         GROUP BY u.id ORDER BY u.net_index",
+    ) else {
+        return Vec::new();
+    };
+    let rows = st.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, Option<i64>>(1)?,
+            r.get::<_, Option<bool>>(2)?,
+            r.get::<_, i64>(3)?,
+        ))
+    });
+    let Ok(rows) = rows else { return Vec::new() };
+    let pool = cfg.network.pool_cidr();
+    rows.flatten()
+        .filter_map(|(user, index, isolated, sandboxes)| {
+            let index = u32::try_from(index?).ok()?;
+            let (bridge, subnet, _) = bhatti::net::tenants::user_network(pool, index)?;
+            let mut ip = std::process::Command::new("ip");
+            if let Some(ns) = &cfg.network.netns {
+                ip.args(["-n", ns]);
+            }
+            let up = ip
+                .args(["link", "show", "dev", &bridge])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            Some(UserNetRow {
+                user,
+                bridge,
+                subnet: subnet.to_string(),
+                isolated: isolated.unwrap_or(cfg.network.isolate_sandboxes),
+                sandboxes,
+                up,
+            })
+        })
+        .collect()
+}
+
 /// `bhatti admin status`.
 pub fn admin(cmd: AdminCommand, out: &Printer) -> Result<ExitStatus> {
     let host = match cmd {
@@ -244,7 +337,16 @@ pub fn admin(cmd: AdminCommand, out: &Printer) -> Result<ExitStatus> {
     let health: std::result::Result<Value, String> =
         rt.block_on(client.get("/health")).map_err(|e| e.message);
     let (users, by_status) = read_counts(&cfg.db_path());
+    let nets = if cfg.network.enabled {
+        read_user_networks(&cfg)
+    } else {
+        Vec::new()
+    };
     let v = json!({
+        "networks": nets.iter().map(|n| json!({
+            "user": n.user, "bridge": n.bridge, "subnet": n.subnet,
+            "isolated": n.isolated, "sandboxes": n.sandboxes, "bridge_up": n.up,
+        })).collect::<Vec<_>>(),
         "config": path,
         "data_dir": cfg.data_dir,
         "socket": cfg.listen_unix,
@@ -291,6 +393,25 @@ pub fn admin(cmd: AdminCommand, out: &Printer) -> Result<ExitStatus> {
             ("users", users.to_string()),
             ("sandboxes", sb),
         ])?;
+        if !nets.is_empty() {
+            let rows = nets
+                .iter()
+                .map(|n| {
+                    vec![
+                        n.user.clone(),
+                        n.bridge.clone(),
+                        n.subnet.clone(),
+                        n.sandboxes.to_string(),
+                        if n.isolated { "yes" } else { "no" }.to_string(),
+                        if n.up { "up" } else { "missing" }.to_string(),
+                    ]
+                })
+                .collect();
+            out.table(
+                &["USER", "BRIDGE", "SUBNET", "SANDBOXES", "ISOLATED", "STATE"],
+                rows,
+            )?;
+        }
     }
     Ok(if health.is_ok() {
         ExitStatus::Success

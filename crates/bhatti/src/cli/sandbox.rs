@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::io::{IsTerminal, Read};
 use std::time::{Duration, Instant};
 
-use bhatti::api_types::{CreateSandbox, ExecEvent, ExecRequest, PatchSandbox};
+use bhatti::api_types::{CreateSandbox, ExecEvent, ExecRequest, NetworkPolicy, PatchSandbox};
 use http_body_util::BodyExt;
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -64,6 +64,29 @@ fn sandbox_fields(v: &Value) -> Vec<(&'static str, String)> {
         ("ip", s(v, "ip")),
         ("created", s(v, "created_at")),
     ];
+    if let Some(net) = v.get("network").filter(|n| n.is_object()) {
+        f.push(("gateway", s(net, "gateway")));
+        f.push(("dns name", s(net, "dns_name")));
+        let rules = |k: &str| {
+            net.get(k)
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default()
+        };
+        let mut egress = s(net, "egress");
+        if !rules("allow").is_empty() {
+            egress.push_str(&format!("; allow {}", rules("allow")));
+        }
+        if !rules("deny").is_empty() {
+            egress.push_str(&format!("; deny {}", rules("deny")));
+        }
+        f.push(("egress", egress));
+    }
     if v.get("error").is_some_and(|e| !e.is_null()) {
         f.push(("error", s(v, "error")));
     }
@@ -102,6 +125,24 @@ fn print_sandbox(out: &Printer, v: &Value) -> Result<()> {
     }
 }
 
+/// `--no-internet`, `--allow`, `--deny` as a policy; `None` when none is
+/// given (the daemon's default applies).
+fn network_policy(
+    no_internet: bool,
+    allow: Vec<String>,
+    deny: Vec<String>,
+) -> Option<NetworkPolicy> {
+    if !no_internet && allow.is_empty() && deny.is_empty() {
+        return None;
+    }
+    Some(NetworkPolicy {
+        // An allowlist alone means "only these".
+        egress: (no_internet || !allow.is_empty()).then(|| "deny".to_string()),
+        allow,
+        deny,
+    })
+}
+
 pub async fn create(c: &Client, a: CreateArgs, out: &Printer) -> Result<ExitStatus> {
     require_token(c)?;
     let req = CreateSandbox {
@@ -115,6 +156,7 @@ pub async fn create(c: &Client, a: CreateArgs, out: &Printer) -> Result<ExitStat
         labels: a.labels.into_iter().collect(),
         secrets: a.secrets,
         from_snapshot: a.from_snapshot,
+        network: network_policy(a.no_internet, a.allow, a.deny),
     };
     let body = serde_json::to_value(&req).map_err(|e| CliError::new(e.to_string()))?;
     let what = a
@@ -192,9 +234,18 @@ pub async fn inspect(c: &Client, sandbox: &str, out: &Printer) -> Result<ExitSta
 pub async fn edit(c: &Client, a: EditArgs, out: &Printer) -> Result<ExitStatus> {
     require_token(c)?;
     let touches_labels = a.clear_labels || !a.labels.is_empty() || !a.remove_labels.is_empty();
-    if a.keep_hot.is_none() && !touches_labels {
+    let network = if a.internet {
+        Some(NetworkPolicy {
+            egress: Some("allow".into()),
+            allow: a.allow.clone(),
+            deny: a.deny.clone(),
+        })
+    } else {
+        network_policy(a.no_internet, a.allow.clone(), a.deny.clone())
+    };
+    if a.keep_hot.is_none() && !touches_labels && a.rename.is_none() && network.is_none() {
         return Err(CliError::usage(
-            "nothing to change: pass --keep-hot, --label, --remove-label or --clear-labels",
+            "nothing to change: pass --keep-hot, --label, --remove-label, --clear-labels, --rename, --no-internet, --internet, --allow or --deny",
         ));
     }
     let path = sandbox_path(&a.sandbox, "");
@@ -218,6 +269,8 @@ pub async fn edit(c: &Client, a: EditArgs, out: &Printer) -> Result<ExitStatus> 
     let patch = PatchSandbox {
         keep_hot: a.keep_hot,
         labels,
+        name: a.rename,
+        network,
     };
     let body = serde_json::to_value(&patch).map_err(|e| CliError::new(e.to_string()))?;
     let (_, v) = c.json(Method::PATCH, &path, Some(body)).await?;

@@ -22,6 +22,9 @@ use bhatti_vmm::{BackendKind, VmmBackend};
 use crate::api::{self, AppState};
 use crate::config::{Backend, Config, LogFormat};
 use crate::engine::{Engine, EngineConfig, SandboxState};
+use crate::net::egress::EgressPolicy;
+use crate::net::firewall::FirewallSettings;
+use crate::net::tenants::{TenantSandbox, TenantSettings, TenantUser, Tenants};
 use crate::net::NetSettings;
 use crate::secrets::SecretBox;
 use crate::store::Store;
@@ -56,8 +59,18 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError 
 /// Sets up logging from `[log]` (`RUST_LOG` wins). Does nothing when a
 /// global subscriber exists already (tests, an embedding program).
 pub fn init_tracing(cfg: &crate::config::LogConfig) {
+    // hickory logs every DNS query at info: keep it to warnings unless the
+    // configured filter names it.
+    let level = if cfg.level.contains("hickory") {
+        cfg.level.clone()
+    } else {
+        format!(
+            "{},hickory_server=warn,hickory_proto=warn,hickory_resolver=warn",
+            cfg.level
+        )
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.level))
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let _ = match cfg.format {
@@ -163,21 +176,33 @@ pub async fn serve_with_backend(
         &config.vm.rootfs,
         backend,
     );
+    // Sandboxes get their owner's network; the engine's own default bridge
+    // only serves records from before per-user networks.
     ecfg.net = config.network.enabled.then(|| NetSettings {
-        bridge: config.network.bridge.clone(),
-        subnet: config.network.subnet.clone(),
         netns: config.network.netns.clone(),
+        ..NetSettings::default()
     });
     ecfg.disk_strategy = config.vm.disk_strategy.into();
     ecfg.xfs_loop_size_mb = config.vm.xfs_loop_size_mb;
     ecfg.boot_timeout = Duration::from_secs(config.vm.boot_timeout_secs);
     ecfg.agent_timeout = Duration::from_secs(config.vm.agent_timeout_secs);
     ecfg.kernel_args = config.vm.kernel_args.clone();
-    ecfg.dns = config.network.dns.clone();
+    // Bridges and rules before the engine re-adopts VMs (their TAPs join
+    // those bridges).
+    let tenants = if config.network.enabled {
+        Some(Arc::new(start_tenants(&config, &store).await?))
+    } else {
+        None
+    };
     let engine = Engine::new(ecfg).await?;
     let recovered = engine.recover().await?;
     tracing::info!(sandboxes = recovered.len(), "engine recovered");
     reconcile(&store, &engine).await?;
+    if let Some(t) = &tenants {
+        let known: std::collections::HashSet<String> =
+            engine.list().into_iter().filter_map(|s| s.tap).collect();
+        t.remove_orphan_taps(&known).await;
+    }
 
     // Listeners before anything is announced.
     let unix = bind_unix(&config.listen_unix)?;
@@ -198,6 +223,7 @@ pub async fn serve_with_backend(
         config.clone(),
         kind,
         thermal.handle(),
+        tenants,
     ));
     let app = api::router(state.clone());
 
@@ -255,6 +281,86 @@ pub async fn serve_with_backend(
     let _ = std::fs::remove_file(&config.listen_unix);
     tracing::info!("daemon stopped; sandboxes keep running");
     Ok(())
+}
+
+/// The per-user networks as the store describes them: bridges of users
+/// with sandboxes, the full ruleset, DNS servers.
+async fn start_tenants(config: &Config, store: &Store) -> Result<Tenants, DaemonError> {
+    let net = &config.network;
+    let egress_interfaces = if net.egress_interface.is_empty() {
+        default_route_interface(net.netns.as_deref())
+            .await
+            .into_iter()
+            .collect()
+    } else {
+        vec![net.egress_interface.clone()]
+    };
+    if egress_interfaces.is_empty() {
+        tracing::warn!("no default route: guests have no way out until one exists (or set network.egress_interface)");
+    }
+    let settings = TenantSettings {
+        pool: net.pool_cidr(),
+        netns: net.netns.clone(),
+        firewall: FirewallSettings {
+            pool: net.pool_cidr(),
+            blocked: net.blocked_cidrs(),
+            egress_interfaces,
+            host_ports: net.guest_host_ports.clone(),
+        },
+        dns_suffix: net.dns_suffix.clone(),
+        dns_port: 53,
+        upstreams: net.upstreams(),
+        isolate_by_default: net.isolate_sandboxes,
+    };
+    let (users, rows) = store
+        .run(|c| {
+            Ok((
+                crate::store::users::list(c)?,
+                crate::store::sandboxes::list_all(c)?,
+            ))
+        })
+        .await?;
+    let by_id: std::collections::HashMap<&str, &crate::store::users::User> =
+        users.iter().map(|u| (u.id.as_str(), u)).collect();
+    let sandboxes: Vec<TenantSandbox> = rows
+        .iter()
+        .filter_map(|r| {
+            let u = by_id.get(r.owner.as_str())?;
+            Some(TenantSandbox {
+                id: r.id.clone(),
+                name: r.name.clone(),
+                user: TenantUser {
+                    user_id: u.id.clone(),
+                    index: u.net_index,
+                    isolated: u.net_isolated,
+                },
+                ip_host: r.ip_host?,
+                egress: r.egress.clone().unwrap_or(EgressPolicy {
+                    egress: net.default_egress,
+                    ..Default::default()
+                }),
+            })
+        })
+        .collect();
+    Tenants::start(settings, sandboxes)
+        .await
+        .map_err(|e| DaemonError::Setup(format!("guest networks: {e}")))
+}
+
+/// The interface of the namespace's default IPv4 route, if any.
+async fn default_route_interface(netns: Option<&str>) -> Option<String> {
+    let mut args: Vec<&str> = Vec::new();
+    if let Some(ns) = netns {
+        args.extend(["-n", ns]);
+    }
+    args.extend(["-4", "route", "show", "default"]);
+    let out = crate::cmd::run("ip", args).await.ok()?;
+    // `default via 192.0.2.1 dev eth0 proto dhcp …`
+    out.lines().find_map(|l| {
+        let mut words = l.split_whitespace();
+        words.find(|w| *w == "dev")?;
+        words.next().map(str::to_owned)
+    })
 }
 
 /// Binds the unix socket, replacing a stale one (but not one a live

@@ -392,12 +392,17 @@ impl Engine {
         let dir = inner.sandboxes_dir.join(&id);
         let run_dir = inner.run_root.join(&id);
         let net = match &inner.net {
-            Some(n) => Some(n.allocate(&id)?),
+            Some(n) => Some(n.identity(&id, spec.network.as_ref())?),
+            None if spec.network.is_some() => {
+                return Err(EngineError::Invalid(
+                    "this engine gives guests no network".into(),
+                ))
+            }
             None => None,
         };
         let mut kernel_args = Vec::new();
-        if let (Some(n), Some(g)) = (&inner.net, &net) {
-            kernel_args.push(n.subnet().kernel_ip_arg(g.ip));
+        if let Some(g) = &net {
+            kernel_args.push(g.kernel_ip_arg());
         }
         if !inner.cfg.kernel_args.trim().is_empty() {
             kernel_args.push(inner.cfg.kernel_args.trim().to_owned());

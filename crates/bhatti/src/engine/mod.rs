@@ -608,7 +608,15 @@ impl Inner {
             env: rec.spec.env.clone(),
             files: rec.spec.files.clone(),
             init: rec.spec.init.clone(),
-            dns: self.cfg.dns.clone(),
+            dns: match rec.net.as_ref() {
+                Some(n) if !n.dns.is_empty() => n.dns.clone(),
+                _ => self.cfg.dns.clone(),
+            },
+            dns_search: rec
+                .net
+                .as_ref()
+                .map(|n| n.dns_search.clone())
+                .unwrap_or_default(),
             agent: match rec.backend {
                 BackendKind::Firecracker => AgentTransport::Vsock {
                     port: bhatti_vmm::AGENT_VSOCK_PORT,
@@ -677,7 +685,7 @@ impl Inner {
     /// TAP present, run dir present and without stale sockets.
     async fn prepare_start(&self, live: &mut Live) -> Result<()> {
         if let (Some(n), Some(g)) = (&self.net, &live.rec.net) {
-            n.ensure_tap(&g.tap).await?;
+            n.ensure_tap(g).await?;
         }
         let run_dir = &live.rec.vm.run_dir;
         std::fs::DirBuilder::new()
@@ -1070,7 +1078,7 @@ impl Inner {
             if !n.reserve(g) {
                 tracing::warn!(ip = %g.ip, "recovered address is outside the subnet or taken twice");
             }
-            if let Err(e) = n.ensure_tap(&g.tap).await {
+            if let Err(e) = n.ensure_tap(g).await {
                 tracing::warn!("recreating the TAP: {e}");
             }
         }

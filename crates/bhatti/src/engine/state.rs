@@ -108,6 +108,9 @@ pub struct CreateSpec {
     pub files: Vec<GuestFile>,
     /// The guest's hostname; defaults to the name.
     pub hostname: Option<String>,
+    /// Where its NIC goes (bridge and address chosen by the caller); `None`
+    /// uses the engine's default bridge and pool.
+    pub network: Option<crate::net::NetAttach>,
 }
 
 impl Default for CreateSpec {
@@ -121,6 +124,7 @@ impl Default for CreateSpec {
             init: None,
             files: Vec::new(),
             hostname: None,
+            network: None,
         }
     }
 }

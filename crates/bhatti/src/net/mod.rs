@@ -1,5 +1,15 @@
-//! Guest networking: one bridge (the guests' gateway) and one TAP per VM
-//! attached to it, optionally inside a named network namespace.
+//! Guest networking.
+//!
+//! - [`Network`] (this file): TAPs and bridges for the engine, optionally
+//!   inside a named network namespace. A sandbox's NIC goes on the bridge
+//!   its [`NetAttach`] names (the daemon: its owner's bridge), or on the
+//!   engine's default bridge when it has none (engine-only use, tests).
+//! - [`tenants`]: per-user networks for the daemon: a bridge and /24 per
+//!   user, the firewall, sibling DNS.
+//! - [`firewall`]: the nftables ruleset (sets keep the rule count constant).
+//! - [`dns`]: the resolver on each user's gateway.
+//! - [`egress`]: per-sandbox egress policies.
+//! - [`netns`]: sockets inside a namespace.
 //!
 //! Links are managed with iproute2 (`ip -n <ns> …`) rather than rtnetlink
 //! plus `TUNSETIFF` ioctls: the kernel refuses TAP creation over netlink,
@@ -10,6 +20,11 @@
 //! missing and left in place when the engine stops.
 
 mod addr;
+pub mod dns;
+pub mod egress;
+pub mod firewall;
+pub mod netns;
+pub mod tenants;
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -19,6 +34,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::cmd::{run, CmdError};
 pub use addr::{fnv1a64, mac_for, tap_name, IpPool, Subnet};
+
+use std::net::IpAddr;
 
 /// Network settings of the engine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +81,45 @@ pub struct GuestNet {
     pub ip: Ipv4Addr,
     pub gateway: Ipv4Addr,
     pub prefix: u8,
+    /// The bridge its TAP joins; empty: the engine's default bridge (and
+    /// then the address is from the engine's own pool).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub bridge: String,
+    /// Name servers and search domains for the guest; empty: the engine's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<IpAddr>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_search: Vec<String>,
+}
+
+impl GuestNet {
+    /// The kernel's static `ip=` argument for this guest.
+    pub fn kernel_ip_arg(&self) -> String {
+        Subnet {
+            gateway: self.gateway,
+            prefix: self.prefix,
+        }
+        .kernel_ip_arg(self.ip)
+    }
+
+    /// On the engine's default bridge, with an address from its pool.
+    pub fn on_default_bridge(&self) -> bool {
+        self.bridge.is_empty()
+    }
+}
+
+/// Where a caller puts a new sandbox's NIC: a bridge that exists and an
+/// address the caller allocated (the daemon: the owner's network).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetAttach {
+    pub bridge: String,
+    pub ip: Ipv4Addr,
+    pub gateway: Ipv4Addr,
+    pub prefix: u8,
+    #[serde(default)]
+    pub dns: Vec<IpAddr>,
+    #[serde(default)]
+    pub dns_search: Vec<String>,
 }
 
 /// The bridge, the address pool and TAP management.
@@ -96,15 +152,7 @@ impl Network {
                 net.ip(&["link", "set", "lo", "up"]).await?;
             }
         }
-        let bridge = net.settings.bridge.clone();
-        if !net.link_exists(&bridge).await {
-            net.ip(&["link", "add", "name", &bridge, "type", "bridge"])
-                .await?;
-        }
-        net.ip(&["addr", "replace", &subnet.cidr(), "dev", &bridge])
-            .await?;
-        net.ip(&["link", "set", &bridge, "up"]).await?;
-        tracing::info!(bridge = %bridge, subnet = %subnet.cidr(), netns = ?net.settings.netns, "guest network ready");
+        tracing::info!(netns = ?net.settings.netns, "guest network ready");
         Ok(net)
     }
 
@@ -120,7 +168,31 @@ impl Network {
         self.subnet
     }
 
-    /// Picks the network identity of a new sandbox.
+    /// The network identity of a new sandbox: on the caller's bridge with
+    /// the caller's address, else from the engine's default pool.
+    pub fn identity(&self, id: &str, attach: Option<&NetAttach>) -> Result<GuestNet> {
+        let Some(a) = attach else {
+            return self.allocate(id);
+        };
+        if a.bridge.is_empty() || a.bridge.len() > 15 {
+            return Err(NetError::Config(format!(
+                "invalid bridge name {:?}",
+                a.bridge
+            )));
+        }
+        Ok(GuestNet {
+            tap: tap_name(id),
+            mac: mac_for(id),
+            ip: a.ip,
+            gateway: a.gateway,
+            prefix: a.prefix,
+            bridge: a.bridge.clone(),
+            dns: a.dns.clone(),
+            dns_search: a.dns_search.clone(),
+        })
+    }
+
+    /// Picks the network identity of a new sandbox on the default bridge.
     pub fn allocate(&self, id: &str) -> Result<GuestNet> {
         let ip = self
             .pool
@@ -134,29 +206,84 @@ impl Network {
             ip,
             gateway: self.subnet.gateway,
             prefix: self.subnet.prefix,
+            bridge: String::new(),
+            dns: Vec::new(),
+            dns_search: Vec::new(),
         })
     }
 
     /// Marks a recovered sandbox's address as taken; false if it does not
-    /// fit this subnet or is already taken.
+    /// fit this subnet or is already taken. Addresses on other bridges
+    /// belong to their caller's pools: always true.
     pub fn reserve(&self, net: &GuestNet) -> bool {
-        self.pool.lock().expect("pool lock").reserve(net.ip)
+        !net.on_default_bridge() || self.pool.lock().expect("pool lock").reserve(net.ip)
     }
 
     pub fn release(&self, net: &GuestNet) {
-        self.pool.lock().expect("pool lock").release(net.ip)
+        if net.on_default_bridge() {
+            self.pool.lock().expect("pool lock").release(net.ip)
+        }
     }
 
-    /// Makes sure the TAP exists, is attached to the bridge and is up.
-    pub async fn ensure_tap(&self, tap: &str) -> Result<()> {
+    /// Makes sure the TAP exists, is attached to its bridge and is up. The
+    /// default bridge is created on first use; another bridge must exist.
+    pub async fn ensure_tap(&self, net: &GuestNet) -> Result<()> {
+        let bridge = if net.on_default_bridge() {
+            self.ensure_default_bridge().await?;
+            self.settings.bridge.as_str()
+        } else {
+            net.bridge.as_str()
+        };
+        let tap = net.tap.as_str();
         if !self.link_exists(tap).await {
             self.ip(&["tuntap", "add", "dev", tap, "mode", "tap"])
                 .await?;
         }
-        self.ip(&["link", "set", tap, "master", &self.settings.bridge])
-            .await?;
+        self.ip(&["link", "set", tap, "master", bridge]).await?;
         self.ip(&["link", "set", tap, "up"]).await?;
         Ok(())
+    }
+
+    async fn ensure_default_bridge(&self) -> Result<()> {
+        let bridge = self.settings.bridge.as_str();
+        if self.link_exists(bridge).await {
+            return Ok(());
+        }
+        self.ensure_bridge(bridge, &self.subnet.cidr()).await
+    }
+
+    /// Creates a bridge with its address (`a.b.c.d/n`), up; idempotent.
+    pub async fn ensure_bridge(&self, bridge: &str, cidr: &str) -> Result<()> {
+        if !self.link_exists(bridge).await {
+            match self
+                .ip(&["link", "add", "name", bridge, "type", "bridge"])
+                .await
+            {
+                Ok(_) => {}
+                // Raced with another creator: fine if it is there now.
+                Err(_) if self.link_exists(bridge).await => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.ip(&["addr", "replace", cidr, "dev", bridge]).await?;
+        self.ip(&["link", "set", bridge, "up"]).await?;
+        Ok(())
+    }
+
+    /// Deletes a link (bridge or TAP); a missing one is fine.
+    pub async fn remove_link(&self, name: &str) -> Result<()> {
+        self.remove_tap(name).await
+    }
+
+    /// Names of the namespace's links.
+    pub async fn links(&self) -> Result<Vec<String>> {
+        let out = self.ip(&["-o", "link", "show"]).await?;
+        // `3: name@peer: <...>` or `3: name: <...>`
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+            .collect())
     }
 
     /// Deletes the TAP; a missing one is fine.

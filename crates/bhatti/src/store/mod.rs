@@ -177,6 +177,21 @@ pub const MIGRATIONS: &[&str] = &[
 
     ALTER TABLE users ADD COLUMN max_snapshots INTEGER;
     "#,
+    // 3: per-user networks (a subnet index each, the address cursor, the
+    // isolation switch) and per-sandbox addresses and egress policies.
+    r#"
+    ALTER TABLE users ADD COLUMN net_index INTEGER;
+    ALTER TABLE users ADD COLUMN net_cursor INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE users ADD COLUMN net_isolated INTEGER;
+    UPDATE users SET net_index =
+        (SELECT COUNT(*) FROM users AS u WHERE u.created_at < users.created_at
+            OR (u.created_at = users.created_at AND u.id < users.id));
+    CREATE UNIQUE INDEX users_by_net_index ON users (net_index);
+
+    ALTER TABLE sandboxes ADD COLUMN ip_host INTEGER;
+    ALTER TABLE sandboxes ADD COLUMN egress TEXT;
+    CREATE UNIQUE INDEX sandboxes_by_address ON sandboxes (owner, ip_host);
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -450,8 +465,15 @@ mod tests {
             configure(&c).unwrap();
             assert_eq!(migrate_to(&mut c, 1).unwrap(), 1);
             // A row written by the old schema (no max_snapshots column).
+            for (id, name, at) in [("u1", "old", 1), ("u0", "older", 0), ("u2", "newer", 2)] {
+                c.execute(
+                    "INSERT INTO users (id, name, key_sha256, max_sandboxes, created_at) VALUES (?1, ?2, ?1, 3, ?3)",
+                    rusqlite::params![id, name, at],
+                )
+                .unwrap();
+            }
             c.execute(
-                "INSERT INTO users (id, name, key_sha256, max_sandboxes, created_at) VALUES ('u1', 'old', 'h', 3, 1)",
+                "INSERT INTO sandboxes (id, owner, name, spec, status, created_at, updated_at) VALUES ('s1', 'u1', 'web', '{}', 'running', 1, 1)",
                 [],
             )
             .unwrap();
@@ -459,10 +481,20 @@ mod tests {
         }
         let s = Store::open(&p).unwrap();
         s.with(|c| {
-            assert_eq!(version(c), 2);
+            assert_eq!(version(c), schema_version());
             let u = users::get_by_name(c, "old")?.unwrap();
             assert_eq!(u.caps.max_sandboxes, Some(3));
             assert_eq!(u.caps.max_snapshots, None);
+            // Existing users get subnet indexes by age; new ones the next.
+            assert_eq!(u.net_index, 1);
+            assert_eq!(users::get_by_name(c, "older")?.unwrap().net_index, 0);
+            assert_eq!(users::get_by_name(c, "newer")?.unwrap().net_index, 2);
+            assert!(!testutil::user(c, "fresh").is_empty());
+            assert_eq!(users::get_by_name(c, "fresh")?.unwrap().net_index, 3);
+            // An old sandbox has no address (it keeps the engine's legacy
+            // bridge) and no policy of its own.
+            let sb = sandboxes::get(c, "u1", "web")?.unwrap();
+            assert_eq!((sb.ip_host, sb.egress), (None, None));
             events::record(c, &events::NewEvent::new("sb", "create").latency_ms(1.5))?;
             Ok(())
         })

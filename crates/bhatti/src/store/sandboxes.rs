@@ -6,6 +6,11 @@ use std::collections::BTreeMap;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{from_json, now_ms, to_json, unique_as_conflict, Result, StoreError};
+use crate::net::egress::EgressPolicy;
+
+/// Host numbers a sandbox may have in its owner's /24 (`.1` is the gateway).
+pub const FIRST_HOST: u8 = 2;
+pub const LAST_HOST: u8 = 254;
 
 /// A stored sandbox.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,6 +28,10 @@ pub struct SandboxRow {
     /// Unix milliseconds.
     pub created_at: i64,
     pub updated_at: i64,
+    /// Its address's host number in the owner's /24; `None`: no network.
+    pub ip_host: Option<u8>,
+    /// Its egress policy; `None`: the config's default.
+    pub egress: Option<EgressPolicy>,
 }
 
 /// What [`insert`] needs.
@@ -35,6 +44,8 @@ pub struct NewSandbox {
     pub status: String,
     pub keep_hot: bool,
     pub labels: BTreeMap<String, String>,
+    pub ip_host: Option<u8>,
+    pub egress: Option<EgressPolicy>,
 }
 
 impl NewSandbox {
@@ -48,6 +59,8 @@ impl NewSandbox {
             status: "creating".into(),
             keep_hot: false,
             labels: BTreeMap::new(),
+            ip_host: None,
+            egress: None,
         }
     }
 }
@@ -59,14 +72,19 @@ pub struct SandboxUpdate {
     pub keep_hot: Option<bool>,
     pub labels: Option<BTreeMap<String, String>>,
     pub spec: Option<serde_json::Value>,
+    /// A new name (unique per owner).
+    pub name: Option<String>,
+    pub egress: Option<EgressPolicy>,
 }
 
-const COLUMNS: &str = "id, owner, name, spec, status, keep_hot, labels, created_at, updated_at";
+const COLUMNS: &str =
+    "id, owner, name, spec, status, keep_hot, labels, created_at, updated_at, ip_host, egress";
 
 struct Raw {
     row: SandboxRow,
     spec: String,
     labels: String,
+    egress: Option<String>,
 }
 
 fn raw(r: &Row<'_>) -> rusqlite::Result<Raw> {
@@ -81,9 +99,14 @@ fn raw(r: &Row<'_>) -> rusqlite::Result<Raw> {
             labels: BTreeMap::new(),
             created_at: r.get(7)?,
             updated_at: r.get(8)?,
+            ip_host: r
+                .get::<_, Option<i64>>(9)?
+                .and_then(|h| u8::try_from(h).ok()),
+            egress: None,
         },
         spec: r.get(3)?,
         labels: r.get(6)?,
+        egress: r.get(10)?,
     })
 }
 
@@ -91,6 +114,11 @@ fn finish(r: Raw) -> Result<SandboxRow> {
     let mut row = r.row;
     row.spec = from_json("sandboxes.spec", &r.spec)?;
     row.labels = from_json("sandboxes.labels", &r.labels)?;
+    row.egress = r
+        .egress
+        .as_deref()
+        .map(|e| from_json("sandboxes.egress", e))
+        .transpose()?;
     Ok(row)
 }
 
@@ -100,11 +128,16 @@ pub fn insert(c: &Connection, s: &NewSandbox) -> Result<SandboxRow> {
     let now = now_ms();
     let spec = to_json("sandboxes.spec", &s.spec)?;
     let labels = to_json("sandboxes.labels", &s.labels)?;
+    let egress = s
+        .egress
+        .as_ref()
+        .map(|e| to_json("sandboxes.egress", e))
+        .transpose()?;
     c.prepare_cached(&format!(
-        "INSERT INTO sandboxes ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)"
+        "INSERT INTO sandboxes ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10)"
     ))?
     .execute(params![
-        s.id, s.owner, s.name, spec, s.status, s.keep_hot, labels, now
+        s.id, s.owner, s.name, spec, s.status, s.keep_hot, labels, now, s.ip_host, egress
     ])
     .map_err(|e| {
         unique_as_conflict(e, || format!("a sandbox named '{}' already exists", s.name))
@@ -119,7 +152,44 @@ pub fn insert(c: &Connection, s: &NewSandbox) -> Result<SandboxRow> {
         labels: s.labels.clone(),
         created_at: now,
         updated_at: now,
+        ip_host: s.ip_host,
+        egress: s.egress.clone(),
     })
+}
+
+/// Picks a free host number in the owner's /24, round-robin after the last
+/// one handed out (a just-freed address is not reused at once: neighbours
+/// may still cache its old MAC). Call inside the transaction that inserts
+/// the sandbox. [`StoreError::Conflict`] when all are taken.
+pub fn allocate_ip_host(c: &Connection, owner: &str) -> Result<u8> {
+    let cursor: i64 = c
+        .prepare_cached("SELECT net_cursor FROM users WHERE id = ?1")?
+        .query_row([owner], |r| r.get(0))
+        .optional()?
+        .ok_or_else(|| StoreError::NotFound(format!("no user '{owner}'")))?;
+    let mut used = [false; 256];
+    let mut st =
+        c.prepare_cached("SELECT ip_host FROM sandboxes WHERE owner = ?1 AND ip_host IS NOT NULL")?;
+    for h in st.query_map([owner], |r| r.get::<_, i64>(0))? {
+        if let Ok(h) = usize::try_from(h?) {
+            if h < used.len() {
+                used[h] = true;
+            }
+        }
+    }
+    let span = i64::from(LAST_HOST - FIRST_HOST) + 1;
+    let start = cursor.clamp(i64::from(FIRST_HOST) - 1, i64::from(LAST_HOST));
+    for step in 1..=span {
+        let h = i64::from(FIRST_HOST) + (start - i64::from(FIRST_HOST) + step).rem_euclid(span);
+        if !used[h as usize] {
+            c.prepare_cached("UPDATE users SET net_cursor = ?2 WHERE id = ?1")?
+                .execute(params![owner, h])?;
+            return Ok(h as u8);
+        }
+    }
+    Err(StoreError::Conflict(format!(
+        "no free address left in the user's network ({span} sandboxes at most)"
+    )))
 }
 
 /// The owner's sandbox whose id, else name, is `id_or_name`.
@@ -190,6 +260,11 @@ pub fn update(c: &Connection, owner: &str, id: &str, u: &SandboxUpdate) -> Resul
         .as_ref()
         .map(|s| to_json("sandboxes.spec", s))
         .transpose()?;
+    let egress = u
+        .egress
+        .as_ref()
+        .map(|e| to_json("sandboxes.egress", e))
+        .transpose()?;
     let n = c
         .prepare_cached(
             "UPDATE sandboxes SET
@@ -197,7 +272,9 @@ pub fn update(c: &Connection, owner: &str, id: &str, u: &SandboxUpdate) -> Resul
                 keep_hot = COALESCE(?4, keep_hot),
                 labels = COALESCE(?5, labels),
                 spec = COALESCE(?6, spec),
-                updated_at = ?7
+                updated_at = ?7,
+                name = COALESCE(?8, name),
+                egress = COALESCE(?9, egress)
              WHERE owner = ?1 AND id = ?2",
         )?
         .execute(params![
@@ -207,8 +284,18 @@ pub fn update(c: &Connection, owner: &str, id: &str, u: &SandboxUpdate) -> Resul
             u.keep_hot,
             labels,
             spec,
-            now_ms()
-        ])?;
+            now_ms(),
+            u.name,
+            egress
+        ])
+        .map_err(|e| {
+            unique_as_conflict(e, || {
+                format!(
+                    "a sandbox named '{}' already exists",
+                    u.name.as_deref().unwrap_or_default()
+                )
+            })
+        })?;
     if n == 0 {
         return Err(StoreError::NotFound(format!("no sandbox '{id}'")));
     }
@@ -322,6 +409,85 @@ mod tests {
             assert_eq!(get(c, &alice, "web")?.unwrap().status, "running");
             delete(c, &alice, "sb_a1")?;
             assert!(get(c, &alice, "web")?.is_none());
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn addresses_round_robin_unique_per_owner() {
+        let (s, _d) = testutil::store();
+        s.with(|c| {
+            let a = testutil::user(c, "alice");
+            let b = testutil::user(c, "bob");
+            let mut taken = Vec::new();
+            for i in 0..3 {
+                let h = allocate_ip_host(c, &a)?;
+                let mut n = NewSandbox::new(&format!("sa{i}"), &a, &format!("n{i}"));
+                n.ip_host = Some(h);
+                insert(c, &n)?;
+                taken.push(h);
+            }
+            assert_eq!(taken, [2, 3, 4]);
+            // Another owner has a pool of their own.
+            assert_eq!(allocate_ip_host(c, &b)?, 2);
+            // A freed address is not reused at once.
+            delete(c, &a, "sa0")?;
+            assert_eq!(allocate_ip_host(c, &a)?, 5);
+            // The same address twice for one owner is refused by the index.
+            let mut dup = NewSandbox::new("sdup", &a, "dup");
+            dup.ip_host = Some(3);
+            assert!(matches!(insert(c, &dup), Err(StoreError::Conflict(_))));
+            // Rename: unique per owner; egress stored as JSON.
+            let e = update(
+                c,
+                &a,
+                "sa1",
+                &SandboxUpdate {
+                    name: Some("n2".into()),
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+            assert!(matches!(e, StoreError::Conflict(_)), "{e}");
+            let r = update(
+                c,
+                &a,
+                "sa1",
+                &SandboxUpdate {
+                    name: Some("web".into()),
+                    egress: Some(EgressPolicy::deny_all()),
+                    ..Default::default()
+                },
+            )?;
+            assert_eq!(r.name, "web");
+            assert_eq!(
+                get(c, &a, "web")?.unwrap().egress,
+                Some(EgressPolicy::deny_all())
+            );
+            assert_eq!(r.ip_host, Some(3));
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn a_full_network_is_a_conflict() {
+        let (s, _d) = testutil::store();
+        s.with(|c| {
+            let a = testutil::user(c, "alice");
+            for i in FIRST_HOST..=LAST_HOST {
+                let h = allocate_ip_host(c, &a)?;
+                let mut n = NewSandbox::new(&format!("s{i}"), &a, &format!("n{i}"));
+                n.ip_host = Some(h);
+                insert(c, &n)?;
+            }
+            assert!(matches!(
+                allocate_ip_host(c, &a),
+                Err(StoreError::Conflict(_))
+            ));
+            delete(c, &a, "s100")?;
+            assert_eq!(allocate_ip_host(c, &a)?, 100);
             Ok(())
         })
         .unwrap();

@@ -24,6 +24,10 @@ pub struct User {
     pub caps: UserCaps,
     /// Unix milliseconds.
     pub created_at: i64,
+    /// Which /24 of the network pool is theirs (unique; assigned at creation).
+    pub net_index: u32,
+    /// Their sandboxes cannot reach each other; `None`: the config's default.
+    pub net_isolated: Option<bool>,
 }
 
 /// What [`insert`] needs.
@@ -34,8 +38,7 @@ pub struct NewUser {
     pub caps: UserCaps,
 }
 
-const COLUMNS: &str =
-    "id, name, key_sha256, max_sandboxes, max_cpus, max_memory_mb, max_snapshots, created_at";
+const COLUMNS: &str = "id, name, key_sha256, max_sandboxes, max_cpus, max_memory_mb, max_snapshots, created_at, net_index, net_isolated";
 
 fn cap(v: Option<i64>) -> Option<u32> {
     v.map(|n| n.clamp(0, u32::MAX as i64) as u32)
@@ -53,7 +56,26 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<User> {
             max_snapshots: cap(r.get(6)?),
         },
         created_at: r.get(7)?,
+        net_index: r
+            .get::<_, Option<i64>>(8)?
+            .unwrap_or(0)
+            .clamp(0, u32::MAX as i64) as u32,
+        net_isolated: r.get(9)?,
     })
+}
+
+/// The smallest subnet index no user has (indexes of deleted users are
+/// reused).
+pub fn free_net_index(c: &Connection) -> Result<u32> {
+    let n: i64 = c
+        .prepare_cached(
+            "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM users WHERE net_index = 0) THEN 0
+             ELSE (SELECT MIN(net_index) + 1 FROM users AS u WHERE net_index IS NOT NULL
+                   AND NOT EXISTS (SELECT 1 FROM users AS v WHERE v.net_index = u.net_index + 1))
+             END",
+        )?
+        .query_row([], |r| r.get(0))?;
+    Ok(n.clamp(0, u32::MAX as i64) as u32)
 }
 
 /// Inserts a user with a fresh id. A taken name (or key hash) is a
@@ -65,9 +87,11 @@ pub fn insert(c: &Connection, u: &NewUser) -> Result<User> {
         key_sha256: u.key_sha256.clone(),
         caps: u.caps,
         created_at: now_ms(),
+        net_index: free_net_index(c)?,
+        net_isolated: None,
     };
     c.prepare_cached(&format!(
-        "INSERT INTO users ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+        "INSERT INTO users ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
     ))?
     .execute(params![
         user.id,
@@ -77,7 +101,9 @@ pub fn insert(c: &Connection, u: &NewUser) -> Result<User> {
         user.caps.max_cpus,
         user.caps.max_memory_mb,
         user.caps.max_snapshots,
-        user.created_at
+        user.created_at,
+        user.net_index,
+        user.net_isolated
     ])
     .map_err(|e| unique_as_conflict(e, || format!("a user named '{}' already exists", u.name)))?;
     Ok(user)
@@ -138,6 +164,18 @@ pub fn set_caps(c: &Connection, name: &str, caps: &UserCaps) -> Result<()> {
         return Err(StoreError::NotFound(format!("no user named '{name}'")));
     }
     Ok(())
+}
+
+/// Sets whether a user's sandboxes are isolated from each other (`None`:
+/// the config's default).
+pub fn set_net_isolated(c: &Connection, name: &str, isolated: Option<bool>) -> Result<User> {
+    let n = c
+        .prepare_cached("UPDATE users SET net_isolated = ?2 WHERE name = ?1")?
+        .execute(params![name, isolated])?;
+    if n == 0 {
+        return Err(StoreError::NotFound(format!("no user named '{name}'")));
+    }
+    get_by_name(c, name)?.ok_or_else(|| StoreError::NotFound(format!("no user named '{name}'")))
 }
 
 /// Deletes a user and their secrets. Refused with [`StoreError::Conflict`]
@@ -236,8 +274,18 @@ mod tests {
                 Some(256)
             );
 
+            // Subnet indexes: unique, the smallest free one, reused.
+            assert_eq!((a.net_index, b.net_index), (0, 1));
+            let carol = insert(c, &new("carol", "h4"))?;
+            assert_eq!(carol.net_index, 2);
+            assert_eq!(
+                set_net_isolated(c, "carol", Some(true))?.net_isolated,
+                Some(true)
+            );
+
             delete(c, "bob")?;
             assert!(get_by_name(c, "bob")?.is_none());
+            assert_eq!(insert(c, &new("dave", "h5"))?.net_index, 1);
             assert!(matches!(delete(c, "bob"), Err(StoreError::NotFound(_))));
             Ok(())
         })
