@@ -5,83 +5,11 @@
 
 mod api_support;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use api_support::*;
 use bhatti::store::users::UserCaps;
 use serde_json::json;
-
-/// The daemon process; killed on drop.
-struct Proc {
-    child: Child,
-}
-
-impl Proc {
-    fn spawn(env: &Env, n: u32) -> Proc {
-        let cfg = env.dir.path().join("bhatti.toml");
-        let log =
-            std::fs::File::create(env.dir.path().join(format!("daemon-{n}.log"))).expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_bhatti"))
-            .args(["serve", "--config"])
-            .arg(&cfg)
-            .env("RUST_LOG", "bhatti=info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn bhatti serve");
-        Proc { child }
-    }
-
-    fn signal(&self, sig: nix::sys::signal::Signal) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, sig).expect("signal");
-    }
-
-    async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(s) = self.child.try_wait().expect("try_wait") {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the daemon did not exit within {within:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn ready(env: &Env, p: &mut Proc, n: u32) {
-    let c = env.client(None);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Ok(r) = c
-            .try_send(hyper::Method::GET, "/health", &[], bytes::Bytes::new())
-            .await
-        {
-            if r.status == 200 {
-                return;
-            }
-        }
-        if let Some(s) = p.child.try_wait().expect("try_wait") {
-            let log = std::fs::read_to_string(env.dir.path().join(format!("daemon-{n}.log")))
-                .unwrap_or_default();
-            panic!("the daemon exited ({s}) during start:\n{log}");
-        }
-        assert!(Instant::now() < deadline, "the daemon did not become ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn vmm_alive(env: &Env, id: &str) -> bool {
     let run = env.data_dir().join("run").join(id);

@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bhatti::config::{Backend, Config, DiskStrategy};
@@ -85,7 +86,7 @@ impl Env {
         c.vm.disk_strategy = DiskStrategy::Auto;
         c.vm.xfs_loop_size_mb = 16 << 10;
         c.network.netns = Some(self.ns.clone());
-        c.network.dns = vec![];
+        c.network.dns_upstreams = vec![];
         c.thermal.warm_after_secs = 0;
         c.thermal.cold_after_secs = 0;
         c.limits.rate.read_per_second = 100;
@@ -181,6 +182,80 @@ impl Drop for Daemon {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
+    }
+}
+
+/// The daemon as users run it: `bhatti serve --config <dir>/bhatti.toml`
+/// as a child process, logging to `<dir>/daemon-<n>.log`; killed on drop.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn spawn(env: &Env, n: u32) -> Proc {
+        let cfg = env.dir.path().join("bhatti.toml");
+        let log =
+            std::fs::File::create(env.dir.path().join(format!("daemon-{n}.log"))).expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_bhatti"))
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "bhatti=info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn bhatti serve");
+        Proc { child }
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, sig).expect("signal");
+    }
+
+    pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not exit within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until the spawned daemon answers `/health`; panics with its log
+/// when it exits first.
+pub async fn ready(env: &Env, p: &mut Proc, n: u32) {
+    let c = env.client(None);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(r) = c
+            .try_send(hyper::Method::GET, "/health", &[], bytes::Bytes::new())
+            .await
+        {
+            if r.status == 200 {
+                return;
+            }
+        }
+        if let Some(s) = p.child.try_wait().expect("try_wait") {
+            let log = std::fs::read_to_string(env.dir.path().join(format!("daemon-{n}.log")))
+                .unwrap_or_default();
+            panic!("the daemon exited ({s}) during start:\n{log}");
+        }
+        assert!(Instant::now() < deadline, "the daemon did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
