@@ -11,7 +11,7 @@ PACKAGES=(
   # rootfs build and disk images
   mmdebstrap e2fsprogs xfsprogs file
   # networking (bridges, TAPs, namespaces, NAT)
-  iproute2 nftables
+  iproute2 nftables conntrack
   # the Firecracker test guest is assembled at test time
   binutils
   ca-certificates curl

@@ -242,9 +242,32 @@ pub struct NetworkConfig {
     /// TCP ports on a user's gateway that guests may reach besides DNS.
     /// Default none.
     pub guest_host_ports: Vec<u16>,
+    /// Keys of configs written before per-user networks (one shared bridge):
+    /// accepted so an upgrade starts, ignored with a warning.
+    #[serde(default, skip_serializing)]
+    pub bridge: Option<String>,
+    #[serde(default, skip_serializing)]
+    pub subnet: Option<String>,
+    #[serde(default, skip_serializing)]
+    pub dns: Option<Vec<IpAddr>>,
 }
 
 impl NetworkConfig {
+    /// Keys that are read but no longer mean anything.
+    pub fn obsolete_keys(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.bridge.is_some() {
+            v.push("network.bridge (each user has a bridge now)");
+        }
+        if self.subnet.is_some() {
+            v.push("network.subnet (see network.pool)");
+        }
+        if self.dns.is_some() {
+            v.push("network.dns (guests ask their gateway; see network.dns_upstreams)");
+        }
+        v
+    }
+
     /// The configured upstreams, or the host's resolv.conf ones.
     pub fn upstreams(&self) -> Vec<SocketAddr> {
         if self.dns_upstreams.is_empty() {
@@ -400,6 +423,9 @@ impl Default for NetworkConfig {
                 .map(ToString::to_string)
                 .collect(),
             guest_host_ports: Vec::new(),
+            bridge: None,
+            subnet: None,
+            dns: None,
         }
     }
 }
@@ -969,6 +995,18 @@ mod tests {
         assert_eq!(c.network.netns.as_deref(), Some("bh"));
         assert_eq!(c.log.format, LogFormat::Json);
         assert_eq!(c.db_path(), PathBuf::from("/srv/bhatti/bhatti.db"));
+    }
+
+    #[test]
+    fn configs_from_before_user_networks_still_load() {
+        let c = Config::parse(
+            "[network]\nbridge = \"bhatti0\"\nsubnet = \"10.77.0.1/24\"\ndns = [\"1.1.1.1\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.network.obsolete_keys().len(), 3);
+        assert!(Config::default().network.obsolete_keys().is_empty());
+        // They are not written back.
+        assert!(!toml::to_string(&c).unwrap().contains("subnet"));
     }
 
     fn err(text: &str) -> String {

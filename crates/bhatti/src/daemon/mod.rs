@@ -287,6 +287,9 @@ pub async fn serve_with_backend(
 /// with sandboxes, the full ruleset, DNS servers.
 async fn start_tenants(config: &Config, store: &Store) -> Result<Tenants, DaemonError> {
     let net = &config.network;
+    for k in net.obsolete_keys() {
+        tracing::warn!("ignoring the obsolete config key {k}");
+    }
     let egress_interfaces = if net.egress_interface.is_empty() {
         default_route_interface(net.netns.as_deref())
             .await
