@@ -610,6 +610,65 @@ fn cli_against_a_real_daemon() {
     assert_eq!(e["labels"]["env"], "test");
     assert_eq!(e["keep_hot"], true);
 
+    // Network: the policy, the gateway and the DNS name in inspect.
+    let e = b(&[
+        "edit",
+        "dev",
+        "--allow",
+        "203.0.113.0/24:443",
+        "--deny",
+        "198.51.100.7",
+        "--json",
+    ])
+    .ok("edit --allow")
+    .json();
+    assert_eq!(e["network"]["egress"], "deny", "{e}");
+    assert_eq!(e["network"]["allow"][0], "203.0.113.0/24:443", "{e}");
+    assert_eq!(e["network"]["deny"][0], "198.51.100.7/32", "{e}");
+    let human = b(&["inspect", "dev"]).ok("inspect (fields)").stdout;
+    for want in ["gateway", "dev.sb", "deny; allow 203.0.113.0/24:443"] {
+        assert!(human.contains(want), "{want} in {human}");
+    }
+    let e = b(&["edit", "dev", "--internet", "--json"])
+        .ok("edit --internet")
+        .json();
+    assert_eq!(e["network"]["egress"], "allow", "{e}");
+    assert_eq!(e["network"]["allow"].as_array().map(Vec::len), Some(0));
+    b(&["edit", "dev", "--allow", "10.1.2.3/8"]).fails("a rule with host bits", 2);
+    b(&["edit", "dev", "--no-internet", "--internet"]).fails("both", 2);
+    // The host sees the user's network.
+    let st = bhatti(
+        &home,
+        &[],
+        &["admin", "status", "--json", "--config", &cfg],
+        None,
+    )
+    .ok("admin status")
+    .json();
+    let nets = st["networks"].as_array().expect("networks");
+    assert_eq!(nets.len(), 1, "{st}");
+    assert_eq!(nets[0]["user"], "tester");
+    assert_eq!(nets[0]["bridge_up"], true, "{st}");
+    assert_eq!(nets[0]["sandboxes"], 1);
+    let iso = bhatti(
+        &home,
+        &[],
+        &[
+            "user", "isolate", "tester", "true", "--json", "--config", &cfg,
+        ],
+        None,
+    )
+    .ok("user isolate")
+    .json();
+    assert_eq!(iso["isolated"], true);
+    bhatti(
+        &home,
+        &[],
+        &["user", "isolate", "tester", "maybe", "--config", &cfg],
+        None,
+    )
+    .fails("user isolate maybe", 2);
+
     // A shell over the WebSocket with piped input: the exit code passes through.
     let r = b_in(&["shell", "dev"], b"echo shell-$((40+2))\nexit 5\n");
     assert_eq!(r.code, 5, "shell exit code: {}", r.stderr);
@@ -708,6 +767,9 @@ fn usage_errors_are_one_line_with_exit_2() {
         &["list", "--bogus"],
         &["file", "write", "dev", "/x", "--mode", "999"],
         &["completion", "nosh"],
+        &["create", "x", "--allow", "not-a-network"],
+        &["create", "x", "--deny", "1.2.3.4:99999"],
+        &["edit", "x", "--rename", "Bad_Name"],
     ] {
         bhatti(home.path(), &[], args, None).fails(&format!("{args:?}"), 2);
     }

@@ -652,6 +652,28 @@ async fn tenant_networks_isolate_resolve_nat_and_survive_restart() {
     .await;
     daemon.signal(nix::sys::signal::Signal::SIGKILL);
     daemon.wait_exit(Duration::from_secs(10)).await;
+    // Leftovers of a crash that look like bhatti's: a user bridge no user
+    // has, and a TAP no sandbox owns. The next start removes them.
+    ip(&[
+        "-n",
+        &env.ns,
+        "link",
+        "add",
+        "bhatti-u9999",
+        "type",
+        "bridge",
+    ]);
+    ip(&[
+        "-n",
+        &env.ns,
+        "tuntap",
+        "add",
+        "dev",
+        "bt0123456789abc",
+        "mode",
+        "tap",
+    ]);
+    ip(&["-n", &env.ns, "link", "add", "keepme0", "type", "bridge"]);
     let mut daemon = Proc::spawn(&env, 2);
     ready(&env, &mut daemon, 2).await;
     // The connection carried on through the restart.
@@ -669,6 +691,14 @@ async fn tenant_networks_isolate_resolve_nat_and_survive_restart() {
     )
     .await;
     assert_eq!(inet.echo_conns.load(Ordering::SeqCst), 1, "it reconnected");
+    let links = std::process::Command::new("ip")
+        .args(["-n", &env.ns, "-o", "link", "show"])
+        .output()
+        .expect("ip link");
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert!(!links.contains("bhatti-u9999"), "{links}");
+    assert!(!links.contains("bt0123456789abc"), "{links}");
+    assert!(links.contains("keepme0"), "not bhatti's: {links}");
     // Rules and names are back.
     let tables = std::process::Command::new("ip")
         .args(["netns", "exec", &env.ns, "nft", "list", "tables"])
