@@ -29,7 +29,7 @@ struct Setup {
 
 async fn setup(test: &str) -> Option<Setup> {
     let Some(qemu) = bhatti_vmm::probe::probe().qemu else {
-        eprintln!("SKIP {test}: missing qemu");
+        bhatti_testkit::skip(test, "missing qemu");
         return None;
     };
     let dir = tempfile::tempdir().expect("tempdir");

@@ -45,7 +45,7 @@ impl Drop for Unmount {
 #[tokio::test]
 async fn disk_methods_and_timings() {
     if !is_root() {
-        eprintln!("skipping disk_methods_and_timings: needs root (loop mounts)");
+        bhatti_testkit::skip("disk_methods_and_timings", "needs root (loop mounts)");
         return;
     }
     let scratch = tempfile::tempdir().unwrap();
@@ -142,7 +142,7 @@ impl Drop for NetnsGuard {
 #[tokio::test]
 async fn bridge_and_taps_in_a_netns() {
     if !is_root() {
-        eprintln!("skipping bridge_and_taps_in_a_netns: needs root");
+        bhatti_testkit::skip("bridge_and_taps_in_a_netns", "needs root");
         return;
     }
     let ns = format!("bhatti-t-{}", bhatti::engine::random_hex(4));

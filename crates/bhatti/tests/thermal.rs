@@ -28,7 +28,7 @@ use bhatti_testkit::{artifacts, clean_data_dir, delete_netns, Artifacts};
 fn backend() -> Option<(String, Arc<dyn VmmBackend>)> {
     let found = bhatti_testkit::linux_backends().into_iter().next();
     if found.is_none() {
-        eprintln!("SKIP: no VMM backend can boot Linux on this host");
+        bhatti_testkit::skip("thermal", "no VMM backend can boot Linux on this host");
     }
     found
 }

@@ -119,6 +119,18 @@ fn set_link_up(sock: &OwnedFd, up: bool) -> io::Result<()> {
     init::ioctl(sock, libc::SIOCSIFFLAGS, &mut r)
 }
 
+/// Gives the guest a machine id when it has none (the rootfs ships an empty
+/// `/etc/machine-id`, so each sandbox's first boot makes its own); an
+/// existing valid one is kept across reboots.
+pub fn ensure_machine_id() -> io::Result<bool> {
+    let current = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
+    let id = current.trim();
+    if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(false);
+    }
+    new_machine_id().map(|()| true)
+}
+
 fn new_machine_id() -> io::Result<()> {
     let id = crate::server::random_id();
     init::write_atomic(

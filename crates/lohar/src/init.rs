@@ -131,6 +131,11 @@ fn boot(cmdline: Cmdline) -> anyhow::Result<()> {
     config.env = guest.env.clone();
 
     apply_hostname(&guest.hostname);
+    match crate::identity::ensure_machine_id() {
+        Ok(true) => tracing::info!("new /etc/machine-id"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!("/etc/machine-id: {e}"),
+    }
     if !guest.dns.is_empty() {
         let mut text: String = guest
             .dns

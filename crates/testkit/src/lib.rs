@@ -1,5 +1,5 @@
 //! Support shared by the test suites that boot real VMs: finding the guest
-//! artifacts (or printing one SKIP line), the backends that boot Linux on
+//! artifacts (or printing one SKIP line; failing under `BHATTI_REQUIRE_VMS`), the backends that boot Linux on
 //! this host, and removing what an engine under test leaves behind — VMM
 //! processes, the XFS loop mount, the network namespace — even when a test
 //! fails.
@@ -12,6 +12,25 @@ use bhatti_vmm::VmmBackend;
 
 /// Where `scripts/artifacts.sh` caches kernels and rootfs images.
 pub const CACHE: &str = "/var/cache/bhatti-ci";
+
+/// Set (to anything but "" or "0") in CI: a VM test that cannot run fails
+/// instead of skipping, so a missing artifact or tool cannot pass silently.
+pub const REQUIRE_VMS: &str = "BHATTI_REQUIRE_VMS";
+
+/// True when [`REQUIRE_VMS`] is set.
+pub fn vms_required() -> bool {
+    std::env::var(REQUIRE_VMS).is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// A test that cannot run here: one `SKIP` line, or a panic under
+/// [`REQUIRE_VMS`].
+pub fn skip(test: &str, why: &str) {
+    assert!(
+        !vms_required(),
+        "{test} cannot run: {why} ({REQUIRE_VMS} is set, so this fails instead of skipping)"
+    );
+    eprintln!("SKIP {test}: {why}");
+}
 
 /// A non-empty path from the environment.
 pub fn env_path(var: &str) -> Option<PathBuf> {
@@ -65,7 +84,7 @@ pub fn artifacts(test: &str) -> Option<Artifacts> {
     match (kernel, rootfs) {
         (Some(kernel), Some(rootfs)) if missing.is_empty() => Some(Artifacts { kernel, rootfs }),
         _ => {
-            eprintln!("SKIP {test}: missing {}", missing.join(", "));
+            skip(test, &format!("missing {}", missing.join(", ")));
             None
         }
     }

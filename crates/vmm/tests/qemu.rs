@@ -61,6 +61,13 @@ struct Artifacts {
     lohar: PathBuf,
 }
 
+/// One SKIP line; under `BHATTI_REQUIRE_VMS` (CI) a failure instead.
+fn skip(test: &str, why: &str) {
+    let required = std::env::var("BHATTI_REQUIRE_VMS").is_ok_and(|v| !v.is_empty() && v != "0");
+    assert!(!required, "{test} cannot run: {why} (BHATTI_REQUIRE_VMS is set)");
+    eprintln!("SKIP {test}: {why}");
+}
+
 fn artifacts(test: &str) -> Option<Artifacts> {
     let cache = Path::new("/var/cache/bhatti-ci");
     let root = workspace_root();
@@ -98,7 +105,7 @@ fn artifacts(test: &str) -> Option<Artifacts> {
     .map(|(n, _)| *n)
     .collect();
     if !missing.is_empty() {
-        eprintln!("SKIP {test}: missing {}", missing.join(", "));
+        skip(test, &format!("missing {}", missing.join(", ")));
         return None;
     }
     Some(Artifacts {
@@ -560,7 +567,7 @@ async fn tap_in_netns_and_poweroff() {
         .output()
         .is_ok_and(|o| o.status.success())
     {
-        eprintln!("SKIP tap_in_netns_and_poweroff: no iproute2");
+        skip("tap_in_netns_and_poweroff", "no iproute2");
         return;
     }
     let _serial = SERIAL.lock().await;

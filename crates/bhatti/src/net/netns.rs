@@ -218,7 +218,7 @@ pub(crate) mod tests {
         /// `None` (after one SKIP line) unless root.
         pub(crate) fn create(test: &str) -> Option<TestNetns> {
             if !nix::unistd::geteuid().is_root() {
-                eprintln!("SKIP {test}: needs root (creates a network namespace)");
+                bhatti_testkit::skip(test, "needs root (creates a network namespace)");
                 return None;
             }
             let name = bhatti_testkit::netns_name("bhatti-dns");

@@ -75,7 +75,7 @@ mod tests {
     #[tokio::test]
     async fn makes_a_private_ext4_image() {
         if crate::cmd::run("mkfs.ext4", ["-V"]).await.is_err() {
-            eprintln!("skipping: mkfs.ext4 is not installed");
+            bhatti_testkit::skip("config_drive", "mkfs.ext4 is not installed");
             return;
         }
         let dir = tempfile::tempdir().unwrap();

@@ -29,7 +29,7 @@ pub use bhatti_testkit::Artifacts;
 /// Kernel and rootfs (and QEMU), or `None` after one SKIP line.
 pub fn artifacts(test: &str) -> Option<Artifacts> {
     if bhatti_vmm::probe::probe().qemu.is_none() {
-        eprintln!("SKIP {test}: missing qemu");
+        bhatti_testkit::skip(test, "missing qemu");
         return None;
     }
     bhatti_testkit::artifacts(test)

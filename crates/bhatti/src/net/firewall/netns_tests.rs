@@ -10,7 +10,7 @@ const RULES: usize = 26;
 
 fn skip(test: &str) -> bool {
     if !is_root() {
-        eprintln!("SKIP {test}: needs root (network namespaces, nftables)");
+        bhatti_testkit::skip(test, "needs root (network namespaces, nftables)");
         return true;
     }
     false

@@ -61,7 +61,10 @@ fn add_guest_ns(host: &TestNs, g: &GuestEntry, gateway: Ipv4Addr) -> TestNs {
 #[tokio::test]
 async fn packets_obey_the_policy() {
     if !is_root() {
-        eprintln!("SKIP packets_obey_the_policy: needs root (network namespaces, nftables)");
+        bhatti_testkit::skip(
+            "packets_obey_the_policy",
+            "needs root (network namespaces, nftables)",
+        );
         return;
     }
     let host = TestNs::new("ph");
