@@ -78,6 +78,8 @@ pub struct AppState {
         std::sync::RwLock<std::collections::HashMap<String, crate::net::tenants::TenantUser>>,
     /// Serializes the sandbox-count check with the insert it guards.
     create_lock: tokio::sync::Mutex<()>,
+    /// Mutations in flight (see [`AppState::detached`]); shutdown waits.
+    pub tasks: tokio_util::task::TaskTracker,
     openapi: OnceLock<String>,
     next_request: AtomicU64,
 }
@@ -104,6 +106,7 @@ impl AppState {
             config,
             backend,
             create_lock: tokio::sync::Mutex::new(()),
+            tasks: tokio_util::task::TaskTracker::new(),
             openapi: OnceLock::new(),
             next_request: AtomicU64::new(1),
         }
@@ -130,6 +133,22 @@ impl AppState {
             .await
         {
             tracing::warn!(id, "recording status {status}: {e}");
+        }
+    }
+
+    /// Runs a mutation (store rows, network, engine) as a tracked task of
+    /// its own and waits for its answer: a client that disconnects half way
+    /// cannot leave a row `creating` beside a running VM, or a VM without
+    /// its network; the daemon's shutdown waits for these tasks.
+    pub(crate) async fn detached<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        match self.tasks.spawn(fut.in_current_span()).await {
+            Ok(r) => r,
+            Err(e) => Err(ApiError::Internal(format!(
+                "the operation ended without an answer: {e}"
+            ))),
         }
     }
 

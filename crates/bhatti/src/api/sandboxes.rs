@@ -168,6 +168,16 @@ pub async fn create(
     caller: Caller,
     JsonBody(req): JsonBody<CreateSandbox>,
 ) -> Result<Response, ApiError> {
+    let state = st.clone();
+    st.detached(create_to_end(state, caller, req)).await
+}
+
+/// [`create`]'s work, run to its end even when the client goes away.
+async fn create_to_end(
+    st: AppStateRef,
+    caller: Caller,
+    req: CreateSandbox,
+) -> Result<Response, ApiError> {
     caller.rate(&st, RequestClass::Create)?;
     req.validate(&SizeBounds::from_config(&st.config.vm))?;
     if let Some(snap) = req.from_snapshot.clone() {
@@ -500,6 +510,17 @@ pub async fn patch(
     Path(id): Path<String>,
     JsonBody(req): JsonBody<PatchSandbox>,
 ) -> Result<Json<SandboxView>, ApiError> {
+    let state = st.clone();
+    st.detached(patch_to_end(state, caller, id, req)).await
+}
+
+/// [`patch`]'s work, run to its end even when the client goes away.
+async fn patch_to_end(
+    st: AppStateRef,
+    caller: Caller,
+    id: String,
+    req: PatchSandbox,
+) -> Result<Json<SandboxView>, ApiError> {
     caller.rate(&st, RequestClass::Exec)?;
     req.validate()?;
     let before = st.sandbox(&caller, &id).await?;
@@ -566,6 +587,16 @@ pub async fn delete(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    let state = st.clone();
+    st.detached(delete_to_end(state, caller, id)).await
+}
+
+/// [`delete`]'s work, run to its end even when the client goes away.
+async fn delete_to_end(
+    st: AppStateRef,
+    caller: Caller,
+    id: String,
+) -> Result<StatusCode, ApiError> {
     caller.rate(&st, RequestClass::Create)?;
     let row = st.sandbox(&caller, &id).await?;
     st.engine.destroy(&row.id).await?;
@@ -588,6 +619,16 @@ pub async fn stop(
     State(st): State<AppStateRef>,
     caller: Caller,
     Path(id): Path<String>,
+) -> Result<Json<SandboxView>, ApiError> {
+    let state = st.clone();
+    st.detached(stop_to_end(state, caller, id)).await
+}
+
+/// [`stop`]'s work, run to its end even when the client goes away.
+async fn stop_to_end(
+    st: AppStateRef,
+    caller: Caller,
+    id: String,
 ) -> Result<Json<SandboxView>, ApiError> {
     caller.rate(&st, RequestClass::Create)?;
     let mut row = st.sandbox(&caller, &id).await?;
@@ -614,6 +655,17 @@ pub async fn start(
     caller: Caller,
     Path(id): Path<String>,
     JsonBody(req): JsonBody<StartRequest>,
+) -> Result<Json<SandboxView>, ApiError> {
+    let state = st.clone();
+    st.detached(start_to_end(state, caller, id, req)).await
+}
+
+/// [`start`]'s work, run to its end even when the client goes away.
+async fn start_to_end(
+    st: AppStateRef,
+    caller: Caller,
+    id: String,
+    req: StartRequest,
 ) -> Result<Json<SandboxView>, ApiError> {
     caller.rate(&st, RequestClass::Create)?;
     let mut row = st.sandbox(&caller, &id).await?;

@@ -51,6 +51,17 @@ pub async fn checkpoint(
     Path(id): Path<String>,
     JsonBody(req): JsonBody<CheckpointRequest>,
 ) -> Result<Response, ApiError> {
+    let state = st.clone();
+    st.detached(checkpoint_to_end(state, caller, id, req)).await
+}
+
+/// [`checkpoint`]'s work, run to its end even when the client goes away.
+async fn checkpoint_to_end(
+    st: AppStateRef,
+    caller: Caller,
+    id: String,
+    req: CheckpointRequest,
+) -> Result<Response, ApiError> {
     caller.rate(&st, RequestClass::Create)?;
     req.validate()?;
     let row = st.sandbox(&caller, &id).await?;
@@ -130,6 +141,17 @@ pub async fn resume(
     Path(name): Path<String>,
     JsonBody(req): JsonBody<ResumeRequest>,
 ) -> Result<Response, ApiError> {
+    let state = st.clone();
+    st.detached(resume_to_end(state, caller, name, req)).await
+}
+
+/// [`resume`]'s work, run to its end even when the client goes away.
+async fn resume_to_end(
+    st: AppStateRef,
+    caller: Caller,
+    name: String,
+    req: ResumeRequest,
+) -> Result<Response, ApiError> {
     caller.rate(&st, RequestClass::Create)?;
     validate_name("name", &name)?;
     req.validate()?;
@@ -152,6 +174,16 @@ pub async fn delete(
     State(st): State<AppStateRef>,
     caller: Caller,
     Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let state = st.clone();
+    st.detached(delete_to_end(state, caller, name)).await
+}
+
+/// [`delete`]'s work, run to its end even when the client goes away.
+async fn delete_to_end(
+    st: AppStateRef,
+    caller: Caller,
+    name: String,
 ) -> Result<StatusCode, ApiError> {
     caller.rate(&st, RequestClass::Create)?;
     let owner = caller.user.id.clone();

@@ -260,15 +260,26 @@ pub async fn serve_with_backend(
 
     shutdown.await;
     tracing::info!("shutting down: no new connections");
-    // No sandbox is paused or snapshotted while the daemon goes away.
-    drop(thermal);
+    // No sandbox is paused or snapshotted while the daemon goes away; a
+    // cool-down already under way finishes.
+    thermal.shutdown().await;
     let _ = stop_tx.send(true);
     sweeper.abort();
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while servers.join_next().await.is_some() {}
     })
     .await;
-    // Ends shells and streams still open; VMs keep running.
+    // Mutations whose clients left still finish (a create, a stop).
+    state.tasks.close();
+    let bound = Duration::from_secs(config.vm.boot_timeout_secs + 30);
+    if tokio::time::timeout(bound, state.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("API operations still running after {bound:?}");
+    }
+    // Waits for engine operations, then ends shells and streams still open;
+    // VMs keep running.
     engine.shutdown().await;
     if drained.is_err() {
         tracing::warn!("requests still running after {SHUTDOWN_GRACE:?}; ending them");

@@ -380,11 +380,33 @@ impl Engine {
                 &'a mut Live,
             ) -> std::pin::Pin<
                 Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>,
-            > + Send,
+            > + Send
+            + 'static,
     {
         spec.validate().map_err(EngineError::Invalid)?;
         super::validate_name(&id).map_err(EngineError::Invalid)?;
-        let inner = &self.inner;
+        let inner = self.inner.clone();
+        // One task from the first step to the last (or to the cleanup of a
+        // failure): a caller that goes away cannot leave half a sandbox.
+        self.inner
+            .run_to_end(async move { inner.create_to_end(id, spec, body).await })
+            .await
+    }
+}
+
+impl Inner {
+    async fn create_to_end<F>(&self, id: String, spec: CreateSpec, body: F) -> Result<Sandbox>
+    where
+        F: for<'a> FnOnce(
+                &'a Inner,
+                &'a Slot,
+                &'a mut Live,
+            ) -> std::pin::Pin<
+                Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>,
+            > + Send
+            + 'static,
+    {
+        let inner = self;
         if inner.slot(&id).is_ok() {
             return Err(EngineError::AlreadyExists(id));
         }

@@ -19,6 +19,9 @@ pub enum EngineError {
     State { id: String, message: String },
     #[error("engine setup: {0}")]
     Setup(String),
+    /// An operation's task ended without an answer (it panicked): a bug.
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error(transparent)]

@@ -188,6 +188,10 @@ struct Inner {
     slots: std::sync::Mutex<HashMap<String, Arc<Slot>>>,
     /// What each restored VMM was restored from (Diff snapshots).
     chains: snapshot_chain::Chains,
+    /// Every operation runs as a task of its own, tracked here: a caller
+    /// that goes away (a dropped request, a cancelled timeout) cannot stop
+    /// it half way, and [`Engine::shutdown`] waits for all of them.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 /// One sandbox: its published view and its serialized live state.
@@ -256,6 +260,7 @@ impl Engine {
                 run_root,
                 slots: std::sync::Mutex::new(HashMap::new()),
                 chains: Default::default(),
+                tasks: tokio_util::task::TaskTracker::new(),
             }),
         })
     }
@@ -316,6 +321,9 @@ impl Engine {
     /// long-lived connection per VM is shared by all callers and reopened
     /// when it has closed.
     pub async fn agent(&self, id: &str) -> Result<AgentClient> {
+        if let Some(c) = self.agent_at_hand(id) {
+            return Ok(c);
+        }
         self.op(id, |inner, slot, live| {
             Box::pin(async move {
                 inner.wake(slot, live).await?;
@@ -323,6 +331,17 @@ impl Engine {
             })
         })
         .await
+    }
+
+    /// The open connection of a running sandbox whose lock is free: the
+    /// common case of a request, served without a task of its own.
+    pub(super) fn agent_at_hand(&self, id: &str) -> Option<AgentClient> {
+        let slot = self.inner.slot(id).ok()?;
+        let live = slot.live.try_lock().ok()?;
+        if live.gone || live.rec.state != SandboxState::Running {
+            return None;
+        }
+        live.agent.clone().filter(|c| !c.is_closed())
     }
 
     /// The current agent connection if the sandbox runs and one is open;
@@ -419,23 +438,24 @@ impl Engine {
         let Ok(slot) = self.inner.slot(id) else {
             return Ok(false);
         };
-        let mut live = slot.live.lock().await;
-        if live.gone {
-            return Ok(false);
-        }
-        let span = slot.span.clone();
+        let inner = self.inner.clone();
         self.inner
-            .cleanup(&slot, &mut live)
-            .instrument(span.clone())
-            .await?;
-        live.gone = true;
-        self.inner
-            .slots
-            .lock()
-            .expect("slots lock")
-            .remove(&slot.id);
-        span.in_scope(|| tracing::info!("sandbox destroyed"));
-        Ok(true)
+            .run_to_end(async move {
+                let mut live = slot.live.lock().await;
+                if live.gone {
+                    return Ok(false);
+                }
+                let span = slot.span.clone();
+                inner
+                    .cleanup(&slot, &mut live)
+                    .instrument(span.clone())
+                    .await?;
+                live.gone = true;
+                inner.slots.lock().expect("slots lock").remove(&slot.id);
+                span.in_scope(|| tracing::info!("sandbox destroyed"));
+                Ok(true)
+            })
+            .await
     }
 
     /// Loads every `<data_dir>/sandboxes/<id>/sandbox.json` not yet known:
@@ -500,6 +520,19 @@ impl Engine {
     /// same data dir adopts them with [`Engine::recover`]. The bridge and
     /// the XFS mount stay.
     pub async fn shutdown(&self) {
+        // Operations in flight (a boot, a snapshot) finish first: none is
+        // left half done. A boot is bounded by boot_timeout.
+        self.inner.tasks.close();
+        let bound = self.inner.cfg.boot_timeout + Duration::from_secs(30);
+        if tokio::time::timeout(bound, self.inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                running = self.inner.tasks.len(),
+                "engine operations still running after {bound:?}; closing connections anyway"
+            );
+        }
         let slots: Vec<Arc<Slot>> = self
             .inner
             .slots
@@ -516,28 +549,52 @@ impl Engine {
         }
     }
 
-    /// Runs `f` on a sandbox under its lock, in its span.
+    /// Runs `f` on a sandbox under its lock, in its span, as a task of its
+    /// own (see [`Inner::run_to_end`]).
     async fn op<T, F>(&self, id: &str, f: F) -> Result<T>
     where
+        T: Send + 'static,
         F: for<'a> FnOnce(
-            &'a Inner,
-            &'a Slot,
-            &'a mut Live,
-        ) -> std::pin::Pin<
-            Box<dyn std::future::Future<Output = Result<T>> + Send + 'a>,
-        >,
+                &'a Inner,
+                &'a Slot,
+                &'a mut Live,
+            ) -> std::pin::Pin<
+                Box<dyn std::future::Future<Output = Result<T>> + Send + 'a>,
+            > + Send
+            + 'static,
     {
         let slot = self.inner.slot(id)?;
-        let mut live = slot.live.lock().await;
-        if live.gone {
-            return Err(EngineError::NotFound(id.to_owned()));
-        }
-        let span = slot.span.clone();
-        f(&self.inner, &slot, &mut live).instrument(span).await
+        let inner = self.inner.clone();
+        let id = id.to_owned();
+        self.inner
+            .run_to_end(async move {
+                let mut live = slot.live.lock().await;
+                if live.gone {
+                    return Err(EngineError::NotFound(id));
+                }
+                let span = slot.span.clone();
+                f(&inner, &slot, &mut live).instrument(span).await
+            })
+            .await
     }
 }
 
 impl Inner {
+    /// Runs `fut` as a tracked task and waits for its answer. Dropping the
+    /// returned future does not stop the task: a state change, once begun,
+    /// completes (or fails and cleans up) whatever happens to its caller.
+    async fn run_to_end<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        match self.tasks.spawn(fut.in_current_span()).await {
+            Ok(r) => r,
+            Err(e) => Err(EngineError::Internal(format!(
+                "an engine operation ended without an answer: {e}"
+            ))),
+        }
+    }
+
     fn slot(&self, id_or_name: &str) -> Result<Arc<Slot>> {
         let slots = self.slots.lock().expect("slots lock");
         if let Some(s) = slots.get(id_or_name) {

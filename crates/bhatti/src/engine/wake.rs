@@ -35,6 +35,9 @@ impl Engine {
     /// [`Engine::agent`], also saying whether this call woke the sandbox
     /// (`None`: it was running already, or it does not exist).
     pub async fn agent_reporting(&self, id: &str) -> (Result<AgentClient>, Option<WakeReport>) {
+        if let Some(c) = self.agent_at_hand(id) {
+            return (Ok(c), None);
+        }
         let r = self
             .op(id, |inner, slot, live| {
                 Box::pin(async move {

@@ -218,6 +218,7 @@ impl Debug for Shared {
 #[derive(Debug)]
 pub struct ThermalManager {
     handle: ThermalHandle,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// A cheap, clonable handle for the API.
@@ -255,14 +256,27 @@ impl ThermalManager {
             notify: Notify::new(),
             shutdown: AtomicBool::new(false),
         });
-        tokio::spawn(run(shared.clone()));
+        let task = tokio::spawn(run(shared.clone()));
         ThermalManager {
             handle: ThermalHandle { shared },
+            task: Some(task),
         }
     }
 
     pub fn handle(&self) -> ThermalHandle {
         self.handle.clone()
+    }
+
+    /// Stops the sweeper and waits until its evaluations in flight have
+    /// finished (no pause or snapshot is cut off half way).
+    pub async fn shutdown(mut self) {
+        self.handle.shared.shutdown.store(true, Ordering::SeqCst);
+        self.handle.shared.notify.notify_one();
+        if let Some(t) = self.task.take() {
+            if let Err(e) = t.await {
+                tracing::warn!("the thermal manager ended with {e}");
+            }
+        }
     }
 }
 
