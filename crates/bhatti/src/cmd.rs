@@ -55,3 +55,38 @@ where
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// Runs a prepared command to completion, feeding it `input` on stdin
+/// (written while it runs: input larger than the pipe buffer would
+/// otherwise deadlock against the command's own output). stdout and stderr
+/// are captured. A failed write is reported only if the command succeeded
+/// (a tool stops reading at its first error, and its stderr says why).
+pub async fn output_with_input(
+    mut cmd: tokio::process::Command,
+    input: &str,
+) -> std::io::Result<std::process::Output> {
+    use tokio::io::AsyncWriteExt;
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn()?;
+    let pipe = child.stdin.take();
+    let write = async move {
+        match pipe {
+            Some(mut p) => {
+                p.write_all(input.as_bytes()).await?;
+                p.shutdown().await
+            }
+            None => Ok(()),
+        }
+    };
+    let (written, out) = tokio::join!(write, child.wait_with_output());
+    let out = out?;
+    if let Err(e) = written {
+        if out.status.success() {
+            return Err(e);
+        }
+    }
+    Ok(out)
+}

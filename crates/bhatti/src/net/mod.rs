@@ -238,6 +238,7 @@ impl Network {
         if !self.link_exists(tap).await {
             self.ip(&["tuntap", "add", "dev", tap, "mode", "tap"])
                 .await?;
+            self.no_ipv6_addresses(tap).await;
         }
         self.ip(&["link", "set", tap, "master", bridge]).await?;
         self.ip(&["link", "set", tap, "up"]).await?;
@@ -264,9 +265,67 @@ impl Network {
                 Err(_) if self.link_exists(bridge).await => {}
                 Err(e) => return Err(e.into()),
             }
+            self.no_ipv6_addresses(bridge).await;
         }
         self.ip(&["addr", "replace", cidr, "dev", bridge]).await?;
         self.ip(&["link", "set", bridge, "up"]).await?;
+        Ok(())
+    }
+
+    /// Guests are IPv4-only: no link-local IPv6 address (and its routes) on
+    /// bhatti's links. With a thousand bridges those routes made every
+    /// `ip link set up/down` slower (net-bench). Best effort: a kernel
+    /// without IPv6 has nothing to turn off.
+    async fn no_ipv6_addresses(&self, link: &str) {
+        if let Err(e) = self.ip(&["link", "set", link, "addrgenmode", "none"]).await {
+            tracing::debug!(link, "addrgenmode none: {e}");
+        }
+    }
+
+    /// [`Network::ensure_bridge`] for many bridges with one `ip -batch`
+    /// (start-up with thousands of users: one process, not four each).
+    pub async fn ensure_bridges(&self, bridges: &[(String, String)]) -> Result<()> {
+        if bridges.is_empty() {
+            return Ok(());
+        }
+        let existing: std::collections::HashSet<String> = self.links().await?.into_iter().collect();
+        let mut batch = String::new();
+        for (bridge, cidr) in bridges {
+            if !existing.contains(bridge) {
+                batch.push_str(&format!(
+                    "link add name {bridge} type bridge\nlink set {bridge} addrgenmode none\n"
+                ));
+            }
+            batch.push_str(&format!(
+                "addr replace {cidr} dev {bridge}\nlink set {bridge} up\n"
+            ));
+        }
+        let mut cmd = tokio::process::Command::new("ip");
+        if let Some(ns) = &self.settings.netns {
+            cmd.args(["-n", ns.as_str()]);
+        }
+        // -force: one failing line (an IPv6-less kernel's addrgenmode) does
+        // not stop the rest; each bridge is checked below.
+        cmd.args(["-force", "-batch", "-"]);
+        let out = crate::cmd::output_with_input(cmd, &batch)
+            .await
+            .map_err(|e| CmdError {
+                command: "ip -batch -".into(),
+                message: e.to_string(),
+                code: None,
+            })?;
+        let now: std::collections::HashSet<String> = self.links().await?.into_iter().collect();
+        if let Some((missing, _)) = bridges.iter().find(|(b, _)| !now.contains(b)) {
+            return Err(CmdError {
+                command: "ip -batch -".into(),
+                message: format!(
+                    "bridge {missing} was not created: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+                code: out.status.code(),
+            }
+            .into());
+        }
         Ok(())
     }
 

@@ -241,9 +241,11 @@ impl Tenants {
             upstreams,
             users: tokio::sync::Mutex::new(HashMap::new()),
         };
-        for st in users.values() {
-            t.bridge_up(&st.net).await?;
-        }
+        let bridges: Vec<(String, String)> = users
+            .values()
+            .map(|st| (st.net.bridge.clone(), format!("{}/24", st.net.gateway)))
+            .collect();
+        t.links.ensure_bridges(&bridges).await?;
         t.apply(&firewall::ruleset(&t.state_of(&users))).await?;
         for (user_id, st) in users.iter_mut() {
             st.dns = t.dns_up(user_id, &st.net).await;

@@ -4,8 +4,6 @@
 use std::net::Ipv4Addr;
 use std::process::Stdio;
 
-use tokio::io::AsyncWriteExt;
-
 use super::render::TABLE;
 
 #[derive(Debug, thiserror::Error)]
@@ -63,9 +61,13 @@ impl Firewall {
     /// nothing is success.
     pub async fn flush_conntrack(&self, ip: Ipv4Addr) -> Result<(), FirewallError> {
         let ip = ip.to_string();
-        for dir in ["-s", "-d"] {
-            let args = ["-D", dir, ip.as_str()];
-            let out = self.exec("conntrack", &args, None).await?;
+        // Both directions at once: each is a process of its own (~12 ms).
+        let (src, dst) = (["-D", "-s", ip.as_str()], ["-D", "-d", ip.as_str()]);
+        let (from, to) = tokio::join!(
+            self.exec("conntrack", &src, None),
+            self.exec("conntrack", &dst, None)
+        );
+        for out in [from?, to?] {
             // conntrack exits 1 with "0 flow entries have been deleted."
             // when nothing matched.
             let nothing = out.code == Some(1) && out.stderr.contains(" 0 flow entries");
@@ -132,47 +134,28 @@ impl Firewall {
             }
             None => tokio::process::Command::new(program),
         };
-        cmd.args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        cmd.args(args);
         let spawn_err = |source| FirewallError::Spawn {
             command: command.clone(),
             source,
         };
-        let mut child = cmd.spawn().map_err(spawn_err)?;
-        let input = child.stdin.take();
-        // Write while the child runs: a document larger than the pipe
-        // buffer would otherwise deadlock against nft's own output.
-        let write = async move {
-            match (input, stdin) {
-                (Some(mut pipe), Some(doc)) => {
-                    pipe.write_all(doc.as_bytes()).await?;
-                    pipe.shutdown().await
-                }
-                _ => Ok(()),
+        let out = match stdin {
+            Some(doc) => crate::cmd::output_with_input(cmd, doc).await,
+            None => {
+                cmd.stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .kill_on_drop(true);
+                cmd.output().await
             }
-        };
-        let (written, out) = tokio::join!(write, child.wait_with_output());
-        let out = out.map_err(spawn_err)?;
+        }
+        .map_err(spawn_err)?;
         let result = Output {
             command: command.clone(),
             code: out.status.code(),
             status: out.status.to_string(),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         };
-        // A failed write matters only if the command claims success (nft
-        // stops reading at its first error; its stderr says why).
-        if let Err(source) = written {
-            if out.status.success() {
-                return Err(FirewallError::Spawn { command, source });
-            }
-        }
         Ok(result)
     }
 }
