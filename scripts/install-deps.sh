@@ -39,6 +39,10 @@ if ! dpkg-query -W -f='${Status}' linux-source-6.1 2>/dev/null | grep -q "instal
     echo "install-deps: linux-source-6.1 is not packaged here; the kernel build downloads it from kernel.org" >&2
   fi
 fi
+# The unprivileged system user a confined QEMU switches to once it has
+# opened its devices (crates/vmm/src/qemu/confine.rs).
+getent passwd bhatti-vmm >/dev/null ||
+  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin bhatti-vmm
 if ! command -v cargo >/dev/null; then
   echo "install-deps: cargo not found; install Rust (https://rustup.rs) first" >&2
   exit 1

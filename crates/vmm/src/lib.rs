@@ -21,7 +21,10 @@ use async_trait::async_trait;
 use bhatti_protocol::transport::BoxedStream;
 use serde::{Deserialize, Serialize};
 
+pub mod cgroup;
+pub mod console;
 pub mod firecracker;
+pub mod limits;
 pub mod probe;
 pub mod process;
 pub mod qemu;
@@ -168,6 +171,10 @@ pub trait Vm: Send + Sync + Debug {
     async fn pause(&self) -> Result<()>;
 
     async fn resume(&self) -> Result<()>;
+
+    /// Asks the VMM whether the vCPUs are stopped (recovery trusts this, not
+    /// a record written before a crash).
+    async fn is_paused(&self) -> Result<bool>;
 
     /// Writes a snapshot of a paused VM to `files` (new files; the caller
     /// renames them into place). The VM stays paused.

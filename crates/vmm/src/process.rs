@@ -4,6 +4,10 @@
 //! VM's console log, and its pid written to `<run_dir>/vmm.pid`, so a
 //! restarted daemon can find and adopt it. While the daemon that started it
 //! lives, a task waits on the child so it never lingers as a zombie.
+//!
+//! A VMM may be given a cgroup ([`SpawnOptions::cgroup`]): the child joins
+//! it before `exec`, and it is removed once the process is gone (by the
+//! waiting task, or by [`VmmProcess::kill`] for an adopted process).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -11,16 +15,39 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use crate::cgroup::VmCgroup;
 use crate::{Result, VmmError};
 
 /// File under the run dir holding the VMM's pid.
 pub const PID_FILE: &str = "vmm.pid";
 
+/// Where our own child is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Stage {
+    Running,
+    /// Reaped; its cgroup may still be being removed.
+    Exited,
+    /// Reaped and its cgroup removed.
+    Gone,
+}
+
+/// How to start a VMM beyond its command line.
+#[derive(Debug, Clone, Default)]
+pub struct SpawnOptions {
+    /// Network namespace (a name under `/run/netns`) to run in.
+    pub netns: Option<String>,
+    /// A cgroup (already created, limits written) the child joins before
+    /// `exec`; removed when the process is gone.
+    pub cgroup: Option<VmCgroup>,
+}
+
 #[derive(Debug, Clone)]
 pub struct VmmProcess {
     pid: u32,
-    /// Set when our own child exits; `None` for adopted processes.
-    exited: Option<watch::Receiver<bool>>,
+    /// Follows our own child; `None` for adopted processes.
+    exited: Option<watch::Receiver<Stage>>,
+    /// Removed once the process is gone.
+    cgroup: Option<VmCgroup>,
 }
 
 impl VmmProcess {
@@ -31,6 +58,38 @@ impl VmmProcess {
         run_dir: &Path,
         console_log: &Path,
         netns: Option<&str>,
+    ) -> Result<VmmProcess> {
+        let opts = SpawnOptions {
+            netns: netns.map(str::to_owned),
+            cgroup: None,
+        };
+        VmmProcess::spawn_with(binary, args, run_dir, console_log, opts)
+    }
+
+    /// [`VmmProcess::spawn`] with a cgroup and other [`SpawnOptions`].
+    pub fn spawn_with(
+        binary: &Path,
+        args: &[String],
+        run_dir: &Path,
+        console_log: &Path,
+        opts: SpawnOptions,
+    ) -> Result<VmmProcess> {
+        let r = VmmProcess::spawn_inner(binary, args, run_dir, console_log, &opts);
+        if r.is_err() {
+            // Nothing ever ran in it.
+            if let Some(cg) = &opts.cgroup {
+                let _ = cg.remove_now();
+            }
+        }
+        r
+    }
+
+    fn spawn_inner(
+        binary: &Path,
+        args: &[String],
+        run_dir: &Path,
+        console_log: &Path,
+        opts: &SpawnOptions,
     ) -> Result<VmmProcess> {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -48,7 +107,7 @@ impl VmmProcess {
             .stderr(Stdio::from(log2))
             .process_group(0)
             .kill_on_drop(false);
-        if let Some(ns) = netns {
+        if let Some(ns) = &opts.netns {
             let path = format!("/run/netns/{ns}");
             let ns_file = std::fs::File::open(&path)
                 .map_err(|e| VmmError::io(format!("opening {path}"), e))?;
@@ -61,23 +120,53 @@ impl VmmProcess {
                 });
             }
         }
+        if let Some(cg) = &opts.cgroup {
+            // Joined by the child itself before exec: the VMM never runs
+            // outside its limits, and cannot fork away before being moved.
+            let procs = cg.open_procs()?;
+            // SAFETY: the hook only calls write(2) (async-signal-safe) on
+            // descriptors opened before the fork, and allocates nothing.
+            unsafe {
+                cmd.pre_exec(move || crate::cgroup::join_self(&procs));
+            }
+        }
         let mut child = cmd
             .spawn()
             .map_err(|e| VmmError::Spawn(format!("{}: {e}", binary.display())))?;
         let pid = child
             .id()
             .ok_or_else(|| VmmError::Spawn("the VMM exited at once".into()))?;
-        std::fs::write(run_dir.join(PID_FILE), pid.to_string())
-            .map_err(|e| VmmError::io("writing the pid file", e))?;
-        let (tx, rx) = watch::channel(false);
+        let (tx, rx) = watch::channel(Stage::Running);
+        let cgroup = opts.cgroup.clone();
         tokio::spawn(async move {
             let _ = child.wait().await;
-            let _ = tx.send(true);
+            // Reaped: from here the pid may be reused, so `is_alive` must
+            // turn false before the (possibly slow) cgroup removal.
+            tx.send_replace(Stage::Exited);
+            if let Some(cg) = cgroup {
+                if let Err(e) = cg.remove().await {
+                    tracing::warn!(pid, error = %e, "removing the VMM's cgroup");
+                }
+            }
+            tx.send_replace(Stage::Gone);
         });
-        Ok(VmmProcess {
+        let process = VmmProcess {
             pid,
             exited: Some(rx),
-        })
+            cgroup: opts.cgroup.clone(),
+        };
+        if let Err(e) = std::fs::write(run_dir.join(PID_FILE), pid.to_string()) {
+            // Unadoptable: end it (the task above reaps it and removes its
+            // cgroup).
+            if process.is_alive() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::SIGKILL,
+                );
+            }
+            return Err(VmmError::io("writing the pid file", e));
+        }
+        Ok(process)
     }
 
     /// Takes over the process named in `<run_dir>/vmm.pid`, if it is alive
@@ -101,7 +190,22 @@ impl VmmProcess {
                 run_dir.display()
             )));
         }
-        Ok(VmmProcess { pid, exited: None })
+        Ok(VmmProcess {
+            pid,
+            exited: None,
+            cgroup: None,
+        })
+    }
+
+    /// The cgroup an adopted process was started in (from its launch
+    /// record), to remove once it is gone. Nothing is moved or created.
+    pub fn with_cgroup(mut self, cgroup: Option<VmCgroup>) -> VmmProcess {
+        self.cgroup = cgroup;
+        self
+    }
+
+    pub fn cgroup(&self) -> Option<&VmCgroup> {
+        self.cgroup.as_ref()
     }
 
     pub fn pid(&self) -> u32 {
@@ -110,29 +214,29 @@ impl VmmProcess {
 
     pub fn is_alive(&self) -> bool {
         match &self.exited {
-            Some(rx) => !*rx.borrow(),
+            Some(rx) => *rx.borrow() == Stage::Running,
             None => pid_alive(self.pid),
         }
     }
 
-    /// SIGKILLs the process and waits until it is gone.
+    /// SIGKILLs the process and waits until it (and its cgroup) is gone.
     pub async fn kill(&self) -> Result<()> {
-        if !self.is_alive() {
-            return Ok(());
+        if self.is_alive() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid as i32),
+                nix::sys::signal::SIGKILL,
+            );
         }
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid as i32),
-            nix::sys::signal::SIGKILL,
-        );
         self.wait_gone(Duration::from_secs(10)).await
     }
 
-    /// Waits for the process to exit on its own.
+    /// Waits for the process to exit on its own, then for its cgroup to be
+    /// removed.
     pub async fn wait_gone(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         if let Some(rx) = &self.exited {
             let mut rx = rx.clone();
-            return tokio::time::timeout(timeout, rx.wait_for(|e| *e))
+            return tokio::time::timeout(timeout, rx.wait_for(|s| *s == Stage::Gone))
                 .await
                 .map(|_| ())
                 .map_err(|_| {
@@ -147,6 +251,11 @@ impl VmmProcess {
                 ));
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if let Some(cg) = &self.cgroup {
+            if let Err(e) = cg.remove().await {
+                tracing::warn!(pid = self.pid, error = %e, "removing the VMM's cgroup");
+            }
         }
         Ok(())
     }

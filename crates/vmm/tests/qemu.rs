@@ -19,7 +19,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bhatti_protocol::{AgentClient, ExecRequest};
-use bhatti_vmm::qemu::{Accel, QemuBackend, QemuConfig};
+use bhatti_vmm::cgroup::{CgroupConfig, Hierarchy};
+use bhatti_vmm::limits::ResourceLimits;
+use bhatti_vmm::qemu::{Accel, Confinement, QemuBackend, QemuConfig, VMM_USER};
 use bhatti_vmm::{SnapshotFiles, SnapshotKind, Vm, VmConfig, VmmBackend};
 
 const TOKEN: &str = "qemu-backend-test-token";
@@ -64,7 +66,10 @@ struct Artifacts {
 /// One SKIP line; under `BHATTI_REQUIRE_VMS` (CI) a failure instead.
 fn skip(test: &str, why: &str) {
     let required = std::env::var("BHATTI_REQUIRE_VMS").is_ok_and(|v| !v.is_empty() && v != "0");
-    assert!(!required, "{test} cannot run: {why} (BHATTI_REQUIRE_VMS is set)");
+    assert!(
+        !required,
+        "{test} cannot run: {why} (BHATTI_REQUIRE_VMS is set)"
+    );
     eprintln!("SKIP {test}: {why}");
 }
 
@@ -559,7 +564,18 @@ impl Drop for NetNs {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tap_in_netns_and_poweroff() {
-    let Some(a) = artifacts("tap_in_netns_and_poweroff") else {
+    tap_in_netns("tap_in_netns_and_poweroff", false).await;
+}
+
+/// The same, confined: QEMU opens the TAP as root before switching users,
+/// and its cgroup goes when it exits on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confined_tap_in_netns_and_poweroff() {
+    tap_in_netns("confined_tap_in_netns_and_poweroff", true).await;
+}
+
+async fn tap_in_netns(test: &str, confined: bool) {
+    let Some(a) = artifacts(test) else {
         return;
     };
     if !Command::new("ip")
@@ -567,16 +583,26 @@ async fn tap_in_netns_and_poweroff() {
         .output()
         .is_ok_and(|o| o.status.success())
     {
-        skip("tap_in_netns_and_poweroff", "no iproute2");
+        skip(test, "no iproute2");
         return;
     }
+    let (root, be) = if confined {
+        let Some(root) = CgroupRoot::new(test) else {
+            return;
+        };
+        let Some(be) = confined_backend(test, &root) else {
+            return;
+        };
+        (Some(root), be)
+    } else {
+        (None, backend())
+    };
     let _serial = SERIAL.lock().await;
     let ns = NetNs::new("tap0", "10.213.0.1/24");
     let fx = Fixture::with_config(
         &a,
         serde_json::json!({"network": {"address": "10.213.0.2/24", "gateway": "10.213.0.1"}}),
     );
-    let be = backend();
     let mut cfg = fx.config("run1");
     cfg.netns = Some(ns.0.clone());
     cfg.net = Some(bhatti_vmm::NetConfig {
@@ -586,6 +612,10 @@ async fn tap_in_netns_and_poweroff() {
     let vm = be.boot(&cfg).await.expect("boot");
     let _guard = KillOnDrop(vm.pid());
     let client = agent(vm.as_ref(), AGENT_TIMEOUT).await;
+    let dirs = root
+        .as_ref()
+        .map(|r| assert_confined(vm.pid(), &cfg, r))
+        .unwrap_or_default();
     let link = sh(&client, "cat /sys/class/net/eth0/address").await;
     assert_eq!(link.trim(), "02:b4:00:00:00:02");
     let ping = client
@@ -616,4 +646,316 @@ async fn tap_in_netns_and_poweroff() {
     }
     println!("MEASURE poweroff_to_exit {}", ms(t.elapsed()));
     vm.kill().await.expect("kill after exit");
+    assert_removed(&dirs);
+}
+
+// ───────────────────────────── confinement ─────────────────────────────
+
+/// This test's own cgroup root (`bhatti-test-<pid>-<test>` in every
+/// hierarchy),
+/// removed with any VM cgroup left in it on drop. Declare it before the
+/// VMs' guards so it is dropped after they are killed.
+struct CgroupRoot {
+    name: String,
+    mounts: Vec<PathBuf>,
+}
+
+impl CgroupRoot {
+    fn new(test: &str) -> Option<CgroupRoot> {
+        match Hierarchy::detect() {
+            Ok(h) => Some(CgroupRoot {
+                // Per test: the tests of this binary share its pid.
+                name: format!("bhatti-test-{}-{test}", std::process::id()),
+                mounts: h.mounts().iter().map(|m| m.point.clone()).collect(),
+            }),
+            Err(e) => {
+                skip(test, &format!("no usable cgroup hierarchy: {e}"));
+                None
+            }
+        }
+    }
+}
+
+impl Drop for CgroupRoot {
+    fn drop(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for m in &self.mounts {
+            let root = m.join(&self.name);
+            let children: Vec<PathBuf> = std::fs::read_dir(&root)
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .filter(|e| e.path().is_dir())
+                        .map(|e| e.path())
+                        .collect()
+                })
+                .unwrap_or_default();
+            // A VMM killed by a guard a moment ago may still be exiting.
+            for dir in children.iter().chain([&root]) {
+                while std::fs::remove_dir(dir).is_err_and(|e| e.raw_os_error() == Some(libc::EBUSY))
+                    && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+}
+
+/// The QEMU backend with everything confined, its cgroups under `root`.
+/// `None` (one SKIP line, or a failure under BHATTI_REQUIRE_VMS) without
+/// the VMM user.
+fn confined_backend(test: &str, root: &CgroupRoot) -> Option<QemuBackend> {
+    if !matches!(nix::unistd::User::from_name(VMM_USER), Ok(Some(_))) {
+        skip(
+            test,
+            &format!("no user {VMM_USER} (scripts/install-deps.sh creates it)"),
+        );
+        return None;
+    }
+    let c = Confinement {
+        cgroups: Some(CgroupConfig {
+            root: root.name.clone(),
+        }),
+        ..Confinement::hardened()
+    };
+    Some(
+        backend()
+            .with_confinement(c)
+            .expect("confined QEMU backend"),
+    )
+}
+
+/// A `/proc/<pid>/status` field, e.g. `Uid`.
+fn status_field(pid: u32, key: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+        .trim()
+        .to_owned()
+}
+
+/// QEMU `pid` runs as the VMM user under seccomp, in `cfg`'s cgroup with
+/// `cfg`'s limits. Returns its cgroup directories.
+fn assert_confined(pid: u32, cfg: &VmConfig, root: &CgroupRoot) -> Vec<PathBuf> {
+    let user = nix::unistd::User::from_name(VMM_USER)
+        .expect("getpwnam")
+        .expect("VMM user");
+    let ids = |key| -> Vec<u32> {
+        status_field(pid, key)
+            .split_whitespace()
+            .map(|v| v.parse().expect("id"))
+            .collect()
+    };
+    // Real, effective, saved and filesystem ids all dropped.
+    assert_eq!(ids("Uid"), vec![user.uid.as_raw(); 4], "QEMU {pid} uid");
+    assert_eq!(ids("Gid"), vec![user.gid.as_raw(); 4], "QEMU {pid} gid");
+    assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(pid, "Seccomp"), "2", "seccomp filter mode");
+    let st = bhatti_vmm::cgroup::inspect(pid).expect("cgroup of QEMU");
+    let want = Path::new(&root.name).join(&cfg.id);
+    for d in &st.dirs {
+        assert!(d.ends_with(&want), "QEMU {pid} is in {}", d.display());
+    }
+    let limits = ResourceLimits::for_vm(cfg);
+    assert!(st.matches(&limits), "{st:?} != {limits:?}");
+    println!("cgroup of QEMU {pid}: {st:?}");
+    let mut dirs = st.dirs.to_vec();
+    dirs.dedup();
+    dirs
+}
+
+fn assert_removed(dirs: &[PathBuf]) {
+    for d in dirs {
+        assert!(!d.exists(), "cgroup {} still exists", d.display());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confined_boot_adopt_kill() {
+    let test = "confined_boot_adopt_kill";
+    let Some(a) = artifacts(test) else {
+        return;
+    };
+    let Some(root) = CgroupRoot::new(test) else {
+        return;
+    };
+    let Some(be) = confined_backend(test, &root) else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let fx = Fixture::new(&a);
+    let cfg = fx.config("run1");
+    let vm = be.boot(&cfg).await.expect("confined boot");
+    let pid = vm.pid();
+    let _guard = KillOnDrop(pid);
+    let client = agent(vm.as_ref(), AGENT_TIMEOUT).await;
+    assert_eq!(sh(&client, "echo confined").await, "confined\n");
+    let dirs = assert_confined(pid, &cfg, &root);
+    // The guest sees its vCPU and memory, the cgroup only bounds QEMU.
+    let nproc = sh(&client, "nproc").await;
+    assert_eq!(nproc.trim(), cfg.vcpus.to_string());
+    vm.pause().await.expect("pause");
+    vm.resume().await.expect("resume");
+
+    // A new daemon adopts it: same process, same cgroup, nothing moved.
+    client.close();
+    drop(vm);
+    let vm = be.adopt(&cfg).await.expect("adopt confined");
+    assert_eq!(vm.pid(), pid);
+    assert_eq!(assert_confined(pid, &cfg, &root), dirs);
+    vm.pause().await.expect("pause adopted");
+    vm.resume().await.expect("resume adopted");
+    let client = agent(vm.as_ref(), Duration::from_secs(30)).await;
+    assert_eq!(sh(&client, "echo adopted").await, "adopted\n");
+    assert_gone(vm.as_ref()).await;
+    assert_removed(&dirs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confined_snapshot_restore() {
+    let test = "confined_snapshot_restore";
+    let Some(a) = artifacts(test) else {
+        return;
+    };
+    let Some(root) = CgroupRoot::new(test) else {
+        return;
+    };
+    let Some(be) = confined_backend(test, &root) else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let fx = Fixture::new(&a);
+    // The fixture (disks, run dirs, snapshots) is root's, mode 0700: the
+    // unprivileged QEMU cannot open any path in it, only use descriptors.
+    std::fs::set_permissions(
+        fx.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let cfg = fx.config("run1");
+    let vm = be.boot(&cfg).await.expect("confined boot");
+    let _guard = KillOnDrop(vm.pid());
+    let client = agent(vm.as_ref(), AGENT_TIMEOUT).await;
+    let boot_id = client.hello().boot_id.clone();
+    sh(&client, "echo kept > /workspace/kept").await;
+    let dirs = assert_confined(vm.pid(), &cfg, &root);
+    vm.pause().await.unwrap();
+    let snap = SnapshotFiles {
+        state: fx.dir.path().join("snap.state"),
+        memory: None,
+    };
+    vm.snapshot(SnapshotKind::Full, &snap)
+        .await
+        .expect("confined snapshot");
+    assert!(std::fs::metadata(&snap.state).unwrap().len() > 1 << 20);
+    client.close();
+    assert_gone(vm.as_ref()).await;
+    assert_removed(&dirs);
+
+    let cfg2 = fx.config("run2");
+    let vm2 = be.restore(&cfg2, &snap).await.expect("confined restore");
+    let _guard2 = KillOnDrop(vm2.pid());
+    let client2 = agent(vm2.as_ref(), Duration::from_secs(30)).await;
+    assert_eq!(client2.hello().boot_id, boot_id, "restore is not a reboot");
+    assert_eq!(sh(&client2, "cat /workspace/kept").await, "kept\n");
+    let dirs2 = assert_confined(vm2.pid(), &cfg2, &root);
+    // And again from the restored VM.
+    vm2.pause().await.unwrap();
+    let snap2 = SnapshotFiles {
+        state: fx.dir.path().join("snap2.state"),
+        memory: None,
+    };
+    vm2.snapshot(SnapshotKind::Full, &snap2)
+        .await
+        .expect("snapshot of the restored VM");
+    vm2.resume().await.unwrap();
+    assert_eq!(sh(&client2, "echo still").await, "still\n");
+    assert_gone(vm2.as_ref()).await;
+    assert_removed(&dirs2);
+}
+
+/// A guest printing far more than the cap leaves `console.log` bounded,
+/// and its newest output readable at the end. `BHATTI_TEST_FLOOD_MIB`
+/// sets the flood: 16 MiB by default, because QEMU's serial port moves
+/// about 0.4 MiB/s under TCG (one write(2) per byte); 100 MiB takes four
+/// minutes there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_flood_is_capped() {
+    let Some(a) = artifacts("console_flood_is_capped") else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let flood_mib: u64 = std::env::var("BHATTI_TEST_FLOOD_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16);
+    let fx = Fixture::new(&a);
+    let cap = bhatti_vmm::console::DEFAULT_MAX_BYTES;
+    let be = backend();
+    let cfg = fx.config("run1");
+    let vm = be.boot(&cfg).await.expect("boot");
+    let _guard = KillOnDrop(vm.pid());
+    let client = agent(vm.as_ref(), AGENT_TIMEOUT).await;
+    let log = vm.console_log();
+
+    // Sample the size while the guest floods its serial console.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (log, stop) = (log.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut largest = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                largest = largest.max(std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            largest
+        })
+    };
+    let t = Instant::now();
+    // Commands run as the guest user; the serial port is root's.
+    let mut req = exec_req(&[
+        "sudo",
+        "/bin/sh",
+        "-c",
+        &format!(
+            "yes 'flood flood flood flood flood flood flood flood flood flood' \
+             | head -c {flood_mib}M > /dev/ttyS0 && echo FLOOD-END > /dev/ttyS0"
+        ),
+    ]);
+    req.timeout_ms = Some(1_800_000);
+    let out = client.exec(req, None).await.expect("flood");
+    assert_eq!(
+        out.status.exit_code,
+        0,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let took = t.elapsed();
+    tokio::time::sleep(bhatti_vmm::console::POLL * 3).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let largest = sampler.join().unwrap();
+    let len = std::fs::metadata(&log).unwrap().len();
+    println!(
+        "MEASURE console_flood {flood_mib}MiB in {} ({:.1} MiB/s) largest={largest} final={len}",
+        ms(took),
+        flood_mib as f64 / took.as_secs_f64()
+    );
+    assert!(len <= cap, "console.log is {len} bytes after the flood");
+    // Between two checks the guest adds what it prints in POLL.
+    assert!(
+        largest <= cap + (4 << 20),
+        "console.log reached {largest} bytes"
+    );
+    let tail = bhatti_vmm::console_tail(&log, 4096);
+    assert!(tail.contains("FLOOD-END"), "{tail}");
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .starts_with("[bhatti: "),
+        "the compacted log starts with the marker"
+    );
+    client.ping().await.expect("guest fine after the flood");
+    assert_gone(vm.as_ref()).await;
 }

@@ -151,6 +151,16 @@ impl Vm for HostVm {
         self.signal(Signal::SIGCONT)
     }
 
+    async fn is_paused(&self) -> bhatti_vmm::Result<bool> {
+        // /proc/<pid>/stat's state field: T when stopped by a signal.
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+            .map_err(|e| bhatti_vmm::VmmError::io("reading the process state", e))?;
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next());
+        Ok(state == Some('T'))
+    }
+
     async fn snapshot(
         &self,
         _kind: SnapshotKind,

@@ -213,6 +213,9 @@ mod tests {
         async fn resume(&self) -> bhatti_vmm::Result<()> {
             Ok(())
         }
+        async fn is_paused(&self) -> bhatti_vmm::Result<bool> {
+            Ok(false)
+        }
         async fn snapshot(
             &self,
             kind: SnapshotKind,

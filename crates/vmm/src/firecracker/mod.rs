@@ -573,6 +573,13 @@ impl Vm for FirecrackerVm {
         self.set_state("Resumed").await
     }
 
+    async fn is_paused(&self) -> Result<bool> {
+        let info = self.api.get("/").await.map_err(|e| self.with_console(e))?;
+        let paused = info.get("state").and_then(Value::as_str) == Some("Paused");
+        self.paused.store(paused, Ordering::Relaxed);
+        Ok(paused)
+    }
+
     async fn snapshot(&self, kind: SnapshotKind, files: &SnapshotFiles) -> Result<()> {
         let memory = files.memory.as_ref().ok_or(VmmError::Unsupported(
             "a Firecracker snapshot without a memory file",

@@ -7,13 +7,20 @@
 //! |---|---|
 //! | `qmp.sock` | QMP server (one client at a time; we keep one connection) |
 //! | `agent.sock` | chardev of the `bhatti.agent` virtio-serial port |
-//! | `console.log` | guest serial console, plus QEMU's own stderr |
+//! | `console.log` | guest serial console, plus QEMU's own stderr; capped ([`crate::console`]) |
 //! | `vmm.pid` | QEMU's pid ([`crate::process::PID_FILE`]) |
 //! | `qemu.json` | how this QEMU was started ([`LaunchRecord`]) |
 //!
-//! Snapshots are migrations into a file: the VM is paused, we open the
-//! target file ourselves, hand QEMU the descriptor (`getfd`) and run
-//! `migrate fd:<name>`. Restore starts a QEMU with the same device layout
+//! All of them are created by the daemon or by QEMU while it is still root,
+//! and stay root's: a QEMU confined to an unprivileged user
+//! ([`Confinement`], module [`confine`]) only uses descriptors it opened
+//! before switching, plus those handed to it over QMP.
+//!
+//! Snapshots are migrations into a file: the VM is paused, we (root) open
+//! the target file ourselves, hand QEMU the descriptor (`getfd`, over
+//! SCM_RIGHTS) and run `migrate fd:<name>`; QEMU never opens a path or
+//! spawns a helper (no `exec:` URIs, which seccomp's `spawn=deny`
+//! forbids). Restore starts a QEMU with the same device layout
 //! and `-incoming defer`, hands it the snapshot file the same way
 //! (`migrate-incoming fd:<name>`), waits until the stream is loaded and
 //! issues `cont`. The root disk is not in the stream: stopping the VM
@@ -25,6 +32,7 @@
 //! memory, and the same presence of config disk and network device (the
 //! config disk's contents do not matter after boot).
 
+pub mod confine;
 mod qmp;
 
 use std::os::fd::AsFd;
@@ -37,12 +45,16 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
-use crate::process::{find_binary, wait_for_path, VmmProcess};
+use crate::cgroup::{Cgroups, VmCgroup};
+use crate::console::ConsoleCap;
+use crate::limits::ResourceLimits;
+use crate::process::{find_binary, wait_for_path, SpawnOptions, VmmProcess};
 use crate::{
     console_tail, BackendKind, Result, SnapshotFiles, SnapshotKind, Vm, VmConfig, VmmBackend,
     VmmError, AGENT_SERIAL_NAME,
 };
 
+pub use confine::{Confinement, VMM_USER};
 pub use qmp::Qmp;
 
 pub const QMP_SOCKET: &str = "qmp.sock";
@@ -78,6 +90,9 @@ pub enum Accel {
     Auto,
 }
 
+/// The QEMU backend's settings. Confinement (user, seccomp, cgroups) is set
+/// with [`QemuBackend::with_confinement`], the console cap with
+/// [`QemuBackend::with_console_limit`].
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct QemuConfig {
     /// `None`: `BHATTI_QEMU`, else `qemu-system-x86_64` on PATH.
@@ -93,6 +108,12 @@ pub struct QemuBackend {
     /// Kvm or Tcg, never Auto.
     accel: Accel,
     extra_args: Vec<String>,
+    confinement: Confinement,
+    /// How this binary switches users (set when `confinement.run_as` is).
+    user_switch: Option<confine::UserSwitch>,
+    /// Detected once (set when `confinement.cgroups` is).
+    cgroups: Option<Cgroups>,
+    console_max_bytes: u64,
 }
 
 /// Written to `<run_dir>/qemu.json` at every start.
@@ -103,6 +124,10 @@ pub struct LaunchRecord {
     pub args: Vec<String>,
     /// The snapshot a restore loaded, if any.
     pub restored_from: Option<PathBuf>,
+    /// The cgroup QEMU runs in, for an adopting daemon to remove when it
+    /// ends.
+    #[serde(default)]
+    pub cgroup: Option<VmCgroup>,
 }
 
 impl QemuBackend {
@@ -134,7 +159,55 @@ impl QemuBackend {
             binary,
             accel,
             extra_args: cfg.extra_args,
+            confinement: Confinement::default(),
+            user_switch: None,
+            cgroups: None,
+            console_max_bytes: crate::console::DEFAULT_MAX_BYTES,
         })
+    }
+
+    /// Confines every QEMU started from now on as `c` says. Checks what it
+    /// can up front: the user exists, this QEMU can switch users and has
+    /// seccomp, the host has a usable cgroup hierarchy.
+    pub fn with_confinement(mut self, c: Confinement) -> Result<QemuBackend> {
+        let needs_help = c.run_as.is_some() || c.sandbox;
+        let features = if needs_help {
+            confine::features(&self.binary)?
+        } else {
+            confine::Features::default()
+        };
+        self.user_switch = match &c.run_as {
+            Some(user) => {
+                confine::check_user(user)?;
+                Some(features.user_switch.ok_or_else(|| {
+                    VmmError::Spawn(format!(
+                        "{} supports neither -run-with user= nor -runas",
+                        self.binary.display()
+                    ))
+                })?)
+            }
+            None => None,
+        };
+        if c.sandbox && !features.sandbox {
+            return Err(VmmError::Spawn(format!(
+                "{} has no -sandbox (built without seccomp)",
+                self.binary.display()
+            )));
+        }
+        self.cgroups = c.cgroups.as_ref().map(Cgroups::new).transpose()?;
+        self.confinement = c;
+        Ok(self)
+    }
+
+    /// Caps each VM's `console.log` at about `max_bytes` (default
+    /// [`crate::console::DEFAULT_MAX_BYTES`]).
+    pub fn with_console_limit(mut self, max_bytes: u64) -> QemuBackend {
+        self.console_max_bytes = max_bytes.max(4096);
+        self
+    }
+
+    pub fn confinement(&self) -> &Confinement {
+        &self.confinement
     }
 
     pub fn accel(&self) -> Accel {
@@ -145,9 +218,12 @@ impl QemuBackend {
         &self.binary
     }
 
-    /// The full QEMU command line for `cfg` (without the binary).
+    /// The full QEMU command line for `cfg` (without the binary):
+    /// [`qemu_args`] with the confinement options before the extra ones.
     pub fn args(&self, cfg: &VmConfig, incoming: bool) -> Vec<String> {
-        qemu_args(cfg, self.accel, &self.extra_args, incoming)
+        let mut extra = confine::args(&self.confinement, self.user_switch);
+        extra.extend(self.extra_args.iter().cloned());
+        qemu_args(cfg, self.accel, &extra, incoming)
     }
 
     async fn start(&self, cfg: &VmConfig, incoming: Option<&Path>) -> Result<QemuVm> {
@@ -162,24 +238,38 @@ impl QemuBackend {
             }
         }
         let args = self.args(cfg, incoming.is_some());
+        let cgroup = match &self.cgroups {
+            Some(c) => Some(c.create(&cfg.id, &ResourceLimits::for_vm(cfg)).await?),
+            None => None,
+        };
         let record = LaunchRecord {
             binary: self.binary.clone(),
             accel: self.accel,
             args: args.clone(),
             restored_from: incoming.map(Path::to_path_buf),
+            cgroup: cgroup.clone(),
         };
-        crate::process::write_record(&cfg.run_dir, LAUNCH_RECORD, &record)?;
+        if let Err(e) = crate::process::write_record(&cfg.run_dir, LAUNCH_RECORD, &record) {
+            if let Some(cg) = &cgroup {
+                let _ = cg.remove_now();
+            }
+            return Err(e);
+        }
         tracing::debug!(id = %cfg.id, binary = %self.binary.display(), ?args, "starting QEMU");
-        let process = VmmProcess::spawn(
+        let process = VmmProcess::spawn_with(
             &self.binary,
             &args,
             &cfg.run_dir,
             &paths.console,
-            cfg.netns.as_deref(),
+            SpawnOptions {
+                netns: cfg.netns.clone(),
+                cgroup,
+            },
         )?;
         let vm = QemuVm {
             id: cfg.id.clone(),
             process,
+            _console_cap: ConsoleCap::spawn(paths.console.clone(), self.console_max_bytes),
             paths,
             qmp: Mutex::new(None),
         };
@@ -227,10 +317,13 @@ pub fn qemu_args(cfg: &VmConfig, accel: Accel, extra: &[String], incoming: bool)
         "chardev:console",
     ]);
     // Root disk (/dev/vda): the first virtio-mmio device on the command line.
+    // `auto-read-only=off`: otherwise QEMU reopens the file by path,
+    // read-only, when a migration deactivates the disk (and read-write when
+    // it is activated again), which a QEMU that has dropped root can't.
     push(&[
         "-drive",
         &format!(
-            "id=root,file={},format=raw,if=none,cache=writeback,aio=threads,discard=unmap,detect-zeroes=unmap",
+            "id=root,file={},format=raw,if=none,auto-read-only=off,cache=writeback,aio=threads,discard=unmap,detect-zeroes=unmap",
             opt(&cfg.root_disk)
         ),
         "-device",
@@ -315,11 +408,18 @@ impl VmmBackend for QemuBackend {
     }
 
     async fn adopt(&self, cfg: &VmConfig) -> Result<Box<dyn Vm>> {
-        let process = VmmProcess::adopt(&cfg.run_dir)?;
+        // The cgroup it was started in (if any) is only recorded, to be
+        // removed when it ends: nothing is created or moved.
+        let record: Option<LaunchRecord> = std::fs::read(cfg.run_dir.join(LAUNCH_RECORD))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let process = VmmProcess::adopt(&cfg.run_dir)?.with_cgroup(record.and_then(|r| r.cgroup));
+        let paths = Paths::new(&cfg.run_dir);
         let vm = QemuVm {
             id: cfg.id.clone(),
             process,
-            paths: Paths::new(&cfg.run_dir),
+            _console_cap: ConsoleCap::spawn(paths.console.clone(), self.console_max_bytes),
+            paths,
             qmp: Mutex::new(None),
         };
         vm.wait_qmp().await?;
@@ -348,6 +448,8 @@ impl Paths {
 pub struct QemuVm {
     id: String,
     process: VmmProcess,
+    /// Keeps `console.log` bounded while this handle lives.
+    _console_cap: ConsoleCap,
     paths: Paths,
     /// The one QMP connection (QEMU serves one client at a time).
     qmp: Mutex<Option<Qmp>>,
@@ -573,6 +675,11 @@ impl Vm for QemuVm {
         self.qmp("cont", None).await.map(|_| ())
     }
 
+    async fn is_paused(&self) -> Result<bool> {
+        let st = self.qmp("query-status", None).await?;
+        Ok(!st.get("running").and_then(Value::as_bool).unwrap_or(false))
+    }
+
     async fn snapshot(&self, kind: SnapshotKind, files: &SnapshotFiles) -> Result<()> {
         if kind == SnapshotKind::Diff {
             return Err(VmmError::Unsupported("diff snapshots"));
@@ -633,6 +740,9 @@ mod tests {
         assert!(s.contains("-M microvm,accel=tcg,acpi=off"), "{s}");
         assert!(s.contains("-cpu max"), "{s}");
         assert!(s.contains("file=/d/root,,1.ext4,"), "{s}");
+        assert!(s.contains(",auto-read-only=off,"), "{s}");
+        // Unconfined unless asked: no seccomp, no user switch.
+        assert!(!s.contains("-sandbox") && !s.contains("-runas"), "{s}");
         let append = &a[a.iter().position(|x| x == "-append").unwrap() + 1];
         assert!(append.starts_with("console=ttyS0 "), "{append}");
         assert!(append.ends_with("bhatti.halt=reboot quiet"), "{append}");
