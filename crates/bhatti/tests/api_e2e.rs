@@ -804,7 +804,10 @@ async fn api_end_to_end() {
     assert_eq!(lines[4].len(), 34, "a fresh machine id: {out}");
     // The origin made its own at first boot (the rootfs ships none).
     assert_eq!(dev_lines[2].len(), 34, "dev has a machine id: {dev_out}");
-    assert!(dev_lines[2][2..].bytes().all(|b| b.is_ascii_hexdigit()), "{dev_out}");
+    assert!(
+        dev_lines[2][2..].bytes().all(|b| b.is_ascii_hexdigit()),
+        "{dev_out}"
+    );
     assert_ne!(dev_lines[2], lines[4], "machine ids differ");
     a.sh("fork", "echo only-fork > /home/lohar/f.txt").await;
     assert_eq!(

@@ -10,7 +10,7 @@
 
 use std::ffi::OsString;
 use std::fs::{self, File, Metadata, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
@@ -246,7 +246,7 @@ fn open_regular(path: &Path) -> Result<(File, Metadata), ErrorBody> {
     Ok((file, md))
 }
 
-fn read_retry(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+fn read_retry(file: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         match file.read(buf) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -255,37 +255,145 @@ fn read_retry(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// The disk side of a read: filtered chunks into `tx` until done.
+/// A small file's read, in memory: the window's chunks and the summary.
 fn produce(
-    mut file: File,
-    path: PathBuf,
+    mut file: impl Read,
+    path: &Path,
     mut window: LineWindow,
-    mut emit: impl FnMut(Bytes) -> Result<(), ErrorBody>,
-) -> Result<ReadSummary, ErrorBody> {
+) -> Result<(Vec<Bytes>, ReadSummary), ErrorBody> {
     let ctx = || format!("read {}", path.display());
     let mut buf = vec![0u8; READ_CHUNK];
+    let mut chunks = Vec::new();
     let mut bytes = 0u64;
     loop {
         let n = read_retry(&mut file, &mut buf).map_err(|e| io_error(&ctx(), &e))?;
         if n == 0 {
-            return Ok(ReadSummary {
+            let summary = ReadSummary {
                 bytes,
                 truncated: false,
-            });
+            };
+            return Ok((chunks, summary));
         }
         let (start, end, stop) = window.feed(&buf[..n]);
         if end > start {
             bytes += (end - start) as u64;
-            emit(Bytes::copy_from_slice(&buf[start..end]))?;
+            chunks.push(Bytes::copy_from_slice(&buf[start..end]));
         }
         if stop {
             let more = end < n || read_retry(&mut file, &mut buf[..1]).unwrap_or(0) > 0;
-            return Ok(ReadSummary {
+            let summary = ReadSummary {
                 bytes,
                 truncated: more,
-            });
+            };
+            return Ok((chunks, summary));
         }
     }
+}
+
+/// The bytes a read returns: `[start, start + len)` of the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Extent {
+    start: u64,
+    len: u64,
+    /// The window stopped before the end of the file.
+    truncated: bool,
+}
+
+/// Finds the bytes `window` selects, leaving `file` at their start, so
+/// their length is known (and announced) before the first one is sent.
+/// Lines are found by scanning from the start; without them no scan is
+/// needed. `size` (the size at open) bounds the read. `stop` is polled
+/// between chunks: a cancelled read stops scanning.
+fn locate(
+    file: &mut File,
+    path: &Path,
+    mut window: LineWindow,
+    size: u64,
+    stop: impl Fn() -> bool,
+) -> Result<Extent, ErrorBody> {
+    if window.skip_lines == 0 && window.lines_left.is_none() {
+        let len = window.bytes_left.map_or(size, |m| m.min(size));
+        return Ok(Extent {
+            start: 0,
+            len,
+            truncated: len < size,
+        });
+    }
+    let ctx = || format!("read {}", path.display());
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut reader = Read::by_ref(file).take(size);
+    let mut pos = 0u64;
+    let mut first: Option<u64> = None;
+    let extent = loop {
+        if stop() {
+            return Err(cancelled());
+        }
+        let n = read_retry(&mut reader, &mut buf).map_err(|e| io_error(&ctx(), &e))?;
+        if n == 0 {
+            let start = first.unwrap_or(pos);
+            break Extent {
+                start,
+                len: pos - start,
+                truncated: false,
+            };
+        }
+        let (s, e, done) = window.feed(&buf[..n]);
+        if first.is_none() && window.skip_lines == 0 {
+            first = Some(pos + s as u64);
+        }
+        if done {
+            let more = e < n || read_retry(&mut reader, &mut buf[..1]).unwrap_or(0) > 0;
+            let start = first.unwrap_or(pos + s as u64);
+            break Extent {
+                start,
+                len: pos + e as u64 - start,
+                truncated: more,
+            };
+        }
+        pos += n as u64;
+    };
+    file.seek(SeekFrom::Start(extent.start))
+        .map_err(|e| io_error(&ctx(), &e))?;
+    Ok(extent)
+}
+
+/// Sends `len` bytes from the file's position; fewer if it shrank.
+fn copy_out(
+    file: &mut File,
+    path: &Path,
+    len: u64,
+    mut emit: impl FnMut(Bytes) -> Result<(), ErrorBody>,
+) -> Result<u64, ErrorBody> {
+    let ctx = || format!("read {}", path.display());
+    let mut sent = 0u64;
+    while sent < len {
+        let want = (len - sent).min(READ_CHUNK as u64) as usize;
+        let mut chunk = bytes::BytesMut::zeroed(want);
+        let n = read_retry(file, &mut chunk).map_err(|e| io_error(&ctx(), &e))?;
+        if n == 0 {
+            break;
+        }
+        chunk.truncate(n);
+        sent += n as u64;
+        emit(chunk.freeze())?;
+    }
+    Ok(sent)
+}
+
+fn file_info(size: u64, mode: u32, bytes: u64, truncated: bool) -> Bytes {
+    let info = Event::FileInfo {
+        size,
+        mode,
+        bytes: Some(bytes),
+        truncated: Some(truncated),
+    };
+    Bytes::from(serde_json::to_vec(&info).unwrap_or_default())
+}
+
+/// What the disk side of a large read hands the channel side.
+enum Piece {
+    Info(Extent),
+    Data(Bytes),
 }
 
 pub async fn read(agent: &Agent, channel: Channel, req: ReadFileRequest) -> Reply {
@@ -298,44 +406,47 @@ pub async fn read(agent: &Agent, channel: Channel, req: ReadFileRequest) -> Repl
     // Opening is a path lookup (O_NONBLOCK: a FIFO cannot hang us), done
     // here: a hop to the blocking pool costs more than the call.
     let (file, md) = open_regular(&path)?;
-    let info = Event::FileInfo {
-        size: md.len(),
-        mode: md.mode() & 0o7777,
-    };
-    let info = serde_json::to_vec(&info).unwrap_or_default();
-    sender.event(Bytes::from(info)).map_err(|_| cancelled())?;
+    let size = md.len();
+    let mode = md.mode() & 0o7777;
     let window = LineWindow::new(&req);
 
-    if md.len() <= INLINE_READ_MAX {
+    if size <= INLINE_READ_MAX {
         // Small files (the common case for a coding agent) are read right
         // here: page-cache reads take microseconds, and the whole file fits
         // in the channel's initial window, so sending never waits long.
-        let mut chunks = Vec::new();
-        let summary = produce(file, path, window, |b| {
-            chunks.push(b);
-            Ok(())
-        })?;
+        let (chunks, summary) = produce(file.take(size), &path, window)?;
+        let info = file_info(size, mode, summary.bytes, summary.truncated);
+        sender.event(info).map_err(|_| cancelled())?;
         for chunk in chunks {
             sender.data(chunk).await.map_err(|_| cancelled())?;
         }
         return to_value(&ReadFileDone {
             bytes: summary.bytes,
-            total_size: md.len(),
+            total_size: size,
             truncated: summary.truncated,
         });
     }
 
-    let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUE_DEPTH);
+    let (tx, mut rx) = mpsc::channel::<Piece>(QUEUE_DEPTH);
     // A closed queue means the channel side gave up (cancel).
     let producer = tokio::task::spawn_blocking(move || {
-        produce(file, path, window, |b| {
-            tx.blocking_send(b).map_err(|_| cancelled())
+        let mut file = file;
+        let extent = locate(&mut file, &path, window, size, || tx.is_closed())?;
+        let send = |p| tx.blocking_send(p).map_err(|_| cancelled());
+        send(Piece::Info(extent))?;
+        let bytes = copy_out(&mut file, &path, extent.len, |b| send(Piece::Data(b)))?;
+        Ok::<_, ErrorBody>(ReadSummary {
+            bytes,
+            truncated: extent.truncated,
         })
     });
     loop {
         let step = async {
             match rx.recv().await {
-                Some(chunk) => sender.data(chunk).await.map(|()| true),
+                Some(Piece::Info(e)) => sender
+                    .event(file_info(size, mode, e.len, e.truncated))
+                    .map(|()| true),
+                Some(Piece::Data(chunk)) => sender.data(chunk).await.map(|()| true),
                 None => Ok(false),
             }
         };
@@ -358,7 +469,7 @@ pub async fn read(agent: &Agent, channel: Channel, req: ReadFileRequest) -> Repl
     })?;
     to_value(&ReadFileDone {
         bytes: summary.bytes,
-        total_size: md.len(),
+        total_size: size,
         truncated: summary.truncated,
     })
 }
@@ -705,6 +816,53 @@ mod tests {
             );
             assert_eq!(run(&mut win(None, Some(0), None), data, chunk).0, b"");
         }
+    }
+
+    /// A large read announces what a small one streams: the same bytes,
+    /// the same truncation, whatever the window.
+    #[test]
+    fn located_extent_matches_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        // Lines of varied length, over several chunks, no final newline.
+        let mut data = Vec::new();
+        for i in 0..40_000u32 {
+            data.extend_from_slice(format!("{}\n", "x".repeat((i % 17) as usize)).as_bytes());
+        }
+        data.extend_from_slice(b"tail");
+        fs::write(&path, &data).unwrap();
+        let size = data.len() as u64;
+        let cases = [
+            (None, None, None),
+            (None, None, Some(0)),
+            (None, None, Some(100_000)),
+            (None, None, Some(size + 5)),
+            (Some(0), Some(0), None),
+            (Some(1), None, None),
+            (Some(3_000), Some(20_000), None),
+            (Some(39_999), Some(5), None),
+            (Some(40_000), None, None),
+            (Some(50_000), Some(1), None),
+            (None, Some(1), Some(1)),
+            (Some(10), Some(30_000), Some(200_001)),
+        ];
+        for (offset, limit, max_bytes) in cases {
+            let w = win(offset, limit, max_bytes);
+            let (chunks, want) = produce(File::open(&path).unwrap(), &path, w).unwrap();
+            let mut f = File::open(&path).unwrap();
+            let ext = locate(&mut f, &path, w, size, || false).unwrap();
+            let mut got = Vec::new();
+            let n = copy_out(&mut f, &path, ext.len, |b| {
+                got.extend_from_slice(&b);
+                Ok(())
+            })
+            .unwrap();
+            let case = format!("{offset:?} {limit:?} {max_bytes:?}");
+            assert_eq!(got, chunks.concat(), "{case}");
+            assert_eq!((n, ext.truncated), (want.bytes, want.truncated), "{case}");
+        }
+        let mut f = File::open(&path).unwrap();
+        assert!(locate(&mut f, &path, win(Some(1), None, None), size, || true).is_err());
     }
 
     #[test]

@@ -184,7 +184,12 @@ impl AgentClient {
         let info = loop {
             match receiver.recv().await {
                 Some(Inbound::Event(body)) => match parse_json::<Event>(&body)? {
-                    Event::FileInfo { size, mode } => break (size, mode),
+                    Event::FileInfo {
+                        size,
+                        mode,
+                        bytes,
+                        truncated,
+                    } => break (size, mode, bytes.zip(truncated)),
                     other => {
                         return Err(ClientError::Protocol(format!("unexpected event {other:?}")))
                     }
@@ -204,6 +209,7 @@ impl AgentClient {
             receiver,
             size: info.0,
             mode: info.1,
+            extent: info.2,
             done: None,
         })
     }
@@ -525,6 +531,9 @@ pub struct FileReader {
     /// Size of the whole file.
     pub size: u64,
     pub mode: u32,
+    /// The bytes that will follow and whether the read is truncated, when
+    /// the agent announced them (see `Event::FileInfo`).
+    pub extent: Option<(u64, bool)>,
     done: Option<ReadFileDone>,
 }
 

@@ -214,7 +214,19 @@ pub enum Event {
         gap: Option<Gap>,
     },
     /// A file read is about to stream `Data`.
-    FileInfo { size: u64, mode: u32 },
+    FileInfo {
+        size: u64,
+        mode: u32,
+        /// How many `Data` bytes follow (fewer only if the file shrinks
+        /// meanwhile), and whether the read's window stops before the end
+        /// of the file: known before the first byte, so a client can
+        /// stream a windowed read instead of buffering it to learn its
+        /// length. Absent from older agents.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bytes: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        truncated: Option<bool>,
+    },
     /// A port-forward connected to the guest port.
     Connected { port: u16 },
     /// A live PTY attachment fell behind the scrollback: output `[from, to)`
@@ -432,6 +444,18 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&err).unwrap(),
             r#"{"error":{"code":"not_found","message":"no such file"}}"#
+        );
+        // An older agent's file_info, without the read's extent.
+        let info: Event =
+            serde_json::from_str(r#"{"type":"file_info","size":3,"mode":420}"#).unwrap();
+        assert_eq!(
+            info,
+            Event::FileInfo {
+                size: 3,
+                mode: 420,
+                bytes: None,
+                truncated: None
+            }
         );
         let unknown: ErrorBody =
             serde_json::from_str(r#"{"code":"from_the_future","message":"x"}"#).unwrap();

@@ -1,7 +1,9 @@
 //! `GET|PUT|HEAD /sandboxes/{id}/files?path=…`: raw bytes in and out,
-//! `ls=true` for a JSON listing. Whole-file reads stream; reads bounded by
-//! `offset`/`limit`/`max_bytes` are buffered so `X-Truncated` is known
-//! before the body starts. Uploads stream into the guest's atomic write.
+//! `ls=true` for a JSON listing. Every read streams, whatever its window:
+//! the agent selects the lines and announces the length and `X-Truncated`
+//! before the first byte, and the channel's flow control paces it to the
+//! client. Uploads stream into the guest's atomic write; only small ones
+//! are collected first.
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -21,6 +23,10 @@ const X_TRUNCATED: HeaderName = HeaderName::from_static("x-truncated");
 const X_FILE_KIND: HeaderName = HeaderName::from_static("x-file-kind");
 const X_FILE_MODE: HeaderName = HeaderName::from_static("x-file-mode");
 
+/// Most bytes of a bounded read buffered for an agent that does not
+/// announce a read's length.
+const OLD_AGENT_READ_MAX: usize = 16 << 20;
+
 fn num(v: u64) -> HeaderValue {
     HeaderValue::from(v)
 }
@@ -34,7 +40,7 @@ fn num(v: u64) -> HeaderValue {
         ("max_bytes" = Option<u64>, Query, description = "Most bytes"),
         ("ls" = Option<bool>, Query, description = "List a directory as JSON")),
     responses(
-        (status = 200, description = "The bytes (headers X-File-Size, X-Truncated), or a FileList with ls=true",
+        (status = 200, description = "The bytes, streamed (headers Content-Length, X-File-Size, X-Truncated), or a FileList with ls=true",
             content_type = "application/octet-stream"),
         (status = 400, body = crate::api_types::ApiError), (status = 404, body = crate::api_types::ApiError)))]
 pub async fn get(
@@ -66,21 +72,37 @@ pub async fn get(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    if q.offset.is_some() || q.limit.is_some() || q.max_bytes.is_some() {
-        let (bytes, done) = client.read_file_all(req).await?;
-        let truncated = HeaderValue::from_static(if done.truncated { "true" } else { "false" });
-        return Ok((
-            [
-                octet,
-                (X_FILE_SIZE, num(done.total_size)),
-                (X_TRUNCATED, truncated),
-            ],
-            bytes,
-        )
-            .into_response());
-    }
-    let reader = client.read_file(req).await?;
+    let bounded = q.offset.is_some() || q.limit.is_some() || q.max_bytes.is_some();
+    let mut reader = client.read_file(req).await?;
     let size = reader.size;
+    let (length, truncated) = match reader.extent {
+        Some(extent) => extent,
+        None if !bounded => (size, false),
+        None => {
+            // An agent from before announced extents (a guest resumed from
+            // an old checkpoint): buffer, but only so much.
+            let mut buf = bytes::BytesMut::new();
+            while let Some(chunk) = reader.chunk().await? {
+                if buf.len() + chunk.len() > OLD_AGENT_READ_MAX {
+                    return Err(ApiError::BadGateway(format!(
+                        "this sandbox's agent is too old to stream a read by lines or bytes \
+                         over {OLD_AGENT_READ_MAX} bytes: ask for fewer lines or set max_bytes"
+                    )));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            let truncated = reader.result().is_some_and(|d| d.truncated);
+            return Ok((
+                [
+                    octet,
+                    (X_FILE_SIZE, num(size)),
+                    (X_TRUNCATED, flag(truncated)),
+                ],
+                buf.freeze(),
+            )
+                .into_response());
+        }
+    };
     let body = futures_util::stream::unfold(Some(reader), |r| async move {
         let mut r = r?;
         match r.chunk().await {
@@ -92,13 +114,17 @@ pub async fn get(
     Ok((
         [
             octet,
-            (header::CONTENT_LENGTH, num(size)),
+            (header::CONTENT_LENGTH, num(length)),
             (X_FILE_SIZE, num(size)),
-            (X_TRUNCATED, HeaderValue::from_static("false")),
+            (X_TRUNCATED, flag(truncated)),
         ],
         Body::from_stream(body),
     )
         .into_response())
+}
+
+fn flag(v: bool) -> HeaderValue {
+    HeaderValue::from_static(if v { "true" } else { "false" })
 }
 
 /// A file's size, kind and mode as headers; 404 if absent.

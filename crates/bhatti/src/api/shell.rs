@@ -8,14 +8,14 @@
 //! end stops the other. A closed socket detaches: the session runs on and
 //! can be reattached from the last offset the client saw.
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::response::Response;
 use axum::Json;
 use bhatti_protocol::client::{PtyEvent, PtyStream};
 use bhatti_protocol::{AttachRequest, Control, PtyEnd, PtyRequest};
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde::Deserialize;
 
 use super::{ApiError, AppStateRef, Caller, Q};
@@ -23,6 +23,11 @@ use crate::api_types::{
     validate_cmd, SessionList, SessionView, ShellClientMessage, ShellGap, ShellServerMessage,
 };
 use crate::auth::RequestClass;
+
+/// Largest WebSocket message (and frame) a client may send. Terminal input
+/// and control messages are small; a larger one closes the socket (code
+/// 1009) instead of being buffered whole.
+const MAX_WS_MESSAGE: usize = 1 << 20;
 
 /// How long the guest side may take to acknowledge a detach.
 const DETACH_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -99,7 +104,10 @@ pub async fn ws(
         }
     };
     tracing::info!(session = %pty.session, offset = pty.start_offset, "shell attached");
-    Ok(upgrade.on_upgrade(move |socket| bridge(socket, pty)))
+    Ok(upgrade
+        .max_message_size(MAX_WS_MESSAGE)
+        .max_frame_size(MAX_WS_MESSAGE)
+        .on_upgrade(move |socket| bridge(socket, pty)))
 }
 
 fn text(m: &ShellServerMessage) -> Message {
@@ -120,10 +128,22 @@ async fn bridge(socket: WebSocket, mut pty: PtyStream) {
         return;
     }
     let sender = pty.sender.clone();
+    // Why the client side ended, when the client broke a rule: the
+    // guest → client side says it in its close frame.
+    let (close_tx, close_rx) = tokio::sync::oneshot::channel::<CloseFrame>();
+    let mut close_rx = close_rx.fuse();
     // Guest → client.
     let mut out = tokio::spawn(async move {
         loop {
-            let msg = match pty.next().await {
+            let event = tokio::select! {
+                biased;
+                Ok(frame) = &mut close_rx => {
+                    let _ = tx.send(Message::Close(Some(frame))).await;
+                    return;
+                }
+                e = pty.next() => e,
+            };
+            let msg = match event {
                 Ok(PtyEvent::Output(b)) => Message::Binary(b),
                 Ok(PtyEvent::Gap(g)) => text(&ShellServerMessage::Gap {
                     from: g.from,
@@ -182,14 +202,20 @@ async fn bridge(socket: WebSocket, mut pty: PtyStream) {
                     }
                     Err(e) => tracing::debug!("ignoring a client text frame: {e}"),
                 },
-                Ok(Message::Close(_)) | Err(_) => break,
+                Ok(Message::Close(_)) => break,
+                Err(e) => return refusal(e),
                 Ok(_) => {}
             }
         }
+        None
     });
     tokio::select! {
         _ = &mut out => input.abort(),
-        _ = &mut input => {
+        why = &mut input => {
+            if let Ok(Some(frame)) = why {
+                tracing::info!("closing a shell socket: {}", frame.reason);
+                let _ = close_tx.send(frame);
+            }
             // The socket closed: detach, and let the guest side finish.
             let _ = sender.cancel();
             if tokio::time::timeout(DETACH_GRACE, &mut out).await.is_err() {
@@ -198,6 +224,31 @@ async fn bridge(socket: WebSocket, mut pty: PtyStream) {
         }
     }
     tracing::debug!("shell bridge ended");
+}
+
+/// The close frame for a client whose message broke a limit or the
+/// protocol; `None` when the connection just ended.
+fn refusal(e: axum::Error) -> Option<CloseFrame> {
+    use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+    let e = e.into_inner();
+    let (code, reason) = match e.downcast_ref::<WsError>()? {
+        WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => (
+            close_code::SIZE,
+            format!("a message of {size} bytes is over the limit of {max_size}"),
+        ),
+        WsError::Capacity(c) => (close_code::SIZE, c.to_string()),
+        WsError::Protocol(p) => (close_code::PROTOCOL, p.to_string()),
+        _ => return None,
+    };
+    // A close reason is at most 123 bytes.
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(CloseFrame {
+        code,
+        reason: reason[..end].into(),
+    })
 }
 
 /// The sandbox's PTY sessions (wakes it).

@@ -387,6 +387,7 @@ pub async fn exec(c: &Client, a: ExecArgs, out: &Printer) -> Result<ExitStatus> 
         if v.get("timed_out").and_then(Value::as_bool) == Some(true) {
             eprintln!("bhatti: the command timed out");
         }
+        note_truncated(&v);
         return Ok(ExitStatus::remote(n(&v, "exit_code").unwrap_or(255)));
     }
     let resp = c
@@ -410,6 +411,7 @@ pub async fn exec(c: &Client, a: ExecArgs, out: &Printer) -> Result<ExitStatus> 
             .map_err(|e| CliError::new(format!("invalid exec answer from the daemon: {e}")))?;
         output::write_stdout(s_raw(&v, "stdout").as_bytes())?;
         output::write_stderr(s_raw(&v, "stderr").as_bytes());
+        note_truncated(&v);
         return Ok(ExitStatus::remote(n(&v, "exit_code").unwrap_or(255)));
     }
     let mut lines = NdjsonLines::default();
@@ -433,6 +435,22 @@ pub async fn exec(c: &Client, a: ExecArgs, out: &Printer) -> Result<ExitStatus> 
     Err(CliError::new(
         "the exec stream ended without the command's exit code (daemon restarted or connection lost)",
     ))
+}
+
+/// A buffered answer holds a limited amount of each stream: say so when
+/// some was dropped.
+fn note_truncated(v: &Value) {
+    for stream in ["stdout", "stderr"] {
+        if v.get(format!("{stream}_truncated"))
+            .and_then(Value::as_bool)
+            == Some(true)
+        {
+            eprintln!(
+                "bhatti: {stream} was cut at the daemon's limit and the rest dropped \
+                 (without --json, exec streams it whole)"
+            );
+        }
+    }
 }
 
 fn s_raw(v: &Value, key: &str) -> String {

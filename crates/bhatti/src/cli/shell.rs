@@ -128,7 +128,12 @@ pub async fn shell(c: &Client, a: ShellArgs, out: &Printer) -> Result<ExitStatus
         req.headers_mut().insert(hyper::header::AUTHORIZATION, v);
     }
     let stream = c.endpoint.connect().await?;
-    let (ws, _) = tokio_tungstenite::client_async(req, stream)
+    // The daemon sends messages of at most 64 KiB and takes at most 1 MiB:
+    // refuse larger ones rather than buffer them.
+    let config = tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(1 << 20))
+        .max_frame_size(Some(1 << 20));
+    let (ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(config))
         .await
         .map_err(|e| match e {
             tungstenite::Error::Http(resp) => {
