@@ -57,7 +57,7 @@ pub const MAX_STDIN: usize = 16 * 1024 * 1024;
 /// Longest exec timeout (seconds).
 pub const MAX_TIMEOUT_SEC: u64 = 24 * 3600;
 /// Smallest memory a sandbox may have (MiB).
-pub const MIN_MEMORY_MB: u32 = 64;
+pub const MIN_MEMORY_MB: u32 = crate::engine::MIN_MEMORY_MB;
 
 fn is_name(s: &str) -> bool {
     let b = s.as_bytes();
@@ -164,8 +164,9 @@ pub fn validate_guest_path(field: &str, path: &str) -> VResult {
     Ok(())
 }
 
-/// vCPUs: 1 ..= `max`.
+/// vCPUs: 1 ..= `max` (and never above the engine's limit).
 pub fn validate_cpus(cpus: u32, max: u32) -> VResult {
+    let max = max.min(crate::engine::MAX_CPUS);
     if cpus == 0 || cpus > max {
         return Err(ValidationError::new(
             "cpus",
@@ -175,8 +176,9 @@ pub fn validate_cpus(cpus: u32, max: u32) -> VResult {
     Ok(())
 }
 
-/// Memory: 64 ..= `max` MiB.
+/// Memory: the engine's minimum ..= `max` MiB.
 pub fn validate_memory_mb(mb: u32, max: u32) -> VResult {
+    let max = max.min(crate::engine::MAX_MEMORY_MB);
     if mb < MIN_MEMORY_MB || mb > max {
         return Err(ValidationError::new(
             "memory_mb",
@@ -186,12 +188,16 @@ pub fn validate_memory_mb(mb: u32, max: u32) -> VResult {
     Ok(())
 }
 
-/// Root disk size: 1 ..= `max` MiB.
+/// Root disk size: the engine's minimum ..= `max` MiB.
 pub fn validate_disk_mb(mb: u64, max: u64) -> VResult {
-    if mb == 0 || mb > max {
+    let (min, max) = (
+        crate::engine::MIN_DISK_MB,
+        max.min(crate::engine::MAX_DISK_MB),
+    );
+    if mb < min || mb > max {
         return Err(ValidationError::new(
             "disk_mb",
-            format!("must be between 1 and {max} (got {mb})"),
+            format!("must be between {min} and {max} (got {mb})"),
         ));
     }
     Ok(())
@@ -625,7 +631,9 @@ impl ExecRequest {
     }
 }
 
-/// The buffered answer to an exec.
+/// The buffered answer to an exec. Each of stdout and stderr holds at most
+/// the daemon's `[limits] exec_output_max_bytes` bytes of output (default
+/// 10 MiB); the command still runs to its end.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ExecResult {
     /// The exit code; 128+n when killed by signal n.
@@ -635,6 +643,13 @@ pub struct ExecResult {
     /// The timeout killed it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub timed_out: bool,
+    /// The command printed more than the limit to stdout: `stdout` is the
+    /// first bytes of it, the rest was dropped.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdout_truncated: bool,
+    /// Likewise for stderr.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stderr_truncated: bool,
 }
 
 /// One line of an `application/x-ndjson` exec stream.
@@ -1139,14 +1154,34 @@ mod tests {
             "cpus: must be between 1 and 8 (got 0)"
         );
         assert!(validate_cpus(9, 8).is_err());
-        validate_memory_mb(64, 1024).unwrap();
-        assert!(validate_memory_mb(63, 1024)
+        validate_memory_mb(128, 1024).unwrap();
+        assert!(validate_memory_mb(127, 1024)
             .unwrap_err()
             .to_string()
             .starts_with("memory_mb:"));
         assert!(validate_memory_mb(2048, 1024).is_err());
-        assert!(validate_disk_mb(0, 10).is_err());
-        validate_disk_mb(10, 10).unwrap();
+        assert!(validate_disk_mb(0, 100).is_err());
+        assert!(validate_disk_mb(63, 100).is_err());
+        validate_disk_mb(100, 100).unwrap();
+        // The API accepts exactly what the engine does.
+        let spec = |m: u32, d: u64| crate::engine::CreateSpec {
+            memory_mb: m,
+            disk_mb: Some(d),
+            ..Default::default()
+        };
+        for (m, d) in [
+            (127, 64),
+            (128, 63),
+            (128, 64),
+            (262_144, 4 << 20),
+            (262_145, 64),
+        ] {
+            assert_eq!(
+                validate_memory_mb(m, u32::MAX).is_ok() && validate_disk_mb(d, u64::MAX).is_ok(),
+                spec(m, d).validate().is_ok(),
+                "{m} MiB, {d} MiB disk"
+            );
+        }
     }
 
     #[test]
@@ -1300,8 +1335,7 @@ mod tests {
         let r = ExecResult {
             exit_code: 0,
             stdout: "a".into(),
-            stderr: String::new(),
-            timed_out: false,
+            ..Default::default()
         };
         assert_eq!(
             serde_json::to_string(&r).unwrap(),

@@ -332,6 +332,11 @@ pub struct LimitsConfig {
     pub max_memory_mb: u32,
     /// Named checkpoints one user may keep. Default 20.
     pub max_snapshots: u32,
+    /// Bytes of stdout, and of stderr, a buffered exec answer holds (for
+    /// everyone, not per user); the command runs to its end and the rest
+    /// of its output is dropped (`stdout_truncated` / `stderr_truncated`).
+    /// Streamed execs are not limited. Default 10 MiB.
+    pub exec_output_max_bytes: u64,
     /// Per-user request rate limits.
     pub rate: RateConfig,
 }
@@ -447,6 +452,7 @@ impl Default for LimitsConfig {
             max_cpus: 4,
             max_memory_mb: 4096,
             max_snapshots: 20,
+            exec_output_max_bytes: 10 << 20,
             rate: RateConfig::default(),
         }
     }
@@ -593,8 +599,11 @@ impl Config {
                 "must be between 1 and 3600",
             ));
         }
-        if vm.max_cpus == 0 || vm.max_cpus > 255 {
-            return Err(invalid("vm.max_cpus", "must be between 1 and 255"));
+        if vm.max_cpus == 0 || vm.max_cpus > crate::engine::MAX_CPUS {
+            return Err(invalid(
+                "vm.max_cpus",
+                format!("must be between 1 and {}", crate::engine::MAX_CPUS),
+            ));
         }
         if vm.default_cpus == 0 || vm.default_cpus > vm.max_cpus {
             return Err(invalid(
@@ -602,20 +611,37 @@ impl Config {
                 format!("must be between 1 and vm.max_cpus ({})", vm.max_cpus),
             ));
         }
-        if vm.max_memory_mb < 64 {
-            return Err(invalid("vm.max_memory_mb", "must be at least 64"));
+        let min_mem = crate::engine::MIN_MEMORY_MB;
+        if vm.max_memory_mb < min_mem || vm.max_memory_mb > crate::engine::MAX_MEMORY_MB {
+            return Err(invalid(
+                "vm.max_memory_mb",
+                format!(
+                    "must be between {min_mem} and {}",
+                    crate::engine::MAX_MEMORY_MB
+                ),
+            ));
         }
-        if vm.default_memory_mb < 64 || vm.default_memory_mb > vm.max_memory_mb {
+        if vm.default_memory_mb < min_mem || vm.default_memory_mb > vm.max_memory_mb {
             return Err(invalid(
                 "vm.default_memory_mb",
                 format!(
-                    "must be between 64 and vm.max_memory_mb ({})",
+                    "must be between {min_mem} and vm.max_memory_mb ({})",
                     vm.max_memory_mb
                 ),
             ));
         }
-        if vm.max_disk_mb == 0 {
-            return Err(invalid("vm.max_disk_mb", "must be at least 1"));
+        let (min_disk, max_disk) = (crate::engine::MIN_DISK_MB, crate::engine::MAX_DISK_MB);
+        if vm.max_disk_mb < min_disk || vm.max_disk_mb > max_disk {
+            return Err(invalid(
+                "vm.max_disk_mb",
+                format!("must be between {min_disk} and {max_disk}"),
+            ));
+        }
+        if vm.default_disk_mb != 0 && vm.default_disk_mb < min_disk {
+            return Err(invalid(
+                "vm.default_disk_mb",
+                format!("must be 0 (image size) or at least {min_disk}"),
+            ));
         }
         if vm.default_disk_mb > vm.max_disk_mb {
             return Err(invalid(
@@ -722,13 +748,20 @@ impl Config {
                 format!("must be between 1 and vm.max_cpus ({})", vm.max_cpus),
             ));
         }
-        if l.max_memory_mb < 64 || l.max_memory_mb > vm.max_memory_mb {
+        if l.max_memory_mb < crate::engine::MIN_MEMORY_MB || l.max_memory_mb > vm.max_memory_mb {
             return Err(invalid(
                 "limits.max_memory_mb",
                 format!(
-                    "must be between 64 and vm.max_memory_mb ({})",
+                    "must be between {} and vm.max_memory_mb ({})",
+                    crate::engine::MIN_MEMORY_MB,
                     vm.max_memory_mb
                 ),
+            ));
+        }
+        if l.exec_output_max_bytes == 0 || l.exec_output_max_bytes > 1 << 30 {
+            return Err(invalid(
+                "limits.exec_output_max_bytes",
+                "must be between 1 and 1073741824 (1 GiB)",
             ));
         }
         let r = &l.rate;
@@ -853,6 +886,9 @@ impl Config {
         e.kv("max_memory_mb", l.max_memory_mb);
         e.c("Named checkpoints one user may keep.");
         e.kv("max_snapshots", l.max_snapshots);
+        e.c("Bytes of stdout, and of stderr, a buffered exec answer holds (for everyone); the command");
+        e.c("runs to its end and the rest is dropped (stdout_truncated/stderr_truncated). Streamed execs are not limited.");
+        e.kv("exec_output_max_bytes", l.exec_output_max_bytes);
 
         e.table("limits.rate");
         e.c("Per-user token buckets by request class; a rate of 0 disables that class's limit.");
@@ -1056,6 +1092,10 @@ mod tests {
                 "thermal.cold_after_secs",
             ),
             ("[limits]\nmax_cpus = 64", "limits.max_cpus"),
+            (
+                "[limits]\nexec_output_max_bytes = 0",
+                "limits.exec_output_max_bytes",
+            ),
             ("[limits.rate]\nexec_burst = 0", "limits.rate.exec_burst"),
         ];
         for (text, key) in cases {

@@ -277,3 +277,32 @@ mod tests {
         .unwrap();
     }
 }
+
+/// The engine's [`crate::engine::SecretSource`]: the secrets a sandbox's row
+/// names (`spec.secrets`), decrypted from the store for each boot.
+#[derive(Debug)]
+pub struct StoredSecrets {
+    pub store: crate::store::Store,
+    pub secrets: SecretBox,
+}
+
+impl crate::engine::SecretSource for StoredSecrets {
+    fn env(&self, sandbox_id: &str) -> Result<BTreeMap<String, String>, String> {
+        self.store
+            .with(|c| {
+                let Some(row) = store::sandboxes::get_by_id(c, sandbox_id)? else {
+                    return Ok(Ok(BTreeMap::new()));
+                };
+                let names: Vec<String> = row
+                    .spec
+                    .get("secrets")
+                    .and_then(|v| serde_json::from_value(v.clone()).ok())
+                    .unwrap_or_default();
+                Ok(self
+                    .secrets
+                    .resolve_env(c, &row.owner, &names)
+                    .map_err(|e| e.to_string()))
+            })
+            .map_err(|e| e.to_string())?
+    }
+}

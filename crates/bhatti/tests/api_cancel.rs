@@ -48,23 +48,6 @@ async fn works(c: &Client, sb: &str) {
     assert_eq!((code, out.trim()), (0, "alive"), "{sb} answers");
 }
 
-/// Pids of VMM processes whose command line names this data dir.
-fn vmm_pids(env: &Env) -> Vec<u32> {
-    let needle = env.data_dir().display().to_string();
-    let mut v = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.contains("qemu-system") && cmd.contains(&needle) {
-            v.push(pid);
-        }
-    }
-    v
-}
-
 fn taps(env: &Env) -> usize {
     let out = std::process::Command::new("ip")
         .args(["-n", &env.ns, "-o", "link", "show"])
@@ -93,7 +76,7 @@ async fn no_leaks(env: &Env, c: &Client) {
     eventually(
         "one VMM per running sandbox",
         Duration::from_secs(30),
-        || async { (vmm_pids(env).len() == hot).then_some(()) },
+        || async { (env.vmm_pids().len() == hot).then_some(()) },
     )
     .await;
     assert_eq!(taps(env), sbs.len(), "one TAP per sandbox");

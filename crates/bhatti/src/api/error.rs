@@ -80,7 +80,16 @@ impl IntoResponse for ApiError {
             }
             _ => tracing::debug!(status = status.as_u16(), "{self}"),
         }
-        let mut resp = (status, Json(api_types::ApiError::new(self.to_string()))).into_response();
+        // The log has the whole story; a client gets no host detail (paths,
+        // pids) beyond what it needs.
+        let message = match &self {
+            ApiError::Internal(_) => {
+                "internal error; the daemon's log has the details (see X-Request-Id)".to_string()
+            }
+            ApiError::BadGateway(m) | ApiError::Timeout(m) => scrub_host_paths(m),
+            other => other.to_string(),
+        };
+        let mut resp = (status, Json(api_types::ApiError::new(message))).into_response();
         if let ApiError::TooMany {
             retry_after: Some(d),
             ..
@@ -93,6 +102,27 @@ impl IntoResponse for ApiError {
         }
         resp
     }
+}
+
+/// Replaces absolute host paths (`/var/lib/bhatti/run/…`) in a message.
+pub fn scrub_host_paths(message: &str) -> String {
+    const HOST_ROOTS: &[&str] = &[
+        "/var/", "/run/", "/tmp/", "/srv/", "/opt/", "/etc/", "/usr/", "/proc/", "/sys/", "/dev/",
+    ];
+    message
+        .split_inclusive(|c: char| c.is_whitespace() || c == '\'' || c == '"' || c == '`')
+        .map(|word| {
+            let core = word.trim_end_matches(|c: char| {
+                c.is_whitespace() || matches!(c, '\'' | '"' | '`' | ',' | ':' | ';' | ')')
+            });
+            let start = core.trim_start_matches(['(', '\'', '"', '`']);
+            if HOST_ROOTS.iter().any(|r| start.starts_with(r)) {
+                word.replacen(start, "<host path>", 1)
+            } else {
+                word.to_string()
+            }
+        })
+        .collect()
 }
 
 impl From<ValidationError> for ApiError {
@@ -185,5 +215,28 @@ impl From<EngineError> for ApiError {
             }
             other => ApiError::Internal(other.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod scrub_tests {
+    use super::scrub_host_paths;
+
+    #[test]
+    fn host_paths_are_hidden_guest_words_kept() {
+        assert_eq!(
+            scrub_host_paths(
+                "connecting to the agent at /var/lib/bhatti/run/sb-1/agent.sock: refused"
+            ),
+            "connecting to the agent at <host path>: refused"
+        );
+        assert_eq!(
+            scrub_host_paths("reading '/run/bhatti/x' failed (/tmp/a/b)"),
+            "reading '<host path>' failed (<host path>)"
+        );
+        assert_eq!(
+            scrub_host_paths("no such file /home/lohar/x in the guest"),
+            "no such file /home/lohar/x in the guest"
+        );
     }
 }

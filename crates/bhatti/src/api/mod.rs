@@ -343,11 +343,26 @@ pub fn router(state: AppStateRef) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            panic_response,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             request_span,
         ))
         .with_state(state)
+}
+
+/// A handler that panicked: logged with the request's id (the span), and
+/// answered like any internal error.
+fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let what = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("a panic");
+    tracing::error!("handler panicked: {what}");
+    ApiError::Internal(format!("handler panicked: {what}")).into_response()
 }
 
 async fn fallback(req: Request) -> ApiError {

@@ -204,10 +204,12 @@ async fn create_to_end(
         .disk_mb
         .or((vm.default_disk_mb > 0).then_some(vm.default_disk_mb));
     caller.caps.check_sandbox_size(cpus, memory_mb)?;
-    let mut env = req.env.clone();
+    let env = req.env.clone();
     if !req.secrets.is_empty() {
+        // Every named secret must exist now; the values are decrypted
+        // again at each boot (the engine's SecretSource), never stored.
         let (owner, names, st2) = (caller.user.id.clone(), req.secrets.clone(), st.clone());
-        let secret_env = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             st2.store
                 .with(|c| Ok(st2.secrets.resolve_env(c, &owner, &names)))
         })
@@ -219,7 +221,6 @@ async fn create_to_end(
             }
             other => other.into(),
         })?;
-        env.extend(secret_env);
     }
     let egress = req
         .network

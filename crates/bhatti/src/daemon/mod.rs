@@ -187,6 +187,10 @@ pub async fn serve_with_backend(
     ecfg.boot_timeout = Duration::from_secs(config.vm.boot_timeout_secs);
     ecfg.agent_timeout = Duration::from_secs(config.vm.agent_timeout_secs);
     ecfg.kernel_args = config.vm.kernel_args.clone();
+    ecfg.secrets = Some(Arc::new(crate::secrets::StoredSecrets {
+        store: store.clone(),
+        secrets: SecretBox::load_or_create(&config.data_dir)?,
+    }));
     // Bridges and rules before the engine re-adopts VMs (their TAPs join
     // those bridges).
     let tenants = if config.network.enabled {
@@ -197,7 +201,10 @@ pub async fn serve_with_backend(
     let engine = Engine::new(ecfg).await?;
     let recovered = engine.recover().await?;
     tracing::info!(sandboxes = recovered.len(), "engine recovered");
-    reconcile(&store, &engine).await?;
+    reconcile(&store, &engine, tenants.as_deref()).await?;
+    engine
+        .collect_orphans(Some(&config.data_dir.join("checkpoints")))
+        .await;
     if let Some(t) = &tenants {
         let known: std::collections::HashSet<String> =
             engine.list().into_iter().filter_map(|s| s.tap).collect();
@@ -399,26 +406,64 @@ fn bind_unix(path: &std::path::Path) -> Result<tokio::net::UnixListener, DaemonE
     Ok(l)
 }
 
-/// Makes the store and the engine agree after a (re)start: a row whose
-/// create never finished is `failed` (or running, if the engine got it
-/// running); engine sandboxes without a row (a create that crashed before
-/// its row was written cannot happen, so these are leftovers of a delete
-/// that crashed) are destroyed.
-pub async fn reconcile(store: &Store, engine: &Engine) -> Result<(), DaemonError> {
+/// Makes the store and the engine agree after a (re)start. A create (or
+/// fork) that never finished is rolled back: its VM, files, network and row
+/// go, so the client's retry starts afresh (none of it was acknowledged).
+/// One the engine got running counts as done. Engine sandboxes without a
+/// row (a delete that crashed after its row went) are destroyed.
+pub async fn reconcile(
+    store: &Store,
+    engine: &Engine,
+    tenants: Option<&Tenants>,
+) -> Result<(), DaemonError> {
     let rows = store.run(|c| crate::store::sandboxes::list_all(c)).await?;
+    let users = store.run(|c| crate::store::users::list(c)).await?;
     for row in &rows {
-        let status = match engine.get(&row.id) {
-            Ok(sb) => match (sb.state, row.status.as_str()) {
-                (SandboxState::Failed, s) if s != "failed" => Some("failed"),
-                (SandboxState::Running | SandboxState::Paused, "creating") => Some("running"),
-                (SandboxState::Stopped, "creating") => Some("failed"),
-                _ => None,
-            },
-            Err(_) if row.status != "failed" => {
+        let state = engine.get(&row.id).ok().map(|sb| sb.state);
+        if row.status == "creating"
+            && !matches!(state, Some(SandboxState::Running | SandboxState::Paused))
+        {
+            tracing::warn!(id = %row.id, name = %row.name, "rolling back a create that never finished");
+            if let Err(e) = engine.destroy(&row.id).await {
+                tracing::warn!(id = %row.id, "{e}");
+                continue;
+            }
+            if let (Some(t), Some(u), Some(ip_host)) = (
+                tenants,
+                users.iter().find(|u| u.id == row.owner),
+                row.ip_host,
+            ) {
+                let tsb = TenantSandbox {
+                    id: row.id.clone(),
+                    name: row.name.clone(),
+                    user: TenantUser {
+                        user_id: u.id.clone(),
+                        index: u.net_index,
+                        isolated: u.net_isolated,
+                    },
+                    ip_host,
+                    egress: row.egress.clone().unwrap_or_default(),
+                };
+                if let Err(e) = t.remove_sandbox(&tsb).await {
+                    tracing::warn!(id = %row.id, "removing its network: {e}");
+                }
+            }
+            let (o, i) = (row.owner.clone(), row.id.clone());
+            store
+                .run(move |c| crate::store::sandboxes::delete(c, &o, &i))
+                .await?;
+            continue;
+        }
+        let status = match state {
+            Some(SandboxState::Failed) if row.status != "failed" => Some("failed"),
+            Some(SandboxState::Running | SandboxState::Paused) if row.status == "creating" => {
+                Some("running")
+            }
+            None if row.status != "failed" => {
                 tracing::warn!(id = %row.id, name = %row.name, "the engine has no record of this sandbox");
                 Some("failed")
             }
-            Err(_) => None,
+            _ => None,
         };
         if let Some(status) = status {
             let (o, i) = (row.owner.clone(), row.id.clone());

@@ -287,11 +287,17 @@ impl Inner {
             .create(&slot.dir)
             .map_err(|e| EngineError::io(format!("creating {}", slot.dir.display()), e))?;
         self.save(slot, live)?;
+        super::crash_point("fork:recorded");
         self.storage
             .clone_disk(&meta.disk, &live.rec.disk.path)
             .await?;
-        crate::storage::write_config_drive(&live.rec.config_disk, &self.guest_config(&live.rec))
-            .await?;
+        super::crash_point("fork:disk");
+        // A fork resumes from memory: its drive is never read for secrets.
+        crate::storage::write_config_drive(
+            &live.rec.config_disk,
+            &self.guest_config(&live.rec, &Default::default()),
+        )
+        .await?;
         self.prepare_start(live).await?;
         let started = std::time::Instant::now();
         let vm = self
@@ -300,6 +306,7 @@ impl Inner {
             .restore(&live.rec.vm, &meta.snapshot)
             .await
             .map_err(|e| self.boot_error(&live.rec, "did not restore", &e.to_string()))?;
+        super::crash_point("fork:restored");
         let fail = |this: &Inner, rec: &SandboxRecord, why: String| {
             this.boot_error(rec, "did not take its new identity", &why)
         };
@@ -332,6 +339,7 @@ impl Inner {
             if !done.failed.is_empty() {
                 tracing::warn!(failed = ?done.failed, "parts of the new identity failed");
             }
+            super::crash_point("fork:reidentified");
             old.close();
             let client = wait_for_agent(vm.as_ref(), &live.rec.token, self.cfg.boot_timeout)
                 .await

@@ -22,11 +22,12 @@
 mod agent;
 mod checkpoint;
 mod error;
+mod orphans;
 mod snapshot_chain;
 mod state;
 mod wake;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::fs::DirBuilderExt;
@@ -47,9 +48,10 @@ use crate::storage::{DiskMethod, DiskStrategy, Storage, StorageConfig};
 pub use agent::{wait_for_agent, WaitError};
 pub use checkpoint::{CheckpointMeta, CHECKPOINT_META};
 pub use error::{EngineError, Result};
+pub use orphans::{crash_point, Orphans, CRASH_AT_ENV};
 pub use state::{
     transition, validate_name, CreateSpec, Op, SandboxRecord, SandboxState, SnapshotRecord,
-    RECORD_FILE,
+    MAX_CPUS, MAX_DISK_MB, MAX_MEMORY_MB, MIN_DISK_MB, MIN_MEMORY_MB, RECORD_FILE,
 };
 pub use wake::WakeReport;
 
@@ -82,6 +84,18 @@ pub struct EngineConfig {
     pub kernel_args: String,
     /// Name servers written to the guests' resolv.conf.
     pub dns: Vec<IpAddr>,
+    /// Secret environment entries of a sandbox, resolved for each boot
+    /// (never stored by the engine).
+    pub secrets: Option<Arc<dyn SecretSource>>,
+}
+
+/// Where a boot gets a sandbox's secret environment from: decrypted when a
+/// guest boots, put on its config drive only until the guest has read it
+/// (the drive is then rewritten without them), and never written to
+/// `sandbox.json` or checkpoint metadata. A guest woken from memory keeps
+/// what it had (memory snapshots hold guest memory, secrets included).
+pub trait SecretSource: Send + Sync + std::fmt::Debug {
+    fn env(&self, sandbox_id: &str) -> std::result::Result<BTreeMap<String, String>, String>;
 }
 
 impl EngineConfig {
@@ -104,6 +118,7 @@ impl EngineConfig {
             agent_timeout: Duration::from_secs(10),
             kernel_args: String::new(),
             dns: Vec::new(),
+            secrets: None,
         }
     }
 }
@@ -653,7 +668,10 @@ impl Inner {
         }
     }
 
-    fn guest_config(&self, rec: &SandboxRecord) -> GuestConfig {
+    /// The config drive's contents; `secrets` joins the environment.
+    fn guest_config(&self, rec: &SandboxRecord, secrets: &BTreeMap<String, String>) -> GuestConfig {
+        let mut env = rec.spec.env.clone();
+        env.extend(secrets.iter().map(|(k, v)| (k.clone(), v.clone())));
         GuestConfig {
             sandbox_id: rec.id.clone(),
             hostname: rec
@@ -662,7 +680,7 @@ impl Inner {
                 .clone()
                 .unwrap_or_else(|| rec.name.clone()),
             token: rec.token.clone(),
-            env: rec.spec.env.clone(),
+            env,
             files: rec.spec.files.clone(),
             init: rec.spec.init.clone(),
             dns: match rec.net.as_ref() {
@@ -701,13 +719,29 @@ impl Inner {
             .create_root_disk(&slot.id, &slot.dir, live.rec.spec.disk_mb)
             .await?;
         live.rec.disk = disk;
-        crate::storage::write_config_drive(&live.rec.config_disk, &self.guest_config(&live.rec))
-            .await?;
         self.boot_fresh(slot, live, "did not boot").await
+    }
+
+    /// The secret environment for a boot of this sandbox.
+    fn secret_env(&self, id: &str) -> Result<BTreeMap<String, String>> {
+        match &self.cfg.secrets {
+            Some(s) => s
+                .env(id)
+                .map_err(|e| EngineError::Invalid(format!("the sandbox's secrets: {e}"))),
+            None => Ok(BTreeMap::new()),
+        }
     }
 
     /// Boots a VMM from the disk and waits for the agent.
     async fn boot_fresh(&self, slot: &Slot, live: &mut Live, what: &'static str) -> Result<()> {
+        // The config drive for this boot, secrets included; rewritten
+        // without them as soon as the guest has read it (below).
+        let secrets = self.secret_env(&slot.id)?;
+        crate::storage::write_config_drive(
+            &live.rec.config_disk,
+            &self.guest_config(&live.rec, &secrets),
+        )
+        .await?;
         self.prepare_start(live).await?;
         // A snapshot no longer matches the disk once the guest runs again.
         remove_dir_if_exists(&slot.dir.join("snapshot"));
@@ -731,6 +765,14 @@ impl Inner {
             }
         };
         tracing::info!(pid = vm.pid(), boot_id = %client.hello().boot_id, "booted");
+        if !secrets.is_empty() {
+            // The agent answers after it applied and unmounted the drive.
+            let clean = self.guest_config(&live.rec, &BTreeMap::new());
+            if let Err(e) = crate::storage::write_config_drive(&live.rec.config_disk, &clean).await
+            {
+                tracing::error!("rewriting the config drive without secrets: {e}");
+            }
+        }
         live.rec.boot_id = Some(client.hello().boot_id.clone());
         live.rec.pid = Some(vm.pid());
         live.vm = Some(vm);
@@ -925,6 +967,7 @@ impl Inner {
         if let Err(e) = synced {
             tracing::warn!("guest sync before the snapshot failed: {e}");
         }
+        crash_point("stop:synced");
         // 2. Pause and write the snapshot into new files.
         let vm = self.live_vm(slot, live)?;
         vm.pause().await.map_err(|source| EngineError::Vmm {
@@ -932,6 +975,7 @@ impl Inner {
             context: "pausing",
             source,
         })?;
+        crash_point("stop:paused");
         let tmp = slot.dir.join("snapshot.tmp");
         let fin = slot.dir.join("snapshot");
         let old = slot.dir.join("snapshot.old");
@@ -973,6 +1017,7 @@ impl Inner {
                 return Err(e);
             }
         };
+        crash_point("stop:written");
         // 3. Into place: the previous snapshot (which may back a restored
         // VM's memory) is moved aside, never overwritten.
         let moved = (|| -> std::io::Result<()> {
@@ -989,6 +1034,7 @@ impl Inner {
             return Err(EngineError::io("renaming the snapshot into place", e));
         }
         let write_ms = started.elapsed().as_millis() as u64;
+        crash_point("stop:renamed");
         // 4. End the VMM: its memory is freed.
         if let Some(c) = live.agent.take() {
             c.close();
@@ -1002,6 +1048,7 @@ impl Inner {
                 source,
             });
         }
+        crash_point("stop:killed");
         self.forget_chain(&slot.id);
         remove_dir_if_exists(&old);
         remove_sockets(&live.rec.vm.run_dir);
@@ -1152,18 +1199,33 @@ impl Inner {
                 };
                 match adopted {
                     Ok(vm) => {
+                        // The record may predate a pause or resume the
+                        // crash cut off: the VMM knows.
+                        match vm.is_paused().await {
+                            Ok(paused) => {
+                                live.rec.state = if paused {
+                                    SandboxState::Paused
+                                } else {
+                                    SandboxState::Running
+                                };
+                            }
+                            Err(e) => tracing::warn!("asking the adopted VMM for its state: {e}"),
+                        }
                         tracing::info!(pid = vm.pid(), state = %live.rec.state, "adopted the running VMM");
                         live.rec.pid = Some(vm.pid());
                         live.vm = Some(vm);
                         let _ = self.save(slot, live);
                     }
                     Err(e) => {
+                        // A VMM we cannot drive must not run on beside the
+                        // one the next start makes on the same disk.
+                        kill_stray(&live.rec.vm.run_dir).await;
                         live.rec.pid = None;
                         self.set_state(
                             slot,
                             live,
                             SandboxState::Stopped,
-                            Some(format!("its VMM was gone at recovery: {e}")),
+                            Some(format!("its VMM could not be adopted at recovery: {e}")),
                         );
                     }
                 }

@@ -90,6 +90,14 @@ pub fn transition(from: SandboxState, op: Op) -> Result<Option<SandboxState>, St
     Ok(to)
 }
 
+/// Size bounds every sandbox obeys, whoever asks: the API's validation,
+/// the daemon config's checks and [`CreateSpec::validate`] all use these.
+pub const MAX_CPUS: u32 = 64;
+pub const MIN_MEMORY_MB: u32 = 128;
+pub const MAX_MEMORY_MB: u32 = 262_144;
+pub const MIN_DISK_MB: u64 = 64;
+pub const MAX_DISK_MB: u64 = 4 << 20;
+
 /// What the caller asks for when creating a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -137,18 +145,20 @@ impl CreateSpec {
         if let Some(h) = &self.hostname {
             validate_name(h)?;
         }
-        if !(1..=64).contains(&self.cpus) {
-            return Err(format!("cpus must be 1 to 64, not {}", self.cpus));
+        if !(1..=MAX_CPUS).contains(&u32::from(self.cpus)) {
+            return Err(format!("cpus must be 1 to {MAX_CPUS}, not {}", self.cpus));
         }
-        if !(128..=262_144).contains(&self.memory_mb) {
+        if !(MIN_MEMORY_MB..=MAX_MEMORY_MB).contains(&self.memory_mb) {
             return Err(format!(
-                "memory_mb must be 128 to 262144, not {}",
+                "memory_mb must be {MIN_MEMORY_MB} to {MAX_MEMORY_MB}, not {}",
                 self.memory_mb
             ));
         }
         if let Some(d) = self.disk_mb {
-            if !(64..=4 << 20).contains(&d) {
-                return Err(format!("disk_mb must be 64 to 4194304, not {d}"));
+            if !(MIN_DISK_MB..=MAX_DISK_MB).contains(&d) {
+                return Err(format!(
+                    "disk_mb must be {MIN_DISK_MB} to {MAX_DISK_MB}, not {d}"
+                ));
             }
         }
         for k in self.env.keys() {

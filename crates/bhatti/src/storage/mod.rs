@@ -286,6 +286,17 @@ impl Storage {
         Ok(())
     }
 
+    /// Where root disks live outside their sandbox dirs (xfs-loop), for
+    /// collecting orphans; `None` when they live in the sandbox dirs.
+    pub fn disks_dir(&self) -> Option<PathBuf> {
+        self.reflink_root.as_ref().map(|r| r.join("disks"))
+    }
+
+    /// Where checkpoint disks live outside their checkpoint dirs.
+    pub fn checkpoint_disks_dir(&self) -> Option<PathBuf> {
+        self.reflink_root.as_ref().map(|r| r.join("checkpoints"))
+    }
+
     pub fn remove_root_disk(&self, disk: &Path) -> Result<()> {
         match std::fs::remove_file(disk) {
             Ok(()) => Ok(()),

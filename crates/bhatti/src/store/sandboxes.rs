@@ -212,6 +212,16 @@ pub fn get(c: &Connection, owner: &str, id_or_name: &str) -> Result<Option<Sandb
     Ok(None)
 }
 
+/// A sandbox by id, whoever owns it (the daemon's own lookups, never a
+/// user's request).
+pub fn get_by_id(c: &Connection, id: &str) -> Result<Option<SandboxRow>> {
+    let r = c
+        .prepare_cached(&format!("SELECT {COLUMNS} FROM sandboxes WHERE id = ?1"))?
+        .query_row([id], raw)
+        .optional()?;
+    r.map(finish).transpose()
+}
+
 /// Like [`get`], but a missing sandbox is [`StoreError::NotFound`].
 pub fn require(c: &Connection, owner: &str, id_or_name: &str) -> Result<SandboxRow> {
     get(c, owner, id_or_name)?

@@ -96,6 +96,29 @@ impl Env {
         c
     }
 
+    /// Writes `<dir>/bhatti.toml` for [`Proc::spawn`].
+    pub fn write_config(&self, config: &Config) {
+        let text = toml::to_string(config).expect("config TOML");
+        std::fs::write(self.dir.path().join("bhatti.toml"), text).expect("write config");
+    }
+
+    /// Pids of the VMM processes whose command line names this data dir.
+    pub fn vmm_pids(&self) -> Vec<u32> {
+        let needle = self.data_dir().display().to_string();
+        let mut v = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            if cmd.contains("qemu-system") && cmd.contains(&needle) {
+                v.push(pid);
+            }
+        }
+        v
+    }
+
     /// Creates a user directly in the store; returns the API key.
     pub fn user(&self, name: &str, caps: UserCaps) -> String {
         let store = bhatti::store::Store::open(self.data_dir().join("bhatti.db")).expect("store");
@@ -193,12 +216,18 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(env: &Env, n: u32) -> Proc {
+        Proc::spawn_with(env, n, &[])
+    }
+
+    /// [`Proc::spawn`] with extra environment variables.
+    pub fn spawn_with(env: &Env, n: u32, vars: &[(&str, &str)]) -> Proc {
         let cfg = env.dir.path().join("bhatti.toml");
         let log =
             std::fs::File::create(env.dir.path().join(format!("daemon-{n}.log"))).expect("log");
         let child = Command::new(env!("CARGO_BIN_EXE_bhatti"))
             .args(["serve", "--config"])
             .arg(&cfg)
+            .envs(vars.iter().copied())
             .env("RUST_LOG", "bhatti=info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
