@@ -25,7 +25,23 @@ pub struct ResourceLimits {
     pub pids_max: u64,
 }
 
+/// TCG's translation cache (`-accel tcg,tb-size=`), MiB: QEMU's default
+/// on a roomy 64-bit host is 1 GiB, which made a confined TCG guest with
+/// 512 MiB run into its memory limit (OOM-killed in the API tests).
+pub const TCG_TB_MIB: u64 = 256;
+/// What TCG needs beside the guest on top of [`MEMORY_OVERHEAD_MIB`]: the
+/// translation cache and its bookkeeping.
+pub const TCG_OVERHEAD_MIB: u64 = TCG_TB_MIB + 128;
+
 impl ResourceLimits {
+    /// [`ResourceLimits::for_vm`] for a VMM that emulates the CPU (QEMU's
+    /// TCG): more memory for its translation cache.
+    pub fn for_emulated_vm(cfg: &VmConfig) -> ResourceLimits {
+        let mut l = ResourceLimits::for_vm(cfg);
+        l.memory_bytes += TCG_OVERHEAD_MIB << 20;
+        l
+    }
+
     pub fn for_vm(cfg: &VmConfig) -> ResourceLimits {
         ResourceLimits {
             cpu_quota_us: u64::from(cfg.vcpus.max(1)) * CPU_PERIOD_US,

@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use bhatti_protocol::{AgentClient, ExecRequest};
 use bhatti_vmm::cgroup::{CgroupConfig, Hierarchy};
-use bhatti_vmm::limits::ResourceLimits;
 use bhatti_vmm::qemu::{Accel, Confinement, QemuBackend, QemuConfig, VMM_USER};
 use bhatti_vmm::{SnapshotFiles, SnapshotKind, Vm, VmConfig, VmmBackend};
 
@@ -758,7 +757,14 @@ fn assert_confined(pid: u32, cfg: &VmConfig, root: &CgroupRoot) -> Vec<PathBuf> 
     for d in &st.dirs {
         assert!(d.ends_with(&want), "QEMU {pid} is in {}", d.display());
     }
-    let limits = ResourceLimits::for_vm(cfg);
+    // Accel::Auto: KVM where usable, else TCG (whose translation cache
+    // counts toward the limit).
+    let accel = if bhatti_vmm::probe::probe().hardware_kvm {
+        bhatti_vmm::qemu::Accel::Kvm
+    } else {
+        bhatti_vmm::qemu::Accel::Tcg
+    };
+    let limits = bhatti_vmm::qemu::limits_for(cfg, accel);
     assert!(st.matches(&limits), "{st:?} != {limits:?}");
     println!("cgroup of QEMU {pid}: {st:?}");
     let mut dirs = st.dirs.to_vec();

@@ -132,7 +132,7 @@ pub async fn run(args: &Args, art: &Artifacts) -> anyhow::Result<(String, Vec<Li
     config.thermal.warm_after_secs = 1;
     config.thermal.cold_after_secs = 0;
     config.thermal.sweep_interval_ms = 100;
-    let backend = bhatti::daemon::backend(&config.vm)?;
+    let backend = bhatti::daemon::backend(&config)?;
     let label = match backend.kind() {
         BackendKind::Qemu => {
             let kvm = std::path::Path::new("/dev/kvm").exists();

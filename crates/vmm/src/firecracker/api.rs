@@ -30,6 +30,8 @@ pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 #[derive(Debug)]
 pub struct ApiClient {
     socket: PathBuf,
+    /// The jail root the socket is in, if jailed ([`super::jail::open_socket`]).
+    beneath: Option<PathBuf>,
     conn: Mutex<Option<SendRequest<Full<Bytes>>>>,
 }
 
@@ -45,7 +47,16 @@ impl ApiClient {
     pub fn new(socket: &Path) -> ApiClient {
         ApiClient {
             socket: socket.to_path_buf(),
+            beneath: None,
             conn: Mutex::new(None),
+        }
+    }
+
+    /// For a socket inside a jail whose root is `root`.
+    pub(crate) fn in_jail(socket: &Path, root: &Path) -> ApiClient {
+        ApiClient {
+            beneath: Some(root.to_path_buf()),
+            ..ApiClient::new(socket)
         }
     }
 
@@ -186,9 +197,11 @@ impl ApiClient {
     }
 
     async fn connect(&self) -> std::result::Result<SendRequest<Full<Bytes>>, Failure> {
-        let stream = UnixStream::connect(&self.socket)
-            .await
+        // Through /proc/self/fd: a jailed Firecracker's socket may be deeper
+        // than sun_path allows, and must not be a symlink it planted.
+        let (_fd, via) = super::jail::open_socket(&self.socket, self.beneath.as_deref())
             .map_err(Failure::Connect)?;
+        let stream = UnixStream::connect(&via).await.map_err(Failure::Connect)?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(Failure::Transport)?;

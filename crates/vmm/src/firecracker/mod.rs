@@ -12,6 +12,9 @@
 //! | `vmm.pid` | Firecracker's pid ([`crate::process::PID_FILE`]) |
 //! | `firecracker.json` | how this Firecracker was started ([`LaunchRecord`]) |
 //!
+//! Jailed, the two sockets are at the same paths inside the VM's chroot
+//! (see [`jail`]); the others stay in the run dir.
+//!
 //! Boot configures the VM over the API (machine, kernel, drives, network,
 //! vsock, entropy) and issues `InstanceStart`. Dirty-page tracking is always
 //! on, so any snapshot may be a Diff.
@@ -35,10 +38,18 @@
 //! the network device to `cfg.net`'s TAP (`network_overrides`). Block
 //! devices are reopened at the paths recorded in the snapshot: the root and
 //! config disks must be at the same paths as when the VM was booted.
+//!
+//! With [`FirecrackerConfig::jailer`] set, Firecracker runs under its jailer:
+//! its own chroot, uid/gid and cgroup per VM ([`jail`]). The disks are then
+//! recorded at fixed paths inside the chroot, so a restore (or a fork of
+//! another VM's snapshot) opens the disks of the VM being started. Without
+//! it (the default) Firecracker runs as the daemon's user with host paths.
 
 mod api;
+pub mod jail;
 mod merge;
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -49,6 +60,7 @@ use hyper::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::limits::ResourceLimits;
 use crate::process::{find_binary, wait_for_path, VmmProcess};
 use crate::{
     console_tail, BackendKind, Result, SnapshotFiles, SnapshotKind, Vm, VmConfig, VmmBackend,
@@ -56,6 +68,8 @@ use crate::{
 };
 
 pub use api::ApiClient;
+pub use jail::{find_jailer, JailerConfig};
+use jail::{Access, Jail, Jailer};
 pub use merge::merge_diff_snapshot;
 
 pub const API_SOCKET: &str = "fc.sock";
@@ -111,6 +125,10 @@ pub struct FirecrackerConfig {
     /// Firecracker's `--level` (Error, Warning, Info, Debug, Trace, Off);
     /// its log goes to the console log.
     pub log_level: Option<String>,
+    /// Run each Firecracker under the jailer (chroot, uid/gid, cgroup
+    /// limits of [`ResourceLimits::for_vm`]); see [`JailerConfig`] for
+    /// each field. `None`: unjailed, as the daemon's user, with host paths.
+    pub jailer: Option<JailerConfig>,
 }
 
 impl Default for FirecrackerConfig {
@@ -119,6 +137,7 @@ impl Default for FirecrackerConfig {
             binary: None,
             seccomp: true,
             log_level: Some("Warning".into()),
+            jailer: None,
         }
     }
 }
@@ -128,6 +147,7 @@ pub struct FirecrackerBackend {
     binary: PathBuf,
     seccomp: bool,
     log_level: Option<String>,
+    jailer: Option<Jailer>,
 }
 
 /// Written to `<run_dir>/firecracker.json` at every start.
@@ -139,6 +159,9 @@ pub struct LaunchRecord {
     pub vsock_socket: PathBuf,
     /// The snapshot a restore loaded, if any.
     pub restored_from: Option<SnapshotFiles>,
+    /// The jail, if jailed (`binary`/`args` are then the jailer's).
+    #[serde(default)]
+    pub jail: Option<Jail>,
 }
 
 /// Finds the Firecracker binary: explicit path, else `BHATTI_FIRECRACKER`,
@@ -154,7 +177,7 @@ pub fn find_firecracker(explicit: Option<&Path>) -> Option<PathBuf> {
 }
 
 /// Firecracker accepts ids of 1–64 ASCII letters, digits and hyphens.
-fn instance_id(id: &str) -> String {
+pub(crate) fn instance_id(id: &str) -> String {
     let s: String = id
         .chars()
         .map(|c| {
@@ -184,10 +207,15 @@ impl FirecrackerBackend {
                 ),
             })
         })?;
+        let jailer = match &cfg.jailer {
+            Some(j) => Some(Jailer::new(j, &binary)?),
+            None => None,
+        };
         Ok(FirecrackerBackend {
             binary,
             seccomp: cfg.seccomp,
             log_level: cfg.log_level,
+            jailer,
         })
     }
 
@@ -195,15 +223,27 @@ impl FirecrackerBackend {
         &self.binary
     }
 
-    /// The Firecracker command line (without the binary) for `cfg`.
+    /// The resolved jailer, if Firecracker runs jailed.
+    pub fn jailer(&self) -> Option<&Jailer> {
+        self.jailer.as_ref()
+    }
+
+    /// The Firecracker command line (without the binary) for `cfg`,
+    /// unjailed.
     pub fn args(&self, cfg: &VmConfig) -> Vec<String> {
-        let paths = Paths::new(&cfg.run_dir);
+        self.firecracker_args(cfg, false)
+    }
+
+    /// Under the jailer, which passes `--id` itself.
+    fn firecracker_args(&self, cfg: &VmConfig, jailed: bool) -> Vec<String> {
+        let paths = Paths::new(&cfg.run_dir, None);
         let mut a = vec![
             "--api-sock".to_string(),
-            paths.api.to_string_lossy().into_owned(),
-            "--id".to_string(),
-            instance_id(&cfg.id),
+            paths.fc_api.to_string_lossy().into_owned(),
         ];
+        if !jailed {
+            a.extend(["--id".to_string(), instance_id(&cfg.id)]);
+        }
         if let Some(level) = &self.log_level {
             a.extend(["--level".to_string(), level.clone()]);
         }
@@ -213,16 +253,19 @@ impl FirecrackerBackend {
         a
     }
 
-    /// Starts a Firecracker process for `cfg` and waits for its API.
-    async fn start(
-        &self,
-        cfg: &VmConfig,
-        restored_from: Option<&SnapshotFiles>,
-    ) -> Result<FirecrackerVm> {
+    /// Starts a Firecracker process for `cfg` (in a new jail, if jailed,
+    /// holding what `what` needs) and waits for its API.
+    async fn start(&self, cfg: &VmConfig, what: Start<'_>) -> Result<FirecrackerVm> {
         std::fs::create_dir_all(&cfg.run_dir)
             .map_err(|e| VmmError::io(format!("creating {}", cfg.run_dir.display()), e))?;
-        let paths = Paths::new(&cfg.run_dir);
-        for p in [&paths.api, &paths.vsock] {
+        let jail = match &self.jailer {
+            Some(j) => Some(j.jail_for(&cfg.id)?),
+            None => None,
+        };
+        let paths = Paths::new(&cfg.run_dir, jail.as_ref());
+        // What Firecracker binds: the same strings jailed or not (we reach
+        // jailed sockets through /proc/self/fd, whatever their host path).
+        for p in [&paths.fc_api, &paths.fc_vsock] {
             // sun_path holds 108 bytes including the terminating NUL.
             if p.as_os_str().len() >= 108 {
                 return Err(VmmError::Spawn(format!(
@@ -231,32 +274,69 @@ impl FirecrackerBackend {
                 )));
             }
         }
-        // Firecracker binds both sockets itself and fails on leftovers.
-        paths.remove_sockets()?;
-        let args = self.args(cfg);
+        // Firecracker binds both sockets itself and fails on leftovers
+        // (a jail is made afresh instead, without following anything a
+        // previous jailed process left in it).
+        if jail.is_none() {
+            paths.remove_sockets()?;
+        }
+        if let Some(j) = &jail {
+            j.prepare(&cfg.run_dir).await?;
+            if let Err(e) = populate(j, cfg, what) {
+                let _ = j.cleanup().await;
+                return Err(e);
+            }
+        }
+        let (binary, args) = match (&self.jailer, &jail) {
+            (Some(jailer), Some(j)) => (
+                jailer.binary.clone(),
+                jailer.args(
+                    j,
+                    &ResourceLimits::for_vm(cfg),
+                    &self.firecracker_args(cfg, true),
+                ),
+            ),
+            _ => (self.binary.clone(), self.firecracker_args(cfg, false)),
+        };
         let record = LaunchRecord {
-            binary: self.binary.clone(),
+            binary: binary.clone(),
             args: args.clone(),
             api_socket: paths.api.clone(),
             vsock_socket: paths.vsock.clone(),
-            restored_from: restored_from.cloned(),
+            restored_from: match what {
+                Start::Boot => None,
+                Start::Restore(s) => Some(s.clone()),
+            },
+            jail: jail.clone(),
         };
-        crate::process::write_record(&cfg.run_dir, LAUNCH_RECORD, &record)?;
-        tracing::debug!(id = %cfg.id, binary = %self.binary.display(), ?args, "starting Firecracker");
-        let process = VmmProcess::spawn(
-            &self.binary,
-            &args,
-            &cfg.run_dir,
-            &paths.console,
-            cfg.netns.as_deref(),
-        )?;
+        let spawned = crate::process::write_record(&cfg.run_dir, LAUNCH_RECORD, &record)
+            .and_then(|()| {
+                tracing::debug!(id = %cfg.id, binary = %binary.display(), ?args, "starting Firecracker");
+                VmmProcess::spawn(
+                    &binary,
+                    &args,
+                    &cfg.run_dir,
+                    &paths.console,
+                    cfg.netns.as_deref(),
+                )
+            });
+        let process = match spawned {
+            Ok(p) => p,
+            Err(e) => {
+                if let Some(j) = &jail {
+                    let _ = j.cleanup().await;
+                }
+                return Err(e);
+            }
+        };
         let vm = FirecrackerVm {
             id: cfg.id.clone(),
             process,
-            api: ApiClient::new(&paths.api),
+            api: api_client(&paths.api, jail.as_ref()),
             paths,
             paused: AtomicBool::new(false),
             snapshots: AtomicU64::new(0),
+            jail,
         };
         if let Err(e) = vm.wait_api(STARTUP_TIMEOUT).await {
             let e = vm.with_console(e);
@@ -268,7 +348,7 @@ impl FirecrackerBackend {
 
     /// The pre-boot API calls for `cfg`, in order: `(path, body)`.
     pub fn boot_requests(cfg: &VmConfig) -> Vec<(String, Value)> {
-        let paths = Paths::new(&cfg.run_dir);
+        let paths = Paths::new(&cfg.run_dir, None);
         let mut r = vec![
             (
                 "/machine-config".to_string(),
@@ -321,7 +401,7 @@ impl FirecrackerBackend {
         }
         r.push((
             "/vsock".to_string(),
-            json!({ "guest_cid": GUEST_CID, "uds_path": paths.vsock }),
+            json!({ "guest_cid": GUEST_CID, "uds_path": paths.fc_vsock }),
         ));
         r.push(("/entropy".to_string(), json!({})));
         r
@@ -332,13 +412,13 @@ impl FirecrackerBackend {
         let memory = snapshot.memory.as_ref().ok_or(VmmError::Unsupported(
             "a Firecracker snapshot without a memory file",
         ))?;
-        let paths = Paths::new(&cfg.run_dir);
+        let paths = Paths::new(&cfg.run_dir, None);
         let mut body = json!({
             "snapshot_path": snapshot.state,
             "mem_backend": { "backend_type": "File", "backend_path": memory },
             "track_dirty_pages": true,
             "resume_vm": true,
-            "vsock_override": { "uds_path": paths.vsock },
+            "vsock_override": { "uds_path": paths.fc_vsock },
         });
         if let Some(n) = &cfg.net {
             body["network_overrides"] =
@@ -359,9 +439,10 @@ impl VmmBackend for FirecrackerBackend {
     }
 
     async fn boot(&self, cfg: &VmConfig) -> Result<Box<dyn Vm>> {
-        let vm = self.start(cfg, None).await?;
+        let vm = self.start(cfg, Start::Boot).await?;
+        let seen = jailed_view(cfg, vm.jail.is_some());
         let configure = async {
-            for (path, body) in FirecrackerBackend::boot_requests(cfg) {
+            for (path, body) in FirecrackerBackend::boot_requests(&seen) {
                 vm.api.put(&path, &body).await?;
             }
             vm.api
@@ -377,7 +458,19 @@ impl VmmBackend for FirecrackerBackend {
     }
 
     async fn restore(&self, cfg: &VmConfig, snapshot: &SnapshotFiles) -> Result<Box<dyn Vm>> {
-        let body = FirecrackerBackend::load_request(cfg, snapshot)?;
+        let body = match &self.jailer {
+            None => FirecrackerBackend::load_request(cfg, snapshot)?,
+            Some(_) => {
+                let in_jail = SnapshotFiles {
+                    state: jail::JAIL_RESTORE_STATE.into(),
+                    memory: snapshot
+                        .memory
+                        .as_ref()
+                        .map(|_| jail::JAIL_RESTORE_MEMORY.into()),
+                };
+                FirecrackerBackend::load_request(cfg, &in_jail)?
+            }
+        };
         for p in std::iter::once(&snapshot.state).chain(snapshot.memory.as_ref()) {
             if !p.is_file() {
                 return Err(VmmError::io(
@@ -386,7 +479,7 @@ impl VmmBackend for FirecrackerBackend {
                 ));
             }
         }
-        let vm = self.start(cfg, Some(snapshot)).await?;
+        let vm = self.start(cfg, Start::Restore(snapshot)).await?;
         let loaded = vm
             .api
             .request(
@@ -405,15 +498,46 @@ impl VmmBackend for FirecrackerBackend {
     }
 
     async fn adopt(&self, cfg: &VmConfig) -> Result<Box<dyn Vm>> {
-        let process = VmmProcess::adopt(&cfg.run_dir)?;
-        let paths = Paths::new(&cfg.run_dir);
+        // The record says how it was started (jailed or not), whatever the
+        // configuration says now.
+        let jail = std::fs::read(cfg.run_dir.join(LAUNCH_RECORD))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<LaunchRecord>(&b).ok())
+            .and_then(|r| r.jail);
+        let process = match VmmProcess::adopt(&cfg.run_dir) {
+            Ok(p) => p,
+            Err(e) => {
+                // Its Firecracker is gone (nothing left in its cgroups): the
+                // jail is of no use to anyone.
+                if let Some(j) = jail.as_ref().filter(|j| !j.occupied()) {
+                    if let Err(c) = j.cleanup().await {
+                        tracing::warn!(id = %cfg.id, error = %c, "removing a dead VMM's jail");
+                    }
+                }
+                return Err(e);
+            }
+        };
+        if let Some(j) = &jail {
+            // A pid in our jail's chroot is our Firecracker, not a recycled pid.
+            let same = |p: &Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+            let root = same(Path::new(&format!("/proc/{}/root", process.pid())));
+            if root.is_none() || root != same(&j.root) {
+                return Err(VmmError::Exited(format!(
+                    "process {} is not chrooted in {}",
+                    process.pid(),
+                    j.root.display()
+                )));
+            }
+        }
+        let paths = Paths::new(&cfg.run_dir, jail.as_ref());
         let vm = FirecrackerVm {
             id: cfg.id.clone(),
             process,
-            api: ApiClient::new(&paths.api),
+            api: api_client(&paths.api, jail.as_ref()),
             paths,
             paused: AtomicBool::new(false),
             snapshots: AtomicU64::new(0),
+            jail,
         };
         // A live VMM has long been listening: a short wait is plenty.
         vm.wait_api(ADOPT_TIMEOUT).await?;
@@ -421,18 +545,74 @@ impl VmmBackend for FirecrackerBackend {
     }
 }
 
+fn api_client(socket: &Path, jail: Option<&Jail>) -> ApiClient {
+    match jail {
+        Some(j) => ApiClient::in_jail(socket, &j.root),
+        None => ApiClient::new(socket),
+    }
+}
+
+/// What a start puts in the jail.
+#[derive(Debug, Clone, Copy)]
+enum Start<'a> {
+    Boot,
+    Restore(&'a SnapshotFiles),
+}
+
+/// Puts the files of `what` into the (prepared, not yet started) jail.
+fn populate(j: &Jail, cfg: &VmConfig, what: Start<'_>) -> Result<()> {
+    if let Start::Boot = what {
+        j.place(&cfg.kernel, jail::JAIL_KERNEL, Access::ReadOnly)?;
+    }
+    j.place(&cfg.root_disk, jail::JAIL_ROOT_DISK, Access::ReadWrite)?;
+    if let Some(c) = &cfg.config_disk {
+        j.place(c, jail::JAIL_CONFIG_DISK, Access::ReadOnly)?;
+    }
+    if let Start::Restore(s) = what {
+        j.place(&s.state, jail::JAIL_RESTORE_STATE, Access::ReadOnly)?;
+        if let Some(m) = &s.memory {
+            j.place(m, jail::JAIL_RESTORE_MEMORY, Access::ReadOnly)?;
+        }
+    }
+    Ok(())
+}
+
+/// `cfg` with the file paths Firecracker sees (in the chroot, if jailed).
+/// The run dir keeps its path: the jail has it too.
+fn jailed_view(cfg: &VmConfig, jailed: bool) -> VmConfig {
+    let mut c = cfg.clone();
+    if jailed {
+        c.kernel = jail::JAIL_KERNEL.into();
+        c.root_disk = jail::JAIL_ROOT_DISK.into();
+        c.config_disk = cfg
+            .config_disk
+            .as_ref()
+            .map(|_| jail::JAIL_CONFIG_DISK.into());
+    }
+    c
+}
+
 #[derive(Debug, Clone)]
 struct Paths {
+    /// Where we reach the sockets (inside the chroot, if jailed).
     api: PathBuf,
     vsock: PathBuf,
+    /// The same sockets as Firecracker names them.
+    fc_api: PathBuf,
+    fc_vsock: PathBuf,
     console: PathBuf,
 }
 
 impl Paths {
-    fn new(run_dir: &Path) -> Paths {
+    fn new(run_dir: &Path, jail: Option<&Jail>) -> Paths {
+        let fc_api = run_dir.join(API_SOCKET);
+        let fc_vsock = run_dir.join(VSOCK_SOCKET);
+        let host = |p: &PathBuf| jail.map_or_else(|| p.clone(), |j| j.host_path(p));
         Paths {
-            api: run_dir.join(API_SOCKET),
-            vsock: run_dir.join(VSOCK_SOCKET),
+            api: host(&fc_api),
+            vsock: host(&fc_vsock),
+            fc_api,
+            fc_vsock,
             console: run_dir.join(CONSOLE_LOG),
         }
     }
@@ -460,6 +640,8 @@ pub struct FirecrackerVm {
     paused: AtomicBool,
     /// Snapshots requested through this handle (see [`Vm::snapshots_taken`]).
     snapshots: AtomicU64,
+    /// Its jail, if jailed.
+    jail: Option<Jail>,
 }
 
 impl FirecrackerVm {
@@ -538,9 +720,24 @@ impl FirecrackerVm {
 
     async fn kill_and_clean(&self) -> Result<()> {
         self.api.disconnect().await;
-        let r = self.process.kill().await;
-        self.paths.remove_sockets()?;
-        r
+        let killed = self.process.kill().await;
+        match &self.jail {
+            None => {
+                self.paths.remove_sockets()?;
+                killed
+            }
+            // Only once Firecracker is gone: it uses the chroot and cgroups.
+            // The sockets go with the chroot.
+            Some(j) => {
+                killed?;
+                j.cleanup().await
+            }
+        }
+    }
+
+    /// Its jail, if jailed.
+    pub fn jail(&self) -> Option<&Jail> {
+        self.jail.as_ref()
     }
 }
 
@@ -551,13 +748,18 @@ impl Vm for FirecrackerVm {
     }
 
     async fn connect_agent(&self) -> Result<BoxedStream> {
-        bhatti_protocol::transport::connect_firecracker_vsock(
-            &self.paths.vsock,
-            AGENT_VSOCK_PORT,
-            VSOCK_CONNECT_TIMEOUT,
-        )
-        .await
-        .map_err(|e| {
+        let connected = async {
+            // `_fd` keeps the path `via` names valid until connected.
+            let beneath = self.jail.as_ref().map(|j| j.root.as_path());
+            let (_fd, via) = jail::open_socket(&self.paths.vsock, beneath)?;
+            bhatti_protocol::transport::connect_firecracker_vsock(
+                &via,
+                AGENT_VSOCK_PORT,
+                VSOCK_CONNECT_TIMEOUT,
+            )
+            .await
+        };
+        connected.await.map_err(|e| {
             VmmError::io(
                 format!("connecting to the agent via {}", self.paths.vsock.display()),
                 e,
@@ -591,15 +793,27 @@ impl Vm for FirecrackerVm {
         // Counted before the call: even a failed snapshot may have reset
         // dirty tracking.
         self.snapshots.fetch_add(1, Ordering::Relaxed);
+        let staged = match &self.jail {
+            Some(j) => Some(j.stage_snapshot(files)?),
+            None => None,
+        };
+        let (state, memory) = match staged {
+            Some(_) => (
+                Path::new(jail::JAIL_SNAPSHOT_STATE),
+                Path::new(jail::JAIL_SNAPSHOT_MEMORY),
+            ),
+            None => (files.state.as_path(), memory.as_path()),
+        };
         let body = json!({
             "snapshot_type": match kind {
                 SnapshotKind::Full => "Full",
                 SnapshotKind::Diff => "Diff",
             },
-            "snapshot_path": files.state,
+            "snapshot_path": state,
             "mem_file_path": memory,
         });
-        self.api
+        let r = self
+            .api
             .request(
                 Method::PUT,
                 "/snapshot/create",
@@ -608,7 +822,15 @@ impl Vm for FirecrackerVm {
             )
             .await
             .map(|_| ())
-            .map_err(|e| self.with_console(e))
+            .map_err(|e| self.with_console(e));
+        match (&self.jail, staged) {
+            (Some(j), Some(staged)) => {
+                // Moved out of the jail (or undone) whether it worked or not.
+                let finished = j.finish_snapshot(staged, r.is_ok(), kind);
+                r.and(finished)
+            }
+            _ => r,
+        }
     }
 
     fn snapshots_taken(&self) -> u64 {
@@ -641,6 +863,7 @@ mod tests {
             binary: "/usr/bin/firecracker".into(),
             seccomp,
             log_level: Some("Warning".into()),
+            jailer: None,
         }
     }
 
@@ -694,6 +917,25 @@ mod tests {
         let r = FirecrackerBackend::boot_requests(&bare);
         assert_eq!(r.len(), 5);
         assert_eq!(r[1].1["boot_args"], base_kernel_args());
+    }
+
+    #[test]
+    fn jailed_requests_name_chroot_paths() {
+        let r = FirecrackerBackend::boot_requests(&jailed_view(&cfg(), true));
+        assert_eq!(r[1].1["kernel_image_path"], "/vmlinux");
+        assert_eq!(r[2].1["path_on_host"], "/rootfs.ext4");
+        assert_eq!(r[3].1["path_on_host"], "/config.ext4");
+        // The run dir has the same path inside the chroot.
+        assert_eq!(r[5].1["uds_path"], "/run/bhatti/sb1/vsock.sock");
+        let mut bare = cfg();
+        bare.config_disk = None;
+        assert_eq!(jailed_view(&bare, true).config_disk, None);
+        assert_eq!(jailed_view(&cfg(), false).root_disk, cfg().root_disk);
+        let a = backend(false).firecracker_args(&cfg(), true).join(" ");
+        assert_eq!(
+            a, "--api-sock /run/bhatti/sb1/fc.sock --level Warning --no-seccomp",
+            "the jailer passes --id itself"
+        );
     }
 
     #[test]

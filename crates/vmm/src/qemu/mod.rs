@@ -239,7 +239,7 @@ impl QemuBackend {
         }
         let args = self.args(cfg, incoming.is_some());
         let cgroup = match &self.cgroups {
-            Some(c) => Some(c.create(&cfg.id, &ResourceLimits::for_vm(cfg)).await?),
+            Some(c) => Some(c.create(&cfg.id, &limits_for(cfg, self.accel)).await?),
             None => None,
         };
         let record = LaunchRecord {
@@ -286,18 +286,32 @@ fn opt(value: &Path) -> String {
     value.to_string_lossy().replace(',', ",,")
 }
 
+/// The cgroup limits of a QEMU VM: TCG needs room for its translation
+/// cache.
+pub fn limits_for(cfg: &VmConfig, accel: Accel) -> ResourceLimits {
+    if accel == Accel::Kvm {
+        ResourceLimits::for_vm(cfg)
+    } else {
+        ResourceLimits::for_emulated_vm(cfg)
+    }
+}
+
 /// The QEMU command line (without the binary) for `cfg`.
 pub fn qemu_args(cfg: &VmConfig, accel: Accel, extra: &[String], incoming: bool) -> Vec<String> {
     let paths = Paths::new(&cfg.run_dir);
     let kvm = accel == Accel::Kvm;
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
-    let machine = format!(
-        "microvm,accel={},acpi=off,x-option-roms=off,isa-serial=on,rtc=on",
-        if kvm { "kvm" } else { "tcg" }
-    );
+    let machine = "microvm,acpi=off,x-option-roms=off,isa-serial=on,rtc=on";
     let name = format!("bhatti-{}", cfg.id.replace(',', "_"));
-    push(&["-name", &name, "-M", &machine]);
+    push(&["-name", &name, "-M", machine]);
+    // TCG's translation cache is bounded, so the VMM's memory is (cgroups).
+    let accel_opt = if kvm {
+        "kvm".to_string()
+    } else {
+        format!("tcg,tb-size={}", crate::limits::TCG_TB_MIB)
+    };
+    push(&["-accel", &accel_opt]);
     push(&["-cpu", if kvm { "host" } else { "max" }]);
     push(&["-smp", &cfg.vcpus.max(1).to_string()]);
     push(&["-m", &format!("{}M", cfg.memory_mib)]);
@@ -737,7 +751,8 @@ mod tests {
     fn command_line() {
         let a = qemu_args(&cfg(), Accel::Tcg, &["-s".into()], false);
         let s = a.join(" ");
-        assert!(s.contains("-M microvm,accel=tcg,acpi=off"), "{s}");
+        assert!(s.contains("-M microvm,acpi=off"), "{s}");
+        assert!(s.contains("-accel tcg,tb-size=256"), "{s}");
         assert!(s.contains("-cpu max"), "{s}");
         assert!(s.contains("file=/d/root,,1.ext4,"), "{s}");
         assert!(s.contains(",auto-read-only=off,"), "{s}");
@@ -759,7 +774,7 @@ mod tests {
         assert!(s.contains("name=bhatti.agent"), "{s}");
         assert!(s.ends_with(" -s"), "{s}");
         let r = qemu_args(&cfg(), Accel::Kvm, &[], true);
-        assert!(r.join(" ").contains("accel=kvm"));
+        assert!(r.join(" ").contains("-accel kvm"));
         assert!(r.join(" ").contains("-cpu host"));
         assert_eq!(&r[r.len() - 2..], ["-incoming", "defer"]);
     }
