@@ -152,6 +152,27 @@ pub struct VmConfig {
     pub disk_strategy: DiskStrategy,
     /// Size (MiB, sparse) of the XFS image used by `xfs-loop`. Default 65536.
     pub xfs_loop_size_mb: u64,
+    /// The unprivileged user VMM processes run as once they have opened
+    /// their devices (QEMU `-runas`/`-run-with user=`; Firecracker's jailer).
+    /// Must exist (`scripts/install-deps.sh` creates it). "" keeps the
+    /// daemon's user (root). Default `bhatti-vmm`.
+    pub vmm_user: String,
+    /// QEMU's seccomp filter (`-sandbox on`, spawning and resource control
+    /// denied). Default true.
+    pub qemu_sandbox: bool,
+    /// One cgroup per VMM with limits from the sandbox's size (CPU quota =
+    /// its vCPUs, memory = its RAM + 256 MiB, 256 tasks), cgroup v2 or v1.
+    /// Default true.
+    pub cgroups: bool,
+    /// The cgroup (under each hierarchy's root) holding the VMMs' cgroups.
+    /// Default `bhatti`.
+    pub cgroup_root: String,
+    /// Run Firecracker under its jailer (a chroot per VM under
+    /// `<data_dir>/jail`, `vmm_user`'s uid/gid, cgroup limits). Needs the
+    /// jailer of the same release (next to `firecracker_bin`, or
+    /// `BHATTI_JAILER`) and a static Firecracker build, as the official
+    /// release binaries are. Default true.
+    pub firecracker_jailer: bool,
 }
 
 /// Which VMM runs the sandboxes.
@@ -408,6 +429,11 @@ impl Default for VmConfig {
             max_disk_mb: 102_400,
             disk_strategy: DiskStrategy::Auto,
             xfs_loop_size_mb: 65536,
+            vmm_user: bhatti_vmm::qemu::confine::VMM_USER.into(),
+            qemu_sandbox: true,
+            cgroups: true,
+            cgroup_root: "bhatti".into(),
+            firecracker_jailer: true,
         }
     }
 }
@@ -652,6 +678,28 @@ impl Config {
                 ),
             ));
         }
+        let plain = |s: &str| {
+            s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        };
+        if vm.vmm_user.len() > 32 || !plain(&vm.vmm_user) || vm.vmm_user == "root" {
+            return Err(invalid(
+                "vm.vmm_user",
+                "must be a user name (not root), or \"\" to keep the daemon's user",
+            ));
+        }
+        if vm.cgroup_root.is_empty()
+            || vm.cgroup_root.starts_with('/')
+            || vm
+                .cgroup_root
+                .split('/')
+                .any(|c| c.is_empty() || c == ".." || !plain(c))
+        {
+            return Err(invalid(
+                "vm.cgroup_root",
+                "must be a relative cgroup path such as \"bhatti\"",
+            ));
+        }
         if vm.xfs_loop_size_mb < 512 {
             return Err(invalid("vm.xfs_loop_size_mb", "must be at least 512"));
         }
@@ -845,6 +893,15 @@ impl Config {
         e.kv("disk_strategy", "\"auto\"");
         e.c("Sparse size (MiB) of the XFS image used by xfs-loop.");
         e.kv("xfs_loop_size_mb", v.xfs_loop_size_mb);
+        e.c("VMMs drop to this user after opening their devices (\"\" = stay root).");
+        e.kv("vmm_user", toml_str(&v.vmm_user));
+        e.c("QEMU's seccomp filter (-sandbox on; spawning and resource control denied).");
+        e.kv("qemu_sandbox", v.qemu_sandbox);
+        e.c("One cgroup per VMM, limits from the sandbox's size; under cgroup_root.");
+        e.kv("cgroups", v.cgroups);
+        e.kv("cgroup_root", toml_str(&v.cgroup_root));
+        e.c("Firecracker under its jailer: chroot per VM in <data_dir>/jail, vmm_user, cgroups.");
+        e.kv("firecracker_jailer", v.firecracker_jailer);
 
         e.table("network");
         e.c("Give guests a network (a bridge and /24 per user, firewall, NAT, sibling DNS).");

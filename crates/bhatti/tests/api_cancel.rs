@@ -103,7 +103,13 @@ async fn cut_off_requests_still_complete_and_leak_nothing() {
     let _serial = SERIAL.lock().await;
     init_tracing();
     let env = Env::new(art);
-    let key = env.user("alice", UserCaps::default());
+    let key = env.user(
+        "alice",
+        UserCaps {
+            max_snapshots: Some(2),
+            ..Default::default()
+        },
+    );
     let daemon = Daemon::start(&env, env.config()).await;
     let a = env.client(Some(&key));
 
@@ -212,6 +218,20 @@ async fn cut_off_requests_still_complete_and_leak_nothing() {
     .await;
     settles(&a, "two", "the wake to finish", |v| v["thermal"] == "hot").await;
     works(&a, "two").await;
+    no_leaks(&env, &a).await;
+
+    // Concurrent checkpoints reserve their place before the work: with one
+    // of two allowed taken, exactly one of three more gets through.
+    let (r1, r2, r3) = tokio::join!(
+        a.post("/sandboxes/one/checkpoint", json!({"name": "c1"})),
+        a.post("/sandboxes/one/checkpoint", json!({"name": "c2"})),
+        a.post("/sandboxes/two/checkpoint", json!({"name": "c3"})),
+    );
+    let mut codes: Vec<u16> = [r1, r2, r3].iter().map(|r| r.status.as_u16()).collect();
+    codes.sort_unstable();
+    assert_eq!(codes, [201, 429, 429]);
+    let v = a.get("/snapshots").await.expect(200);
+    assert_eq!(v["snapshots"].as_array().map(Vec::len), Some(2), "{v}");
     no_leaks(&env, &a).await;
 
     // Destroy both; nothing remains.

@@ -65,43 +65,65 @@ async fn checkpoint_to_end(
     caller.rate(&st, RequestClass::Create)?;
     req.validate()?;
     let row = st.sandbox(&caller, &id).await?;
-    let (owner, name) = (caller.user.id.clone(), req.name.clone());
-    let (exists, count) = st
-        .store
-        .run(move |c| {
-            Ok((
-                snapshots::get(c, &owner, &name)?.is_some(),
-                snapshots::count(c, &owner)?,
-            ))
-        })
-        .await?;
-    if exists {
-        return Err(ApiError::Conflict(format!(
-            "a checkpoint named '{}' already exists",
-            req.name
-        )));
-    }
-    caller.caps.check_snapshot_count(count)?;
     std::fs::create_dir_all(&st.checkpoints_dir)
         .map_err(|e| ApiError::Internal(format!("creating the checkpoints dir: {e}")))?;
     let dir = st.checkpoints_dir.join(crate::store::new_id("cp_"));
-    let meta = st.engine.checkpoint(&row.id, &dir).await?;
-    if row.status != "running" {
-        st.set_status(&row.owner, &row.id, "running").await;
-    }
-    let new = NewSnapshot {
+    // The row is reserved before the work, in one transaction with the
+    // count check: concurrent checkpoints cannot overshoot the cap.
+    let reserve = NewSnapshot {
         owner: caller.user.id.clone(),
         name: req.name.clone(),
         sandbox_id: row.id.clone(),
         files: serde_json::json!({ "dir": dir }),
-        spec: serde_json::json!({
-            "source_name": row.name,
-            "cpus": meta.vcpus,
-            "memory_mb": meta.memory_mib,
-        }),
-        size_bytes: meta.size_bytes,
+        spec: serde_json::json!({ "source_name": row.name }),
+        size_bytes: 0,
     };
-    match st.store.run(move |c| snapshots::insert(c, &new)).await {
+    let caps = caller.caps;
+    let reserved = st
+        .store
+        .transaction(move |tx| {
+            let n = snapshots::count(tx, &reserve.owner)?;
+            if let Err(e) = caps.check_snapshot_count(n) {
+                return Ok(Err(e));
+            }
+            Ok(Ok(snapshots::insert(tx, &reserve)?))
+        })
+        .await?;
+    reserved?;
+    let unreserve = |st: &AppStateRef| {
+        let (owner, name) = (caller.user.id.clone(), req.name.clone());
+        let st = st.clone();
+        async move {
+            if let Err(e) = st
+                .store
+                .run(move |c| snapshots::delete(c, &owner, &name).map(|_| ()))
+                .await
+            {
+                tracing::warn!("releasing a checkpoint reservation: {e}");
+            }
+        }
+    };
+    let meta = match st.engine.checkpoint(&row.id, &dir).await {
+        Ok(m) => m,
+        Err(e) => {
+            unreserve(&st).await;
+            return Err(e.into());
+        }
+    };
+    if row.status != "running" {
+        st.set_status(&row.owner, &row.id, "running").await;
+    }
+    let spec = serde_json::json!({
+        "source_name": row.name,
+        "cpus": meta.vcpus,
+        "memory_mb": meta.memory_mib,
+    });
+    let (owner, name, size) = (caller.user.id.clone(), req.name.clone(), meta.size_bytes);
+    match st
+        .store
+        .run(move |c| snapshots::finish_reserved(c, &owner, &name, &spec, size))
+        .await
+    {
         Ok(r) => Ok(created(checkpoint_view(&r))),
         Err(e) => {
             if let Err(re) = CheckpointMeta::remove(&dir) {

@@ -99,7 +99,8 @@ pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime
 }
 
 /// The backend `[vm]` asks for, as the host allows.
-pub fn backend(cfg: &crate::config::VmConfig) -> Result<Arc<dyn VmmBackend>, DaemonError> {
+pub fn backend(config: &Config) -> Result<Arc<dyn VmmBackend>, DaemonError> {
+    let cfg = &config.vm;
     let host = bhatti_vmm::probe::probe();
     let pref = match cfg.backend {
         Backend::Auto => BackendPref::Auto,
@@ -120,8 +121,20 @@ pub fn backend(cfg: &crate::config::VmConfig) -> Result<Arc<dyn VmmBackend>, Dae
                 accel: cfg.qemu_accel.into(),
                 extra_args: Vec::new(),
             })
-            .map_err(|e| DaemonError::Setup(format!("the QEMU backend: {e}")))?;
-            tracing::info!(accel = ?b.accel(), "backend qemu");
+            .map_err(|e| DaemonError::Setup(format!("the QEMU backend: {e}")))?
+            .with_confinement(bhatti_vmm::qemu::confine::Confinement {
+                run_as: (!cfg.vmm_user.is_empty()).then(|| cfg.vmm_user.clone()),
+                sandbox: cfg.qemu_sandbox,
+                cgroups: cfg.cgroups.then(|| bhatti_vmm::cgroup::CgroupConfig {
+                    root: cfg.cgroup_root.clone(),
+                }),
+            })
+            .map_err(|e| {
+                DaemonError::Setup(format!(
+                    "confining QEMU ([vm] vmm_user, qemu_sandbox, cgroups): {e}"
+                ))
+            })?;
+            tracing::info!(accel = ?b.accel(), confinement = ?b.confinement(), "backend qemu");
             Ok(Arc::new(b))
         }
         BackendKind::Firecracker => {
@@ -136,6 +149,18 @@ pub fn backend(cfg: &crate::config::VmConfig) -> Result<Arc<dyn VmmBackend>, Dae
                 bhatti_vmm::firecracker::FirecrackerConfig {
                     binary,
                     seccomp: cfg.firecracker_seccomp,
+                    jailer: cfg.firecracker_jailer.then(|| {
+                        let user = (!cfg.vmm_user.is_empty())
+                            .then(|| nix::unistd::User::from_name(&cfg.vmm_user).ok().flatten())
+                            .flatten();
+                        bhatti_vmm::firecracker::JailerConfig {
+                            uid: user.as_ref().map(|u| u.uid.as_raw()),
+                            gid: user.as_ref().map(|u| u.gid.as_raw()),
+                            chroot_base: config.data_dir.join("jail"),
+                            parent_cgroup: cfg.cgroup_root.clone(),
+                            ..Default::default()
+                        }
+                    }),
                     ..Default::default()
                 },
             )
@@ -152,7 +177,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
     init_tracing(&config.log);
-    let backend = backend(&config.vm)?;
+    let backend = backend(&config)?;
     serve_with_backend(config, backend, shutdown).await
 }
 

@@ -251,8 +251,12 @@ impl Inner {
             created_unix_ms: now_ms(),
             size_bytes,
         };
-        let finished = (|| -> std::io::Result<()> {
-            let json = serde_json::to_vec_pretty(&meta).map_err(std::io::Error::other)?;
+        let json = serde_json::to_vec_pretty(&meta).map_err(std::io::Error::other);
+        let (tmp2, tmp_disk2, dir2) = (tmp.clone(), tmp_disk.clone(), dir.to_path_buf());
+        // fsyncs of GiBs run on the blocking pool, not the scheduler thread.
+        let finished = super::off_thread(move || {
+            let (tmp, tmp_disk, dir) = (&tmp2, &tmp_disk2, &dir2);
+            let json = json?;
             {
                 use std::io::Write;
                 use std::os::unix::fs::OpenOptionsExt;
@@ -264,14 +268,15 @@ impl Inner {
                 f.write_all(&json)?;
             }
             fsync_tree(&tmp.join("snapshot"))?;
-            fsync_tree(&tmp)?;
-            std::fs::File::open(&tmp_disk)?.sync_all()?;
-            std::fs::rename(&tmp, dir)?;
+            fsync_tree(tmp)?;
+            std::fs::File::open(tmp_disk)?.sync_all()?;
+            std::fs::rename(tmp, dir)?;
             if let Some(parent) = dir.parent() {
                 state::sync_dir(parent)?;
             }
             Ok(())
-        })();
+        })
+        .await;
         if let Err(e) = finished {
             remove_dir_if_exists(&tmp);
             let _ = std::fs::remove_file(&tmp_disk);

@@ -744,7 +744,12 @@ impl Inner {
         .await?;
         self.prepare_start(live).await?;
         // A snapshot no longer matches the disk once the guest runs again.
-        remove_dir_if_exists(&slot.dir.join("snapshot"));
+        let stale = slot.dir.join("snapshot");
+        let _ = off_thread(move || {
+            remove_dir_if_exists(&stale);
+            Ok(())
+        })
+        .await;
         live.rec.snapshot = None;
         live.rec.backend = self.cfg.backend.kind();
         let vm = self
@@ -854,7 +859,15 @@ impl Inner {
             let console = console_tail(&live.rec.vm.run_dir.join(CONSOLE_LOG));
             let reason = "the VMM process exited unexpectedly".to_string();
             tracing::warn!("{reason}");
-            live.vm = None;
+            // Its handle still cleans up what the VMM left (a jail, a
+            // cgroup, sockets).
+            if let Some(dead) = live.vm.take() {
+                tokio::spawn(async move {
+                    if let Err(e) = dead.kill().await {
+                        tracing::warn!("cleaning up after the VMM: {e}");
+                    }
+                });
+            }
             if let Some(c) = live.agent.take() {
                 c.close();
             }
@@ -1000,7 +1013,9 @@ impl Inner {
                     context: "writing the snapshot",
                     source,
                 })?;
-            fsync_tree(&tmp)
+            let t = tmp.clone();
+            off_thread(move || fsync_tree(&t))
+                .await
                 .map_err(|e| EngineError::io(format!("syncing {}", tmp.display()), e))?;
             Ok::<_, EngineError>(kind)
         }
@@ -1008,7 +1023,12 @@ impl Inner {
         let kind = match written {
             Ok(kind) => kind,
             Err(e) => {
-                remove_dir_if_exists(&tmp);
+                let t = tmp.clone();
+                let _ = off_thread(move || {
+                    remove_dir_if_exists(&t);
+                    Ok(())
+                })
+                .await;
                 if from == SandboxState::Running {
                     if let Err(re) = vm.resume().await {
                         tracing::error!("resuming after a failed snapshot: {re}");
@@ -1020,13 +1040,15 @@ impl Inner {
         crash_point("stop:written");
         // 3. Into place: the previous snapshot (which may back a restored
         // VM's memory) is moved aside, never overwritten.
-        let moved = (|| -> std::io::Result<()> {
-            if fin.exists() {
-                std::fs::rename(&fin, &old)?;
+        let (f, o, t, d) = (fin.clone(), old.clone(), tmp.clone(), slot.dir.clone());
+        let moved = off_thread(move || {
+            if f.exists() {
+                std::fs::rename(&f, &o)?;
             }
-            std::fs::rename(&tmp, &fin)?;
-            state::sync_dir(&slot.dir)
-        })();
+            std::fs::rename(&t, &f)?;
+            state::sync_dir(&d)
+        })
+        .await;
         if let Err(e) = moved {
             if from == SandboxState::Running {
                 let _ = vm.resume().await;
@@ -1050,7 +1072,13 @@ impl Inner {
         }
         crash_point("stop:killed");
         self.forget_chain(&slot.id);
-        remove_dir_if_exists(&old);
+        // A memory image of GiBs: unlinking it is work for the blocking pool.
+        let o = old.clone();
+        let _ = off_thread(move || {
+            remove_dir_if_exists(&o);
+            Ok(())
+        })
+        .await;
         remove_sockets(&live.rec.vm.run_dir);
         live.rec.pid = None;
         live.rec.snapshot = Some(SnapshotRecord {
@@ -1139,11 +1167,9 @@ impl Inner {
                 errors.push(format!("ending the VMM: {e}"));
                 live.vm = Some(vm);
             }
-        } else if let Ok(stray) = VmmProcess::adopt(&run_dir) {
+        } else {
             // A VMM no handle knows of (a crash mid-operation).
-            if let Err(e) = stray.kill().await {
-                errors.push(format!("ending stray VMM {}: {e}", stray.pid()));
-            }
+            self.end_stray(&live.rec.vm).await;
         }
         if let (Some(n), Some(g)) = (&self.net, &live.rec.net) {
             match n.remove_tap(&g.tap).await {
@@ -1151,22 +1177,31 @@ impl Inner {
                 Err(e) => errors.push(e.to_string()),
             }
         }
-        if let Err(e) = self.storage.remove_root_disk(&live.rec.disk.path) {
-            errors.push(e.to_string());
-        }
-        for d in [&run_dir] {
-            match std::fs::remove_dir_all(d) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => errors.push(format!("removing {}: {e}", d.display())),
+        // Disks and snapshots of GiBs: removed on the blocking pool.
+        let disk = live.rec.disk.path.clone();
+        let dir = slot.dir.clone();
+        let remove_all = |d: &Path| match std::fs::remove_dir_all(d) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("removing {}: {e}", d.display())),
+        };
+        let removed = off_thread(move || {
+            let mut errors = Vec::new();
+            if let Err(e) = std::fs::remove_file(&disk) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    errors.push(format!("removing {}: {e}", disk.display()));
+                }
             }
-        }
-        if errors.is_empty() {
-            match std::fs::remove_dir_all(&slot.dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => errors.push(format!("removing {}: {e}", slot.dir.display())),
+            errors.extend(remove_all(&run_dir).err());
+            if errors.is_empty() {
+                errors.extend(remove_all(&dir).err());
             }
+            Ok(errors)
+        })
+        .await;
+        match removed {
+            Ok(e) => errors.extend(e),
+            Err(e) => errors.push(e.to_string()),
         }
         if errors.is_empty() {
             return Ok(());
@@ -1219,7 +1254,7 @@ impl Inner {
                     Err(e) => {
                         // A VMM we cannot drive must not run on beside the
                         // one the next start makes on the same disk.
-                        kill_stray(&live.rec.vm.run_dir).await;
+                        self.end_stray(&live.rec.vm).await;
                         live.rec.pid = None;
                         self.set_state(
                             slot,
@@ -1231,7 +1266,7 @@ impl Inner {
                 }
             }
             SandboxState::Creating => {
-                kill_stray(&live.rec.vm.run_dir).await;
+                self.end_stray(&live.rec.vm).await;
                 live.rec.pid = None;
                 self.set_state(
                     slot,
@@ -1241,9 +1276,25 @@ impl Inner {
                 );
             }
             SandboxState::Stopped | SandboxState::Failed => {
-                kill_stray(&live.rec.vm.run_dir).await;
+                self.end_stray(&live.rec.vm).await;
                 *slot.view.lock().expect("view lock") = Sandbox::from_record(&live.rec, &slot.dir);
             }
+        }
+    }
+}
+
+impl Inner {
+    /// Ends a VMM no handle knows of: through the backend when it can take
+    /// it over (so its jail and cgroup go too), else by its pid file.
+    async fn end_stray(&self, vm: &bhatti_vmm::VmConfig) {
+        match self.cfg.backend.adopt(vm).await {
+            Ok(stray) => {
+                tracing::warn!(pid = stray.pid(), "ending a stray VMM");
+                if let Err(e) = stray.kill().await {
+                    tracing::warn!("ending a stray VMM: {e}");
+                }
+            }
+            Err(_) => kill_stray(&vm.run_dir).await,
         }
     }
 }
@@ -1264,6 +1315,17 @@ pub fn console_tail(path: &Path) -> String {
     let lines: Vec<&str> = tail.lines().collect();
     let start = lines.len().saturating_sub(CONSOLE_TAIL_LINES);
     lines[start..].join("\n")
+}
+
+/// Runs blocking file work (fsync, rename, unlink of big files) on the
+/// blocking pool: on the daemon's one scheduler thread it would stall every
+/// other request for as long as a GiB takes to sync.
+async fn off_thread<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| std::io::Error::other(format!("a blocking task failed: {e}")))?
 }
 
 fn remove_dir_if_exists(d: &Path) {

@@ -93,6 +93,31 @@ pub fn insert(c: &Connection, s: &NewSnapshot) -> Result<SnapshotRow> {
     Ok(row)
 }
 
+/// Records what a finished checkpoint holds (its row was reserved before
+/// the work began).
+pub fn finish_reserved(
+    c: &Connection,
+    owner: &str,
+    name: &str,
+    spec: &serde_json::Value,
+    size_bytes: u64,
+) -> Result<SnapshotRow> {
+    let n = c
+        .prepare_cached(
+            "UPDATE snapshots SET spec = ?3, size_bytes = ?4 WHERE owner = ?1 AND name = ?2",
+        )?
+        .execute(params![
+            owner,
+            name,
+            to_json("snapshots.spec", spec)?,
+            size_bytes.min(i64::MAX as u64) as i64
+        ])?;
+    if n == 0 {
+        return Err(StoreError::NotFound(format!("no checkpoint '{name}'")));
+    }
+    get(c, owner, name)?.ok_or_else(|| StoreError::NotFound(format!("no checkpoint '{name}'")))
+}
+
 /// The owner's checkpoint named `name`.
 pub fn get(c: &Connection, owner: &str, name: &str) -> Result<Option<SnapshotRow>> {
     let r = c
