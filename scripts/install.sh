@@ -79,6 +79,15 @@ if [ -n "${BHATTI_FIRECRACKER:-}" ]; then
   [ -x "$BHATTI_FIRECRACKER" ] || die "BHATTI_FIRECRACKER=$BHATTI_FIRECRACKER is not an executable"
   install -m 0755 "$BHATTI_FIRECRACKER" "$PREFIX/bin/firecracker"
   say "installed Firecracker from $BHATTI_FIRECRACKER"
+  # Its jailer (same release, same dir): Firecracker runs under it by
+  # default ([vm] firecracker_jailer).
+  JAILER=${BHATTI_JAILER:-$(dirname "$BHATTI_FIRECRACKER")/jailer}
+  if [ -x "$JAILER" ]; then
+    install -m 0755 "$JAILER" "$PREFIX/bin/jailer"
+    say "installed the jailer from $JAILER"
+  else
+    say "no jailer next to $BHATTI_FIRECRACKER: set [vm] firecracker_jailer = false, or install the release's jailer"
+  fi
 elif command -v firecracker >/dev/null; then
   say "Firecracker found at $(command -v firecracker)"
 else
