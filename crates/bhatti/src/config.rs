@@ -353,6 +353,10 @@ pub struct LimitsConfig {
     pub max_memory_mb: u32,
     /// Named checkpoints one user may keep. Default 20.
     pub max_snapshots: u32,
+    /// Bytes of checkpoints (memory snapshot and disk copy, apparent
+    /// sizes) one user may keep; a checkpoint reserves its VM's memory plus
+    /// disk size before it is taken (past it: 429). Default 64 GiB.
+    pub max_snapshot_bytes: u64,
     /// Bytes of stdout, and of stderr, a buffered exec answer holds (for
     /// everyone, not per user); the command runs to its end and the rest
     /// of its output is dropped (`stdout_truncated` / `stderr_truncated`).
@@ -479,6 +483,7 @@ impl Default for LimitsConfig {
             max_memory_mb: 4096,
             max_snapshots: 20,
             exec_output_max_bytes: 10 << 20,
+            max_snapshot_bytes: 64 << 30,
             rate: RateConfig::default(),
         }
     }
@@ -946,6 +951,8 @@ impl Config {
         e.c("Bytes of stdout, and of stderr, a buffered exec answer holds (for everyone); the command");
         e.c("runs to its end and the rest is dropped (stdout_truncated/stderr_truncated). Streamed execs are not limited.");
         e.kv("exec_output_max_bytes", l.exec_output_max_bytes);
+        e.c("Bytes of checkpoints one user may keep (a checkpoint reserves memory + disk size first).");
+        e.kv("max_snapshot_bytes", l.max_snapshot_bytes);
 
         e.table("limits.rate");
         e.c("Per-user token buckets by request class; a rate of 0 disables that class's limit.");

@@ -70,21 +70,43 @@ async fn checkpoint_to_end(
     let dir = st.checkpoints_dir.join(crate::store::new_id("cp_"));
     // The row is reserved before the work, in one transaction with the
     // count check: concurrent checkpoints cannot overshoot the cap.
+    // Its size is not known before it is taken: the VM's memory plus its
+    // disk (apparent sizes) is the most it can be.
+    let estimate = st
+        .engine
+        .get(&row.id)
+        .map(|sb| {
+            let disk = std::fs::metadata(&sb.paths.root_disk)
+                .map(|m| m.len())
+                .unwrap_or(0);
+            (u64::from(sb.memory_mb) << 20) + disk
+        })
+        .unwrap_or(0);
     let reserve = NewSnapshot {
         owner: caller.user.id.clone(),
         name: req.name.clone(),
         sandbox_id: row.id.clone(),
         files: serde_json::json!({ "dir": dir }),
         spec: serde_json::json!({ "source_name": row.name }),
-        size_bytes: 0,
+        size_bytes: estimate,
     };
     let caps = caller.caps;
+    let max_bytes = st.config.limits.max_snapshot_bytes;
     let reserved = st
         .store
         .transaction(move |tx| {
             let n = snapshots::count(tx, &reserve.owner)?;
             if let Err(e) = caps.check_snapshot_count(n) {
-                return Ok(Err(e));
+                return Ok(Err(ApiError::from(e)));
+            }
+            let used = snapshots::total_bytes(tx, &reserve.owner)?;
+            if used.saturating_add(estimate) > max_bytes {
+                return Ok(Err(ApiError::TooMany {
+                    message: format!(
+                        "checkpoint storage limit: {used} of {max_bytes} bytes in use, and this one may take up to {estimate}"
+                    ),
+                    retry_after: None,
+                }));
             }
             Ok(Ok(snapshots::insert(tx, &reserve)?))
         })

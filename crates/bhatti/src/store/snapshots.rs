@@ -148,6 +148,14 @@ pub fn count(c: &Connection, owner: &str) -> Result<u32> {
     Ok(n as u32)
 }
 
+/// Bytes the owner's checkpoints take (reservations included).
+pub fn total_bytes(c: &Connection, owner: &str) -> Result<u64> {
+    let n: i64 = c
+        .prepare_cached("SELECT COALESCE(SUM(size_bytes), 0) FROM snapshots WHERE owner = ?1")?
+        .query_row([owner], |r| r.get(0))?;
+    Ok(n.max(0) as u64)
+}
+
 /// Deletes the owner's checkpoint `name` and returns it (so the caller can
 /// remove its files); [`StoreError::NotFound`] when absent.
 pub fn delete(c: &Connection, owner: &str, name: &str) -> Result<SnapshotRow> {
