@@ -19,6 +19,7 @@ pub struct Stats {
     pub p95_us: f64,
     pub p99_us: f64,
     pub mean_us: f64,
+    pub max_us: f64,
 }
 
 /// Collects durations into a histogram (1 ns … 1000 s, 3 significant digits).
@@ -50,6 +51,7 @@ impl Recorder {
             p95_us: us(self.hist.value_at_quantile(0.95)),
             p99_us: us(self.hist.value_at_quantile(0.99)),
             mean_us: self.hist.mean() / 1000.0,
+            max_us: us(self.hist.max()),
         }
     }
 }

@@ -14,11 +14,17 @@
 //!    (QemuBackend boot + agent handshake + exec; QMP cont + exec; restore +
 //!    handshake + exec) and the ratio. Needs root and BHATTI_KERNEL /
 //!    BHATTI_ROOTFS, else it prints one SKIP line.
+//! 3. Snapshot stall (real VMs, its own daemon): GET /health every 2 ms
+//!    from a thread of its own while `POST /stop` writes a sandbox's
+//!    ≥ 1 GiB memory snapshot, beside the same client on the idle sandbox;
+//!    the daemon's one scheduler thread must keep answering (p99 < 5 ms).
+//!    `--no-stall` skips it, `--stall-only` runs it alone.
 //!
 //! ```text
 //! cargo build --release -p lohar -p bhatti-bench
 //! eval "$(scripts/artifacts.sh)"
 //! sudo -E target/release/api-bench [--samples 1000] [--vm-boots 3] [--markdown] [--json out.json]
+//! sudo -E target/release/api-bench --stall-only --markdown
 //! ```
 
 #[path = "api_bench/host_backend.rs"]
@@ -75,6 +81,25 @@ pub struct Args {
     /// Guest memory of the VMs (both sides).
     #[arg(long, default_value_t = 512)]
     memory_mb: u32,
+    /// Skip the snapshot-stall part (GET /health while a ≥ 1 GiB memory
+    /// snapshot is written).
+    #[arg(long)]
+    no_stall: bool,
+    /// Run only the snapshot-stall part.
+    #[arg(long, conflicts_with_all = ["no_stall", "no_vm"])]
+    stall_only: bool,
+    /// Guest memory of the snapshot-stall sandbox.
+    #[arg(long, default_value_t = 1400)]
+    stall_memory_mb: u32,
+    /// Guest RAM the stall sandbox fills before its snapshot (MiB).
+    #[arg(long, default_value_t = 1024)]
+    stall_fill_mb: u64,
+    /// Seconds of GET /health on the idle sandbox (the floor).
+    #[arg(long, default_value_t = 3.0)]
+    stall_idle_secs: f64,
+    /// Milliseconds between two GET /health of the stall part.
+    #[arg(long, default_value_t = 2)]
+    stall_interval_ms: u64,
     /// Also print a compact Markdown table (for the README).
     #[arg(long)]
     markdown: bool,
@@ -162,14 +187,6 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let lohar = match args.lohar.clone() {
-        Some(p) => p,
-        None => std::env::current_exe()?
-            .parent()
-            .context("no parent dir")?
-            .join("lohar"),
-    };
-    anyhow::ensure!(lohar.is_file(), "no lohar at {}", lohar.display());
     let mut report = Report {
         benchmark: "bhatti api-bench (HTTP API over the unix socket, kept-alive connections)",
         host: host_description(),
@@ -180,7 +197,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         notes: Vec::new(),
         lines: Vec::new(),
     };
-    if !args.vm_only {
+    if !args.vm_only && !args.stall_only {
+        // Only part 1 runs lohar on the host; the VMs have theirs in the rootfs.
+        let lohar = match args.lohar.clone() {
+            Some(p) => p,
+            None => std::env::current_exe()?
+                .parent()
+                .context("no parent dir")?
+                .join("lohar"),
+        };
+        anyhow::ensure!(lohar.is_file(), "no lohar at {}", lohar.display());
         eprintln!("[api-bench] part 1: orchestrator overhead, no VM");
         report.lines.extend(no_vm(&args, &lohar).await?);
     }
@@ -191,11 +217,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 report.vm_skipped = Some(why);
             }
             Ok(art) => {
-                eprintln!("[api-bench] part 2: real VMs");
-                let (backend, lines, notes) = vms::run(&args, &art).await?;
-                report.vm_backend = Some(backend);
-                report.lines.extend(lines);
-                report.notes.extend(notes);
+                if !args.stall_only {
+                    eprintln!("[api-bench] part 2: real VMs");
+                    let (backend, lines, notes) = vms::run(&args, &art).await?;
+                    report.vm_backend = Some(backend);
+                    report.lines.extend(lines);
+                    report.notes.extend(notes);
+                }
+                if !args.no_stall {
+                    eprintln!("[api-bench] part 3: GET /health during a memory snapshot");
+                    let (backend, lines, notes) = vms::stall(&args, &art).await?;
+                    report.vm_backend.get_or_insert(backend);
+                    report.lines.extend(lines);
+                    report.notes.extend(notes);
+                }
             }
         }
     }
@@ -756,6 +791,44 @@ fn print_tables(r: &Report) {
             );
         }
     }
+    let stall: Vec<&Line> = r
+        .lines
+        .iter()
+        .filter(|l| l.section == vms::STALL_SECTION)
+        .collect();
+    if !stall.is_empty() {
+        println!(
+            "\n3. GET /health while a memory snapshot is written ({}), ms",
+            r.vm_backend.as_deref().unwrap_or("?")
+        );
+        println!(
+            "{:<52} {:>5} {:>7} {:>7} {:>7} {:>8} | {:<32} {:>5} {:>7} {:>7} {:>7} {:>8} | {:<12} met",
+            "operation", "n", "p50", "p95", "p99", "max", "floor (same run)", "n", "p50", "p95",
+            "p99", "max", "target"
+        );
+        for l in stall {
+            let ms = |v: f64| format!("{:.2}", v / 1000.0);
+            let f = l.floor.as_ref();
+            let fv = |g: fn(&Stats) -> f64| f.map(|f| ms(g(f))).unwrap_or("-".into());
+            println!(
+                "{:<52} {:>5} {:>7} {:>7} {:>7} {:>8} | {:<32} {:>5} {:>7} {:>7} {:>7} {:>8} | {:<12} {}",
+                l.op.name,
+                l.op.samples,
+                ms(l.op.p50_us),
+                ms(l.op.p95_us),
+                ms(l.op.p99_us),
+                ms(l.op.max_us),
+                f.map(|f| f.name.as_str()).unwrap_or("-"),
+                f.map(|f| f.samples.to_string()).unwrap_or("-".into()),
+                fv(|s| s.p50_us),
+                fv(|s| s.p95_us),
+                fv(|s| s.p99_us),
+                fv(|s| s.max_us),
+                l.target,
+                met_str(l.met)
+            );
+        }
+    }
     for n in &r.notes {
         println!("note: {n}");
     }
@@ -763,9 +836,16 @@ fn print_tables(r: &Report) {
 
 fn print_markdown(r: &Report) {
     println!("\n<!-- api-bench --markdown; host: {} -->", r.host);
-    println!("| Operation (through the API) | p50 | p95 | p99 | Floor, same run (p50) | Ours − floor / ratio | Seed p50 | Target |");
-    println!("|---|---:|---:|---:|---|---:|---:|---|");
-    for l in &r.lines {
+    let main: Vec<&Line> = r
+        .lines
+        .iter()
+        .filter(|l| l.section != vms::STALL_SECTION)
+        .collect();
+    if !main.is_empty() {
+        println!("| Operation (through the API) | p50 | p95 | p99 | Floor, same run (p50) | Ours − floor / ratio | Seed p50 | Target |");
+        println!("|---|---:|---:|---:|---|---:|---:|---|");
+    }
+    for l in main {
         let vm = l.section.starts_with("VM");
         let label = if vm {
             format!(
@@ -807,6 +887,38 @@ fn print_markdown(r: &Report) {
             l.seed_p50_us.map(human).unwrap_or("-".into()),
             target
         );
+    }
+    let stall: Vec<&Line> = r
+        .lines
+        .iter()
+        .filter(|l| l.section == vms::STALL_SECTION)
+        .collect();
+    if !stall.is_empty() {
+        println!();
+        println!(
+            "| {} | p50 | p95 | p99 | max | Target |",
+            r.vm_backend.as_deref().unwrap_or("VM")
+        );
+        println!("|---|---:|---:|---:|---:|---|");
+        for l in stall {
+            for (s, target) in [(l.floor.as_ref(), None), (Some(&l.op), Some(l))] {
+                let Some(s) = s else { continue };
+                let target = match target.and_then(|l| l.met.map(|m| (l, m))) {
+                    Some((l, m)) => format!("{} {}", l.target, if m { "✓" } else { "✗" }),
+                    None => "floor (same run)".into(),
+                };
+                println!(
+                    "| {} (n={}) | {} | {} | {} | {} | {} |",
+                    s.name,
+                    s.samples,
+                    human(s.p50_us),
+                    human(s.p95_us),
+                    human(s.p99_us),
+                    human(s.max_us),
+                    target
+                );
+            }
+        }
     }
     if let Some(why) = &r.vm_skipped {
         println!("\n(real-VM rows skipped: {why})");

@@ -10,10 +10,11 @@
 //! the temp dirs.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use bhatti::config::{Backend, DiskStrategy};
+use bhatti::config::{Backend, Config, DiskStrategy};
 use bhatti_bench::{Recorder, Stats};
 use bhatti_protocol::guest_config::{AgentTransport, GuestConfig};
 use bhatti_protocol::AgentClient;
@@ -108,12 +109,41 @@ fn kill_vmm_of(run_dir: &Path) {
     }
 }
 
+/// The VM part's daemon config on `dir`: the backend `[vm]` picks, network
+/// in netns `ns`, short thermal timers.
+fn vm_config(dir: &Path, art: &Artifacts, ns: &str) -> Config {
+    let mut config = bench_config(dir, &art.kernel, &art.rootfs);
+    config.vm.backend = Backend::Auto;
+    config.vm.boot_timeout_secs = BOOT_TIMEOUT.as_secs();
+    config.vm.agent_timeout_secs = 60;
+    config.vm.disk_strategy = DiskStrategy::Auto;
+    config.vm.xfs_loop_size_mb = 16 << 10;
+    config.network.netns = Some(ns.to_owned());
+    config.network.dns_upstreams = vec![];
+    config.thermal.warm_after_secs = 1;
+    config.thermal.cold_after_secs = 0;
+    config.thermal.sweep_interval_ms = 100;
+    config
+}
+
+/// "QEMU (TCG)", "QEMU (KVM)", "Firecracker".
+fn backend_label(backend: &Arc<dyn VmmBackend>) -> String {
+    let label = match backend.kind() {
+        BackendKind::Qemu => {
+            let kvm = std::path::Path::new("/dev/kvm").exists();
+            format!("QEMU ({})", if kvm { "KVM if usable" } else { "TCG" })
+        }
+        BackendKind::Firecracker => "Firecracker".to_owned(),
+    };
+    qemu_accel_label(backend).unwrap_or(label)
+}
+
 pub async fn run(args: &Args, art: &Artifacts) -> anyhow::Result<(String, Vec<Line>, Vec<String>)> {
     let dir = tempfile::Builder::new()
         .prefix("bhatti-api-bench-vm.")
         .tempdir()?;
     let ns = format!("bhatti-b-{}", bhatti::engine::random_hex(4));
-    let mut config = bench_config(dir.path(), &art.kernel, &art.rootfs);
+    let config = vm_config(dir.path(), art, &ns);
     let raw_root = dir.path().join("raw");
     std::fs::create_dir_all(&raw_root)?;
     // Declared after `dir`: dropped (and run) before the temp dir goes.
@@ -122,25 +152,8 @@ pub async fn run(args: &Args, art: &Artifacts) -> anyhow::Result<(String, Vec<Li
         raw: raw_root.clone(),
         ns: ns.clone(),
     };
-    config.vm.backend = Backend::Auto;
-    config.vm.boot_timeout_secs = BOOT_TIMEOUT.as_secs();
-    config.vm.agent_timeout_secs = 60;
-    config.vm.disk_strategy = DiskStrategy::Auto;
-    config.vm.xfs_loop_size_mb = 16 << 10;
-    config.network.netns = Some(ns.clone());
-    config.network.dns_upstreams = vec![];
-    config.thermal.warm_after_secs = 1;
-    config.thermal.cold_after_secs = 0;
-    config.thermal.sweep_interval_ms = 100;
     let backend = bhatti::daemon::backend(&config)?;
-    let label = match backend.kind() {
-        BackendKind::Qemu => {
-            let kvm = std::path::Path::new("/dev/kvm").exists();
-            format!("QEMU ({})", if kvm { "KVM if usable" } else { "TCG" })
-        }
-        BackendKind::Firecracker => "Firecracker".to_owned(),
-    };
-    let label = qemu_accel_label(&backend).unwrap_or(label);
+    let label = backend_label(&backend);
 
     let key = create_user(&config, "bench")?;
     let sock = config.listen_unix.clone();
@@ -493,3 +506,449 @@ fn remove_sockets(dir: &Path) {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Part 3: GET /health while a ≥ 1 GiB memory snapshot is written.
+//
+// A sandbox of `--stall-memory-mb` fills `--stall-fill-mb` of its RAM (two
+// tmpfs files of random, page-wise distinct data, so QEMU's migration can
+// elide nothing); then a client on its own OS thread and runtime (not the
+// daemon's scheduler thread, which it is there to watch) sends GET /health
+// every `--stall-interval-ms` on one kept-alive connection: for
+// `--stall-idle-secs` with the sandbox idle (the floor), then from the start
+// to the end of POST /sandboxes/{id}/stop (pause, migrate RAM to a file,
+// fsync, rename, end the VMM).
+
+/// One GET /health: when it was sent, how long it took, and what the
+/// snapshot looked like on disk when it was sent.
+#[derive(Debug, Clone)]
+struct Sample {
+    at: Instant,
+    latency: Duration,
+    phase: Option<Phase>,
+}
+
+/// The snapshot's progress as seen from the host's file system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// No snapshot file yet (guest sync, pause).
+    Before,
+    /// `snapshot.tmp/state` holds this many bytes (migration, fsync).
+    Writing(u64),
+    /// `snapshot/state` in place, the VMM still alive (kill).
+    RenamedVmmAlive,
+    /// `snapshot/state` in place, the VMM gone (cleanup, state change).
+    RenamedVmmGone,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Phase::Before => write!(f, "no snapshot file yet (sync/pause)"),
+            Phase::Writing(b) => write!(f, "snapshot.tmp/state at {} MiB", b >> 20),
+            Phase::RenamedVmmAlive => write!(f, "snapshot renamed, VMM alive"),
+            Phase::RenamedVmmGone => write!(f, "snapshot renamed, VMM gone"),
+        }
+    }
+}
+
+/// Where to look for the snapshot's progress.
+#[derive(Debug, Clone)]
+struct Probe {
+    tmp_state: PathBuf,
+    fin_state: PathBuf,
+    vmm_pid: Option<i32>,
+}
+
+impl Probe {
+    fn phase(&self) -> Phase {
+        if let Ok(m) = std::fs::metadata(&self.tmp_state) {
+            return Phase::Writing(m.len());
+        }
+        if !self.fin_state.exists() {
+            return Phase::Before;
+        }
+        let alive = self
+            .vmm_pid
+            .is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        if alive {
+            Phase::RenamedVmmAlive
+        } else {
+            Phase::RenamedVmmGone
+        }
+    }
+}
+
+/// GET /health at a fixed pace from a thread of its own until finished.
+struct Hammer {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    done: Option<tokio::sync::oneshot::Receiver<anyhow::Result<Vec<Sample>>>>,
+}
+
+impl Hammer {
+    fn start(sock: &Path, every: Duration, probe: Option<Probe>) -> anyhow::Result<Hammer> {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (sock, flag) = (sock.to_owned(), stop.clone());
+        std::thread::Builder::new()
+            .name("health-hammer".into())
+            .spawn(move || {
+                let r = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|rt| rt.block_on(hammer(&sock, every, probe, &flag)));
+                let _ = tx.send(r);
+            })?;
+        Ok(Hammer {
+            stop,
+            done: Some(rx),
+        })
+    }
+
+    async fn finish(mut self) -> anyhow::Result<Vec<Sample>> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let rx = self.done.take().context("finished twice")?;
+        tokio::time::timeout(Duration::from_secs(30), rx)
+            .await
+            .context("the /health client did not end within 30 s")?
+            .context("the /health client thread died")?
+    }
+}
+
+impl Drop for Hammer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+async fn hammer(
+    sock: &Path,
+    every: Duration,
+    probe: Option<Probe>,
+    stop: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<Vec<Sample>> {
+    let mut c = Conn::new(sock, None);
+    // Connect and warm the connection before the first timed request.
+    for _ in 0..20 {
+        c.get("/health").await?.ok("GET /health", 200)?;
+    }
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut out = Vec::new();
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        tick.tick().await;
+        let phase = probe.as_ref().map(Probe::phase);
+        let at = Instant::now();
+        c.get("/health").await?.ok("GET /health", 200)?;
+        out.push(Sample {
+            at,
+            latency: at.elapsed(),
+            phase,
+        });
+    }
+    Ok(out)
+}
+
+/// The samples' latencies; with `every`, corrected for coordinated
+/// omission: a request that took k×`every` longer than `every` also stands
+/// for the k requests the client would have sent meanwhile, each counted
+/// from when it was due (HdrHistogram's `record_correct`).
+fn stats_of<'a>(
+    name: &str,
+    samples: impl Iterator<Item = &'a Sample>,
+    every: Option<Duration>,
+) -> Stats {
+    let mut r = Recorder::new(name);
+    for s in samples {
+        r.record(s.latency);
+        if let Some(every) = every.filter(|e| !e.is_zero()) {
+            let mut missed = s.latency.saturating_sub(every);
+            while missed >= every {
+                r.record(missed);
+                missed -= every;
+            }
+        }
+    }
+    r.stats()
+}
+
+/// Runs a command in the guest through the API; fails unless it exits 0.
+async fn guest(c: &mut Conn, id: &str, cmd: &[&str]) -> anyhow::Result<String> {
+    let v = c
+        .post(
+            &format!("/sandboxes/{id}/exec"),
+            serde_json::json!({ "cmd": cmd }),
+        )
+        .await?
+        .ok("exec", 200)?
+        .json()?;
+    anyhow::ensure!(
+        v["exit_code"] == 0,
+        "guest {cmd:?}: exit {}; stderr: {}",
+        v["exit_code"],
+        v["stderr"].as_str().unwrap_or("")
+    );
+    Ok(v["stdout"].as_str().unwrap_or("").to_owned())
+}
+
+/// A `/proc/meminfo` field, in MiB.
+fn meminfo_mib(meminfo: &str, field: &str) -> Option<u64> {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|kib| kib >> 10)
+}
+
+pub async fn stall(
+    args: &Args,
+    art: &Artifacts,
+) -> anyhow::Result<(String, Vec<Line>, Vec<String>)> {
+    let dir = tempfile::Builder::new()
+        .prefix("bhatti-api-bench-stall.")
+        .tempdir()?;
+    let ns = format!("bhatti-b-{}", bhatti::engine::random_hex(4));
+    let mut config = vm_config(dir.path(), art, &ns);
+    // Declared after `dir`: dropped (and run) before the temp dir goes.
+    let _cleanup = Cleanup {
+        data: config.data_dir.clone(),
+        raw: dir.path().join("raw"),
+        ns: ns.clone(),
+    };
+    // Nothing pauses or stops the sandbox but us.
+    config.thermal.warm_after_secs = 0;
+    config.thermal.cold_after_secs = 0;
+    // The sandbox is bigger than the defaults may allow.
+    let mem = args.stall_memory_mb;
+    config.vm.max_memory_mb = config.vm.max_memory_mb.max(mem);
+    config.limits.max_memory_mb = config.limits.max_memory_mb.max(mem);
+    let backend = bhatti::daemon::backend(&config)?;
+    let label = backend_label(&backend);
+    let key = create_user(&config, "bench")?;
+    let daemon = Daemon::start(config.clone(), backend).await?;
+    let measured = stall_sandbox(args, &config, &key, &label).await;
+    let stopped = daemon.stop().await;
+    let (lines, notes) = measured?;
+    stopped?;
+    Ok((label, lines, notes))
+}
+
+async fn stall_sandbox(
+    args: &Args,
+    config: &Config,
+    key: &str,
+    label: &str,
+) -> anyhow::Result<(Vec<Line>, Vec<String>)> {
+    let mut c = Conn::new(&config.listen_unix, Some(key));
+    let t = Instant::now();
+    let id = create_sandbox(
+        &mut c,
+        serde_json::json!({"name": "stall", "cpus": 1, "memory_mb": args.stall_memory_mb}),
+    )
+    .await?;
+    let result = async {
+        c.exec_true(&id).await?;
+        eprintln!(
+            "[api-bench] stall: {} MiB sandbox up in {:.2} s",
+            args.stall_memory_mb,
+            t.elapsed().as_secs_f64()
+        );
+        stall_ops(args, config, &mut c, &id, label).await
+    }
+    .await;
+    // The snapshot (GiBs) goes with the sandbox.
+    if let Err(e) = c.delete(&format!("/sandboxes/{id}")).await {
+        eprintln!("[api-bench] stall: deleting {id}: {e}");
+    }
+    result
+}
+
+async fn stall_ops(
+    args: &Args,
+    config: &Config,
+    c: &mut Conn,
+    id: &str,
+    label: &str,
+) -> anyhow::Result<(Vec<Line>, Vec<String>)> {
+    let fill = args.stall_fill_mb.clamp(1, 4096);
+    let sock = config.listen_unix.clone();
+    let every = Duration::from_millis(args.stall_interval_ms.max(1));
+    let load_before = bhatti_bench::load_average();
+
+    // 1. Fill guest RAM: two tmpfs files, half in /dev/shm and half in /tmp
+    // (each tmpfs may hold half the RAM; exec is not root, so neither can
+    // grow); each MiB is the same random MiB rotated by a different number
+    // of bytes (< 4096), so no two pages are alike and none is zero.
+    let df = guest(c, id, &["df", "-m", "/dev/shm", "/tmp"]).await?;
+    let script = format!(
+        "import os\nb = os.urandom(1 << 20)\nn = {fill}\nh = n // 2\n\
+         for p, r in (('/dev/shm/fill', range(h)), ('/tmp/fill', range(h, n))):\n\
+         \twith open(p, 'wb') as f:\n\
+         \t\tfor i in r:\n\
+         \t\t\tf.write(b[i:] + b[:i])\n"
+    );
+    let t = Instant::now();
+    guest(c, id, &["python3", "-c", &script])
+        .await
+        .with_context(|| format!("filling guest RAM; guest tmpfs sizes:\n{df}"))?;
+    let fill_took = t.elapsed();
+    eprintln!(
+        "[api-bench] stall: filled {fill} MiB of guest RAM in {:.1} s",
+        fill_took.as_secs_f64()
+    );
+    let meminfo = guest(c, id, &["cat", "/proc/meminfo"]).await?;
+    let (total, avail, shmem) = (
+        meminfo_mib(&meminfo, "MemTotal").unwrap_or(0),
+        meminfo_mib(&meminfo, "MemAvailable").unwrap_or(0),
+        meminfo_mib(&meminfo, "Shmem").unwrap_or(0),
+    );
+    // (Shmem lags the files' size by a few KiB of per-CPU counter batching.)
+    anyhow::ensure!(
+        shmem + 8 >= fill,
+        "the guest holds {shmem} MiB of shmem, wanted ≥ {fill} MiB:\n{meminfo}"
+    );
+    let run_dir = config.data_dir.join("run").join(id);
+    let vmm_pid = std::fs::read_to_string(run_dir.join("vmm.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok());
+    let vmm_rss = vmm_pid.and_then(|p| {
+        let st = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
+        meminfo_mib(&st, "VmRSS")
+    });
+    eprintln!(
+        "[api-bench] stall: guest MemTotal {total} MiB, MemAvailable {avail} MiB, Shmem {shmem} MiB; \
+         VMM RSS {} MiB",
+        vmm_rss.map(|r| r.to_string()).unwrap_or("?".into())
+    );
+
+    // 2. The floor: the same client, the sandbox running idle.
+    let h = Hammer::start(&sock, every, None)?;
+    tokio::time::sleep(Duration::from_secs_f64(args.stall_idle_secs.max(0.5))).await;
+    let idle = h.finish().await?;
+
+    // 3. During POST /stop.
+    let sb_dir = config.data_dir.join("sandboxes").join(id);
+    let probe = Probe {
+        tmp_state: sb_dir.join("snapshot.tmp").join("state"),
+        fin_state: sb_dir.join("snapshot").join("state"),
+        vmm_pid,
+    };
+    let h = Hammer::start(&sock, every, Some(probe))?;
+    // Let it connect and settle before the clock starts.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t0 = Instant::now();
+    let stop = c
+        .post(&format!("/sandboxes/{id}/stop"), serde_json::json!({}))
+        .await;
+    let t1 = Instant::now();
+    let all = h.finish().await?;
+    stop?.ok("stop", 200)?;
+    let stop_took = t1 - t0;
+    let during: Vec<&Sample> = all.iter().filter(|s| s.at >= t0 && s.at <= t1).collect();
+    anyhow::ensure!(
+        !during.is_empty(),
+        "no GET /health was sent during the stop"
+    );
+    let load_after = bhatti_bench::load_average();
+
+    let snap = sb_dir.join("snapshot").join("state");
+    let (snap_len, snap_alloc) = {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&snap)
+            .with_context(|| format!("no snapshot at {}", snap.display()))?;
+        (m.len(), m.blocks() * 512)
+    };
+    anyhow::ensure!(
+        snap_len >= fill << 20,
+        "the snapshot is {} MiB, smaller than the {fill} MiB filled",
+        snap_len >> 20
+    );
+
+    let floor = stats_of("GET /health, sandbox idle", idle.iter(), None);
+    let gib = snap_len as f64 / (1u64 << 30) as f64;
+    let name = format!("GET /health during POST /stop ({gib:.2} GiB snapshot)");
+    let ours = stats_of(&name, during.iter().copied(), None);
+    let met = ours.p99_us < 5000.0;
+    let co_floor = stats_of("GET /health idle, CO-corrected", idle.iter(), Some(every));
+    let co_name = "GET /health during POST /stop, CO-corrected";
+    let co_ours = stats_of(co_name, during.iter().copied(), Some(every));
+    let co_met = co_ours.p99_us < 5000.0;
+    let slow: Vec<&&Sample> = during
+        .iter()
+        .filter(|s| s.latency >= Duration::from_millis(5))
+        .collect();
+    let mut worst: Vec<&Sample> = during.clone();
+    worst.sort_by_key(|s| std::cmp::Reverse(s.latency));
+    let worst: Vec<String> = worst
+        .iter()
+        .take(5)
+        .map(|s| {
+            format!(
+                "{:.1} ms sent at +{:.0} ms ({})",
+                s.latency.as_secs_f64() * 1e3,
+                (s.at - t0).as_secs_f64() * 1e3,
+                s.phase.map(|p| p.to_string()).unwrap_or_else(|| "?".into())
+            )
+        })
+        .collect();
+    // When the snapshot file reached its full size (migration done).
+    let migrated_at = all
+        .iter()
+        .find(|s| s.phase == Some(Phase::Writing(snap_len)))
+        .map(|s| format!("+{:.0} ms", (s.at - t0).as_secs_f64() * 1e3))
+        .unwrap_or_else(|| "not seen".into());
+    let renamed_at = all
+        .iter()
+        .find(|s| {
+            matches!(
+                s.phase,
+                Some(Phase::RenamedVmmAlive | Phase::RenamedVmmGone)
+            )
+        })
+        .map(|s| format!("+{:.0} ms", (s.at - t0).as_secs_f64() * 1e3))
+        .unwrap_or_else(|| "not seen".into());
+
+    let lines = vec![
+        Line::new(STALL_SECTION, ours)
+            .floor(floor)
+            .target("p99 < 5 ms", met),
+        Line::new(STALL_SECTION, co_ours)
+            .floor(co_floor)
+            .target("p99 < 5 ms", co_met),
+    ];
+    let notes = vec![
+        format!(
+            "stall part: {label}, one {} MiB sandbox, 1 vCPU; {fill} MiB of guest RAM filled with page-wise \
+             distinct random data in {:.1} s (guest MemTotal {total} MiB, MemAvailable {avail} MiB, Shmem {shmem} MiB; \
+             VMM RSS {} MiB); GET /health every {} ms from a thread of its own on one kept-alive connection, \
+             {:.1} s idle ({} requests) vs the whole POST /stop ({} requests); the CO-corrected rows also count, \
+             for a request that took longer than that, the requests the client would have sent meanwhile",
+            args.stall_memory_mb,
+            fill_took.as_secs_f64(),
+            vmm_rss.map(|r| r.to_string()).unwrap_or("?".into()),
+            every.as_millis(),
+            args.stall_idle_secs,
+            idle.len(),
+            during.len(),
+        ),
+        format!(
+            "stall part: POST /stop took {:.2} s; snapshot/state {} MiB ({} MiB allocated on disk); \
+             the file reached its full size at {migrated_at}, the snapshot dir was renamed into place at {renamed_at}; \
+             load {load_before} before the fill, {load_after} after the stop",
+            stop_took.as_secs_f64(),
+            snap_len >> 20,
+            snap_alloc >> 20,
+        ),
+        format!(
+            "stall part: {} of {} /health requests during the stop took ≥ 5 ms; slowest: {}",
+            slow.len(),
+            during.len(),
+            worst.join("; ")
+        ),
+    ];
+    Ok((lines, notes))
+}
+
+/// The section of part 3's lines.
+pub const STALL_SECTION: &str = "snapshot stall";
