@@ -153,6 +153,26 @@ async fn secret_values_never_land_on_the_host_disk() {
         .expect(201);
     let (_, out, _) = a.sh("fork", "echo $API_TOKEN").await;
     assert_eq!(seen(out), value, "in the fork");
+    // Host side: the fork's VMM has its own disk open, never its origin's.
+    let id_of = |v: serde_json::Value| v["id"].as_str().expect("id").to_owned();
+    let dev_id = id_of(a.get("/sandboxes/dev").await.expect(200));
+    let fork_id = id_of(a.get("/sandboxes/fork").await.expect(200));
+    let fork_pid = env
+        .vmm_pids()
+        .into_iter()
+        .find(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmd).contains(&fork_id)
+        })
+        .expect("the fork's VMM");
+    let open: Vec<String> = std::fs::read_dir(format!("/proc/{fork_pid}/fd"))
+        .expect("fds")
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|p| p.display().to_string())
+        .collect();
+    assert!(open.iter().any(|p| p.contains(&fork_id)), "{open:?}");
+    assert!(!open.iter().any(|p| p.contains(&dev_id)), "{open:?}");
 
     let hits = files_containing(&env.data_dir(), value.as_bytes());
     assert!(hits.is_empty(), "the secret is on disk in {hits:?}");

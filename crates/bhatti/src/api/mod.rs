@@ -448,3 +448,21 @@ async fn request_span(State(st): State<AppStateRef>, req: Request, next: Next) -
 fn created<T: serde::Serialize>(v: T) -> Response {
     (StatusCode::CREATED, axum::Json(v)).into_response()
 }
+
+#[cfg(test)]
+mod panic_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_answers_500_json_without_detail() {
+        let resp = panic_response(Box::new("index out of bounds at /src/x.rs"));
+        assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .expect("body");
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        let msg = v["error"].as_str().expect("error field");
+        assert!(msg.starts_with("internal error"), "{msg}");
+        assert!(!msg.contains("/src/x.rs"), "{msg}");
+    }
+}
