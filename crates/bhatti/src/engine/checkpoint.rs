@@ -496,11 +496,17 @@ impl Inner {
         });
         let mut live = slot.live.lock().await;
         {
-            let mut slots = inner.slots.lock().expect("slots lock");
-            let taken = slots
-                .values()
-                .any(|s| s.view.lock().expect("view lock").name == name)
-                || slots.contains_key(&id);
+            let mut slots = inner
+                .slots
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let taken = slots.values().any(|s| {
+                s.view
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .name
+                    == name
+            }) || slots.contains_key(&id);
             if taken {
                 if let (Some(n), Some(g)) = (&inner.net, &live.rec.net) {
                     n.release(g);
@@ -514,7 +520,11 @@ impl Inner {
         match result {
             Ok(()) => {
                 span.in_scope(|| tracing::info!("sandbox created"));
-                Ok(slot.view.lock().expect("view lock").clone())
+                Ok(slot
+                    .view
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone())
             }
             Err(e) => {
                 span.in_scope(|| tracing::warn!("create failed: {e}"));
@@ -522,7 +532,11 @@ impl Inner {
                     tracing::error!(id = %id, "cleanup after a failed create: {ce}");
                 }
                 live.gone = true;
-                inner.slots.lock().expect("slots lock").remove(&id);
+                inner
+                    .slots
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&id);
                 Err(e)
             }
         }

@@ -28,7 +28,6 @@ mod state;
 mod wake;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -299,9 +298,14 @@ impl Engine {
             .inner
             .slots
             .lock()
-            .expect("slots lock")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .values()
-            .map(|s| s.view.lock().expect("view lock").clone())
+            .map(|s| {
+                s.view
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone()
+            })
             .collect();
         v.sort_by(|a, b| (a.created_unix_ms, &a.id).cmp(&(b.created_unix_ms, &b.id)));
         v
@@ -310,7 +314,11 @@ impl Engine {
     /// A sandbox by id or name. Never waits for running operations.
     pub fn get(&self, id_or_name: &str) -> Result<Sandbox> {
         let slot = self.inner.slot(id_or_name)?;
-        let view = slot.view.lock().expect("view lock").clone();
+        let view = slot
+            .view
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         Ok(view)
     }
 
@@ -466,7 +474,11 @@ impl Engine {
                     .instrument(span.clone())
                     .await?;
                 live.gone = true;
-                inner.slots.lock().expect("slots lock").remove(&slot.id);
+                inner
+                    .slots
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&slot.id);
                 span.in_scope(|| tracing::info!("sandbox destroyed"));
                 Ok(true)
             })
@@ -498,7 +510,7 @@ impl Engine {
             if inner
                 .slots
                 .lock()
-                .expect("slots lock")
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .contains_key(&rec.id)
             {
                 continue;
@@ -524,9 +536,14 @@ impl Engine {
             inner
                 .slots
                 .lock()
-                .expect("slots lock")
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .insert(id, slot.clone());
-            found.push(slot.view.lock().expect("view lock").clone());
+            found.push(
+                slot.view
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone(),
+            );
         }
         Ok(found)
     }
@@ -552,7 +569,7 @@ impl Engine {
             .inner
             .slots
             .lock()
-            .expect("slots lock")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .values()
             .cloned()
             .collect();
@@ -611,13 +628,22 @@ impl Inner {
     }
 
     fn slot(&self, id_or_name: &str) -> Result<Arc<Slot>> {
-        let slots = self.slots.lock().expect("slots lock");
+        let slots = self
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(s) = slots.get(id_or_name) {
             return Ok(s.clone());
         }
         slots
             .values()
-            .find(|s| s.view.lock().expect("view lock").name == id_or_name)
+            .find(|s| {
+                s.view
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .name
+                    == id_or_name
+            })
             .cloned()
             .ok_or_else(|| EngineError::NotFound(id_or_name.to_owned()))
     }
@@ -635,7 +661,11 @@ impl Inner {
     }
 
     fn save_as(&self, slot: &Slot, live: &Live, durable: bool) -> Result<()> {
-        *slot.view.lock().expect("view lock") = Sandbox::from_record(&live.rec, &slot.dir);
+        *slot
+            .view
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Sandbox::from_record(&live.rec, &slot.dir);
         let saved = if durable {
             live.rec.save(&slot.dir)
         } else {
@@ -1277,7 +1307,11 @@ impl Inner {
             }
             SandboxState::Stopped | SandboxState::Failed => {
                 self.end_stray(&live.rec.vm).await;
-                *slot.view.lock().expect("view lock") = Sandbox::from_record(&live.rec, &slot.dir);
+                *slot
+                    .view
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Sandbox::from_record(&live.rec, &slot.dir);
             }
         }
     }
@@ -1375,9 +1409,8 @@ pub fn new_sandbox_id() -> String {
 /// `n` random bytes from the kernel, hex-encoded.
 pub fn random_hex(n: usize) -> String {
     let mut buf = vec![0u8; n];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .expect("reading /dev/urandom");
+    // The OS's generator (seeded once per thread); no file to fail on.
+    rand::fill(buf.as_mut_slice());
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -61,7 +61,7 @@ impl Engine {
         let known: HashSet<String> = inner
             .slots
             .lock()
-            .expect("slots lock")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .keys()
             .cloned()
             .collect();

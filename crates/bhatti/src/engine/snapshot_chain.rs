@@ -40,14 +40,22 @@ pub(super) struct Chains(std::sync::Mutex<HashMap<String, ChainBase>>);
 
 impl Chains {
     fn get(&self, id: &str) -> Option<ChainBase> {
-        self.0.lock().expect("chains lock").get(id).cloned()
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(id)
+            .cloned()
     }
 }
 
 impl Inner {
     /// Notes that `vm` was just restored from `files` (call after a restore).
     pub(super) fn note_restored(&self, id: &str, vm: &dyn Vm, files: &SnapshotFiles) {
-        let mut chains = self.chains.0.lock().expect("chains lock");
+        let mut chains = self
+            .chains
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match &files.memory {
             Some(memory) if self.cfg.backend.supports_diff_snapshots() => {
                 chains.insert(
@@ -67,7 +75,11 @@ impl Inner {
 
     /// Forgets a sandbox's chain (its VMM ended or it booted fresh).
     pub(super) fn forget_chain(&self, id: &str) {
-        self.chains.0.lock().expect("chains lock").remove(id);
+        self.chains
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(id);
     }
 
     /// The kind the next cold snapshot of `vm` will be.

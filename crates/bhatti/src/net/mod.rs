@@ -197,7 +197,7 @@ impl Network {
         let ip = self
             .pool
             .lock()
-            .expect("pool lock")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .allocate()
             .ok_or_else(|| NetError::Exhausted(self.subnet.cidr()))?;
         Ok(GuestNet {
@@ -216,12 +216,20 @@ impl Network {
     /// fit this subnet or is already taken. Addresses on other bridges
     /// belong to their caller's pools: always true.
     pub fn reserve(&self, net: &GuestNet) -> bool {
-        !net.on_default_bridge() || self.pool.lock().expect("pool lock").reserve(net.ip)
+        !net.on_default_bridge()
+            || self
+                .pool
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .reserve(net.ip)
     }
 
     pub fn release(&self, net: &GuestNet) {
         if net.on_default_bridge() {
-            self.pool.lock().expect("pool lock").release(net.ip)
+            self.pool
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .release(net.ip)
         }
     }
 

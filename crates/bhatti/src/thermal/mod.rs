@@ -293,7 +293,11 @@ impl ThermalHandle {
     pub fn touch(&self, id: &str) {
         let id = &self.canonical(id);
         let now = Instant::now();
-        let mut t = self.shared.table.lock().expect("thermal table");
+        let mut t = self
+            .shared
+            .table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         t.entry(id.to_owned())
             .or_insert_with(|| Entry::new(now))
             .touch(now);
@@ -336,7 +340,11 @@ impl ThermalHandle {
         let from = thermal_of(r.from);
         let now = Instant::now();
         let owner = {
-            let mut t = self.shared.table.lock().expect("thermal table");
+            let mut t = self
+                .shared
+                .table
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let e = t.entry(id.to_owned()).or_insert_with(|| Entry::new(now));
             if r.error.is_none() {
                 e.seen = Some(ThermalState::Hot);
@@ -365,7 +373,11 @@ impl ThermalHandle {
         let id = &self.canonical(id);
         let now = Instant::now();
         {
-            let mut t = self.shared.table.lock().expect("thermal table");
+            let mut t = self
+                .shared
+                .table
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             t.entry(id.to_owned())
                 .or_insert_with(|| Entry::new(now))
                 .keep_hot = keep_hot;
@@ -375,7 +387,11 @@ impl ThermalHandle {
 
     /// Forgets a destroyed sandbox (the sweep also notices).
     pub fn forget(&self, id: &str) {
-        self.shared.table.lock().expect("thermal table").remove(id);
+        self.shared
+            .table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(id);
     }
 
     /// Runs a sweep now.
@@ -394,7 +410,11 @@ impl ThermalHandle {
         let id = &self.canonical(id);
         let th = thermal_of(state);
         let now = Instant::now();
-        let t = self.shared.table.lock().expect("thermal table");
+        let t = self
+            .shared
+            .table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let e = t.get(id);
         let input = PolicyInput {
             now,
@@ -428,7 +448,11 @@ impl ThermalHandle {
 
     /// Transitions, newest first (`GET /events`, `bhatti admin events`).
     pub fn events(&self, q: &EventQuery) -> Vec<ThermalEvent> {
-        self.shared.ring.lock().expect("thermal ring").query(q)
+        self.shared
+            .ring
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .query(q)
     }
 }
 
@@ -462,16 +486,20 @@ impl Shared {
         latency: Duration,
         detail: Option<String>,
     ) {
-        let e = self.ring.lock().expect("thermal ring").push(ThermalEvent {
-            seq: 0,
-            at_unix_ms: unix_ms(Instant::now()),
-            sandbox_id: id.to_owned(),
-            kind,
-            from,
-            to,
-            latency_ms: latency.as_secs_f64() * 1000.0,
-            detail,
-        });
+        let e = self
+            .ring
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(ThermalEvent {
+                seq: 0,
+                at_unix_ms: unix_ms(Instant::now()),
+                sandbox_id: id.to_owned(),
+                kind,
+                from,
+                to,
+                latency_ms: latency.as_secs_f64() * 1000.0,
+                detail,
+            });
         tracing::info!(
             id,
             kind = kind.as_str(),
@@ -495,7 +523,10 @@ impl Shared {
         match store.run(|c| crate::store::sandboxes::list_all(c)).await {
             Ok(rows) => {
                 let now = Instant::now();
-                let mut t = self.table.lock().expect("thermal table");
+                let mut t = self
+                    .table
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 for r in rows {
                     let e = t.entry(r.id).or_insert_with(|| Entry::new(now));
                     e.keep_hot = r.keep_hot;
@@ -512,7 +543,10 @@ impl Shared {
         self.refresh_from_store().await;
         let states = self.fleet.states();
         let now = Instant::now();
-        let mut t = self.table.lock().expect("thermal table");
+        let mut t = self
+            .table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         t.retain(|id, _| states.iter().any(|(s, _)| s == id));
         for (id, state) in states {
             let th = match state {
@@ -540,7 +574,12 @@ impl Shared {
             let me = self.clone();
             tasks.spawn(async move {
                 me.evaluate(&id, th).await;
-                if let Some(e) = me.table.lock().expect("thermal table").get_mut(&id) {
+                if let Some(e) = me
+                    .table
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get_mut(&id)
+                {
                     e.in_flight = false;
                 }
             });
@@ -555,7 +594,12 @@ impl Shared {
                 .ok()
                 .flatten();
             let g = a.map(|a| GuestActivity::from_agent(Instant::now(), &a));
-            if let Some(e) = self.table.lock().expect("thermal table").get_mut(id) {
+            if let Some(e) = self
+                .table
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get_mut(id)
+            {
                 e.guest = g;
             }
             g
@@ -563,7 +607,10 @@ impl Shared {
             None
         };
         let (input, touches, owner) = {
-            let t = self.table.lock().expect("thermal table");
+            let t = self
+                .table
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let Some(e) = t.get(id) else {
                 return;
             };
@@ -590,7 +637,10 @@ impl Shared {
             let me = self.clone();
             let id = id.to_owned();
             Box::new(move |_state| {
-                let t = me.table.lock().expect("thermal table");
+                let t = me
+                    .table
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 t.get(&id)
                     .is_some_and(|e| e.touches == touches && !e.keep_hot)
             })
@@ -604,7 +654,12 @@ impl Shared {
         };
         match r {
             Ok(true) => {
-                if let Some(e) = self.table.lock().expect("thermal table").get_mut(id) {
+                if let Some(e) = self
+                    .table
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get_mut(id)
+                {
                     e.seen = Some(to);
                     e.failures = 0;
                     e.retry_at = None;
@@ -619,7 +674,10 @@ impl Shared {
             Ok(false) => {}
             Err(err) => {
                 let backoff = {
-                    let mut t = self.table.lock().expect("thermal table");
+                    let mut t = self
+                        .table
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                     let Some(e) = t.get_mut(id) else {
                         return;
                     };
