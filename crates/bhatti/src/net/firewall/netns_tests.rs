@@ -254,6 +254,8 @@ async fn conntrack_and_forwarding() {
     fw.flush_conntrack("10.192.0.2".parse().unwrap())
         .await
         .unwrap();
+    // A new namespace may inherit forwarding from the host's: start from off.
+    ns.exec(&["sh", "-c", "echo 0 > /proc/sys/net/ipv4/ip_forward"]);
     assert_eq!(
         ns.exec(&["cat", "/proc/sys/net/ipv4/ip_forward"]).trim(),
         "0"
