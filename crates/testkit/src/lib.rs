@@ -169,6 +169,7 @@ pub fn clean_data_dir(dir: &Path) {
     {
         kill_vmm_of(&run.path());
     }
+    remove_vm_cgroups(dir);
     let mnt = dir.join("reflink");
     let deadline = Instant::now() + Duration::from_secs(15);
     while is_mountpoint(&mnt) && Instant::now() < deadline {
@@ -178,6 +179,30 @@ pub fn clean_data_dir(dir: &Path) {
             .stderr(std::process::Stdio::null())
             .status();
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Removes the (now empty) cgroups of the data dir's VMs: the daemon's
+/// `[vm] cgroup_root` ("bhatti") holds one per sandbox id; a VMM killed here
+/// rather than by its backend leaves its cgroup behind.
+fn remove_vm_cgroups(dir: &Path) {
+    let Ok(hierarchy) = bhatti_vmm::cgroup::Hierarchy::detect() else {
+        return;
+    };
+    let ids: Vec<String> = ["run", "sandboxes"]
+        .iter()
+        .flat_map(|d| {
+            std::fs::read_dir(dir.join(d))
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    for m in hierarchy.mounts() {
+        for id in &ids {
+            let _ = std::fs::remove_dir(m.point.join("bhatti").join(id));
+        }
     }
 }
 
