@@ -200,8 +200,20 @@ fn remove_vm_cgroups(dir: &Path) {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     for m in hierarchy.mounts() {
+        let root = m.point.join("bhatti");
         for id in &ids {
-            let _ = std::fs::remove_dir(m.point.join("bhatti").join(id));
+            let _ = std::fs::remove_dir(root.join(id));
+        }
+        // A VM the daemon rolled back after a crash (its dirs already gone)
+        // can leave an empty cgroup too. VM tests run one at a time, so an
+        // empty sandbox cgroup here is nobody's.
+        for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let empty = std::fs::read_to_string(e.path().join("cgroup.procs"))
+                .is_ok_and(|p| p.trim().is_empty());
+            if name.starts_with("sb-") && empty {
+                let _ = std::fs::remove_dir(e.path());
+            }
         }
     }
 }
