@@ -118,8 +118,7 @@ async fn daemon_memory_per_request_is_bounded() {
     let _serial = SERIAL.lock().await;
     let env = Env::new(art);
     let key = env.user("alice", UserCaps::default());
-    let text = toml::to_string(&env.config()).expect("config TOML");
-    std::fs::write(env.dir.path().join("bhatti.toml"), text).expect("write config");
+    env.write_config(&env.config());
     let mut p = Proc::spawn(&env, 1);
     ready(&env, &mut p, 1).await;
     let pid = p.child.id();

@@ -27,8 +27,7 @@ async fn daemon_restart_readopts_sandboxes() {
     let _serial = SERIAL.lock().await;
     let env = Env::new(art);
     let key = env.user("alice", UserCaps::default());
-    let text = toml::to_string(&env.config()).expect("config TOML");
-    std::fs::write(env.dir.path().join("bhatti.toml"), text).expect("write config");
+    env.write_config(&env.config());
     let mut p = Proc::spawn(&env, 1);
     ready(&env, &mut p, 1).await;
     let a = env.client(Some(&key));

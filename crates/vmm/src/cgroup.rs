@@ -105,8 +105,9 @@ struct MountEntry {
     super_opts: Vec<String>,
 }
 
-/// Undoes mountinfo's octal escapes (`\040` for a space, …).
-fn unescape(field: &str) -> String {
+/// Undoes mountinfo's octal escapes (`\040` for a space, …); the jail's
+/// mount checks use it too.
+pub(crate) fn unescape(field: &str) -> String {
     let b = field.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -816,36 +816,15 @@ fn bind(src: &Path, dst: &Path, read_only: bool) -> Result<()> {
     Ok(())
 }
 
-/// Undoes `/proc/self/mountinfo`'s octal escapes (`\040` for a space).
-fn unescape(field: &str) -> String {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let oct = b
-            .get(i + 1..i + 4)
-            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match oct.and_then(|d| {
-            u8::try_from(d.iter().fold(0u32, |a, c| a * 8 + u32::from(c - b'0'))).ok()
-        }) {
-            Some(v) => {
-                out.push(v);
-                i += 4;
-            }
-            None => {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// Mount points strictly below `dir` in mountinfo text, deepest first.
 fn mounts_under(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = mountinfo
         .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(|p| PathBuf::from(unescape(p))))
+        .filter_map(|l| {
+            l.split(' ')
+                .nth(4)
+                .map(|p| PathBuf::from(crate::cgroup::unescape(p)))
+        })
         .filter(|p| p.starts_with(dir) && p != dir)
         .collect();
     v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
