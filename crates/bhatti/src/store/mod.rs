@@ -192,6 +192,27 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE sandboxes ADD COLUMN egress TEXT;
     CREATE UNIQUE INDEX sandboxes_by_address ON sandboxes (owner, ip_host);
     "#,
+    // 4: published ports (public aliases) and web-shell tokens (hashes only).
+    r#"
+    CREATE TABLE published_ports (
+        id         TEXT PRIMARY KEY,
+        owner      TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        sandbox_id TEXT NOT NULL REFERENCES sandboxes(id) ON DELETE CASCADE,
+        port       INTEGER NOT NULL,
+        alias      TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL,
+        UNIQUE (sandbox_id, port)
+    ) STRICT;
+
+    CREATE TABLE shell_tokens (
+        token_sha256 TEXT PRIMARY KEY,
+        owner        TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        sandbox_id   TEXT NOT NULL REFERENCES sandboxes(id) ON DELETE CASCADE,
+        created_at   INTEGER NOT NULL,
+        expires_at   INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX shell_tokens_by_sandbox ON shell_tokens (sandbox_id);
+    "#,
 ];
 
 /// The schema version this build writes.
