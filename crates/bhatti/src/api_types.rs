@@ -1423,3 +1423,51 @@ pub struct EventsQuery {
     /// At most this many (newest last; default 100, at most 1000).
     pub limit: Option<usize>,
 }
+
+/// A listening TCP port in a guest (`GET /sandboxes/{id}/ports`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PortView {
+    pub port: u16,
+    /// The addresses it listens on (`0.0.0.0`, `127.0.0.1`, `::`, …).
+    pub addresses: Vec<String>,
+    /// The alias it is published under, if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published: Option<String>,
+}
+
+/// `GET /sandboxes/{id}/ports`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PortList {
+    pub ports: Vec<PortView>,
+}
+
+/// `POST /sandboxes/{id}/publish`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PublishRequest {
+    /// The guest port (1–65535).
+    pub port: u16,
+    /// Its public name: lowercase letters, digits and `-`; default
+    /// `<sandbox name>-<port>` (which follows a rename).
+    #[serde(default)]
+    pub alias: Option<String>,
+}
+
+/// A published port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PublishedPort {
+    pub id: String,
+    pub sandbox_id: String,
+    pub port: u16,
+    pub alias: String,
+    /// Where the public listener serves it (`null` when none is configured).
+    pub url: Option<String>,
+    /// Unix milliseconds.
+    pub created_at: i64,
+}
+
+/// `GET /sandboxes/{id}/publish`, `GET /ports`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PublishedList {
+    pub published: Vec<PublishedPort>,
+}

@@ -261,7 +261,7 @@ fn limiter(quota: Option<Quota>) -> Option<DefaultKeyedRateLimiter<String>> {
     quota.map(RateLimiter::keyed)
 }
 
-fn quota(rate: u32, burst: u32, per_minute: bool) -> Option<Quota> {
+pub(crate) fn quota(rate: u32, burst: u32, per_minute: bool) -> Option<Quota> {
     let rate = NonZeroU32::new(rate)?;
     let burst = NonZeroU32::new(burst).unwrap_or(rate);
     let q = if per_minute {

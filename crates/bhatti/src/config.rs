@@ -76,6 +76,9 @@ pub struct Config {
     pub thermal: ThermalConfig,
     /// Default per-user caps and rate limits.
     pub limits: LimitsConfig,
+    /// Reaching guests' ports: the authenticated proxy and the public
+    /// listener of published ports.
+    pub proxy: ProxyConfig,
 }
 
 /// `[log]`
@@ -341,6 +344,72 @@ pub struct ThermalConfig {
     pub sweep_interval_ms: u64,
 }
 
+/// `[proxy]`: `ANY /sandboxes/{id}/proxy/{port}/…` (authenticated) and the
+/// public listener that serves published ports without auth, by host
+/// (`<alias>.<zone>`) and by path (`/<alias>/…`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Address of the public listener; an empty string disables it (ports
+    /// can still be published, and reached through the authenticated
+    /// proxy). Default empty.
+    #[serde(with = "opt_addr")]
+    pub listen: Option<SocketAddr>,
+    /// DNS zone whose names route to published ports: `<alias>.<zone>`
+    /// (a wildcard record points at this host). Empty: routing by path
+    /// only. Default empty.
+    pub zone: String,
+    /// Base URL printed for published ports (e.g. `https://sb.example.com`);
+    /// empty: derived from `zone` and `listen`. Default empty.
+    pub public_url: String,
+    /// PEM certificate chain for TLS on the public listener; with `tls_key`.
+    /// Empty: plain HTTP. Default empty.
+    pub tls_cert: String,
+    /// PEM private key of `tls_cert`. Default empty.
+    pub tls_key: String,
+    /// Largest request body passed to a guest (past it: 413). Default 100 MiB.
+    pub max_body_bytes: u64,
+    /// Seconds a proxied connection may go without a byte either way before
+    /// it is closed (also the wait for a response's headers). Default 300.
+    pub idle_timeout_secs: u64,
+    /// Requests per second one client address may make to the public
+    /// listener; 0: unlimited. Default 50.
+    pub per_ip_per_second: u32,
+    /// Burst above `per_ip_per_second`. Default 100.
+    pub per_ip_burst: u32,
+    /// Requests per second one published alias may receive; 0: unlimited.
+    /// Default 200.
+    pub per_alias_per_second: u32,
+    /// Burst above `per_alias_per_second`. Default 400.
+    pub per_alias_burst: u32,
+    /// Cold sandboxes the public listener may be waking at once; a request
+    /// that would wake one more is answered 503 with `Retry-After`.
+    /// Default 4.
+    pub max_cold_wakes: u32,
+    /// Published ports one user may have. Default 20.
+    pub max_published_per_user: u32,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: None,
+            zone: String::new(),
+            public_url: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            max_body_bytes: 100 << 20,
+            idle_timeout_secs: 300,
+            per_ip_per_second: 50,
+            per_ip_burst: 100,
+            per_alias_per_second: 200,
+            per_alias_burst: 400,
+            max_cold_wakes: 4,
+            max_published_per_user: 20,
+        }
+    }
+}
+
 /// `[limits]`: defaults for users created without explicit caps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -399,6 +468,7 @@ impl Default for Config {
             network: NetworkConfig::default(),
             thermal: ThermalConfig::default(),
             limits: LimitsConfig::default(),
+            proxy: ProxyConfig::default(),
         }
     }
 }
@@ -793,6 +863,39 @@ impl Config {
                 "thermal.sweep_interval_ms",
                 "must be between 10 and 600000",
             ));
+        }
+        let p = &self.proxy;
+        if p.tls_cert.is_empty() != p.tls_key.is_empty() {
+            return Err(invalid(
+                "proxy.tls_cert",
+                "tls_cert and tls_key must be given together",
+            ));
+        }
+        if !p.zone.is_empty() && crate::proxy::alias::validate_zone(&p.zone).is_err() {
+            return Err(invalid(
+                "proxy.zone",
+                "must be a DNS name such as sb.example.com",
+            ));
+        }
+        if !p.public_url.is_empty()
+            && !(p.public_url.starts_with("http://") || p.public_url.starts_with("https://"))
+        {
+            return Err(invalid(
+                "proxy.public_url",
+                "must start with http:// or https://",
+            ));
+        }
+        if p.idle_timeout_secs == 0 || p.idle_timeout_secs > 86_400 {
+            return Err(invalid(
+                "proxy.idle_timeout_secs",
+                "must be between 1 and 86400",
+            ));
+        }
+        if p.max_body_bytes == 0 {
+            return Err(invalid("proxy.max_body_bytes", "must be at least 1"));
+        }
+        if p.max_cold_wakes == 0 {
+            return Err(invalid("proxy.max_cold_wakes", "must be at least 1"));
         }
         let l = &self.limits;
         if l.max_cpus == 0 || l.max_cpus > vm.max_cpus {

@@ -17,6 +17,7 @@ pub mod api_types;
 pub mod auth;
 pub mod config;
 pub mod daemon;
+pub mod proxy;
 pub mod secrets;
 pub mod store;
 pub mod thermal;

@@ -124,7 +124,11 @@ async fn openapi_matches_the_router() {
     let paths = spec["paths"].as_object().expect("paths");
     let mut documented = Vec::new();
     for (path, item) in paths {
-        let concrete = path.replace("{id}", "nope").replace("{name}", "NOPE");
+        let concrete = path
+            .replace("{id}", "nope")
+            .replace("{name}", "NOPE")
+            .replace("{port}", "8000")
+            .replace("{path}", "x");
         let methods: Vec<String> = item
             .as_object()
             .expect("path item")
@@ -191,6 +195,17 @@ async fn openapi_matches_the_router() {
         "GET /secrets",
         "DELETE /secrets/{name}",
         "GET /events",
+        "GET /sandboxes/{id}/ports",
+        "GET /ports",
+        "POST /sandboxes/{id}/publish",
+        "GET /sandboxes/{id}/publish",
+        "DELETE /sandboxes/{id}/publish/{port}",
+        "GET /sandboxes/{id}/proxy/{port}/{path}",
+        "POST /sandboxes/{id}/proxy/{port}/{path}",
+        "PUT /sandboxes/{id}/proxy/{port}/{path}",
+        "PATCH /sandboxes/{id}/proxy/{port}/{path}",
+        "DELETE /sandboxes/{id}/proxy/{port}/{path}",
+        "HEAD /sandboxes/{id}/proxy/{port}/{path}",
     ];
     documented.sort();
     let mut want: Vec<String> = contract.iter().map(|s| s.to_string()).collect();

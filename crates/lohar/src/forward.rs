@@ -6,7 +6,7 @@
 //! EOF is passed on as a half-close; the channel ends when both directions
 //! are done, or at once when the client cancels or disconnects.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bhatti_protocol::mux::{Channel, Inbound};
 use bhatti_protocol::{ErrorBody, ErrorCode, Event};
@@ -25,11 +25,18 @@ pub async fn run(agent: &Agent, channel: Channel, port: u16) -> Reply {
         return Err(ErrorBody::new(ErrorCode::BadRequest, "port 0"));
     }
     let _count = agent.activity.forward_guard();
-    // A literal address: the static agent cannot resolve names (no NSS).
+    // Literal addresses: the static agent cannot resolve names (no NSS).
+    // IPv4 loopback first; a server bound to `::1` only is reached too.
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| io_error(&format!("connect {addr}"), &e))?;
+    let stream = match TcpStream::connect(addr).await {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            TcpStream::connect(SocketAddr::from((Ipv6Addr::LOCALHOST, port)))
+                .await
+                .map_err(|_| io_error(&format!("connect {addr}"), &e))?
+        }
+        Err(e) => return Err(io_error(&format!("connect {addr}"), &e)),
+    };
     let _ = stream.set_nodelay(true);
     let Channel {
         sender,

@@ -38,6 +38,7 @@ pub async fn handle(agent: Agent, channel: Channel, request: Bytes) {
         Request::Remove { path, recursive } => crate::files::remove(&agent, &path, recursive).await,
         Request::Forward { port } => crate::forward::run(&agent, channel, port).await,
         Request::Activity => Ok(agent.activity.snapshot(&agent)),
+        Request::Ports => crate::ports::list().await,
         Request::Sync => crate::init::sync().await,
         Request::Shutdown => crate::init::request_poweroff(),
         Request::Reidentify(req) => crate::identity::reidentify(&agent, req).await,

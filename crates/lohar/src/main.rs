@@ -13,6 +13,7 @@ mod handlers;
 mod identity;
 mod init;
 mod listen;
+mod ports;
 mod pty;
 mod reaper;
 mod server;

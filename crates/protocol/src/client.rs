@@ -272,6 +272,11 @@ impl AgentClient {
         self.call(&Request::Activity).await
     }
 
+    /// The guest's listening TCP ports.
+    pub async fn ports(&self) -> Result<Ports> {
+        self.call(&Request::Ports).await
+    }
+
     /// Flushes the guest's filesystems.
     pub async fn sync(&self) -> Result<()> {
         self.call::<serde_json::Value>(&Request::Sync)

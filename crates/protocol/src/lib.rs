@@ -5,12 +5,14 @@
 //! - [`handshake`]: the `Hello` exchange and token check;
 //! - [`mux`]: one connection, many flow-controlled channels (both ends);
 //! - [`client`]: the host's typed client;
+//! - [`forward_io`]: a port forward as `AsyncRead` + `AsyncWrite`;
 //! - [`guest_config`]: the config drive the host writes and the guest reads;
 //! - [`transport`]: unix socket, Firecracker vsock, TCP.
 //!
 //! The wire format is specified in `docs/protocol.md`.
 
 pub mod client;
+pub mod forward_io;
 pub mod frame;
 pub mod guest_config;
 pub mod handshake;

@@ -63,6 +63,8 @@ pub enum Request {
         port: u16,
     },
     Activity,
+    /// The guest's listening TCP ports.
+    Ports,
     Sync,
     Shutdown,
     /// Take a fresh identity after a restore into a new sandbox.
@@ -412,6 +414,20 @@ pub struct Activity {
     pub attached_sessions: u32,
     pub running_sessions: u32,
     pub open_forwards: u32,
+}
+
+/// One listening TCP socket in the guest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ListeningPort {
+    pub port: u16,
+    /// The local address it is bound to (`0.0.0.0`, `127.0.0.1`, `::`, …).
+    pub address: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Ports {
+    /// Sorted by port, then address; one entry per distinct pair.
+    pub ports: Vec<ListeningPort>,
 }
 
 #[cfg(test)]

@@ -532,14 +532,24 @@ impl ChannelReceiver {
     /// The next frame for this channel. `None` means the channel or the
     /// whole connection is gone.
     pub async fn recv(&mut self) -> Option<Inbound> {
-        let item = self.rx.recv().await?;
-        match &item {
-            Inbound::Data(b) | Inbound::Stderr(b) => self.consumed(b.len()),
-            _ => {
-                self.chan.queued.fetch_sub(1, Ordering::Relaxed);
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// [`Self::recv`] for poll-based readers.
+    pub fn poll_recv(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Inbound>> {
+        let item = std::task::ready!(self.rx.poll_recv(cx));
+        if let Some(item) = &item {
+            match item {
+                Inbound::Data(b) | Inbound::Stderr(b) => self.consumed(b.len()),
+                _ => {
+                    self.chan.queued.fetch_sub(1, Ordering::Relaxed);
+                }
             }
         }
-        Some(item)
+        std::task::Poll::Ready(item)
     }
 
     fn consumed(&mut self, n: usize) {

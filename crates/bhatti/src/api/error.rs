@@ -48,6 +48,12 @@ pub enum ApiError {
     /// 502: the guest agent failed or could not be reached.
     #[error("{0}")]
     BadGateway(String),
+    /// 503: busy for now (with the time until a retry may pass).
+    #[error("{message}")]
+    Unavailable {
+        message: String,
+        retry_after: Duration,
+    },
     /// 504: the guest did not answer in time.
     #[error("{0}")]
     Timeout(String),
@@ -65,6 +71,7 @@ impl ApiError {
             ApiError::TooMany { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -90,11 +97,15 @@ impl IntoResponse for ApiError {
             other => other.to_string(),
         };
         let mut resp = (status, Json(api_types::ApiError::new(message))).into_response();
-        if let ApiError::TooMany {
-            retry_after: Some(d),
-            ..
-        } = &self
-        {
+        let retry_after = match &self {
+            ApiError::TooMany {
+                retry_after: Some(d),
+                ..
+            }
+            | ApiError::Unavailable { retry_after: d, .. } => Some(*d),
+            _ => None,
+        };
+        if let Some(d) = retry_after {
             let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
             if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
                 resp.headers_mut().insert(header::RETRY_AFTER, v);
@@ -149,6 +160,10 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound(m) => ApiError::NotFound(m),
             StoreError::Conflict(m) => ApiError::Conflict(m),
+            StoreError::Limit(message) => ApiError::TooMany {
+                message,
+                retry_after: None,
+            },
             other => ApiError::Internal(other.to_string()),
         }
     }

@@ -17,6 +17,7 @@ mod events;
 mod exec;
 mod files;
 mod meta;
+mod ports;
 mod sandboxes;
 mod secrets;
 mod shell;
@@ -70,6 +71,8 @@ pub struct AppState {
     pub thermal: crate::thermal::ThermalHandle,
     /// `<data_dir>/checkpoints`
     pub checkpoints_dir: PathBuf,
+    /// The proxy to guests' ports (authenticated route and public listener).
+    pub proxy: crate::proxy::Proxy,
     /// Per-user networks; `None` when guests have no network.
     pub tenants: Option<Arc<crate::net::tenants::Tenants>>,
     /// Users' subnet indexes and isolation switches, by id (for views of
@@ -95,6 +98,7 @@ impl AppState {
         tenants: Option<Arc<crate::net::tenants::Tenants>>,
     ) -> AppState {
         AppState {
+            proxy: crate::proxy::Proxy::new(thermal.clone(), &config.proxy),
             thermal,
             tenants,
             user_nets: Default::default(),
@@ -114,7 +118,7 @@ impl AppState {
 
     /// The agent of a sandbox, woken first; a sandbox the user had stopped
     /// is running again afterwards.
-    async fn agent(&self, row: &SandboxRow) -> Result<AgentClient, ApiError> {
+    pub(crate) async fn agent(&self, row: &SandboxRow) -> Result<AgentClient, ApiError> {
         // Through the thermal manager: it counts the request as activity,
         // wakes the sandbox once however many requests wait, and records
         // the wake.
@@ -284,6 +288,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Q<T> {
         title = "bhatti",
         description = "Sandboxes as microVMs: the daemon's HTTP API (see docs/api.md)."
     ),
+    paths(ports::proxy_doc),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]
@@ -327,6 +332,22 @@ pub fn api_router() -> OpenApiRouter<AppStateRef> {
         .routes(routes!(secrets::list))
         .routes(routes!(secrets::put, secrets::delete))
         .routes(routes!(events::list))
+        .routes(routes!(ports::list))
+        .routes(routes!(ports::published_all))
+        .routes(routes!(ports::publish, ports::published))
+        .routes(routes!(ports::unpublish))
+        .route(
+            "/sandboxes/{id}/proxy/{port}",
+            axum::routing::any(ports::proxy_root),
+        )
+        .route(
+            "/sandboxes/{id}/proxy/{port}/",
+            axum::routing::any(ports::proxy_root),
+        )
+        .route(
+            "/sandboxes/{id}/proxy/{port}/{*path}",
+            axum::routing::any(ports::proxy_with_path),
+        )
 }
 
 /// The OpenAPI document as served at `/openapi.json`.

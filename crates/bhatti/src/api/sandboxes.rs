@@ -572,6 +572,7 @@ async fn patch_to_end(
             t.rename(&row.owner, &before.name, &row.name);
         }
         tracing::info!(id = %row.id, from = %before.name, to = %row.name, "sandbox renamed");
+        super::ports::follow_rename(&st, &row, &before.name).await;
     }
     if let Some(k) = req.keep_hot {
         st.thermal.set_keep_hot(&row.id, k);

@@ -85,6 +85,12 @@ pub enum Command {
     /// Thermal transitions of your sandboxes (warm, cold, wake and its
     /// latency), oldest first.
     Events(EventsArgs),
+    /// A sandbox's listening TCP ports; without a sandbox, your published ports.
+    Ports(PortsArgs),
+    /// Publish a sandbox's port at a public URL (wakes the sandbox on request).
+    Publish(PublishArgs),
+    /// Take a published port back.
+    Unpublish(UnpublishArgs),
     /// Print a shell completion script.
     Completion(CompletionArgs),
     /// Run the daemon (on the host, as root).
@@ -95,6 +101,34 @@ pub enum Command {
     /// Host administration.
     #[command(subcommand)]
     Admin(AdminCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct PortsArgs {
+    /// Sandbox name or id.
+    pub sandbox: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// Sandbox name or id.
+    pub sandbox: String,
+    /// The guest port.
+    #[arg(short, long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: u16,
+    /// The public name (lowercase letters, digits, '-'); default
+    /// `<sandbox>-<port>`.
+    #[arg(short, long)]
+    pub alias: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct UnpublishArgs {
+    /// Sandbox name or id.
+    pub sandbox: String,
+    /// The guest port.
+    #[arg(short, long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: u16,
 }
 
 #[derive(Debug, Args)]

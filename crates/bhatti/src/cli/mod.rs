@@ -11,6 +11,7 @@ mod files;
 mod host;
 mod http;
 mod output;
+mod ports;
 mod sandbox;
 mod settings;
 mod shell;
@@ -175,6 +176,9 @@ fn dispatch(cli: Cli) -> Result<ExitStatus> {
                     Command::File(c) => files::file(&client, c, &out).await,
                     Command::Snapshot(c) => sandbox::snapshot(&client, c, &out).await,
                     Command::Secret(c) => sandbox::secret(&client, c, &out).await,
+                    Command::Ports(a) => ports::ports(&client, a, &out).await,
+                    Command::Publish(a) => ports::publish(&client, a, &out).await,
+                    Command::Unpublish(a) => ports::unpublish(&client, a, &out).await,
                     Command::Serve(_)
                     | Command::User(_)
                     | Command::Admin(_)

@@ -246,6 +246,17 @@ pub async fn serve_with_backend(
         ),
         None => None,
     };
+    let public_tls =
+        crate::proxy::public::tls_config(&config.proxy.tls_cert, &config.proxy.tls_key)
+            .map_err(|e| DaemonError::Setup(format!("proxy TLS: {e}")))?;
+    let public = match config.proxy.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(io(format!("listening on {addr} (proxy.listen)")))?,
+        ),
+        None => None,
+    };
     let thermal =
         crate::thermal::ThermalManager::spawn(engine.clone(), Some(store.clone()), &config.thermal);
     let state = Arc::new(AppState::new(
@@ -273,6 +284,14 @@ pub async fn serve_with_backend(
         let stop = stopped(stop_rx.clone());
         servers.spawn(async move { axum::serve(tcp, app).with_graceful_shutdown(stop).await });
     }
+    if let Some(public) = public {
+        let stop = stopped(stop_rx.clone());
+        let app = crate::proxy::public::router(state.clone());
+        servers.spawn(async move {
+            crate::proxy::public::serve(public, app, public_tls, stop, SHUTDOWN_GRACE).await;
+            Ok(())
+        });
+    }
     let sweeper = {
         let st = state.clone();
         tokio::spawn(async move {
@@ -280,12 +299,14 @@ pub async fn serve_with_backend(
             loop {
                 tick.tick().await;
                 st.rate.retain_recent();
+                st.proxy.retain_recent();
             }
         })
     };
     tracing::info!(
         unix = %config.listen_unix.display(),
         tcp = ?config.listen_tcp,
+        public = ?config.proxy.listen,
         backend = %kind,
         "bhatti daemon listening"
     );
@@ -296,6 +317,8 @@ pub async fn serve_with_backend(
     // cool-down already under way finishes.
     thermal.shutdown().await;
     let _ = stop_tx.send(true);
+    // Relayed WebSockets would hold the listeners open: end them.
+    state.proxy.stop.cancel();
     sweeper.abort();
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while servers.join_next().await.is_some() {}

@@ -31,6 +31,7 @@ use std::time::Duration;
 use rusqlite::{Connection, ErrorCode};
 
 pub mod events;
+pub mod published;
 pub mod sandboxes;
 pub mod secrets;
 pub mod snapshots;
@@ -42,6 +43,9 @@ pub enum StoreError {
     /// A uniqueness or reference constraint refused the change (maps to 409).
     #[error("{0}")]
     Conflict(String),
+    /// A per-user count limit refused the insert (maps to 429).
+    #[error("{0}")]
+    Limit(String),
     /// No such row for this owner (maps to 404).
     #[error("{0}")]
     NotFound(String),
