@@ -76,6 +76,8 @@ pub struct Config {
     pub thermal: ThermalConfig,
     /// Default per-user caps and rate limits.
     pub limits: LimitsConfig,
+    /// The web shell's share links.
+    pub shell: ShellConfig,
 }
 
 /// `[log]`
@@ -366,6 +368,21 @@ pub struct LimitsConfig {
     pub rate: RateConfig,
 }
 
+/// `[shell]`: links that open a sandbox's terminal in a browser
+/// (`bhatti share`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShellConfig {
+    /// Seconds a share link works after it is made (1 to 2592000, 30 days).
+    /// Default 3600.
+    pub token_ttl_secs: u64,
+    /// The daemon's address as browsers reach it, e.g.
+    /// `https://bhatti.example.com`; share links are made absolute with it.
+    /// Empty: links are paths, and the CLI puts its own endpoint in front.
+    /// Default empty.
+    pub public_url: String,
+}
+
 /// `[limits.rate]`: token buckets per user and request class; a rate of 0
 /// disables that class's limit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -399,6 +416,16 @@ impl Default for Config {
             network: NetworkConfig::default(),
             thermal: ThermalConfig::default(),
             limits: LimitsConfig::default(),
+            shell: ShellConfig::default(),
+        }
+    }
+}
+
+impl Default for ShellConfig {
+    fn default() -> Self {
+        ShellConfig {
+            token_ttl_secs: 3600,
+            public_url: String::new(),
         }
     }
 }
@@ -831,6 +858,23 @@ impl Config {
                 return Err(invalid(key, "must be at least 1 when its rate is not 0"));
             }
         }
+        let sh = &self.shell;
+        if sh.token_ttl_secs == 0 || sh.token_ttl_secs > 30 * 86_400 {
+            return Err(invalid(
+                "shell.token_ttl_secs",
+                "must be between 1 and 2592000 (30 days)",
+            ));
+        }
+        let u = &sh.public_url;
+        if !u.is_empty()
+            && (!(u.starts_with("http://") || u.starts_with("https://"))
+                || u.chars().any(|c| c.is_whitespace() || c == '#' || c == '?'))
+        {
+            return Err(invalid(
+                "shell.public_url",
+                "must be empty or an http:// or https:// URL without query or fragment",
+            ));
+        }
         Ok(())
     }
 
@@ -965,6 +1009,13 @@ impl Config {
         e.c("read: list, get, file reads (per second).");
         e.kv("read_per_second", r.read_per_second);
         e.kv("read_burst", r.read_burst);
+
+        e.table("shell");
+        e.c("Web shell share links (`bhatti share`): seconds a link works (at most 30 days).");
+        e.kv("token_ttl_secs", d.shell.token_ttl_secs);
+        e.c("The daemon's address as browsers reach it (e.g. \"https://bhatti.example.com\");");
+        e.c("\"\" = links are paths and the CLI puts its own endpoint in front.");
+        e.kv("public_url", toml_str(&d.shell.public_url));
         e.0
     }
 }
