@@ -13,6 +13,7 @@ mod http;
 mod output;
 mod sandbox;
 mod settings;
+mod share;
 mod shell;
 
 pub use args::Cli;
@@ -175,6 +176,7 @@ fn dispatch(cli: Cli) -> Result<ExitStatus> {
                     Command::File(c) => files::file(&client, c, &out).await,
                     Command::Snapshot(c) => sandbox::snapshot(&client, c, &out).await,
                     Command::Secret(c) => sandbox::secret(&client, c, &out).await,
+                    Command::Share(a) => share::share(&client, a, &out).await,
                     Command::Serve(_)
                     | Command::User(_)
                     | Command::Admin(_)
