@@ -15,6 +15,11 @@ PACKAGES=(
   # the Firecracker test guest is assembled at test time
   binutils
   ca-certificates curl
+  # the web shell's xterm.js comes from the npm registry at build time
+  # (crates/bhatti/build.rs runs `npm ci`)
+  nodejs npm
+  # the web shell's browser test (crates/bhatti/tests/webshell.rs)
+  chromium chromium-driver
 )
 
 if ! command -v apt-get >/dev/null; then

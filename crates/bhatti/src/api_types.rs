@@ -1036,6 +1036,26 @@ pub enum ShellClientMessage {
     Detach,
 }
 
+/// `POST /sandboxes/{id}/shell-token`: a link that opens the sandbox's
+/// terminal in a browser. The token is shown this once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ShellTokenView {
+    /// `bhs_` + 64 hex characters.
+    pub token: String,
+    /// `/_shell/{id}#token=…`, absolute when the daemon has `[shell]
+    /// public_url`; the token is in the fragment, which browsers never send.
+    pub url: String,
+    /// RFC 3339; the link is refused from then on.
+    pub expires_at: String,
+}
+
+/// `GET /_shell/{id}/token`: the shell link's token is live.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ShellTokenCheck {
+    pub sandbox_id: String,
+    pub expires_at: String,
+}
+
 /// Every error body: `{"error": "…"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ApiError {

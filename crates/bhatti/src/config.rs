@@ -79,6 +79,8 @@ pub struct Config {
     /// Reaching guests' ports: the authenticated proxy and the public
     /// listener of published ports.
     pub proxy: ProxyConfig,
+    /// The web shell's share links.
+    pub shell: ShellConfig,
 }
 
 /// `[log]`
@@ -435,6 +437,21 @@ pub struct LimitsConfig {
     pub rate: RateConfig,
 }
 
+/// `[shell]`: links that open a sandbox's terminal in a browser
+/// (`bhatti share`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShellConfig {
+    /// Seconds a share link works after it is made (1 to 2592000, 30 days).
+    /// Default 3600.
+    pub token_ttl_secs: u64,
+    /// The daemon's address as browsers reach it, e.g.
+    /// `https://bhatti.example.com`; share links are made absolute with it.
+    /// Empty: links are paths, and the CLI puts its own endpoint in front.
+    /// Default empty.
+    pub public_url: String,
+}
+
 /// `[limits.rate]`: token buckets per user and request class; a rate of 0
 /// disables that class's limit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -469,6 +486,16 @@ impl Default for Config {
             thermal: ThermalConfig::default(),
             limits: LimitsConfig::default(),
             proxy: ProxyConfig::default(),
+            shell: ShellConfig::default(),
+        }
+    }
+}
+
+impl Default for ShellConfig {
+    fn default() -> Self {
+        ShellConfig {
+            token_ttl_secs: 3600,
+            public_url: String::new(),
         }
     }
 }
@@ -934,6 +961,23 @@ impl Config {
                 return Err(invalid(key, "must be at least 1 when its rate is not 0"));
             }
         }
+        let sh = &self.shell;
+        if sh.token_ttl_secs == 0 || sh.token_ttl_secs > 30 * 86_400 {
+            return Err(invalid(
+                "shell.token_ttl_secs",
+                "must be between 1 and 2592000 (30 days)",
+            ));
+        }
+        let u = &sh.public_url;
+        if !u.is_empty()
+            && (!(u.starts_with("http://") || u.starts_with("https://"))
+                || u.chars().any(|c| c.is_whitespace() || c == '#' || c == '?'))
+        {
+            return Err(invalid(
+                "shell.public_url",
+                "must be empty or an http:// or https:// URL without query or fragment",
+            ));
+        }
         Ok(())
     }
 
@@ -1068,6 +1112,40 @@ impl Config {
         e.c("read: list, get, file reads (per second).");
         e.kv("read_per_second", r.read_per_second);
         e.kv("read_burst", r.read_burst);
+
+        e.table("shell");
+        e.c("Web shell share links (`bhatti share`): seconds a link works (at most 30 days).");
+        e.kv("token_ttl_secs", d.shell.token_ttl_secs);
+        e.c("The daemon's address as browsers reach it (e.g. \"https://bhatti.example.com\");");
+        e.c("\"\" = links are paths and the CLI puts its own endpoint in front.");
+        e.kv("public_url", toml_str(&d.shell.public_url));
+
+        let p = &d.proxy;
+        e.table("proxy");
+        e.c("Public listener for published ports (no auth; by host <alias>.<zone> and by path /<alias>/);");
+        e.c("\"\" disables it (the authenticated /sandboxes/{id}/proxy/{port}/ route always works).");
+        let listen = p.listen.map(|a| a.to_string()).unwrap_or_default();
+        e.kv("listen", toml_str(&listen));
+        e.c("DNS zone whose names route to published ports (a wildcard record points here); \"\" = by path only.");
+        e.kv("zone", toml_str(&p.zone));
+        e.c("Base URL printed for published ports; \"\" = derived from zone and listen.");
+        e.kv("public_url", toml_str(&p.public_url));
+        e.c("PEM certificate chain and key for TLS on the public listener; \"\" = plain HTTP.");
+        e.kv("tls_cert", toml_str(&p.tls_cert));
+        e.kv("tls_key", toml_str(&p.tls_key));
+        e.c("Largest request body passed to a guest (413 past it).");
+        e.kv("max_body_bytes", p.max_body_bytes);
+        e.c("Seconds a proxied connection may move no byte before it is closed (also the wait for response headers).");
+        e.kv("idle_timeout_secs", p.idle_timeout_secs);
+        e.c("Token buckets of the public listener per client address and per alias (429 past them; 0 = unlimited).");
+        e.kv("per_ip_per_second", p.per_ip_per_second);
+        e.kv("per_ip_burst", p.per_ip_burst);
+        e.kv("per_alias_per_second", p.per_alias_per_second);
+        e.kv("per_alias_burst", p.per_alias_burst);
+        e.c("Cold sandboxes the public listener may wake at once (503 with Retry-After past it).");
+        e.kv("max_cold_wakes", p.max_cold_wakes);
+        e.c("Published ports one user may have.");
+        e.kv("max_published_per_user", p.max_published_per_user);
         e.0
     }
 }

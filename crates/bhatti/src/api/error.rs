@@ -24,6 +24,9 @@ pub enum ApiError {
     /// 401
     #[error("missing or invalid API key (send Authorization: Bearer bht_…)")]
     Unauthorized,
+    /// 401 on the web shell's routes: the link's token is not live.
+    #[error("this shell link is invalid, expired or revoked")]
+    LinkRefused,
     /// 404: absent, or another user's.
     #[error("{0}")]
     NotFound(String),
@@ -63,7 +66,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized | ApiError::LinkRefused => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,

@@ -5,7 +5,8 @@
 //!   list the router serves; a test also compares them.
 //! - Middleware: a request id (`X-Request-Id`, taken from the client or
 //!   made here) and a `request` span around every request; bearer auth on
-//!   every route but `/health` and `/openapi.json` ([`Caller`]).
+//!   every route but `/health`, `/openapi.json` and the web shell's
+//!   `/_shell/…`, which checks its own link tokens ([`Caller`]).
 //! - Errors: [`ApiError`] is the one mapping to statuses and
 //!   `{"error": "…"}` bodies; extractor rejections go through it too.
 //! - Handlers are thin: parse → validate → engine/store → view.
@@ -22,6 +23,7 @@ mod sandboxes;
 mod secrets;
 mod shell;
 mod snapshots;
+mod webshell;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -324,6 +326,11 @@ pub fn api_router() -> OpenApiRouter<AppStateRef> {
         .routes(routes!(exec::exec))
         .routes(routes!(shell::ws))
         .routes(routes!(shell::sessions))
+        .routes(routes!(webshell::create_token, webshell::revoke))
+        .routes(routes!(webshell::page))
+        .routes(routes!(webshell::asset))
+        .routes(routes!(webshell::check))
+        .routes(routes!(webshell::ws))
         .routes(routes!(files::get, files::put, files::head))
         .routes(routes!(snapshots::checkpoint))
         .routes(routes!(snapshots::list))
@@ -405,7 +412,7 @@ async fn method_not_allowed(req: Request) -> ApiError {
 /// Bearer key → [`Caller`] in the request's extensions; open routes pass.
 async fn auth(State(st): State<AppStateRef>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    if path == "/health" || path == "/openapi.json" {
+    if path == "/health" || path == "/openapi.json" || path.starts_with("/_shell/") {
         return next.run(req).await;
     }
     let key = req

@@ -6,7 +6,9 @@
 //! PTY channel: guest → client (binary output, gap/exit/detached text
 //! frames) and client → guest (binary input, resize, detach); the first to
 //! end stops the other. A closed socket detaches: the session runs on and
-//! can be reattached from the last offset the client saw.
+//! can be reattached from the last offset the client saw. [`open`] is
+//! shared with the web shell (`webshell.rs`), whose bridge also ends when
+//! its link is revoked.
 
 use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
@@ -36,13 +38,16 @@ const DETACH_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WsQuery {
-    session: Option<String>,
-    offset: Option<u64>,
+    pub(super) session: Option<String>,
+    pub(super) offset: Option<u64>,
     /// JSON array; default the login shell.
-    cmd: Option<String>,
-    rows: Option<u16>,
-    cols: Option<u16>,
+    pub(super) cmd: Option<String>,
+    pub(super) rows: Option<u16>,
+    pub(super) cols: Option<u16>,
 }
+
+/// Ends a bridge from outside (a revoked shell link) with this close frame.
+pub(super) type Stop = std::pin::Pin<Box<dyn std::future::Future<Output = CloseFrame> + Send>>;
 
 /// A TTY over WebSocket: attach to `session` (replaying from `offset`) or
 /// start a new one.
@@ -60,6 +65,19 @@ pub async fn ws(
     Path(id): Path<String>,
     Q(q): Q<WsQuery>,
     upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    open(st, caller, id, q, upgrade, None).await
+}
+
+/// Starts or attaches the session for `caller`, then upgrades; `stop`
+/// may end the bridge early.
+pub(super) async fn open(
+    st: AppStateRef,
+    caller: Caller,
+    id: String,
+    q: WsQuery,
+    upgrade: WebSocketUpgrade,
+    stop: Option<Stop>,
 ) -> Result<Response, ApiError> {
     caller.rate(&st, RequestClass::Exec)?;
     let argv = match &q.cmd {
@@ -107,14 +125,14 @@ pub async fn ws(
     Ok(upgrade
         .max_message_size(MAX_WS_MESSAGE)
         .max_frame_size(MAX_WS_MESSAGE)
-        .on_upgrade(move |socket| bridge(socket, pty)))
+        .on_upgrade(move |socket| bridge(socket, pty, stop)))
 }
 
 fn text(m: &ShellServerMessage) -> Message {
     Message::Text(serde_json::to_string(m).unwrap_or_default().into())
 }
 
-async fn bridge(socket: WebSocket, mut pty: PtyStream) {
+async fn bridge(socket: WebSocket, mut pty: PtyStream, stop: Option<Stop>) {
     let (mut tx, mut rx) = socket.split();
     let first = ShellServerMessage::Session {
         id: pty.session.clone(),
@@ -209,8 +227,25 @@ async fn bridge(socket: WebSocket, mut pty: PtyStream) {
         }
         None
     });
+    let stop = async move {
+        match stop {
+            Some(s) => s.await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(stop);
     tokio::select! {
         _ = &mut out => input.abort(),
+        frame = &mut stop => {
+            tracing::info!("closing a shell socket: {}", frame.reason);
+            input.abort();
+            let _ = close_tx.send(frame);
+            // Detach: the session runs on for its owner.
+            let _ = sender.cancel();
+            if tokio::time::timeout(DETACH_GRACE, &mut out).await.is_err() {
+                out.abort();
+            }
+        }
         why = &mut input => {
             if let Ok(Some(frame)) = why {
                 tracing::info!("closing a shell socket: {}", frame.reason);

@@ -82,6 +82,8 @@ pub enum Command {
     /// Secrets, injected into sandboxes' environments by name.
     #[command(subcommand, visible_alias = "secrets")]
     Secret(SecretCommand),
+    /// Print a link that opens a sandbox's terminal in a browser.
+    Share(super::share::ShareArgs),
     /// Thermal transitions of your sandboxes (warm, cold, wake and its
     /// latency), oldest first.
     Events(EventsArgs),

@@ -14,6 +14,7 @@ mod output;
 mod ports;
 mod sandbox;
 mod settings;
+mod share;
 mod shell;
 
 pub use args::Cli;
@@ -179,6 +180,7 @@ fn dispatch(cli: Cli) -> Result<ExitStatus> {
                     Command::Ports(a) => ports::ports(&client, a, &out).await,
                     Command::Publish(a) => ports::publish(&client, a, &out).await,
                     Command::Unpublish(a) => ports::unpublish(&client, a, &out).await,
+                    Command::Share(a) => share::share(&client, a, &out).await,
                     Command::Serve(_)
                     | Command::User(_)
                     | Command::Admin(_)

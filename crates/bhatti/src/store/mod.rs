@@ -8,10 +8,10 @@
 //!   user_version` records how many have run, and each pending step runs in
 //!   its own transaction together with the version bump.
 //! - Typed queries live in one small module per table ([`users`],
-//!   [`sandboxes`], [`snapshots`], [`secrets`], [`events`]) as free functions
-//!   over `&Connection`, so they compose inside one transaction. Every query on
-//!   a user's objects takes the owner's id and never returns another owner's
-//!   rows.
+//!   [`sandboxes`], [`snapshots`], [`secrets`], [`events`], [`shell_tokens`])
+//!   as free functions over `&Connection`, so they compose inside one
+//!   transaction. Every query on a user's objects takes the owner's id and
+//!   never returns another owner's rows.
 //!
 //! ## Async use
 //!
@@ -34,6 +34,7 @@ pub mod events;
 pub mod published;
 pub mod sandboxes;
 pub mod secrets;
+pub mod shell_tokens;
 pub mod snapshots;
 pub mod users;
 
