@@ -180,6 +180,8 @@ async fn openapi_matches_the_router() {
         "POST /sandboxes/{id}/exec",
         "GET /sandboxes/{id}/ws",
         "GET /sandboxes/{id}/sessions",
+        "GET /sandboxes/{id}/exec/ws",
+        "DELETE /sandboxes/{id}/sessions/{sid}",
         "GET /sandboxes/{id}/files",
         "PUT /sandboxes/{id}/files",
         "HEAD /sandboxes/{id}/files",

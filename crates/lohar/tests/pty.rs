@@ -522,7 +522,11 @@ async fn piped_session_keeps_streams_apart_and_takes_stdin() {
     let agent = Agent::start(&[]);
     let c = agent.client().await;
     let mut s = c
-        .pty(piped(&["/bin/sh", "-c", "echo out; echo err >&2; tr a-z A-Z"]))
+        .pty(piped(&[
+            "/bin/sh",
+            "-c",
+            "echo out; echo err >&2; tr a-z A-Z",
+        ]))
         .await
         .unwrap();
     s.write(Bytes::from_static(b"hello\n")).await.unwrap();

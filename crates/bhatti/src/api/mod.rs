@@ -15,6 +15,7 @@
 mod error;
 mod events;
 mod exec;
+mod exec_ws;
 mod files;
 mod meta;
 mod sandboxes;
@@ -319,6 +320,8 @@ pub fn api_router() -> OpenApiRouter<AppStateRef> {
         .routes(routes!(exec::exec))
         .routes(routes!(shell::ws))
         .routes(routes!(shell::sessions))
+        .routes(routes!(exec_ws::exec_ws))
+        .routes(routes!(exec_ws::kill_session))
         .routes(routes!(files::get, files::put, files::head))
         .routes(routes!(snapshots::checkpoint))
         .routes(routes!(snapshots::list))
