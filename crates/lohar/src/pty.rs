@@ -246,12 +246,9 @@ async fn piped_output_task(
             }
             _ = sleep_until_opt(grace), if grace.is_some() => {
                 // Background processes hold the pipes: take what is buffered.
-                for (i, p) in pipes.iter().enumerate() {
-                    while open[i] {
-                        match p.try_read(&mut buf) {
-                            Ok(n) if n > 0 => session.push_stream(&buf[..n], i == 1),
-                            _ => break,
-                        }
+                for (i, p) in pipes.iter().enumerate().filter(|(i, _)| open[*i]) {
+                    while let Ok(n @ 1..) = p.try_read(&mut buf) {
+                        session.push_stream(&buf[..n], i == 1);
                     }
                 }
                 break;
