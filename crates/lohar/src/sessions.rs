@@ -420,6 +420,6 @@ mod tests {
         assert_eq!(r.read_tagged(10, 100), (Bytes::from_static(b"E2"), true));
         r.push_from(b"0123456789", false);
         assert_eq!(r.switches.len(), 1);
-        assert_eq!(r.read_tagged(12, 100).1, false);
+        assert!(!r.read_tagged(12, 100).1);
     }
 }
