@@ -960,6 +960,9 @@ pub struct SessionView {
     /// Oldest offset still replayable.
     pub start_offset: u64,
     pub started_unix_ms: i64,
+    /// A piped session (`/exec/ws`), not a terminal.
+    #[serde(default)]
+    pub piped: bool,
 }
 
 impl From<&bhatti_protocol::message::SessionInfo> for SessionView {
@@ -978,6 +981,7 @@ impl From<&bhatti_protocol::message::SessionInfo> for SessionView {
             end_offset: s.end_offset,
             start_offset: s.start_offset,
             started_unix_ms: s.started_unix_ms,
+            piped: s.piped,
         }
     }
 }
@@ -1054,6 +1058,143 @@ pub struct ShellTokenView {
 pub struct ShellTokenCheck {
     pub sandbox_id: String,
     pub expires_at: String,
+}
+
+/// The first text message of `GET /sandboxes/{id}/exec/ws`: either a
+/// command to start (`cmd`, with `env` and `cwd`) or a session to
+/// reattach (`attach`, replaying from `offset`; default all that is held).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecWsStart {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// A session id, instead of `cmd`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attach: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+}
+
+impl ExecWsStart {
+    pub fn validate(&self) -> VResult {
+        match (&self.cmd, &self.attach) {
+            (Some(cmd), None) => {
+                validate_cmd(cmd)?;
+                validate_env("env", &self.env)?;
+                if let Some(cwd) = &self.cwd {
+                    validate_guest_path("cwd", cwd)?;
+                }
+                if self.offset.is_some() {
+                    return Err(ValidationError::new("offset", "only with attach"));
+                }
+            }
+            (None, Some(id)) => {
+                if id.is_empty() || id.len() > 64 {
+                    return Err(ValidationError::new("attach", "must be a session id"));
+                }
+                if !self.env.is_empty() || self.cwd.is_some() {
+                    return Err(ValidationError::new(
+                        "attach",
+                        "env and cwd are for a new command (cmd)",
+                    ));
+                }
+            }
+            _ => {
+                return Err(ValidationError::new(
+                    "cmd",
+                    "give either cmd (a new command) or attach (a session id)",
+                ))
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Text messages of `GET /sandboxes/{id}/exec/ws`, server → client.
+/// Output offsets count bytes of stdout and stderr together, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecWsServerMessage {
+    /// First message: the session, and the offset of the first output
+    /// byte that follows; `gap` is output asked for but no longer held.
+    Started {
+        session: String,
+        pid: u32,
+        offset: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gap: Option<ShellGap>,
+    },
+    /// Output bytes `[offset, end)`: `data` when they are UTF-8, else
+    /// `data_b64` (standard base64). Reattach from `end` to resume.
+    Stdout {
+        offset: u64,
+        end: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data_b64: Option<String>,
+    },
+    /// Like `stdout`, from stderr.
+    Stderr {
+        offset: u64,
+        end: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data_b64: Option<String>,
+    },
+    /// Output `[from, to)` was lost to this client (it fell behind the
+    /// scrollback); output continues at `to`.
+    Gap { from: u64, to: u64 },
+    /// The command ended; `offset` is the end of its output. Last message.
+    Exit {
+        exit_code: i32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<i32>,
+        offset: u64,
+    },
+    /// The client asked to detach; reattach from `offset`. Last message.
+    Detached { offset: u64 },
+    /// A bad first message, or the bridge to the guest failed. Last message.
+    Error { error: String },
+}
+
+/// Text messages of `GET /sandboxes/{id}/exec/ws`, client → server, after
+/// the first. A binary message is stdin too; closing the socket detaches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecWsClientMessage {
+    /// Bytes for the command's stdin.
+    Stdin { data: String },
+    /// Close the command's stdin.
+    Eof,
+    /// Signal the command's process group.
+    Signal { signal: i32 },
+    /// Detach (the command runs on); the server answers `detached`.
+    Detach,
+}
+
+/// Standard base64 with padding.
+pub fn base64(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// Every error body: `{"error": "…"}`.

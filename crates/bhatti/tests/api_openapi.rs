@@ -190,6 +190,8 @@ async fn openapi_matches_the_router() {
         "GET /_shell/assets/{file}",
         "GET /_shell/{id}/token",
         "GET /_shell/{id}/ws",
+        "GET /sandboxes/{id}/exec/ws",
+        "DELETE /sandboxes/{id}/sessions/{sid}",
         "GET /sandboxes/{id}/files",
         "PUT /sandboxes/{id}/files",
         "HEAD /sandboxes/{id}/files",

@@ -51,6 +51,25 @@ pub async fn start(agent: &Agent, channel: Channel, req: PtyRequest) -> Reply {
         Some(argv) => argv,
         None => vec![agent.config.shell.clone(), "-l".into()],
     };
+    if req.piped {
+        if argv.is_empty() {
+            return Err(ErrorBody::new(ErrorCode::BadRequest, "argv is empty"));
+        }
+        let cmd = user::command(
+            &agent.config,
+            &user::Spec {
+                argv: &argv,
+                env: &req.env,
+                cwd: req.cwd.as_deref(),
+                stdio: user::Stdio::Pipes,
+            },
+        )?;
+        let session = agent
+            .sessions
+            .create(|| spawn_piped_session(agent, cmd, argv))?;
+        agent.activity.touch();
+        return serve(agent, session, channel, 0, None).await;
+    }
     let cmd = user::command(
         &agent.config,
         &user::Spec {
@@ -128,6 +147,151 @@ fn spawn_session(
     ));
     tokio::spawn(output_task(agent.clone(), session.clone(), master, exit_rx));
     Ok(session)
+}
+
+/// Starts the command on pipes, and the task draining stdout and stderr.
+fn spawn_piped_session(
+    agent: &Agent,
+    mut cmd: crate::spawn::Command,
+    argv: Vec<String>,
+) -> Result<Arc<Session>, ErrorBody> {
+    use crate::spawn::Io;
+    use tokio::net::unix::pipe;
+    cmd.stdin(Io::piped())
+        .stdout(Io::piped())
+        .stderr(Io::piped());
+    let argv0 = argv.first().map(String::as_str).unwrap_or_default();
+    let (mut child, exit_rx) =
+        crate::reaper::spawn(&mut cmd).map_err(|e| user::spawn_error(argv0, &e))?;
+    drop(cmd);
+    let pid = child.id();
+    let fail = |what: &str, e: std::io::Error| {
+        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        internal(what, e)
+    };
+    let missing = || std::io::Error::from(std::io::ErrorKind::NotFound);
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(missing)
+        .and_then(pipe::Receiver::from_owned_fd)
+        .map_err(|e| fail("stdout pipe", e))?;
+    let stderr = child
+        .stderr
+        .take()
+        .ok_or_else(missing)
+        .and_then(pipe::Receiver::from_owned_fd)
+        .map_err(|e| fail("stderr pipe", e))?;
+    let stdin = child
+        .stdin
+        .take()
+        .ok_or_else(missing)
+        .and_then(|fd| {
+            set_nonblocking(fd.as_fd()).map_err(std::io::Error::from)?;
+            // SAFETY: as for the PTY master: the AsyncFd owns the fd.
+            unsafe { AsyncFd::register(fd) }.map_err(std::io::Error::from)
+        })
+        .map_err(|e| fail("stdin pipe", e))?;
+    drop(child);
+    let session = Arc::new(
+        Session::new(
+            crate::server::random_id(),
+            pid,
+            argv,
+            0,
+            0,
+            agent.sessions.scrollback(),
+            Arc::new(stdin),
+        )
+        .with_piped(true),
+    );
+    tokio::spawn(piped_output_task(
+        agent.clone(),
+        session.clone(),
+        stdout,
+        stderr,
+        exit_rx,
+    ));
+    Ok(session)
+}
+
+/// A piped session's [`output_task`]: drains stdout and stderr into the
+/// ring until both close (or the process exited and the drain grace
+/// passed), then records the exit.
+async fn piped_output_task(
+    agent: Agent,
+    session: Arc<Session>,
+    stdout: tokio::net::unix::pipe::Receiver,
+    stderr: tokio::net::unix::pipe::Receiver,
+    mut exit_rx: oneshot::Receiver<WaitStatus>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut status: Option<ExitStatus> = None;
+    let mut grace: Option<tokio::time::Instant> = None;
+    let mut open = [true, true];
+    let pipes = [&stdout, &stderr];
+    while open[0] || open[1] {
+        tokio::select! {
+            r = pipes[0].readable(), if open[0] => {
+                if r.is_err() { open[0] = false; continue; }
+                open[0] = read_pipe(&agent, &session, pipes[0], &mut buf, false);
+            }
+            r = pipes[1].readable(), if open[1] => {
+                if r.is_err() { open[1] = false; continue; }
+                open[1] = read_pipe(&agent, &session, pipes[1], &mut buf, true);
+            }
+            st = &mut exit_rx, if status.is_none() => {
+                status = Some(wait_to_exit(st.ok()));
+                grace = Some(tokio::time::Instant::now() + EXIT_DRAIN_GRACE);
+            }
+            _ = sleep_until_opt(grace), if grace.is_some() => {
+                // Background processes hold the pipes: take what is buffered.
+                for (i, p) in pipes.iter().enumerate().filter(|(i, _)| open[*i]) {
+                    while let Ok(n @ 1..) = p.try_read(&mut buf) {
+                        session.push_stream(&buf[..n], i == 1);
+                    }
+                }
+                break;
+            }
+        }
+    }
+    drop((stdout, stderr));
+    session.close_input();
+    let status = match status {
+        Some(s) => s,
+        None => wait_to_exit((&mut exit_rx).await.ok()),
+    };
+    session.finish(status);
+    agent.activity.touch();
+    tokio::time::sleep(agent.sessions.limits().exited_session_grace).await;
+    agent.sessions.remove(&session.id);
+}
+
+/// Reads what one pipe has into the ring; false once it is closed.
+fn read_pipe(
+    agent: &Agent,
+    session: &Session,
+    pipe: &tokio::net::unix::pipe::Receiver,
+    buf: &mut [u8],
+    stderr: bool,
+) -> bool {
+    match pipe.try_read(buf) {
+        Ok(0) => false,
+        Ok(n) => {
+            session.push_stream(&buf[..n], stderr);
+            agent.activity.touch();
+            true
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ) =>
+        {
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 fn set_cloexec(fd: std::os::fd::BorrowedFd<'_>) -> nix::Result<()> {
@@ -250,14 +414,14 @@ async fn serve(
         },
     );
     let mut updates = session.subscribe();
-    let mut pending: Option<Bytes> = None;
+    let mut pending: Option<(Bytes, bool)> = None;
     let mut input: VecDeque<Bytes> = VecDeque::new();
     let mut queued = 0usize;
     loop {
         if pending.is_none() {
             let _ = updates.borrow_and_update();
             match session.next(cursor, MAX_CHUNK) {
-                Next::Output(b) => pending = Some(b),
+                Next::Output(b, stderr) => pending = Some((b, stderr)),
                 Next::Gap(g) => {
                     // Fell behind the ring: say so, never skip silently.
                     event(
@@ -318,6 +482,13 @@ async fn serve(
                     }
                 }
                 Some(Inbound::Control(body)) => control(&sender, &session, &body),
+                Some(Inbound::Eof) if session.piped => {
+                    // End of the piped command's stdin, after what came before.
+                    flush_input(master.as_deref(), &mut input).await;
+                    input.clear();
+                    queued = 0;
+                    session.close_input();
+                }
                 Some(Inbound::Close(_)) | None => {
                     // Input sent before the detach still belongs to the
                     // session: deliver it before letting go.
@@ -338,12 +509,16 @@ fn event(sender: &ChannelSender, ev: &Event) {
 
 async fn send_opt(
     sender: &ChannelSender,
-    chunk: Option<Bytes>,
+    chunk: Option<(Bytes, bool)>,
 ) -> Result<usize, bhatti_protocol::mux::MuxError> {
     match chunk {
-        Some(b) => {
+        Some((b, stderr)) => {
             let n = b.len();
-            sender.data(b).await.map(|()| n)
+            if stderr {
+                sender.stderr(b).await.map(|()| n)
+            } else {
+                sender.data(b).await.map(|()| n)
+            }
         }
         None => std::future::pending().await,
     }
@@ -390,6 +565,7 @@ fn write_front(fd: &AsyncFd<OwnedFd>, input: &mut VecDeque<Bytes>) -> std::io::R
 
 fn control(sender: &ChannelSender, session: &Session, body: &[u8]) {
     match serde_json::from_slice::<Control>(body) {
+        Ok(Control::Resize { .. }) if session.piped => {}
         Ok(Control::Resize { rows, cols }) => {
             if let Some(master) = session.master() {
                 let ws = libc::winsize {

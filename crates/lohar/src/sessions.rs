@@ -19,13 +19,19 @@ use crate::config::Limits;
 /// The smallest scrollback a session gets, whatever the limits say.
 pub const MIN_SCROLLBACK: usize = 64 * 1024;
 
-/// The last `cap` bytes of a stream, addressed by absolute offsets.
+/// The last `cap` bytes of a stream, addressed by absolute offsets. A
+/// piped session's stdout and stderr share the offsets: `stderr` marks the
+/// ranges that came from stderr.
 #[derive(Debug)]
 pub struct Ring {
     buf: VecDeque<u8>,
     cap: usize,
     /// Offset of the byte after the last one written.
     end: u64,
+    /// Where the stream switches, as (offset, is_stderr) from there on;
+    /// empty means all stdout. Only switches still in the ring are kept
+    /// (plus the one in force at its start).
+    switches: VecDeque<(u64, bool)>,
 }
 
 impl Ring {
@@ -34,6 +40,7 @@ impl Ring {
             buf: VecDeque::new(),
             cap: cap.max(1),
             end: 0,
+            switches: VecDeque::new(),
         }
     }
 
@@ -46,12 +53,49 @@ impl Ring {
         self.end
     }
 
+    #[cfg(test)]
     pub fn push(&mut self, data: &[u8]) {
+        self.push_from(data, false);
+    }
+
+    /// Appends output of stdout (`stderr` false) or stderr.
+    pub fn push_from(&mut self, data: &[u8], stderr: bool) {
+        if data.is_empty() {
+            return;
+        }
+        if self.stream_at(self.end) != stderr {
+            self.switches.push_back((self.end, stderr));
+        }
         self.end += data.len() as u64;
         let data = &data[data.len().saturating_sub(self.cap)..];
         let overflow = (self.buf.len() + data.len()).saturating_sub(self.cap);
         self.buf.drain(..overflow);
         self.buf.extend(data);
+        let start = self.start();
+        while self.switches.get(1).is_some_and(|&(at, _)| at <= start) {
+            self.switches.pop_front();
+        }
+    }
+
+    /// Whether the byte at `offset` is (or the next one would be) stderr.
+    fn stream_at(&self, offset: u64) -> bool {
+        self.switches
+            .iter()
+            .rev()
+            .find(|&&(at, _)| at <= offset)
+            .is_some_and(|&(_, e)| e)
+    }
+
+    /// Up to `max` bytes from `from` of one stream, and whether it is
+    /// stderr; a read never crosses a switch between the streams.
+    fn read_tagged(&self, from: u64, max: usize) -> (Bytes, bool) {
+        let stderr = self.stream_at(from);
+        let limit = self
+            .switches
+            .iter()
+            .find(|&&(at, _)| at > from)
+            .map_or(max, |&(at, _)| max.min((at - from) as usize));
+        (self.read(from, limit), stderr)
     }
 
     /// Up to `max` bytes from `from`, which must be within `[start, end]`.
@@ -65,8 +109,8 @@ impl Ring {
 /// What an attachment at some cursor should do next.
 #[derive(Debug)]
 pub enum Next {
-    /// Output starting at the cursor.
-    Output(Bytes),
+    /// Output starting at the cursor; `true` when it is stderr.
+    Output(Bytes, bool),
     /// The cursor is older than the ring: skip to `gap.to`.
     Gap(Gap),
     /// Nothing new; `Some` once the session has ended for good.
@@ -80,7 +124,8 @@ struct State {
     cols: u16,
     exit: Option<ExitStatus>,
     attached: u32,
-    /// The PTY master while the session's output is still open.
+    /// The PTY master while the session's output is still open; for a
+    /// piped session, its stdin pipe until closed.
     master: Option<Arc<AsyncFd<OwnedFd>>>,
 }
 
@@ -91,6 +136,8 @@ pub struct Session {
     pub pid: u32,
     pub argv: Vec<String>,
     pub started_unix_ms: i64,
+    /// Pipes, not a terminal.
+    pub piped: bool,
     state: Mutex<State>,
     /// Bumped on new output and when the session ends.
     updates: watch::Sender<()>,
@@ -115,6 +162,7 @@ impl Session {
             pid,
             argv,
             started_unix_ms,
+            piped: false,
             state: Mutex::new(State {
                 ring: Ring::new(scrollback),
                 rows,
@@ -127,14 +175,32 @@ impl Session {
         }
     }
 
+    /// Marks a session as piped (before it is shared).
+    pub fn with_piped(mut self, piped: bool) -> Self {
+        self.piped = piped;
+        self
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Appends process output and wakes attachments.
     pub fn push_output(&self, data: &[u8]) {
-        self.state().ring.push(data);
+        self.push_stream(data, false);
+    }
+
+    /// Appends stdout (`stderr` false) or stderr output and wakes attachments.
+    pub fn push_stream(&self, data: &[u8], stderr: bool) {
+        self.state().ring.push_from(data, stderr);
         self.updates.send_replace(());
+    }
+
+    /// Closes a piped session's stdin: the command sees end of input.
+    pub fn close_input(&self) {
+        if self.piped {
+            self.state().master = None;
+        }
     }
 
     /// The process exited and its output is complete.
@@ -174,7 +240,8 @@ impl Session {
         if cursor >= st.ring.end() {
             return Next::CaughtUp(st.exit);
         }
-        Next::Output(st.ring.read(cursor, max))
+        let (b, stderr) = st.ring.read_tagged(cursor, max);
+        Next::Output(b, stderr)
     }
 
     /// Where a new attachment asking for `offset` starts, and the gap if
@@ -221,6 +288,7 @@ impl Session {
             end_offset: st.ring.end(),
             start_offset: st.ring.start(),
             started_unix_ms: self.started_unix_ms,
+            piped: self.piped,
         }
     }
 }
@@ -331,5 +399,27 @@ mod tests {
         assert_eq!((r.start(), r.end()), (16, 24));
         assert_eq!(&r.read(16, 100)[..], b"56789abc");
         assert!(r.read(24, 10).is_empty());
+    }
+
+    #[test]
+    fn ring_tags_stdout_and_stderr_ranges() {
+        let mut r = Ring::new(10);
+        r.push_from(b"out", false);
+        r.push_from(b"ERR", true);
+        r.push_from(b"more", false);
+        assert_eq!(r.read_tagged(0, 100), (Bytes::from_static(b"out"), false));
+        assert_eq!(r.read_tagged(1, 100), (Bytes::from_static(b"ut"), false));
+        assert_eq!(r.read_tagged(3, 100), (Bytes::from_static(b"ERR"), true));
+        assert_eq!(r.read_tagged(4, 1), (Bytes::from_static(b"R"), true));
+        assert_eq!(r.read_tagged(6, 100), (Bytes::from_static(b"more"), false));
+        // The head falls out of the ring; the tags of what remains hold.
+        r.push_from(b"E2", true);
+        assert_eq!(r.start(), 2);
+        assert_eq!(r.read_tagged(2, 100), (Bytes::from_static(b"t"), false));
+        assert_eq!(r.read_tagged(3, 100), (Bytes::from_static(b"ERR"), true));
+        assert_eq!(r.read_tagged(10, 100), (Bytes::from_static(b"E2"), true));
+        r.push_from(b"0123456789", false);
+        assert_eq!(r.switches.len(), 1);
+        assert!(!r.read_tagged(12, 100).1);
     }
 }

@@ -33,7 +33,7 @@ async fn read_until(s: &mut PtyStream, buf: &mut Vec<u8>, needle: &str) {
     let found = |b: &[u8]| String::from_utf8_lossy(b).contains(needle);
     while !found(buf) {
         match tokio::time::timeout(T, s.next()).await {
-            Ok(Ok(PtyEvent::Output(b))) => buf.extend_from_slice(&b),
+            Ok(Ok(PtyEvent::Output(b) | PtyEvent::Stderr(b))) => buf.extend_from_slice(&b),
             Ok(Ok(PtyEvent::Gap(g))) => panic!("unexpected gap {g:?}"),
             Ok(Ok(PtyEvent::End(e))) => panic!(
                 "ended ({e:?}) before {needle:?}: {}",
@@ -54,7 +54,7 @@ async fn read_until_with_gaps(s: &mut PtyStream, buf: &mut Vec<u8>, needle: &str
     let found = |b: &[u8]| String::from_utf8_lossy(b).contains(needle);
     while !found(buf) {
         match tokio::time::timeout(T, s.next()).await {
-            Ok(Ok(PtyEvent::Output(b))) => buf.extend_from_slice(&b),
+            Ok(Ok(PtyEvent::Output(b) | PtyEvent::Stderr(b))) => buf.extend_from_slice(&b),
             Ok(Ok(PtyEvent::Gap(g))) => buf.resize(buf.len() + (g.to - g.from) as usize, 0),
             other => panic!("before {needle:?}: {other:?}"),
         }
@@ -65,7 +65,7 @@ async fn read_until_with_gaps(s: &mut PtyStream, buf: &mut Vec<u8>, needle: &str
 async fn read_to_end(s: &mut PtyStream, buf: &mut Vec<u8>) -> PtyEnd {
     loop {
         match tokio::time::timeout(T, s.next()).await {
-            Ok(Ok(PtyEvent::Output(b))) => buf.extend_from_slice(&b),
+            Ok(Ok(PtyEvent::Output(b) | PtyEvent::Stderr(b))) => buf.extend_from_slice(&b),
             Ok(Ok(PtyEvent::Gap(g))) => panic!("unexpected gap {g:?}"),
             Ok(Ok(PtyEvent::End(e))) => return e,
             Ok(Err(e)) => panic!("stream failed: {e}"),
@@ -491,5 +491,113 @@ async fn input_sent_just_before_detach_is_delivered() {
         )
         .await;
         c.kill_session(&id, None).await.unwrap();
+    }
+}
+
+fn piped(argv: &[&str]) -> PtyRequest {
+    PtyRequest {
+        piped: true,
+        ..pty_req(argv)
+    }
+}
+
+/// Reads a piped session to its end: (stdout+stderr in order, stderr only, end).
+async fn read_piped_to_end(s: &mut PtyStream) -> (Vec<u8>, Vec<u8>, PtyEnd) {
+    let (mut all, mut err) = (Vec::new(), Vec::new());
+    loop {
+        match tokio::time::timeout(T, s.next()).await {
+            Ok(Ok(PtyEvent::Output(b))) => all.extend_from_slice(&b),
+            Ok(Ok(PtyEvent::Stderr(b))) => {
+                all.extend_from_slice(&b);
+                err.extend_from_slice(&b)
+            }
+            Ok(Ok(PtyEvent::End(e))) => return (all, err, e),
+            other => panic!("piped session: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn piped_session_keeps_streams_apart_and_takes_stdin() {
+    let agent = Agent::start(&[]);
+    let c = agent.client().await;
+    let mut s = c
+        .pty(piped(&[
+            "/bin/sh",
+            "-c",
+            "echo out; echo err >&2; tr a-z A-Z",
+        ]))
+        .await
+        .unwrap();
+    s.write(Bytes::from_static(b"hello\n")).await.unwrap();
+    s.close_stdin().unwrap();
+    let (all, err, end) = read_piped_to_end(&mut s).await;
+    assert_eq!(String::from_utf8_lossy(&err), "err\n");
+    let all = String::from_utf8_lossy(&all);
+    assert!(all.contains("out\n") && all.ends_with("HELLO\n"), "{all:?}");
+    match end {
+        PtyEnd::Exited { status, offset } => {
+            assert_eq!(status.exit_code, 0);
+            assert_eq!(offset, all.len() as u64);
+        }
+        other => panic!("expected exit, got {other:?}"),
+    }
+    // Stderr stays stderr on a replay from an offset inside it.
+    let info = c.sessions().await.unwrap();
+    assert!(info[0].piped);
+    let at = all.find("err").unwrap() as u64 + 1;
+    let mut s2 = c
+        .attach(AttachRequest {
+            session: s.session.clone(),
+            offset: Some(at),
+        })
+        .await
+        .unwrap();
+    match tokio::time::timeout(T, s2.next()).await {
+        Ok(Ok(PtyEvent::Stderr(b))) => assert_eq!(&b[..], b"rr\n"),
+        other => panic!("expected stderr, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn piped_session_reattach_and_kill() {
+    let agent = Agent::start(&[]);
+    let c = agent.client().await;
+    let mut s = c
+        .pty(piped(&[
+            "/bin/sh",
+            "-c",
+            "i=1; while [ $i -le 2000 ]; do echo line-$i; i=$((i+1)); done; read x; echo done-$x; sleep 600",
+        ]))
+        .await
+        .unwrap();
+    let id = s.session.clone();
+    let mut first = Vec::new();
+    read_until(&mut s, &mut first, "line-50\n").await;
+    let end = s.detach().await.unwrap();
+    let PtyEnd::Detached { offset } = end else {
+        panic!("{end:?}")
+    };
+    assert!(offset >= first.len() as u64);
+    // The detach drained what was in flight: resume from the first
+    // stream's own count.
+    let c2 = agent.client().await;
+    let mut s2 = c2
+        .attach(AttachRequest {
+            session: id.clone(),
+            offset: Some(first.len() as u64),
+        })
+        .await
+        .unwrap();
+    s2.write(Bytes::from_static(b"x\n")).await.unwrap();
+    let mut second = Vec::new();
+    read_until(&mut s2, &mut second, "done-x\n").await;
+    let text = String::from_utf8_lossy(&[first, second].concat()).into_owned();
+    let want: String = (1..=2000).map(|i| format!("line-{i}\n")).collect();
+    assert_eq!(text, format!("{want}done-x\n"));
+    c2.kill_session(&id, None).await.unwrap();
+    match read_to_end(&mut s2, &mut Vec::new()).await {
+        PtyEnd::Exited { status, .. } => assert_eq!(status.exit_code, 128 + 9),
+        other => panic!("{other:?}"),
     }
 }

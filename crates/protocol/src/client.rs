@@ -423,6 +423,9 @@ impl ExecStream {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PtyEvent {
     Output(Bytes),
+    /// Standard error output of a piped session (at the stream's current
+    /// offset, like `Output`; the two share one offset space).
+    Stderr(Bytes),
     /// This stream fell behind the scrollback; the output in the gap is
     /// lost to it and the next output starts at `gap.to`.
     Gap(Gap),
@@ -490,6 +493,10 @@ impl PtyStream {
                     self.offset += b.len() as u64;
                     return Ok(PtyEvent::Output(b));
                 }
+                Some(Inbound::Stderr(b)) => {
+                    self.offset += b.len() as u64;
+                    return Ok(PtyEvent::Stderr(b));
+                }
                 Some(Inbound::Close(body)) => return parse_outcome(&body).map(PtyEvent::End),
                 Some(Inbound::Event(body)) => {
                     if let Ok(Event::Gap { from, to }) = parse_json::<Event>(&body) {
@@ -510,6 +517,11 @@ impl PtyStream {
         Ok(self.sender.data(input).await?)
     }
 
+    /// Closes a piped session's stdin (the command sees end of input).
+    pub fn close_stdin(&self) -> Result<()> {
+        Ok(self.sender.eof()?)
+    }
+
     pub fn resize(&self, rows: u16, cols: u16) -> Result<()> {
         Ok(self
             .sender
@@ -521,7 +533,7 @@ impl PtyStream {
         self.sender.cancel()?;
         loop {
             match self.next().await? {
-                PtyEvent::Output(_) | PtyEvent::Gap(_) => {}
+                PtyEvent::Output(_) | PtyEvent::Stderr(_) | PtyEvent::Gap(_) => {}
                 PtyEvent::End(end) => return Ok(end),
             }
         }

@@ -147,6 +147,11 @@ pub struct PtyRequest {
     pub rows: u16,
     #[serde(default = "default_cols")]
     pub cols: u16,
+    /// A piped session instead of a terminal: stdin, stdout and stderr are
+    /// pipes, stderr output arrives as `Stderr` frames, `Eof` closes the
+    /// command's stdin, and the size is ignored. Older agents refuse it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub piped: bool,
 }
 
 fn default_rows() -> u16 {
@@ -397,6 +402,9 @@ pub struct SessionInfo {
     /// Oldest offset still in the scrollback.
     pub start_offset: u64,
     pub started_unix_ms: i64,
+    /// A piped session (no terminal). Absent from older agents.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub piped: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -16,6 +16,7 @@
 mod error;
 mod events;
 mod exec;
+mod exec_ws;
 mod files;
 mod meta;
 mod ports;
@@ -331,6 +332,8 @@ pub fn api_router() -> OpenApiRouter<AppStateRef> {
         .routes(routes!(webshell::asset))
         .routes(routes!(webshell::check))
         .routes(routes!(webshell::ws))
+        .routes(routes!(exec_ws::exec_ws))
+        .routes(routes!(exec_ws::kill_session))
         .routes(routes!(files::get, files::put, files::head))
         .routes(routes!(snapshots::checkpoint))
         .routes(routes!(snapshots::list))

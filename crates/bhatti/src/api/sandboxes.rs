@@ -470,18 +470,60 @@ async fn finish_create(
     }
 }
 
-/// The caller's sandboxes, oldest first. Never wakes any.
+/// Query of `GET /sandboxes`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// `k=v` (or `k`: the label is set), several comma-separated; all must
+    /// match.
+    label: Option<String>,
+}
+
+/// The caller's sandboxes, oldest first, optionally only those with some
+/// labels. Never wakes any.
 #[utoipa::path(get, path = "/sandboxes", tag = "sandboxes",
-    responses((status = 200, body = SandboxList), (status = 401, body = crate::api_types::ApiError)))]
+    params(("label" = Option<String>, Query, description = "Only sandboxes with these labels: k=v or k, comma-separated")),
+    responses((status = 200, body = SandboxList), (status = 400, body = crate::api_types::ApiError),
+        (status = 401, body = crate::api_types::ApiError)))]
 pub async fn list(
     State(st): State<AppStateRef>,
     caller: Caller,
+    super::Q(q): super::Q<ListQuery>,
 ) -> Result<Json<SandboxList>, ApiError> {
     caller.rate(&st, RequestClass::Read)?;
+    let mut want: Vec<(String, Option<String>)> = Vec::new();
+    for part in q
+        .label
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .filter(|p| !p.is_empty())
+    {
+        let (k, v) = match part.split_once('=') {
+            Some((k, v)) => (k, Some(v.to_string())),
+            None => (part, None),
+        };
+        if k.is_empty() {
+            return Err(ApiError::BadRequest(format!(
+                "label: expected k=v or k, got {part:?}"
+            )));
+        }
+        want.push((k.to_string(), v));
+    }
     let owner = caller.user.id.clone();
     let rows = st.store.run(move |c| sandboxes::list(c, &owner)).await?;
     Ok(Json(SandboxList {
-        sandboxes: rows.iter().map(|r| view_of(&st, r)).collect(),
+        sandboxes: rows
+            .iter()
+            .filter(|r| {
+                want.iter().all(|(k, v)| match (r.labels.get(k), v) {
+                    (Some(have), Some(v)) => have == v,
+                    (Some(_), None) => true,
+                    (None, _) => false,
+                })
+            })
+            .map(|r| view_of(&st, r))
+            .collect(),
     }))
 }
 

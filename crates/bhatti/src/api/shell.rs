@@ -162,7 +162,7 @@ async fn bridge(socket: WebSocket, mut pty: PtyStream, stop: Option<Stop>) {
                 e = pty.next() => e,
             };
             let msg = match event {
-                Ok(PtyEvent::Output(b)) => Message::Binary(b),
+                Ok(PtyEvent::Output(b) | PtyEvent::Stderr(b)) => Message::Binary(b),
                 Ok(PtyEvent::Gap(g)) => text(&ShellServerMessage::Gap {
                     from: g.from,
                     to: g.to,
@@ -263,7 +263,7 @@ async fn bridge(socket: WebSocket, mut pty: PtyStream, stop: Option<Stop>) {
 
 /// The close frame for a client whose message broke a limit or the
 /// protocol; `None` when the connection just ended.
-fn refusal(e: axum::Error) -> Option<CloseFrame> {
+pub(super) fn refusal(e: axum::Error) -> Option<CloseFrame> {
     use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
     let e = e.into_inner();
     let (code, reason) = match e.downcast_ref::<WsError>()? {

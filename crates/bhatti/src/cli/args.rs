@@ -54,7 +54,7 @@ pub enum Command {
     Create(CreateArgs),
     /// List your sandboxes.
     #[command(visible_alias = "ls")]
-    List,
+    List(ListArgs),
     /// Show one sandbox.
     Inspect(SandboxArg),
     /// Change a sandbox's keep-hot flag or labels.
@@ -75,7 +75,9 @@ pub enum Command {
     Start(StartArgs),
     /// Destroy a sandbox with its disks.
     #[command(visible_alias = "rm")]
-    Destroy(SandboxArg),
+    Destroy(DestroyArgs),
+    /// Kill a session (a shell or a piped command) in a sandbox.
+    Kill(KillArgs),
     /// Checkpoints: named snapshots of a running sandbox.
     #[command(subcommand, visible_alias = "snapshots")]
     Snapshot(SnapshotCommand),
@@ -148,11 +150,76 @@ pub struct SandboxArg {
 }
 
 #[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only sandboxes with this label (repeatable; all must match).
+    #[arg(short, long = "label", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub labels: Vec<(String, String)>,
+}
+
+#[derive(Debug, Args)]
+pub struct DestroyArgs {
+    /// Sandbox name or id.
+    pub sandbox: String,
+    /// Do not ask (destroy never asks today; accepted for scripts).
+    #[arg(short, long)]
+    pub yes: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct KillArgs {
+    /// Sandbox name or id.
+    pub sandbox: String,
+    /// Session id (see `bhatti ps`).
+    pub session: String,
+    /// Signal number (default 9, SIGKILL).
+    #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=64))]
+    pub signal: Option<i32>,
+}
+
+/// Comma-separated `KEY=VALUE` pairs: `A=1,B=2`. A comma splits only where
+/// a new `KEY=` follows, so `X=a,b` stays one value.
+#[derive(Debug, Clone)]
+pub struct KeyValues(pub Vec<(String, String)>);
+
+pub fn parse_key_values(s: &str) -> Result<KeyValues, String> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for part in s.split(',') {
+        let starts_pair = part.split_once('=').is_some_and(|(k, _)| {
+            !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
+        match out.last_mut() {
+            Some((_, v)) if !starts_pair => {
+                v.push(',');
+                v.push_str(part);
+            }
+            _ => out.push(parse_key_value(part)?),
+        }
+    }
+    Ok(KeyValues(out))
+}
+
+/// `LOCAL:GUEST`, the guest path absolute: `./app.js:/app/app.js`.
+pub fn parse_file_spec(s: &str) -> Result<(PathBuf, String), String> {
+    match s.find(":/") {
+        Some(i) if i > 0 => Ok((PathBuf::from(&s[..i]), s[i + 1..].to_string())),
+        _ => Err(format!(
+            "expected LOCAL:GUEST with an absolute guest path, got {s:?}"
+        )),
+    }
+}
+
+#[derive(Debug, Args)]
 pub struct CreateArgs {
     /// Name: lower-case letters, digits and '-' (the daemon picks one when
     /// absent).
     #[arg(value_parser = parse_name)]
     pub name: Option<String>,
+    /// The name, as a flag (the same as the positional NAME).
+    #[arg(long = "name", id = "name_flag", value_name = "NAME", value_parser = parse_name, conflicts_with = "name")]
+    pub name_flag: Option<String>,
+    /// Upload a local file after the sandbox boots (repeatable).
+    #[arg(long = "file", value_name = "LOCAL:GUEST", value_parser = parse_file_spec)]
+    pub files: Vec<(PathBuf, String)>,
     /// vCPUs.
     #[arg(long)]
     pub cpus: Option<u32>,
@@ -160,11 +227,12 @@ pub struct CreateArgs {
     #[arg(long, value_name = "MB")]
     pub memory: Option<u32>,
     /// Root disk size in MiB.
-    #[arg(long, value_name = "MB")]
+    #[arg(long, visible_alias = "disk-size", value_name = "MB")]
     pub disk: Option<u64>,
-    /// Environment variable for every command (repeatable).
-    #[arg(short, long = "env", value_name = "KEY=VALUE", value_parser = parse_key_value)]
-    pub env: Vec<(String, String)>,
+    /// Environment variables for every command: KEY=VALUE, or several as
+    /// A=1,B=2 (repeatable).
+    #[arg(short, long = "env", value_name = "KEY=VALUE[,…]", value_parser = parse_key_values)]
+    pub env: Vec<KeyValues>,
     /// Shell script run once at first boot.
     #[arg(long, value_name = "SCRIPT")]
     pub init: Option<String>,
@@ -209,7 +277,7 @@ pub struct EditArgs {
     #[arg(long)]
     pub clear_labels: bool,
     /// A new name (sibling sandboxes resolve it at once).
-    #[arg(long, value_name = "NAME", value_parser = parse_name)]
+    #[arg(long, visible_alias = "name", value_name = "NAME", value_parser = parse_name)]
     pub rename: Option<String>,
     /// Replace the egress policy: nothing leaves (but --allow).
     #[arg(long, conflicts_with = "internet")]
@@ -264,6 +332,9 @@ pub struct ShellArgs {
     /// Replay from this output offset instead of the last one seen here.
     #[arg(long, value_name = "N", requires = "session")]
     pub offset: Option<u64>,
+    /// Start a new session even when a detached one could be reattached.
+    #[arg(long, conflicts_with = "session")]
+    pub new: bool,
     /// Program to run instead of the login shell (new sessions only).
     #[arg(last = true, value_name = "CMD", conflicts_with = "session")]
     pub cmd: Vec<String>,
@@ -334,8 +405,11 @@ pub enum SnapshotCommand {
         /// Sandbox name or id.
         sandbox: String,
         /// Checkpoint name.
-        #[arg(value_parser = parse_name)]
-        name: String,
+        #[arg(value_parser = parse_name, required_unless_present = "name_flag")]
+        name: Option<String>,
+        /// Checkpoint name, as a flag.
+        #[arg(long = "name", id = "name_flag", value_name = "NAME", value_parser = parse_name, conflicts_with = "name")]
+        name_flag: Option<String>,
     },
     /// List your checkpoints.
     #[command(visible_alias = "ls")]
@@ -597,6 +671,62 @@ mod tests {
         assert_eq!(host.config.unwrap(), PathBuf::from("/tmp/c.toml"));
         assert!(cli.global.json);
         assert!(parse(&["user", "create", "--name", "a", "--max-cpus", "x"]).is_err());
+    }
+
+    #[test]
+    fn documented_forms() {
+        let cli = parse(&[
+            "create",
+            "--name",
+            "x",
+            "--disk-size",
+            "4096",
+            "--env",
+            "A=1,B=2",
+            "-e",
+            "C=a,b",
+            "--file",
+            "./local:/guest/path",
+            "--label",
+            "k=v",
+            "--memory",
+            "1024",
+        ])
+        .unwrap();
+        let Command::Create(c) = cli.command else {
+            panic!("not create")
+        };
+        assert_eq!((c.name, c.name_flag.as_deref()), (None, Some("x")));
+        assert_eq!(c.disk, Some(4096));
+        let env: Vec<(String, String)> = c.env.into_iter().flat_map(|kv| kv.0).collect();
+        let kv = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert_eq!(env, [kv("A", "1"), kv("B", "2"), kv("C", "a,b")]);
+        assert_eq!(
+            c.files,
+            [(PathBuf::from("./local"), "/guest/path".to_string())]
+        );
+        assert!(parse(&["create", "a", "--name", "b"]).is_err());
+        assert!(parse(&["create", "--file", "local:relative"]).is_err());
+        assert!(parse(&["create", "--env", ",A=1"]).is_err());
+        let cli = parse(&["snapshot", "create", "sb", "--name", "cp"]).unwrap();
+        let Command::Snapshot(SnapshotCommand::Create { name_flag, .. }) = cli.command else {
+            panic!("not snapshot create")
+        };
+        assert_eq!(name_flag.as_deref(), Some("cp"));
+        assert!(parse(&["snapshot", "create", "sb"]).is_err());
+        assert!(parse(&["destroy", "x", "-y"]).is_ok());
+        assert!(parse(&["destroy", "x", "--yes"]).is_ok());
+        assert!(parse(&["list", "--label", "k=v"]).is_ok());
+        assert!(parse(&["list", "--label", "k"]).is_err());
+        let cli = parse(&["edit", "x", "--name", "new"]).unwrap();
+        let Command::Edit(e) = cli.command else {
+            panic!("not edit")
+        };
+        assert_eq!(e.rename.as_deref(), Some("new"));
+        assert!(parse(&["shell", "x", "--new"]).is_ok());
+        assert!(parse(&["shell", "x", "--new", "--session", "s"]).is_err());
+        assert!(parse(&["kill", "x", "s1"]).is_ok());
+        assert!(parse(&["kill", "x", "s1", "--signal", "0"]).is_err());
     }
 
     #[test]

@@ -164,12 +164,13 @@ fn dispatch(cli: Cli) -> Result<ExitStatus> {
                 let client = settings::client(&g)?;
                 match command {
                     Command::Create(a) => sandbox::create(&client, a, &out).await,
-                    Command::List => sandbox::list(&client, &out).await,
+                    Command::List(a) => sandbox::list(&client, a, &out).await,
                     Command::Inspect(a) => sandbox::inspect(&client, &a.sandbox, &out).await,
                     Command::Edit(a) => sandbox::edit(&client, a, &out).await,
                     Command::Stop(a) => sandbox::stop(&client, &a.sandbox, &out).await,
                     Command::Start(a) => sandbox::start(&client, a, &out).await,
                     Command::Destroy(a) => sandbox::destroy(&client, &a.sandbox, &out).await,
+                    Command::Kill(a) => sandbox::kill(&client, a, &out).await,
                     Command::Exec(a) => sandbox::exec(&client, a, &out).await,
                     Command::Shell(a) => shell::shell(&client, a, &out).await,
                     Command::Ps(a) => shell::ps(&client, &a.sandbox, &out).await,

@@ -10,7 +10,8 @@ use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use super::args::{
-    CreateArgs, EditArgs, EventsArgs, ExecArgs, SecretCommand, SnapshotCommand, StartArgs,
+    CreateArgs, EditArgs, EventsArgs, ExecArgs, KillArgs, ListArgs, SecretCommand, SnapshotCommand,
+    StartArgs,
 };
 use super::http::{enc, Body, Client};
 use super::output::{self, human_bytes, labels, n, s, short_time, Printer};
@@ -145,12 +146,23 @@ fn network_policy(
 
 pub async fn create(c: &Client, a: CreateArgs, out: &Printer) -> Result<ExitStatus> {
     require_token(c)?;
+    let name = a.name.or(a.name_flag);
+    // Files to upload are read first: a missing one changes nothing.
+    let mut uploads = Vec::with_capacity(a.files.len());
+    for (local, guest) in &a.files {
+        bhatti::api_types::validate_guest_path("--file", guest)
+            .map_err(|e| CliError::usage(format!("--file: {}", e.message)))?;
+        let data = std::fs::read(local).map_err(|e| {
+            CliError::usage(format!("--file: cannot read {}: {e}", local.display()))
+        })?;
+        uploads.push((guest.clone(), data));
+    }
     let req = CreateSandbox {
-        name: a.name.clone(),
+        name: name.clone(),
         cpus: a.cpus,
         memory_mb: a.memory,
         disk_mb: a.disk,
-        env: a.env.into_iter().collect(),
+        env: a.env.into_iter().flat_map(|kv| kv.0).collect(),
         init: a.init,
         keep_hot: a.keep_hot,
         labels: a.labels.into_iter().collect(),
@@ -159,8 +171,7 @@ pub async fn create(c: &Client, a: CreateArgs, out: &Printer) -> Result<ExitStat
         network: network_policy(a.no_internet, a.allow, a.deny),
     };
     let body = serde_json::to_value(&req).map_err(|e| CliError::new(e.to_string()))?;
-    let what = a
-        .name
+    let what = name
         .as_deref()
         .map_or("a sandbox".to_string(), |n| format!("'{n}'"));
     let started = Instant::now();
@@ -179,13 +190,39 @@ pub async fn create(c: &Client, a: CreateArgs, out: &Printer) -> Result<ExitStat
             started.elapsed().as_secs_f64()
         ));
     }
+    let id = s(&v, "id");
+    for (guest, data) in uploads {
+        let path = format!(
+            "{}{}",
+            sandbox_path(&id, "/files"),
+            super::http::query(&[("path", guest.clone())])
+        );
+        let len = data.len();
+        c.ok(
+            Method::PUT,
+            &path,
+            Body::Raw(bytes::Bytes::from(data)),
+            Some("application/json"),
+        )
+        .await?;
+        out.note(&format!("wrote {len} bytes to {guest}"));
+    }
     print_sandbox(out, &v)?;
     Ok(ExitStatus::Success)
 }
 
-pub async fn list(c: &Client, out: &Printer) -> Result<ExitStatus> {
+pub async fn list(c: &Client, a: ListArgs, out: &Printer) -> Result<ExitStatus> {
     require_token(c)?;
-    let v = c.get("/sandboxes").await?;
+    let path = if a.labels.is_empty() {
+        "/sandboxes".to_string()
+    } else {
+        let labels: Vec<String> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!(
+            "/sandboxes{}",
+            super::http::query(&[("label", labels.join(","))])
+        )
+    };
+    let v = c.get(&path).await?;
     if out.json {
         out.json_value(&v)?;
         return Ok(ExitStatus::Success);
@@ -309,6 +346,22 @@ pub async fn start(c: &Client, a: StartArgs, out: &Printer) -> Result<ExitStatus
     out.note(&format!("started '{}'", s(&v, "name")));
     if out.json {
         out.json_value(&v)?;
+    }
+    Ok(ExitStatus::Success)
+}
+
+/// `bhatti kill SANDBOX SESSION`.
+pub async fn kill(c: &Client, a: KillArgs, out: &Printer) -> Result<ExitStatus> {
+    require_token(c)?;
+    let mut path = sandbox_path(&a.sandbox, &format!("/sessions/{}", enc(&a.session)));
+    if let Some(sig) = a.signal {
+        path.push_str(&format!("?signal={sig}"));
+    }
+    c.json(Method::DELETE, &path, None).await?;
+    if out.json {
+        out.json_value(&json!({ "killed": a.session }))?;
+    } else {
+        out.note(&format!("killed session {}", a.session));
     }
     Ok(ExitStatus::Success)
 }
@@ -497,7 +550,12 @@ impl NdjsonLines {
 pub async fn snapshot(c: &Client, cmd: SnapshotCommand, out: &Printer) -> Result<ExitStatus> {
     require_token(c)?;
     match cmd {
-        SnapshotCommand::Create { sandbox, name } => {
+        SnapshotCommand::Create {
+            sandbox,
+            name,
+            name_flag,
+        } => {
+            let name = name.or(name_flag).unwrap_or_default();
             let (_, v) = with_spinner(
                 out,
                 format!("checkpointing '{sandbox}' as '{name}'"),

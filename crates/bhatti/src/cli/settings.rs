@@ -11,7 +11,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::args::{GlobalArgs, SetupArgs};
 use super::http::{Client, Endpoint, DEFAULT_SOCKET};
@@ -177,25 +177,46 @@ pub async fn setup(g: &GlobalArgs, a: SetupArgs, out: &Printer) -> Result<ExitSt
         .url
         .clone()
         .unwrap_or_else(|| format!("unix://{DEFAULT_SOCKET}"));
+    // Missing flags are asked for on stdin, a terminal or not (a script
+    // can pipe the answers); an empty endpoint keeps the default.
     let url = match &g.url {
         Some(u) => u.clone(),
-        None if interactive => prompt("Daemon URL", Some(&default_url))?,
-        None => default_url,
+        None => {
+            if interactive {
+                out.note(&format!("(press Enter for {default_url})"));
+            }
+            let u = prompt("API endpoint", None).map_err(|e| {
+                CliError::usage(format!(
+                    "no API endpoint: pass --url (or BHATTI_URL) or give it on stdin ({})",
+                    e.message
+                ))
+            })?;
+            if u.is_empty() {
+                default_url
+            } else {
+                u
+            }
+        }
     };
     let endpoint = Endpoint::parse(&url)?;
     let token = match &g.token {
         Some(t) => t.clone(),
-        None if interactive => {
-            let t = prompt_secret("API key (bht_…, input hidden; empty keeps the saved one)")?;
+        None => {
+            let t = if interactive {
+                out.note("(bht_…, input hidden; empty keeps the saved one)");
+                prompt_secret("API key")?
+            } else {
+                prompt("API key", None).map_err(|e| {
+                    CliError::usage(format!(
+                        "no API key: pass --token (or BHATTI_TOKEN) or give it on stdin ({})",
+                        e.message
+                    ))
+                })?
+            };
             match (t.is_empty(), &current.token) {
                 (true, Some(saved)) => saved.clone(),
                 _ => t,
             }
-        }
-        None => {
-            return Err(CliError::usage(
-                "no API key: pass --token (or BHATTI_TOKEN) when stdin is not a terminal",
-            ))
         }
     };
     if !bhatti::auth::is_well_formed(&token) {
@@ -207,10 +228,21 @@ pub async fn setup(g: &GlobalArgs, a: SetupArgs, out: &Printer) -> Result<ExitSt
         endpoint: endpoint.clone(),
         token: Some(token.clone()),
     };
+    let mut connected = None;
     if !a.no_verify {
         // Health needs no key; listing checks the key.
-        client.get("/health").await?;
-        client.get("/sandboxes").await?;
+        let health = client.get("/health").await?;
+        let list = client.get("/sandboxes").await?;
+        let n = list
+            .get("sandboxes")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
+        connected = Some(format!(
+            "connected to {endpoint}: bhatti {} ({}), key accepted, {n} sandbox{}",
+            health.get("version").and_then(Value::as_str).unwrap_or("?"),
+            health.get("backend").and_then(Value::as_str).unwrap_or("?"),
+            if n == 1 { "" } else { "es" }
+        ));
     }
     let file = FileConfig {
         url: Some(endpoint.to_string()),
@@ -225,6 +257,9 @@ pub async fn setup(g: &GlobalArgs, a: SetupArgs, out: &Printer) -> Result<ExitSt
             "verified": !a.no_verify,
         }))?;
     } else {
+        if let Some(c) = &connected {
+            out.line(c)?;
+        }
         out.line(&format!("saved {} (daemon {endpoint})", path.display()))?;
     }
     Ok(ExitStatus::Success)

@@ -104,7 +104,36 @@ pub async fn shell(c: &Client, a: ShellArgs, out: &Printer) -> Result<ExitStatus
         (80, 24)
     };
     let mut q = vec![("rows", rows.to_string()), ("cols", cols.to_string())];
-    if let Some(id) = &a.session {
+    let mut session = a.session.clone();
+    if session.is_none() && a.cmd.is_empty() && !a.new {
+        // Reattach the newest detached terminal session, if there is one.
+        let list = c
+            .get(&format!("/sandboxes/{}/sessions", enc(&sandbox_id)))
+            .await?;
+        let newest = list
+            .get("sessions")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|x| {
+                x.get("exit").is_none_or(Value::is_null)
+                    && x.get("attached").and_then(Value::as_u64) == Some(0)
+                    && x.get("piped").and_then(Value::as_bool) != Some(true)
+            })
+            .max_by_key(|x| {
+                x.get("started_unix_ms")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(0)
+            });
+        if let Some(x) = newest {
+            let id = s(x, "id");
+            out.note(&format!(
+                "reattaching detached session {id} (--new starts another)"
+            ));
+            session = Some(id);
+        }
+    }
+    if let Some(id) = &session {
         q.push(("session", id.clone()));
         let key = SessionOffsets::key(&c.endpoint, &sandbox_id, id);
         if let Some(o) = a.offset.or_else(|| SessionOffsets::load().get(&key)) {
