@@ -904,9 +904,8 @@ impl Config {
                 "must be a DNS name such as sb.example.com",
             ));
         }
-        if !p.public_url.is_empty()
-            && !(p.public_url.starts_with("http://") || p.public_url.starts_with("https://"))
-        {
+        let web_url = |u: &str| u.starts_with("http://") || u.starts_with("https://");
+        if !p.public_url.is_empty() && !web_url(&p.public_url) {
             return Err(invalid(
                 "proxy.public_url",
                 "must start with http:// or https://",

@@ -64,7 +64,7 @@ pub struct Proxy {
     per_alias: Option<DefaultKeyedRateLimiter<String>>,
     clock: DefaultClock,
     /// Cold sandboxes the public listener is waking.
-    waking: Mutex<HashSet<String>>,
+    wakes: WakeGate,
     /// Ends relayed upgrades (WebSockets) at shutdown.
     pub stop: CancellationToken,
 }
@@ -91,7 +91,7 @@ impl Proxy {
             )
             .map(governor::RateLimiter::keyed),
             clock: DefaultClock::default(),
-            waking: Mutex::new(HashSet::new()),
+            wakes: WakeGate::new(config.max_cold_wakes as usize),
             stop: CancellationToken::new(),
             config: config.clone(),
         }
@@ -99,36 +99,7 @@ impl Proxy {
 
     /// The public URL of an alias, when there is a public listener.
     pub fn url_of(&self, alias: &str) -> Option<String> {
-        let c = &self.config;
-        let scheme = if c.tls_cert.is_empty() {
-            "http"
-        } else {
-            "https"
-        };
-        if !c.public_url.is_empty() {
-            let base = c.public_url.trim_end_matches('/');
-            if !c.zone.is_empty() {
-                // `https://sb.example.com` → `https://<alias>.sb.example.com/`
-                if let Some((s, rest)) = base.split_once("://") {
-                    return Some(format!("{s}://{alias}.{rest}/"));
-                }
-            }
-            return Some(format!("{base}/{alias}/"));
-        }
-        let listen = c.listen?;
-        if !c.zone.is_empty() {
-            let port = match (scheme, listen.port()) {
-                ("http", 80) | ("https", 443) => String::new(),
-                (_, p) => format!(":{p}"),
-            };
-            return Some(format!("{scheme}://{alias}.{}{port}/", c.zone));
-        }
-        let host = if listen.ip().is_unspecified() {
-            std::net::SocketAddr::from(([127, 0, 0, 1], listen.port()))
-        } else {
-            listen
-        };
-        Some(format!("{scheme}://{host}/{alias}/"))
+        UrlConfig(&self.config).url(alias)
     }
 
     /// One token of a client's bucket, or a 429.
@@ -161,28 +132,9 @@ impl Proxy {
         }
     }
 
-    /// Admits the wake of a cold sandbox: requests for a sandbox already
-    /// being woken join that wake; a new one needs a free slot (else 503
-    /// with `Retry-After`). The guard frees the slot.
+    /// Admits the wake of a cold sandbox (see [`WakeGate::admit`]).
     pub fn admit_wake(&self, sandbox_id: &str) -> Result<WakeSlot<'_>, ApiError> {
-        let mut w = self.waking.lock().unwrap_or_else(|p| p.into_inner());
-        if w.contains(sandbox_id) {
-            return Ok(WakeSlot {
-                proxy: self,
-                id: None,
-            });
-        }
-        if w.len() >= self.config.max_cold_wakes as usize {
-            return Err(ApiError::Unavailable {
-                message: "too many sandboxes are waking up; retry shortly".into(),
-                retry_after: Duration::from_secs(1),
-            });
-        }
-        w.insert(sandbox_id.to_owned());
-        Ok(WakeSlot {
-            proxy: self,
-            id: Some(sandbox_id.to_owned()),
-        })
+        self.wakes.admit(sandbox_id)
     }
 
     /// Sends `req` to `port` of sandbox `sandbox_id` (already woken and
@@ -252,6 +204,44 @@ impl Proxy {
     }
 }
 
+/// Where published ports are served, from `[proxy]`.
+struct UrlConfig<'a>(&'a ProxyConfig);
+
+impl UrlConfig<'_> {
+    fn url(&self, alias: &str) -> Option<String> {
+        let c = &self.0;
+        let scheme = if c.tls_cert.is_empty() {
+            "http"
+        } else {
+            "https"
+        };
+        if !c.public_url.is_empty() {
+            let base = c.public_url.trim_end_matches('/');
+            if !c.zone.is_empty() {
+                // `https://sb.example.com` → `https://<alias>.sb.example.com/`
+                if let Some((s, rest)) = base.split_once("://") {
+                    return Some(format!("{s}://{alias}.{rest}/"));
+                }
+            }
+            return Some(format!("{base}/{alias}/"));
+        }
+        let listen = c.listen?;
+        if !c.zone.is_empty() {
+            let port = match (scheme, listen.port()) {
+                ("http", 80) | ("https", 443) => String::new(),
+                (_, p) => format!(":{p}"),
+            };
+            return Some(format!("{scheme}://{alias}.{}{port}/", c.zone));
+        }
+        let host = if listen.ip().is_unspecified() {
+            std::net::SocketAddr::from(([127, 0, 0, 1], listen.port()))
+        } else {
+            listen
+        };
+        Some(format!("{scheme}://{host}/{alias}/"))
+    }
+}
+
 fn too_many(who: &str, wait: Duration) -> ApiError {
     ApiError::TooMany {
         message: format!(
@@ -298,16 +288,54 @@ where
     }
 }
 
-/// A slot of [`Proxy::admit_wake`]; frees it when dropped.
+/// Bounds the cold sandboxes being woken at once. Requests for a sandbox
+/// already being woken join that wake; a new one needs a free slot, else
+/// 503 with `Retry-After`. The slot is freed when its [`WakeSlot`] drops.
+pub struct WakeGate {
+    max: usize,
+    waking: Mutex<HashSet<String>>,
+}
+
+impl WakeGate {
+    pub fn new(max: usize) -> Self {
+        WakeGate {
+            max: max.max(1),
+            waking: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn admit(&self, sandbox_id: &str) -> Result<WakeSlot<'_>, ApiError> {
+        let mut w = self.waking.lock().unwrap_or_else(|p| p.into_inner());
+        if w.contains(sandbox_id) {
+            return Ok(WakeSlot {
+                gate: self,
+                id: None,
+            });
+        }
+        if w.len() >= self.max {
+            return Err(ApiError::Unavailable {
+                message: "too many sandboxes are waking up; retry shortly".into(),
+                retry_after: Duration::from_secs(1),
+            });
+        }
+        w.insert(sandbox_id.to_owned());
+        Ok(WakeSlot {
+            gate: self,
+            id: Some(sandbox_id.to_owned()),
+        })
+    }
+}
+
+/// A slot of [`WakeGate::admit`]; frees it when dropped.
 pub struct WakeSlot<'a> {
-    proxy: &'a Proxy,
+    gate: &'a WakeGate,
     id: Option<String>,
 }
 
 impl Drop for WakeSlot<'_> {
     fn drop(&mut self) {
         if let Some(id) = self.id.take() {
-            let mut w = self.proxy.waking.lock().unwrap_or_else(|p| p.into_inner());
+            let mut w = self.gate.waking.lock().unwrap_or_else(|p| p.into_inner());
             w.remove(&id);
         }
     }
@@ -399,4 +427,118 @@ fn upstream_error(e: hyper_util::client::legacy::Error, port: u16, max: u64) -> 
         src = s.source();
     }
     ApiError::BadGateway(format!("port {port}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn cold_wakes_are_bounded_per_sandbox() {
+        let gate = WakeGate::new(2);
+        let a = gate.admit("a").expect("first sandbox");
+        // More requests for a sandbox already waking join it.
+        let a2 = gate.admit("a").expect("joins a's wake");
+        let b = gate.admit("b").expect("second sandbox");
+        match gate.admit("c") {
+            Err(e @ ApiError::Unavailable { .. }) => {
+                assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+                let resp = axum::response::IntoResponse::into_response(e);
+                assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+            }
+            other => panic!("a third wake was admitted: {:?}", other.is_ok()),
+        }
+        // A joined request leaving frees nothing; the owner leaving does.
+        drop(a2);
+        assert!(gate.admit("c").is_err());
+        drop(a);
+        let _c = gate.admit("c").expect("a's slot is free");
+        drop(b);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_the_api_key_stay_here() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer bht_abc"),
+        );
+        h.insert(header::COOKIE, HeaderValue::from_static("a=b"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        let fwd = Forwarded {
+            client: Some([192, 0, 2, 7].into()),
+            proto: "https",
+            host: Some("web.sb.test".into()),
+            prefix: Some("/web".into()),
+        };
+        let out = forward_headers(h, false, &fwd);
+        for gone in ["connection", "x-secret", "keep-alive", "authorization"] {
+            assert!(!out.contains_key(gone), "{gone} passed on");
+        }
+        assert_eq!(out[header::COOKIE], "a=b");
+        assert_eq!(out["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
+        assert_eq!(out["x-forwarded-proto"], "https");
+        assert_eq!(out["x-forwarded-host"], "web.sb.test");
+        assert_eq!(out["x-forwarded-prefix"], "/web");
+        // An app's own Authorization is passed on; an upgrade keeps its headers.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic dTpw"),
+        );
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(wants_upgrade(&h));
+        let out = forward_headers(h, true, &Forwarded::default());
+        assert_eq!(out[header::AUTHORIZATION], "Basic dTpw");
+        assert_eq!(out[header::UPGRADE], "websocket");
+        assert_eq!(out[header::CONNECTION], "upgrade");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_half_closed_splice_ends_after_the_grace() {
+        let (client, mut client_peer) = tokio::io::duplex(1024);
+        let (guest, mut guest_peer) = tokio::io::duplex(1024);
+        let task = tokio::spawn(splice(client, guest));
+        client_peer.write_all(b"hi").await.unwrap();
+        let mut buf = [0u8; 2];
+        guest_peer.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"hi");
+        // The guest closes; the client never does: the splice still ends.
+        drop(guest_peer);
+        let mut rest = Vec::new();
+        client_peer.read_to_end(&mut rest).await.unwrap();
+        tokio::time::advance(HALF_CLOSED_GRACE + Duration::from_secs(1)).await;
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect("the splice ended")
+            .unwrap();
+    }
+
+    #[test]
+    fn public_urls() {
+        let url = |c: &ProxyConfig| UrlConfig(c).url("web");
+        let mut c = ProxyConfig::default();
+        assert_eq!(url(&c), None);
+        c.listen = Some("0.0.0.0:8443".parse().unwrap());
+        assert_eq!(url(&c).as_deref(), Some("http://127.0.0.1:8443/web/"));
+        c.zone = "sb.example.com".into();
+        assert_eq!(url(&c).as_deref(), Some("http://web.sb.example.com:8443/"));
+        c.listen = Some("0.0.0.0:443".parse().unwrap());
+        c.tls_cert = "c.pem".into();
+        c.tls_key = "k.pem".into();
+        assert_eq!(url(&c).as_deref(), Some("https://web.sb.example.com/"));
+        c.public_url = "https://sb.example.com".into();
+        assert_eq!(url(&c).as_deref(), Some("https://web.sb.example.com/"));
+        c.zone.clear();
+        c.public_url = "https://example.com/p/".into();
+        assert_eq!(url(&c).as_deref(), Some("https://example.com/p/web/"));
+    }
 }

@@ -261,3 +261,96 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tokio_rustls::rustls;
+
+    /// A router that answers with the client's address, as [`serve`] saw it.
+    fn peer_echo() -> Router {
+        Router::new().fallback(|req: Request<Body>| async move {
+            req.extensions()
+                .get::<Peer>()
+                .map(|p| p.0.ip().to_string())
+                .unwrap_or_default()
+        })
+    }
+
+    #[tokio::test]
+    async fn tls_is_terminated_and_the_peer_is_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["web.sb.test".to_string()]).unwrap();
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+        let (cert_s, key_s) = (cert.display().to_string(), key.display().to_string());
+        let tls = tls_config(&cert_s, &key_s).unwrap().expect("TLS");
+        // Bad files are refused with a reason.
+        assert!(tls_config(&cert_s, &cert_s).unwrap_err().contains("key"));
+        assert!(tls_config("/nonexistent.pem", &key_s)
+            .unwrap_err()
+            .contains("/nonexistent.pem"));
+        assert!(tls_config("", "").unwrap().is_none());
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            listener,
+            peer_echo(),
+            Some(tls),
+            async move {
+                let _ = stop_rx.await;
+            },
+            Duration::from_secs(5),
+        ));
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ck.cert.der().clone()).unwrap();
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("web.sb.test").unwrap();
+        let tls = connector.connect(name, tcp).await.expect("TLS handshake");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        for _ in 0..2 {
+            let req = Request::builder()
+                .uri("/")
+                .header(header::HOST, "web.sb.test")
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let resp = sender.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"127.0.0.1");
+        }
+        // Plain HTTP on the TLS port gets no answer.
+        let mut plain = tokio::net::TcpStream::connect(addr).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        plain
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), plain.read_to_end(&mut buf)).await;
+        assert!(!buf.starts_with(b"HTTP/1.1 200"), "{buf:?}");
+
+        // Stopping ends the accept loop and the kept-alive connection.
+        let _ = stop_tx.send(());
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("serve ended")
+            .unwrap();
+    }
+}
