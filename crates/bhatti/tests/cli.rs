@@ -134,6 +134,13 @@ struct Daemon {
 
 impl Daemon {
     fn start(kernel: &Path, rootfs: &Path) -> Daemon {
+        Daemon::start_as(kernel, rootfs, false)
+    }
+
+    /// `verbatim`: `bhatti serve` with no flags, run from its data dir, the
+    /// config found through `BHATTI_CONFIG` (as `sudo bhatti serve` in
+    /// `/var/lib/bhatti` finds `/etc/bhatti/config.toml`).
+    fn start_as(kernel: &Path, rootfs: &Path, verbatim: bool) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("bhatti-cli.")
             .tempdir()
@@ -164,9 +171,15 @@ cold_after_secs = 0
         std::fs::write(&config, toml).expect("write config");
         std::fs::create_dir_all(dir.path().join("home")).expect("home");
         let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log");
-        let child = Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(&config)
+        let mut cmd = Command::new(BIN);
+        if verbatim {
+            let data = dir.path().join("data");
+            std::fs::create_dir_all(&data).expect("data dir");
+            cmd.arg("serve").current_dir(data).env("BHATTI_CONFIG", &config);
+        } else {
+            cmd.args(["serve", "--config"]).arg(&config);
+        }
+        let child = cmd
             .env("RUST_LOG", "bhatti=debug,info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -978,7 +991,8 @@ fn documented_command_lines() {
     let Some((kernel, rootfs)) = artifacts("documented_command_lines") else {
         return;
     };
-    let d = Daemon::start(&kernel, &rootfs);
+    // `sudo bhatti serve`, run from its data dir with no flags.
+    let d = Daemon::start_as(&kernel, &rootfs, true);
     let home = d.home();
     let cfg = d.config_arg();
     let host_env = [("BHATTI_CONFIG", cfg.as_str())];
