@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::net::egress::{Cidr, Egress};
+pub use crate::thermal::ThermalConfig;
 
 /// The environment variable naming the config file when `--config` is absent.
 pub const CONFIG_ENV: &str = "BHATTI_CONFIG";
@@ -330,22 +331,6 @@ pub fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("`{s}` is not an address or address:port"))
 }
 
-/// `[thermal]`
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ThermalConfig {
-    /// Seconds without activity after which a running sandbox is paused
-    /// (warm); 0 never pauses. Default 30.
-    pub warm_after_secs: u64,
-    /// Seconds without activity after which a sandbox is snapshotted to disk
-    /// and its VMM ended (cold); 0 never does. Must exceed `warm_after_secs`
-    /// when both are set. Default 1800.
-    pub cold_after_secs: u64,
-    /// How often (milliseconds) the idle sweeper looks at sandboxes.
-    /// Default 1000.
-    pub sweep_interval_ms: u64,
-}
-
 /// `[proxy]`: `ANY /sandboxes/{id}/proxy/{port}/…` (authenticated) and the
 /// public listener that serves published ports without auth, by host
 /// (`<alias>.<zone>`) and by path (`/<alias>/…`).
@@ -558,16 +543,6 @@ impl Default for NetworkConfig {
             bridge: None,
             subnet: None,
             dns: None,
-        }
-    }
-}
-
-impl Default for ThermalConfig {
-    fn default() -> Self {
-        ThermalConfig {
-            warm_after_secs: 30,
-            cold_after_secs: 1800,
-            sweep_interval_ms: 1000,
         }
     }
 }

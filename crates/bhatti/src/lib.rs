@@ -1,15 +1,9 @@
-//! bhatti: the host side of the sandbox orchestrator.
-//!
-//! - [`engine`]: sandbox lifecycle on top of a VMM backend (create, agent
-//!   connections, pause/resume, snapshot to disk/restore, destroy, recover);
-//! - [`storage`]: copy-on-write root disks and the config drive;
-//! - [`net`]: the bridge, TAPs, guest addresses and MACs.
+//! bhatti: the host side of the sandbox orchestrator: the daemon's API,
+//! store, proxy and CLI. The engine side (sandbox lifecycle, storage,
+//! networks, the thermal manager) is the `bhatti-engine` crate, re-exported
+//! here under the same module names.
 
-pub mod cmd;
-pub mod engine;
-pub mod net;
-pub mod storage;
-
+pub use bhatti_engine::{cmd, engine, net, storage, thermal};
 pub use engine::{CreateSpec, Engine, EngineConfig, EngineError, Sandbox, SandboxState};
 
 pub mod api;
@@ -20,4 +14,3 @@ pub mod daemon;
 pub mod proxy;
 pub mod secrets;
 pub mod store;
-pub mod thermal;

@@ -68,7 +68,7 @@ async fn setup(test: &str) -> Option<Setup> {
     let secrets = bhatti::secrets::SecretBox::load_or_create(&config.data_dir).expect("secrets");
     let thermal = bhatti::thermal::ThermalManager::spawn(
         engine.clone(),
-        Some(store.clone()),
+        Some(std::sync::Arc::new(store.clone())),
         &config.thermal,
     );
     let state = Arc::new(AppState::new(

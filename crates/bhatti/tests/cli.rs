@@ -175,7 +175,9 @@ cold_after_secs = 0
         if verbatim {
             let data = dir.path().join("data");
             std::fs::create_dir_all(&data).expect("data dir");
-            cmd.arg("serve").current_dir(data).env("BHATTI_CONFIG", &config);
+            cmd.arg("serve")
+                .current_dir(data)
+                .env("BHATTI_CONFIG", &config);
         } else {
             cmd.args(["serve", "--config"]).arg(&config);
         }

@@ -257,8 +257,11 @@ pub async fn serve_with_backend(
         ),
         None => None,
     };
-    let thermal =
-        crate::thermal::ThermalManager::spawn(engine.clone(), Some(store.clone()), &config.thermal);
+    let thermal = crate::thermal::ThermalManager::spawn(
+        engine.clone(),
+        Some(Arc::new(store.clone())),
+        &config.thermal,
+    );
     let state = Arc::new(AppState::new(
         engine.clone(),
         store,

@@ -2,7 +2,7 @@
 //! `testdata/`. After an intended change, regenerate them with
 //!
 //! ```sh
-//! BHATTI_BLESS=1 cargo test -p bhatti --lib net::firewall
+//! BHATTI_BLESS=1 cargo test -p bhatti-engine --lib net::firewall
 //! ```
 //!
 //! and review the diff (the real tests in `netns_tests` load them).

@@ -7,8 +7,6 @@ use std::collections::VecDeque;
 use serde::{Deserialize, Serialize};
 
 use super::ThermalState;
-use crate::store::events::NewEvent;
-use crate::store::Store;
 
 /// Events kept in memory.
 pub const RING_CAPACITY: usize = 4096;
@@ -105,22 +103,6 @@ impl Ring {
             .take(q.limit.unwrap_or(100))
             .cloned()
             .collect()
-    }
-}
-
-/// Appends `e` to the store's events table (best effort: logged on error).
-pub(super) async fn persist(store: &Store, owner: Option<String>, e: &ThermalEvent) {
-    let mut ne = NewEvent::new(&e.sandbox_id, e.kind.as_str()).latency_ms(e.latency_ms);
-    ne.owner = owner;
-    ne.detail = Some(match &e.detail {
-        Some(d) => format!("{}→{}: {d}", e.from, e.to),
-        None => format!("{}→{}", e.from, e.to),
-    });
-    if let Err(err) = store
-        .run(move |c| crate::store::events::record(c, &ne))
-        .await
-    {
-        tracing::warn!(id = %e.sandbox_id, "recording a thermal event: {err}");
     }
 }
 

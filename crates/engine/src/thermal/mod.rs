@@ -25,8 +25,10 @@
 //! session and no open forward. A hot sandbox whose agent cannot be asked
 //! is never cooled.
 
+mod config;
 pub mod events;
 pub mod policy;
+mod records;
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -41,9 +43,10 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::config::ThermalConfig;
 use crate::engine::{Engine, EngineError, SandboxState, WakeReport};
-use crate::store::Store;
+
+pub use config::ThermalConfig;
+pub use records::{Records, SandboxRecord};
 
 pub use events::{EventQuery, ThermalEvent, ThermalEventKind};
 pub use policy::{decide, Action, GuestActivity, PolicyInput, ThermalState, Timers};
@@ -196,7 +199,7 @@ impl Entry {
 struct Shared {
     fleet: Arc<dyn Fleet>,
     engine: Option<Engine>,
-    store: Option<Store>,
+    store: Option<Arc<dyn Records>>,
     config: ThermalConfig,
     timers: Timers,
     table: Mutex<HashMap<String, Entry>>,
@@ -229,8 +232,12 @@ pub struct ThermalHandle {
 
 impl ThermalManager {
     /// Starts the manager over `engine` (store: events are also written
-    /// there, and `keep_hot`/owners are read from its sandboxes table).
-    pub fn spawn(engine: Engine, store: Option<Store>, config: &ThermalConfig) -> ThermalManager {
+    /// there, and `keep_hot`/owners are read from its sandboxes).
+    pub fn spawn(
+        engine: Engine,
+        store: Option<Arc<dyn Records>>,
+        config: &ThermalConfig,
+    ) -> ThermalManager {
         Self::spawn_inner(Arc::new(engine.clone()), Some(engine), store, config)
     }
 
@@ -242,7 +249,7 @@ impl ThermalManager {
     fn spawn_inner(
         fleet: Arc<dyn Fleet>,
         engine: Option<Engine>,
-        store: Option<Store>,
+        store: Option<Arc<dyn Records>>,
         config: &ThermalConfig,
     ) -> ThermalManager {
         let shared = Arc::new(Shared {
@@ -511,7 +518,7 @@ impl Shared {
         );
         if let Some(store) = &self.store {
             let store = store.clone();
-            tokio::spawn(async move { events::persist(&store, owner, &e).await });
+            tokio::spawn(async move { store.record(owner, e).await });
         }
     }
 
@@ -520,7 +527,7 @@ impl Shared {
         let Some(store) = &self.store else {
             return;
         };
-        match store.run(|c| crate::store::sandboxes::list_all(c)).await {
+        match store.sandboxes().await {
             Ok(rows) => {
                 let now = Instant::now();
                 let mut t = self
