@@ -601,6 +601,17 @@ mod opt_addr {
     }
 }
 
+impl VmConfig {
+    /// The hard bounds requests are checked against.
+    pub fn size_bounds(&self) -> crate::api_types::SizeBounds {
+        crate::api_types::SizeBounds {
+            max_cpus: self.max_cpus,
+            max_memory_mb: self.max_memory_mb,
+            max_disk_mb: self.max_disk_mb,
+        }
+    }
+}
+
 impl Config {
     /// Loads the config: `path` when given, else the file named by
     /// `BHATTI_CONFIG`, else all defaults. Relative `kernel`/`rootfs` paths are

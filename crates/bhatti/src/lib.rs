@@ -1,13 +1,14 @@
 //! bhatti: the host side of the sandbox orchestrator: the daemon's API,
 //! store, proxy and CLI. The engine side (sandbox lifecycle, storage,
-//! networks, the thermal manager) is the `bhatti-engine` crate, re-exported
-//! here under the same module names.
+//! networks, the thermal manager) is the `bhatti-engine` crate and the API's
+//! bodies are `bhatti-api-types`, both re-exported here under the same
+//! module names.
 
+pub use bhatti_api_types as api_types;
 pub use bhatti_engine::{cmd, engine, net, storage, thermal};
 pub use engine::{CreateSpec, Engine, EngineConfig, EngineError, Sandbox, SandboxState};
 
 pub mod api;
-pub mod api_types;
 pub mod auth;
 pub mod config;
 pub mod daemon;

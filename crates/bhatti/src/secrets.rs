@@ -22,7 +22,7 @@ use crate::store::{self, StoreError};
 /// The identity file's name under `data_dir`.
 pub const IDENTITY_FILE: &str = "secrets.key";
 /// Longest secret name.
-pub const MAX_NAME_LEN: usize = 128;
+pub use bhatti_api_types::MAX_SECRET_NAME_LEN as MAX_NAME_LEN;
 /// Largest secret value (bytes).
 pub const MAX_VALUE_LEN: usize = 64 * 1024;
 
@@ -48,27 +48,8 @@ pub enum SecretsError {
     Store(#[from] StoreError),
 }
 
-/// Checks a secret name: `[A-Z_][A-Z0-9_]*`, at most 128 characters (it
-/// becomes an environment variable name).
-pub fn validate_name(name: &str) -> Result<(), ValidationError> {
-    let ok_first = name
-        .bytes()
-        .next()
-        .is_some_and(|b| b.is_ascii_uppercase() || b == b'_');
-    if name.is_empty()
-        || name.len() > MAX_NAME_LEN
-        || !ok_first
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
-    {
-        return Err(ValidationError::new(
-            "name",
-            format!("secret names must match [A-Z_][A-Z0-9_]* and be at most {MAX_NAME_LEN} characters (got {name:?})"),
-        ));
-    }
-    Ok(())
-}
+/// Checks a secret name (`[A-Z_][A-Z0-9_]*`, an environment variable name).
+pub use bhatti_api_types::validate_secret_name as validate_name;
 
 /// Checks a secret value: UTF-8 text (it becomes an environment value), no
 /// NUL, at most 64 KiB.

@@ -12,7 +12,7 @@ use axum::Json;
 use super::{created, ApiError, AppState, AppStateRef, Caller, JsonBody};
 use crate::api_types::{
     rfc3339_ms, CreateSandbox, NetworkView, PatchSandbox, SandboxList, SandboxStatus, SandboxView,
-    SizeBounds, StartRequest, Thermal,
+    StartRequest, Thermal,
 };
 use crate::auth::RequestClass;
 use crate::engine::{new_sandbox_id, CheckpointMeta, CreateSpec, Sandbox, SandboxState};
@@ -179,7 +179,7 @@ async fn create_to_end(
     req: CreateSandbox,
 ) -> Result<Response, ApiError> {
     caller.rate(&st, RequestClass::Create)?;
-    req.validate(&SizeBounds::from_config(&st.config.vm))?;
+    req.validate(&st.config.vm.size_bounds())?;
     if let Some(snap) = req.from_snapshot.clone() {
         if req.cpus.is_some()
             || req.memory_mb.is_some()

@@ -57,7 +57,7 @@ pub const MAX_STDIN: usize = 16 * 1024 * 1024;
 /// Longest exec timeout (seconds).
 pub const MAX_TIMEOUT_SEC: u64 = 24 * 3600;
 /// Smallest memory a sandbox may have (MiB).
-pub const MIN_MEMORY_MB: u32 = crate::engine::MIN_MEMORY_MB;
+pub const MIN_MEMORY_MB: u32 = bhatti_engine::engine::MIN_MEMORY_MB;
 
 fn is_name(s: &str) -> bool {
     let b = s.as_bytes();
@@ -166,7 +166,7 @@ pub fn validate_guest_path(field: &str, path: &str) -> VResult {
 
 /// vCPUs: 1 ..= `max` (and never above the engine's limit).
 pub fn validate_cpus(cpus: u32, max: u32) -> VResult {
-    let max = max.min(crate::engine::MAX_CPUS);
+    let max = max.min(bhatti_engine::engine::MAX_CPUS);
     if cpus == 0 || cpus > max {
         return Err(ValidationError::new(
             "cpus",
@@ -178,7 +178,7 @@ pub fn validate_cpus(cpus: u32, max: u32) -> VResult {
 
 /// Memory: the engine's minimum ..= `max` MiB.
 pub fn validate_memory_mb(mb: u32, max: u32) -> VResult {
-    let max = max.min(crate::engine::MAX_MEMORY_MB);
+    let max = max.min(bhatti_engine::engine::MAX_MEMORY_MB);
     if mb < MIN_MEMORY_MB || mb > max {
         return Err(ValidationError::new(
             "memory_mb",
@@ -191,8 +191,8 @@ pub fn validate_memory_mb(mb: u32, max: u32) -> VResult {
 /// Root disk size: the engine's minimum ..= `max` MiB.
 pub fn validate_disk_mb(mb: u64, max: u64) -> VResult {
     let (min, max) = (
-        crate::engine::MIN_DISK_MB,
-        max.min(crate::engine::MAX_DISK_MB),
+        bhatti_engine::engine::MIN_DISK_MB,
+        max.min(bhatti_engine::engine::MAX_DISK_MB),
     );
     if mb < min || mb > max {
         return Err(ValidationError::new(
@@ -337,9 +337,9 @@ impl NetworkPolicy {
     /// The policy it describes, `egress` defaulting to `default`.
     pub fn to_policy(
         &self,
-        default: crate::net::egress::Egress,
-    ) -> Result<crate::net::egress::EgressPolicy, ValidationError> {
-        use crate::net::egress::{EgressPolicy, EgressRule};
+        default: bhatti_engine::net::egress::Egress,
+    ) -> Result<bhatti_engine::net::egress::EgressPolicy, ValidationError> {
+        use bhatti_engine::net::egress::{EgressPolicy, EgressRule};
         let egress = match &self.egress {
             Some(e) => e
                 .parse()
@@ -378,22 +378,12 @@ pub struct NetworkView {
 }
 
 /// Hard bounds a request is checked against (the config's `[vm]` maxima; the
-/// user's caps are checked separately by [`crate::auth::EffectiveCaps`]).
+/// user's caps are checked separately, by the daemon's `auth::EffectiveCaps`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SizeBounds {
     pub max_cpus: u32,
     pub max_memory_mb: u32,
     pub max_disk_mb: u64,
-}
-
-impl SizeBounds {
-    pub fn from_config(vm: &crate::config::VmConfig) -> SizeBounds {
-        SizeBounds {
-            max_cpus: vm.max_cpus,
-            max_memory_mb: vm.max_memory_mb,
-            max_disk_mb: vm.max_disk_mb,
-        }
-    }
 }
 
 impl CreateSandbox {
@@ -432,8 +422,7 @@ impl CreateSandbox {
         }
         let mut seen = std::collections::BTreeSet::new();
         for s in &self.secrets {
-            crate::secrets::validate_name(s)
-                .map_err(|e| ValidationError::new("secrets", e.message))?;
+            validate_secret_name(s).map_err(|e| ValidationError::new("secrets", e.message))?;
             if !seen.insert(s) {
                 return Err(ValidationError::new(
                     "secrets",
@@ -569,7 +558,7 @@ pub struct SandboxView {
     pub error: Option<String>,
     /// Idle timers and activity (`GET /sandboxes/{id}` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub thermal_info: Option<crate::thermal::ThermalInfo>,
+    pub thermal_info: Option<bhatti_engine::thermal::ThermalInfo>,
 }
 
 /// `GET /sandboxes`.
@@ -1325,7 +1314,7 @@ mod tests {
         assert!(validate_disk_mb(63, 100).is_err());
         validate_disk_mb(100, 100).unwrap();
         // The API accepts exactly what the engine does.
-        let spec = |m: u32, d: u64| crate::engine::CreateSpec {
+        let spec = |m: u32, d: u64| bhatti_engine::engine::CreateSpec {
             memory_mb: m,
             disk_mb: Some(d),
             ..Default::default()
@@ -1570,7 +1559,7 @@ mod tests {
 /// `GET /events`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EventList {
-    pub events: Vec<crate::thermal::ThermalEvent>,
+    pub events: Vec<bhatti_engine::thermal::ThermalEvent>,
 }
 
 /// Query of `GET /events`.
@@ -1631,4 +1620,29 @@ pub struct PublishedPort {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PublishedList {
     pub published: Vec<PublishedPort>,
+}
+
+/// Longest secret name.
+pub const MAX_SECRET_NAME_LEN: usize = 128;
+
+/// Checks a secret name: `[A-Z_][A-Z0-9_]*`, at most 128 characters (it
+/// becomes an environment variable name).
+pub fn validate_secret_name(name: &str) -> Result<(), ValidationError> {
+    let ok_first = name
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_uppercase() || b == b'_');
+    if name.is_empty()
+        || name.len() > MAX_SECRET_NAME_LEN
+        || !ok_first
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err(ValidationError::new(
+            "name",
+            format!("secret names must match [A-Z_][A-Z0-9_]* and be at most {MAX_SECRET_NAME_LEN} characters (got {name:?})"),
+        ));
+    }
+    Ok(())
 }
