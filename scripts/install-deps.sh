@@ -15,9 +15,6 @@ PACKAGES=(
   # the Firecracker test guest is assembled at test time
   binutils
   ca-certificates curl
-  # the web shell's xterm.js comes from the npm registry at build time
-  # (crates/bhatti/build.rs runs `npm ci`)
-  nodejs npm
   # the web shell's browser test (crates/bhatti/tests/webshell.rs)
   chromium chromium-driver
 )
@@ -34,6 +31,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "install-deps: installing ${missing[*]}" >&2
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
+fi
+# The web shell's xterm.js comes from the npm registry at build time
+# (crates/bhatti/build.rs runs `npm ci`). Any Node.js with npm will do (a
+# NodeSource nodejs bundles npm and conflicts with Debian's npm package).
+if ! command -v npm >/dev/null; then
+  echo "install-deps: installing nodejs npm" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >&2
 fi
 # Debian's kernel source package; elsewhere the kernel build downloads 6.1
 # from kernel.org.

@@ -59,6 +59,12 @@ async fn public(
     sender.send_request(req).await.expect("response")
 }
 
+/// A GET to the public listener from 127.0.0.1: status and body.
+async fn get(listen: SocketAddr, host: &str, path: &str) -> (StatusCode, String) {
+    let lo: IpAddr = [127, 0, 0, 1].into();
+    text(public(listen, lo, Method::GET, host, path, Bytes::new()).await).await
+}
+
 async fn text(resp: Response<Incoming>) -> (StatusCode, String) {
     let status = resp.status();
     let body = resp.into_body().collect().await.expect("body").to_bytes();
@@ -271,23 +277,11 @@ async fn proxy_publish_wake_and_limits() {
     // 6. The public listener, by host and by path, no auth.
     let lo: IpAddr = [127, 0, 0, 1].into();
     let host = format!("web-8000.{ZONE}:{}", listen.port());
-    let (st, body) =
-        text(public(listen, lo, Method::GET, &host, "/by/host?q=2", Bytes::new()).await).await;
+    let (st, body) = get(listen, &host, "/by/host?q=2").await;
     assert_eq!(st, StatusCode::OK, "{body}");
     assert!(body.contains("path=/by/host?q=2"), "{body}");
     assert!(body.contains("prefix=None"), "{body}");
-    let (st, body) = text(
-        public(
-            listen,
-            lo,
-            Method::GET,
-            "127.0.0.1",
-            "/web-8000/by/path",
-            Bytes::new(),
-        )
-        .await,
-    )
-    .await;
+    let (st, body) = get(listen, "127.0.0.1", "/web-8000/by/path").await;
     assert_eq!(st, StatusCode::OK, "{body}");
     assert!(body.contains("path=/by/path"), "{body}");
     assert!(body.contains("prefix=/web-8000"), "{body}");
@@ -303,22 +297,10 @@ async fn proxy_publish_wake_and_limits() {
     assert_eq!(r.status(), StatusCode::PERMANENT_REDIRECT);
     assert_eq!(r.headers()["location"], "/web-8000/");
     for path in ["/nope-1/", "/api/", "/"] {
-        let (st, body) =
-            text(public(listen, lo, Method::GET, "127.0.0.1", path, Bytes::new()).await).await;
+        let (st, body) = get(listen, "127.0.0.1", path).await;
         assert_eq!(st, StatusCode::NOT_FOUND, "{path}: {body}");
     }
-    let (st, _) = text(
-        public(
-            listen,
-            lo,
-            Method::GET,
-            &format!("nope.{ZONE}"),
-            "/",
-            Bytes::new(),
-        )
-        .await,
-    )
-    .await;
+    let (st, _) = get(listen, &format!("nope.{ZONE}"), "/").await;
     assert_eq!(st, StatusCode::NOT_FOUND);
     // WebSocket and SSE through the public listener.
     {
@@ -374,18 +356,7 @@ async fn proxy_publish_wake_and_limits() {
     for i in 0..20 {
         let host = host.clone();
         tasks.push(tokio::spawn(async move {
-            text(
-                public(
-                    listen,
-                    lo,
-                    Method::GET,
-                    &host,
-                    &format!("/cold/{i}"),
-                    Bytes::new(),
-                )
-                .await,
-            )
-            .await
+            get(listen, &host, &format!("/cold/{i}")).await
         }));
     }
     for (i, t) in tasks.into_iter().enumerate() {
@@ -416,7 +387,7 @@ async fn proxy_publish_wake_and_limits() {
     assert!(retry.is_some(), "429 without Retry-After");
     assert!(ok >= 20, "limited after only {ok} requests");
     // Another client is not affected.
-    let (st, _) = text(public(listen, lo, Method::GET, &host, "/kib", Bytes::new()).await).await;
+    let (st, _) = get(listen, &host, "/kib").await;
     assert_eq!(st, StatusCode::OK);
 
     // 9. A rename: the derived alias follows; unpublish: 404 at once.
@@ -424,31 +395,9 @@ async fn proxy_publish_wake_and_limits() {
         .patch("/sandboxes/web", json!({"name": "site"}))
         .await
         .expect(200);
-    let (st, _) = text(
-        public(
-            listen,
-            lo,
-            Method::GET,
-            "127.0.0.1",
-            "/site-8000/",
-            Bytes::new(),
-        )
-        .await,
-    )
-    .await;
+    let (st, _) = get(listen, "127.0.0.1", "/site-8000/").await;
     assert_eq!(st, StatusCode::OK);
-    let (st, _) = text(
-        public(
-            listen,
-            lo,
-            Method::GET,
-            "127.0.0.1",
-            "/web-8000/",
-            Bytes::new(),
-        )
-        .await,
-    )
-    .await;
+    let (st, _) = get(listen, "127.0.0.1", "/web-8000/").await;
     assert_eq!(st, StatusCode::NOT_FOUND);
     alice
         .delete("/sandboxes/site/publish/8000")
@@ -458,18 +407,7 @@ async fn proxy_publish_wake_and_limits() {
         .delete("/sandboxes/site/publish/8000")
         .await
         .expect_err(404);
-    let (st, _) = text(
-        public(
-            listen,
-            lo,
-            Method::GET,
-            "127.0.0.1",
-            "/site-8000/",
-            Bytes::new(),
-        )
-        .await,
-    )
-    .await;
+    let (st, _) = get(listen, "127.0.0.1", "/site-8000/").await;
     assert_eq!(st, StatusCode::NOT_FOUND);
 
     alice.delete("/sandboxes/site").await.expect(204);

@@ -44,6 +44,27 @@ impl Printer {
     }
 
     /// A table on stdout.
+    /// The array `v[key]` as a table of one row per item, or `empty` as a
+    /// note when it has none.
+    pub fn list_of(
+        &self,
+        v: &Value,
+        key: &str,
+        empty: &str,
+        header: &[&str],
+        row: impl Fn(&Value) -> Vec<String>,
+    ) -> Result<()> {
+        let items = v
+            .get(key)
+            .and_then(Value::as_array)
+            .map_or(&[][..], Vec::as_slice);
+        if items.is_empty() {
+            self.note(empty);
+            return Ok(());
+        }
+        self.table(header, items.iter().map(row).collect())
+    }
+
     pub fn table(&self, header: &[&str], rows: Vec<Vec<String>>) -> Result<()> {
         let mut t = Table::new();
         t.load_style(presets::NOTHING)

@@ -26,15 +26,12 @@ pub async fn ports(c: &Client, a: PortsArgs, out: &Printer) -> Result<ExitStatus
         out.json_value(&v)?;
         return Ok(ExitStatus::Success);
     }
-    let empty = Vec::new();
-    let list = v.get("ports").and_then(Value::as_array).unwrap_or(&empty);
-    if list.is_empty() {
-        out.note(&format!("nothing listens on a TCP port in {sandbox}"));
-        return Ok(ExitStatus::Success);
-    }
-    let rows = list
-        .iter()
-        .map(|p| {
+    out.list_of(
+        &v,
+        "ports",
+        &format!("nothing listens on a TCP port in {sandbox}"),
+        &["PORT", "ADDRESS", "PUBLISHED AS"],
+        |p| {
             let addrs = p
                 .get("addresses")
                 .and_then(Value::as_array)
@@ -45,43 +42,36 @@ pub async fn ports(c: &Client, a: PortsArgs, out: &Printer) -> Result<ExitStatus
                         .join(", ")
                 })
                 .unwrap_or_default();
-            let published = match s(p, "published") {
-                x if x.is_empty() || x == "-" => "-".to_string(),
-                x => x,
-            };
+            let published = p
+                .get("published")
+                .and_then(Value::as_str)
+                .unwrap_or("-")
+                .to_string();
             vec![
                 n(p, "port").map(|x| x.to_string()).unwrap_or_default(),
                 addrs,
                 published,
             ]
-        })
-        .collect();
-    out.table(&["PORT", "ADDRESS", "PUBLISHED AS"], rows)?;
+        },
+    )?;
     Ok(ExitStatus::Success)
 }
 
 fn published_table(v: &Value, out: &Printer) -> Result<ExitStatus> {
-    let empty = Vec::new();
-    let list = v
-        .get("published")
-        .and_then(Value::as_array)
-        .unwrap_or(&empty);
-    if list.is_empty() {
-        out.note("no published ports; publish one with `bhatti publish SANDBOX -p PORT`");
-        return Ok(ExitStatus::Success);
-    }
-    let rows = list
-        .iter()
-        .map(|p| {
+    out.list_of(
+        v,
+        "published",
+        "no published ports; publish one with `bhatti publish SANDBOX -p PORT`",
+        &["SANDBOX", "PORT", "ALIAS", "URL"],
+        |p| {
             vec![
                 s(p, "sandbox_id"),
                 n(p, "port").map(|x| x.to_string()).unwrap_or_default(),
                 s(p, "alias"),
                 s(p, "url"),
             ]
-        })
-        .collect();
-    out.table(&["SANDBOX", "PORT", "ALIAS", "URL"], rows)?;
+        },
+    )?;
     Ok(ExitStatus::Success)
 }
 

@@ -227,18 +227,14 @@ pub async fn list(c: &Client, a: ListArgs, out: &Printer) -> Result<ExitStatus> 
         out.json_value(&v)?;
         return Ok(ExitStatus::Success);
     }
-    let empty = Vec::new();
-    let list = v
-        .get("sandboxes")
-        .and_then(Value::as_array)
-        .unwrap_or(&empty);
-    if list.is_empty() {
-        out.note("no sandboxes; create one with `bhatti create NAME`");
-        return Ok(ExitStatus::Success);
-    }
-    let rows = list
-        .iter()
-        .map(|sb| {
+    out.list_of(
+        &v,
+        "sandboxes",
+        "no sandboxes; create one with `bhatti create NAME`",
+        &[
+            "NAME", "ID", "STATUS", "THERMAL", "CPUS", "MEMORY", "IP", "CREATED", "LABELS",
+        ],
+        |sb| {
             vec![
                 s(sb, "name"),
                 s(sb, "id"),
@@ -250,13 +246,7 @@ pub async fn list(c: &Client, a: ListArgs, out: &Printer) -> Result<ExitStatus> 
                 short_time(&s(sb, "created_at")),
                 labels(sb),
             ]
-        })
-        .collect();
-    out.table(
-        &[
-            "NAME", "ID", "STATUS", "THERMAL", "CPUS", "MEMORY", "IP", "CREATED", "LABELS",
-        ],
-        rows,
+        },
     )?;
     Ok(ExitStatus::Success)
 }
