@@ -110,6 +110,7 @@ async fn proxy_publish_wake_and_limits() {
     cfg.proxy.zone = ZONE.into();
     cfg.proxy.per_ip_per_second = 10;
     cfg.proxy.per_ip_burst = 25;
+    cfg.proxy.max_body_bytes = 4 << 20;
     cfg.thermal.warm_after_secs = 3;
     cfg.thermal.cold_after_secs = 6;
     cfg.thermal.sweep_interval_ms = 200;
@@ -173,6 +174,16 @@ async fn proxy_publish_wake_and_limits() {
         .await;
     let body = String::from_utf8_lossy(&r.body).into_owned();
     assert_eq!(body, format!("got {} sha256={digest}", 3 << 20));
+    // Past the body cap: 413, and the guest never sees it.
+    let r = alice
+        .send(
+            Method::POST,
+            "/sandboxes/web/proxy/8000/up",
+            &[],
+            Bytes::from(vec![1u8; 5 << 20]),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
     // Nothing on the port: 502 with a reason; a bad port: 400.
     let e = alice
         .get("/sandboxes/web/proxy/8001/")
@@ -209,6 +220,17 @@ async fn proxy_publish_wake_and_limits() {
     let mut seen = String::new();
     assert!(read_until(&mut body, &mut seen, "data: one").await);
     assert!(!body.is_end_stream(), "the stream ended before event two");
+    // An open proxied connection is activity: past the warm timer (3 s),
+    // the sandbox is still hot.
+    let open_since = std::time::Instant::now();
+    while open_since.elapsed() < Duration::from_secs(5) {
+        assert_eq!(
+            thermal(&alice, "web").await,
+            "hot",
+            "cooled with a stream open"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     alice.sh("web", "touch /tmp/sse-go").await;
     assert!(
         read_until(&mut body, &mut seen, "data: two").await,
