@@ -30,6 +30,8 @@
 #[allow(dead_code)]
 #[path = "proxy_bench/cold.rs"]
 mod cold;
+#[path = "proxy_bench/cpu.rs"]
+mod cpu;
 #[allow(dead_code)]
 #[path = "api_bench/daemon.rs"]
 mod daemon;
@@ -128,6 +130,8 @@ struct Throughput {
     seconds: f64,
     requests: u64,
     per_second: f64,
+    /// Shares of one CPU during the counted windows (the last round's).
+    cpu: Vec<cpu::Share>,
 }
 
 #[derive(Debug, Serialize)]
@@ -239,7 +243,16 @@ async fn host_part(args: &Args, lohar: &Path, report: &mut Report) -> anyhow::Re
         let public = with_public_listener(&mut config)?;
         let key = create_user(&config, "bench")?;
         let daemon = Daemon::start(config.clone(), Arc::new(backend.clone())).await?;
-        let measured = host_measure(args, &config, &key, public, guest.port, report).await;
+        let measured = host_measure(
+            args,
+            &config,
+            &key,
+            public,
+            guest.port,
+            &backend.pids,
+            report,
+        )
+        .await;
         let stopped = daemon.stop().await;
         measured?;
         stopped
@@ -255,6 +268,7 @@ async fn host_measure(
     key: &str,
     public: SocketAddr,
     port: u16,
+    lohar_pids: &std::sync::Mutex<Vec<u32>>,
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let sock = config.listen_unix.clone();
@@ -269,7 +283,8 @@ async fn host_measure(
     let agent = host_backend::raw_agent(&config.data_dir, &id).await?;
     let r = async {
         latency(args, &agent, &sock, key, &id, public, port, report).await?;
-        throughput(args, config, &id, public, port, report).await
+        let pids = lohar_pids.lock().map(|p| p.clone()).unwrap_or_default();
+        throughput(args, &pids, config, &id, public, port, report).await
     }
     .await;
     agent.close();
@@ -427,7 +442,12 @@ async fn load(
 
 /// Requests completed in `secs` after a 0.3 s ramp, by `clients` getters
 /// made by `make` on a thread of their own.
-async fn timed_load<M, Fut>(clients: usize, secs: f64, make: M) -> anyhow::Result<u64>
+async fn timed_load<M, Fut>(
+    clients: usize,
+    secs: f64,
+    lohar: &[u32],
+    make: M,
+) -> anyhow::Result<(u64, Vec<cpu::Share>)>
 where
     M: Fn() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = anyhow::Result<Vec<Getter>>>,
@@ -446,21 +466,23 @@ where
     let counted = async {
         ready.context("the load thread failed before it started")?;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let before = count.load(Ordering::Relaxed);
+        let (before, cpu0) = (count.load(Ordering::Relaxed), cpu::Cpu::now(lohar));
         tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-        anyhow::Ok(count.load(Ordering::Relaxed) - before)
+        let shares = cpu::Cpu::now(lohar).since(&cpu0);
+        anyhow::Ok((count.load(Ordering::Relaxed) - before, shares))
     }
     .await;
     stop.store(true, Ordering::Relaxed);
     let ended = task.await.context("the load task")?;
     match (counted, ended) {
-        (Ok(n), Ok(())) => Ok(n),
+        (Ok(r), Ok(())) => Ok(r),
         (_, Err(e)) | (Err(e), _) => Err(e),
     }
 }
 
 async fn throughput(
     args: &Args,
+    lohar: &[u32],
     config: &Config,
     id: &str,
     public: SocketAddr,
@@ -471,10 +493,11 @@ async fn throughput(
     let rounds = args.rounds.max(1);
     let secs = (args.duration / rounds as f64).max(0.2);
     let (mut floor, mut ours) = (0u64, 0u64);
+    let (mut floor_cpu, mut ours_cpu) = (Vec::new(), Vec::new());
     for r in 0..rounds {
         for public_side in [r % 2 == 1, r % 2 == 0] {
-            let got = if public_side {
-                timed_load(n, secs, move || async move {
+            let (got, shares) = if public_side {
+                timed_load(n, secs, lohar, move || async move {
                     let mut v = Vec::new();
                     for _ in 0..n {
                         v.push(public_getter(public).await?);
@@ -484,7 +507,7 @@ async fn throughput(
                 .await?
             } else {
                 let (data, id) = (config.data_dir.clone(), id.to_owned());
-                timed_load(n, secs, move || {
+                timed_load(n, secs, lohar, move || {
                     let (data, id) = (data.clone(), id.clone());
                     async move {
                         // An agent connection of the load thread's own.
@@ -505,21 +528,28 @@ async fn throughput(
             );
             if public_side {
                 ours += got;
+                ours_cpu = shares;
             } else {
                 floor += got;
+                floor_cpu = shares;
             }
         }
     }
     let total = secs * rounds as f64;
-    let row = |name: String, requests: u64| Throughput {
+    let row = |name: String, requests: u64, cpu| Throughput {
         name,
         clients: n,
         seconds: total,
         requests,
         per_second: requests as f64 / total,
+        cpu,
     };
-    let f = row(format!("agent forwards (floor), {n} clients"), floor);
-    let o = row(format!("public proxy, {n} clients"), ours);
+    let f = row(
+        format!("agent forwards (floor), {n} clients"),
+        floor,
+        floor_cpu,
+    );
+    let o = row(format!("public proxy, {n} clients"), ours, ours_cpu);
     report.throughput_ratio = (f.per_second > 0.0).then(|| o.per_second / f.per_second);
     report.throughput = vec![f, o];
     report.notes.push(format!(
@@ -571,9 +601,18 @@ fn print_tables(r: &Report) {
     if !r.throughput.is_empty() {
         println!("\n2. Throughput, no VM");
         for t in &r.throughput {
+            let cpu: Vec<String> = t
+                .cpu
+                .iter()
+                .map(|s| format!("{} {:.0}%", s.who, s.cpu * 100.0))
+                .collect();
             println!(
-                "{:<42} {:>10.0} req/s ({} requests in {:.1} s)",
-                t.name, t.per_second, t.requests, t.seconds
+                "{:<42} {:>10.0} req/s ({} requests in {:.1} s); CPU: {}",
+                t.name,
+                t.per_second,
+                t.requests,
+                t.seconds,
+                cpu.join(", ")
             );
         }
         if let Some(x) = r.throughput_ratio {
