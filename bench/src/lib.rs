@@ -233,6 +233,17 @@ impl Report {
     }
 }
 
+/// µs as a short human figure: "412 µs", "1.22 ms", "1.44 s".
+pub fn human(us: f64) -> String {
+    if us < 1000.0 {
+        format!("{us:.0} µs")
+    } else if us < 1_000_000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{:.2} s", us / 1_000_000.0)
+    }
+}
+
 /// `/proc/loadavg`'s first three fields ("1.02 0.87 0.55"), or "unknown".
 pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")

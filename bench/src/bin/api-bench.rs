@@ -27,27 +27,30 @@
 //! sudo -E target/release/api-bench --stall-only --markdown
 //! ```
 
+#[path = "api_bench/daemon.rs"]
+mod daemon;
 #[path = "api_bench/host_backend.rs"]
 mod host_backend;
 #[path = "api_bench/http.rs"]
 mod http;
+#[path = "api_bench/vm_env.rs"]
+mod vm_env;
 #[path = "api_bench/vms.rs"]
 mod vms;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::Context;
-use bhatti::config::{Config, DiskStrategy};
-use bhatti_bench::{host_description, load_average, Stats};
+use bhatti::config::Config;
+use bhatti_bench::{host_description, human, load_average, Stats};
 use bhatti_protocol::{AgentClient, ExecRequest, ReadFileRequest, WriteFileRequest};
-use bhatti_vmm::VmmBackend;
 use bytes::Bytes;
 use clap::Parser;
 use serde::Serialize;
 
+use daemon::{create_sandbox, create_user, Daemon};
 use host_backend::HostProcessBackend;
 use http::{q, Conn};
 
@@ -199,19 +202,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     if !args.vm_only && !args.stall_only {
         // Only part 1 runs lohar on the host; the VMs have theirs in the rootfs.
-        let lohar = match args.lohar.clone() {
-            Some(p) => p,
-            None => std::env::current_exe()?
-                .parent()
-                .context("no parent dir")?
-                .join("lohar"),
-        };
-        anyhow::ensure!(lohar.is_file(), "no lohar at {}", lohar.display());
+        let lohar = host_backend::lohar_path(args.lohar.as_deref())?;
         eprintln!("[api-bench] part 1: orchestrator overhead, no VM");
         report.lines.extend(no_vm(&args, &lohar).await?);
     }
     if !args.no_vm {
-        match vms::artifacts() {
+        match vm_env::artifacts() {
             Err(why) => {
                 println!("SKIP real-VM part: {why}");
                 report.vm_skipped = Some(why);
@@ -248,118 +244,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 // ---------------------------------------------------------------------------
-// The in-process daemon.
-
-pub struct Daemon {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), bhatti::daemon::DaemonError>>>,
-}
-
-impl Daemon {
-    pub async fn start(config: Config, backend: Arc<dyn VmmBackend>) -> anyhow::Result<Daemon> {
-        let sock = config.listen_unix.clone();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(bhatti::daemon::serve_with_backend(
-            config,
-            backend,
-            async move {
-                let _ = rx.await;
-            },
-        ));
-        let mut d = Daemon {
-            stop: Some(tx),
-            task: Some(task),
-        };
-        let deadline = Instant::now() + Duration::from_secs(180);
-        loop {
-            let mut c = Conn::new(&sock, None);
-            if let Ok(r) = c.get("/health").await {
-                if r.status.is_success() {
-                    return Ok(d);
-                }
-            }
-            if d.task.as_ref().is_some_and(|t| t.is_finished()) {
-                let r = d.task.take().expect("task").await;
-                anyhow::bail!("the daemon ended during start: {r:?}");
-            }
-            anyhow::ensure!(Instant::now() < deadline, "the daemon did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    pub async fn stop(mut self) -> anyhow::Result<()> {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(30), t)
-                .await
-                .context("the daemon did not stop within 30 s")???;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-    }
-}
-
-/// A config for a benchmark daemon on `dir`: no TCP, no rate limits,
-/// thermal manager off, quiet logs.
-pub fn bench_config(dir: &Path, kernel: &Path, rootfs: &Path) -> Config {
-    let mut c = Config {
-        data_dir: dir.join("data"),
-        listen_unix: dir.join("bhatti.sock"),
-        listen_tcp: None,
-        ..Config::default()
-    };
-    c.log.level = std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into());
-    c.vm.kernel = kernel.to_owned();
-    c.vm.rootfs = rootfs.to_owned();
-    c.thermal.warm_after_secs = 0;
-    c.thermal.cold_after_secs = 0;
-    let r = &mut c.limits.rate;
-    r.create_per_minute = 0;
-    r.exec_per_second = 0;
-    r.read_per_second = 0;
-    c
-}
-
-/// Creates user `name` in the daemon's store; returns its API key.
-pub fn create_user(config: &Config, name: &str) -> anyhow::Result<String> {
-    std::fs::create_dir_all(&config.data_dir)?;
-    let store = bhatti::store::Store::open(config.db_path())?;
-    let key = store.with(|c| {
-        Ok(
-            bhatti::auth::create_user(c, name, bhatti::store::users::UserCaps::default())
-                .map_err(|e| anyhow::anyhow!("{e}"))
-                .map(|k| k.api_key),
-        )
-    })??;
-    Ok(key)
-}
-
-/// POST /sandboxes; returns the id.
-pub async fn create_sandbox(c: &mut Conn, body: serde_json::Value) -> anyhow::Result<String> {
-    let r = c.post("/sandboxes", body).await?;
-    anyhow::ensure!(
-        r.status.is_success(),
-        "create: {} {}",
-        r.status,
-        String::from_utf8_lossy(&r.body)
-    );
-    let v = r.json()?;
-    v["id"]
-        .as_str()
-        .map(str::to_owned)
-        .context("create: no id in the response")
-}
-
-// ---------------------------------------------------------------------------
 // Part 1: no VM.
 
 async fn no_vm(args: &Args, lohar: &Path) -> anyhow::Result<Vec<Line>> {
@@ -390,14 +274,7 @@ async fn no_vm_inner(
     dir: &Path,
     backend: &HostProcessBackend,
 ) -> anyhow::Result<Vec<Line>> {
-    // The engine insists on a kernel and a rootfs file; lohar needs neither.
-    let kernel = dir.join("vmlinux.none");
-    std::fs::write(&kernel, b"no kernel: host-process backend")?;
-    let rootfs = dir.join("rootfs.none");
-    std::fs::File::create(&rootfs)?.set_len(1 << 20)?;
-    let mut config = bench_config(dir, &kernel, &rootfs);
-    config.vm.disk_strategy = DiskStrategy::Copy;
-    config.network.enabled = false;
+    let config = host_backend::host_config(dir)?;
     let key = create_user(&config, "bench")?;
     let sock = config.listen_unix.clone();
     let daemon = Daemon::start(config.clone(), Arc::new(backend.clone())).await?;
@@ -419,28 +296,7 @@ async fn no_vm_measure(
     let mut api = Conn::new(sock, Some(key));
     let id = create_sandbox(&mut api, serde_json::json!({"name": "bench"})).await?;
     // The raw agent: a second connection to the very lohar the engine uses.
-    let run_dir = config.data_dir.join("run").join(&id);
-    let vmcfg = bhatti_vmm::VmConfig {
-        id: id.clone(),
-        vcpus: 1,
-        memory_mib: 0,
-        kernel: PathBuf::new(),
-        kernel_args: String::new(),
-        root_disk: PathBuf::new(),
-        config_disk: Some(
-            config
-                .data_dir
-                .join("sandboxes")
-                .join(&id)
-                .join("config.ext4"),
-        ),
-        net: None,
-        netns: None,
-        run_dir: run_dir.clone(),
-    };
-    let token = host_backend::token_of(&vmcfg)?;
-    let stream = tokio::net::UnixStream::connect(host_backend::agent_socket(&run_dir)).await?;
-    let agent = Arc::new(AgentClient::connect(stream, &token).await?);
+    let agent = Arc::new(host_backend::raw_agent(&config.data_dir, &id).await?);
 
     let n = args.samples.max(10);
     let exec_n = n.min(1000);
@@ -671,17 +527,6 @@ pub async fn sample_mut<C>(
 
 // ---------------------------------------------------------------------------
 // Output.
-
-/// µs as a short human figure: "412 µs", "1.22 ms", "1.44 s".
-fn human(us: f64) -> String {
-    if us < 1000.0 {
-        format!("{us:.0} µs")
-    } else if us < 1_000_000.0 {
-        format!("{:.2} ms", us / 1000.0)
-    } else {
-        format!("{:.2} s", us / 1_000_000.0)
-    }
-}
 
 fn met_str(m: Option<bool>) -> &'static str {
     match m {

@@ -13,8 +13,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
+use anyhow::Context;
 use async_trait::async_trait;
+use bhatti::config::{Config, DiskStrategy};
 use bhatti_protocol::transport::BoxedStream;
+use bhatti_protocol::AgentClient;
 use bhatti_vmm::{BackendKind, SnapshotFiles, SnapshotKind, Vm, VmConfig, VmmBackend, VmmError};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -61,6 +64,57 @@ pub fn token_of(cfg: &VmConfig) -> std::io::Result<String> {
         .as_str()
         .map(str::to_owned)
         .ok_or_else(|| std::io::Error::other("the sandbox record has no token"))
+}
+
+/// `explicit`, or the `lohar` next to this program; it must exist.
+pub fn lohar_path(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let lohar = match explicit {
+        Some(p) => p.to_owned(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("no parent dir")?
+            .join("lohar"),
+    };
+    anyhow::ensure!(lohar.is_file(), "no lohar at {}", lohar.display());
+    Ok(lohar)
+}
+
+/// A benchmark daemon's config on `dir` for this backend: placeholder
+/// kernel and rootfs files (the engine insists on them; lohar needs
+/// neither), disks copied, no network.
+pub fn host_config(dir: &Path) -> anyhow::Result<Config> {
+    let kernel = dir.join("vmlinux.none");
+    std::fs::write(&kernel, b"no kernel: host-process backend")?;
+    let rootfs = dir.join("rootfs.none");
+    std::fs::File::create(&rootfs)?.set_len(1 << 20)?;
+    let mut config = crate::daemon::bench_config(dir, &kernel, &rootfs);
+    config.vm.disk_strategy = DiskStrategy::Copy;
+    config.network.enabled = false;
+    Ok(config)
+}
+
+/// A second agent connection, straight to the lohar the engine started
+/// for sandbox `id` of the daemon on `data_dir` (the raw floor).
+pub async fn raw_agent(data_dir: &Path, id: &str) -> anyhow::Result<AgentClient> {
+    let run_dir = data_dir.join("run").join(id);
+    let vmcfg = VmConfig {
+        id: id.to_owned(),
+        vcpus: 1,
+        memory_mib: 0,
+        kernel: PathBuf::new(),
+        kernel_args: String::new(),
+        root_disk: PathBuf::new(),
+        config_disk: Some(data_dir.join("sandboxes").join(id).join("config.ext4")),
+        net: None,
+        netns: None,
+        run_dir: run_dir.clone(),
+    };
+    let token = token_of(&vmcfg).context("the sandbox's agent token")?;
+    let sock = agent_socket(&run_dir);
+    let stream = tokio::net::UnixStream::connect(&sock)
+        .await
+        .with_context(|| format!("connecting to {}", sock.display()))?;
+    Ok(AgentClient::connect(stream, &token).await?)
 }
 
 #[async_trait]
