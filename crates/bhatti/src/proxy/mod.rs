@@ -200,6 +200,8 @@ impl Proxy {
             return Ok(Response::from_parts(rparts, Body::empty()));
         }
         strip_hop_by_hop(&mut rparts.headers);
+        // Our side of the connection speaks HTTP/1.1 whatever the guest does.
+        rparts.version = axum::http::Version::HTTP_11;
         Ok(Response::from_parts(rparts, Body::new(rbody)))
     }
 }

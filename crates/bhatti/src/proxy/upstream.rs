@@ -33,7 +33,9 @@ pub type UpstreamClient = hyper_util::client::legacy::Client<ForwardConnector, a
 pub fn client(thermal: ThermalHandle, idle_timeout: Duration) -> UpstreamClient {
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE)
-        .pool_max_idle_per_host(16)
+        // Every concurrent client may leave a forward to reuse: a smaller
+        // cap closes forwards a busy burst is about to need again.
+        .pool_max_idle_per_host(256)
         .pool_timer(hyper_util::rt::TokioTimer::new())
         .build(ForwardConnector {
             thermal,
