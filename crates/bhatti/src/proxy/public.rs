@@ -35,6 +35,8 @@ pub struct Peer(pub SocketAddr);
 
 /// Longest time a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest time a request's headers may take to arrive.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub fn router(st: AppStateRef) -> Router {
     Router::new().fallback(handle).with_state(st)
@@ -208,7 +210,11 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         let closing = closing.clone();
         tasks.spawn(async move {
-            let builder = hyper::server::conn::http1::Builder::new();
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            // A client that never finishes its headers (slowloris) is cut off.
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
             let r = match acceptor {
                 None => {
                     let conn = builder.serve_connection(TokioIo::new(tcp), svc);
@@ -352,5 +358,40 @@ mod tests {
             .await
             .expect("serve ended")
             .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_finishes_its_headers_is_cut_off() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            listener,
+            peer_echo(),
+            None,
+            async move {
+                let _ = stop_rx.await;
+            },
+            Duration::from_secs(5),
+        ));
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let mut buf = Vec::new();
+        tokio::time::timeout(HEADER_TIMEOUT * 2, slow.read_to_end(&mut buf))
+            .await
+            .expect("the connection was closed")
+            .ok();
+        assert!(
+            started.elapsed() >= HEADER_TIMEOUT,
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(!buf.starts_with(b"HTTP/1.1 200"), "{buf:?}");
+        let _ = stop_tx.send(());
+        server.await.unwrap();
     }
 }
