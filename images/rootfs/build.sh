@@ -11,7 +11,7 @@
 # Environment:
 #   BHATTI_CACHE    cache root (default /var/cache/bhatti-ci)
 #   LOHAR           optional static lohar binary; if set, the last stdout line
-#                   is a derived image <key>/rootfs+lohar.ext4 (see README.md)
+#                   is a derived image <key>/rootfs+lohar-<lohar hash>.ext4 (see README.md)
 #   ROOTFS_SIZE     apparent size of the sparse image (default 2G)
 #   ROOTFS_TIER     only "minimal" for now
 #   DEBIAN_MIRROR   override the mirror (default: taken from the host's apt sources)
@@ -62,28 +62,36 @@ CACHE_DIR="$BHATTI_CACHE/rootfs"
 OUT_DIR="$CACHE_DIR/$KEY"
 IMAGE="$OUT_DIR/rootfs.ext4"
 
-# Optional: derive base + lohar, keeping the base untouched.
+# Optional: derive base + lohar, keeping the base untouched. The derived
+# image is named by lohar's hash, so checkouts with different agents never
+# replace each other's; `rootfs+lohar.ext4` links to the newest, and only
+# the three most recently used are kept.
 emit() {
   if [[ -z "${LOHAR:-}" ]]; then
     printf '%s\n' "$IMAGE"
     return
   fi
   [[ -f "$LOHAR" ]] || die "LOHAR=$LOHAR is not a file"
-  local derived="$OUT_DIR/rootfs+lohar.ext4" stamp want have tmp
-  stamp="$derived.lohar-sha256"
-  want=$(sha256sum "$LOHAR" | cut -c1-64)
-  have=$(cat "$stamp" 2>/dev/null || true)
-  if [[ -f "$derived" && "$have" == "$want" ]]; then
+  local want derived tmp old
+  want=$(sha256sum "$LOHAR" | cut -c1-16)
+  derived="$OUT_DIR/rootfs+lohar-$want.ext4"
+  if [[ -f "$derived" ]]; then
     log "derived image up to date (lohar $want)"
+    touch "$derived"
   else
     tmp=$(mktemp "$OUT_DIR/.rootfs+lohar.XXXXXX")
     chmod 0644 "$tmp"
     cp --sparse=always --reflink=auto "$IMAGE" "$tmp"
     "$SCRIPT_DIR/install-lohar.sh" "$tmp" "$LOHAR" >&2 || { rm -f "$tmp"; die "install-lohar failed"; }
-    printf '%s\n' "$want" > "$stamp.tmp"
     mv -f "$tmp" "$derived"
-    mv -f "$stamp.tmp" "$stamp"
   fi
+  ln -sfn "$(basename "$derived")" "$OUT_DIR/.rootfs+lohar.link"
+  mv -Tf "$OUT_DIR/.rootfs+lohar.link" "$OUT_DIR/rootfs+lohar.ext4"
+  rm -f "$OUT_DIR/rootfs+lohar.ext4.lohar-sha256"
+  # shellcheck disable=SC2012
+  ls -1t "$OUT_DIR"/rootfs+lohar-*.ext4 2>/dev/null | tail -n +4 | while read -r old; do
+    rm -f "$old"
+  done
   printf '%s\n' "$derived"
 }
 
