@@ -174,16 +174,29 @@ async fn proxy_publish_wake_and_limits() {
         .await;
     let body = String::from_utf8_lossy(&r.body).into_owned();
     assert_eq!(body, format!("got {} sha256={digest}", 3 << 20));
-    // Past the body cap: 413, and the guest never sees it.
-    let r = alice
-        .send(
-            Method::POST,
-            "/sandboxes/web/proxy/8000/up",
-            &[],
-            Bytes::from(vec![1u8; 5 << 20]),
+    // Past the body cap: 413 as soon as the headers say so (a raw request
+    // that announces 5 MiB and sends none: the answer cannot race the upload).
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut raw = tokio::net::UnixStream::connect(&alice.sock)
+            .await
+            .expect("connect");
+        let key = alice.key.clone().unwrap_or_default();
+        raw.write_all(
+            format!(
+                "POST /sandboxes/web/proxy/8000/up HTTP/1.1\r\nHost: localhost\r\n\
+                 Authorization: Bearer {key}\r\nContent-Length: {}\r\n\r\n",
+                5 << 20
+            )
+            .as_bytes(),
         )
-        .await;
-    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+        .await
+        .expect("write");
+        let mut head = vec![0u8; 64];
+        let n = raw.read(&mut head).await.expect("read");
+        let head = String::from_utf8_lossy(&head[..n]).into_owned();
+        assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    }
     // Nothing on the port: 502 with a reason; a bad port: 400.
     let e = alice
         .get("/sandboxes/web/proxy/8001/")
