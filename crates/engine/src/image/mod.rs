@@ -11,9 +11,12 @@
 //! - [`ext4`]: size, lohar injection and `mkfs.ext4 -d`.
 
 pub mod config;
+pub mod ext4;
+pub mod pull;
 pub mod unpack;
 
 pub use config::ImageConfig;
+pub use pull::{pull, PullAuth, PullProgress, Pulled, PulledLayer};
 
 /// Why an image operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +49,14 @@ pub enum ImageError {
         /// What the client said.
         message: String,
     },
+    /// The registry does not have the repository, tag or digest.
+    #[error("image {reference} not found: {message}")]
+    NotFound {
+        /// The reference as given.
+        reference: String,
+        /// What the registry said.
+        message: String,
+    },
     /// The registry answered, but not with what we need.
     #[error("registry: {0}")]
     Registry(String),
@@ -58,6 +69,22 @@ pub enum ImageError {
     /// A host tool (`mkfs.ext4`) failed.
     #[error(transparent)]
     Cmd(#[from] crate::cmd::CmdError),
+}
+
+/// Applies a pulled image's layers, bottom first, onto `root` (an existing,
+/// normally empty directory).
+pub async fn unpack_pulled(pulled: &Pulled, root: &std::path::Path) -> Result<(), ImageError> {
+    let layers: Vec<_> = pulled.layers.iter().map(|l| l.path.clone()).collect();
+    let root = root.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        for layer in &layers {
+            let stats = unpack::apply_layer_file(&root, layer)?;
+            tracing::debug!(layer = %layer.display(), ?stats, "image layer applied");
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| ImageError::Layer(format!("unpack task: {e}")))?
 }
 
 impl ImageError {
