@@ -75,7 +75,7 @@ fn apply_tar(root: &Path, reader: impl Read) -> Result<LayerStats, ImageError> {
     let mut archive = tar::Archive::new(reader);
     let mut stats = LayerStats::default();
     // Host paths this layer wrote: an opaque marker keeps these.
-    let mut written: HashSet<PathBuf> = HashSet::new();
+    let mut written = Written::default();
     // Directory mtimes are set last: adding children changes them.
     let mut dir_times: Vec<(PathBuf, filetime::FileTime)> = Vec::new();
     let entries = archive
@@ -106,8 +106,12 @@ fn apply_tar(root: &Path, reader: impl Read) -> Result<LayerStats, ImageError> {
                 return Err(ImageError::Layer(format!("bad whiteout {}", raw.display())));
             }
             // A whiteout in a directory that does not exist has nothing to hide.
+            // Whiteouts hide lower layers only, never this layer's own entries.
             if let Some(dir) = resolve_dir_existing(&root, &parent)? {
-                remove_any(&dir.join(OsStr::from_bytes(hidden)))?;
+                let hidden = dir.join(OsStr::from_bytes(hidden));
+                if !written.entries.contains(&hidden) {
+                    remove_any(&hidden)?;
+                }
             }
             stats.whiteouts += 1;
             continue;
@@ -228,13 +232,34 @@ fn apply_tar(root: &Path, reader: impl Read) -> Result<LayerStats, ImageError> {
         };
         if created {
             stats.entries += 1;
-            written.insert(target);
+            written.insert(&root, target);
         }
     }
     for (dir, t) in dir_times.iter().rev() {
         let _ = filetime::set_symlink_file_times(dir, *t, *t);
     }
     Ok(stats)
+}
+
+/// Host paths this layer wrote, and the directories above them: an opaque
+/// marker or a whiteout leaves these alone.
+#[derive(Default)]
+struct Written {
+    entries: HashSet<PathBuf>,
+    ancestors: HashSet<PathBuf>,
+}
+
+impl Written {
+    fn insert(&mut self, root: &Path, path: PathBuf) {
+        let mut up = path.parent();
+        while let Some(dir) = up {
+            if dir == root || !dir.starts_with(root) || !self.ancestors.insert(dir.to_path_buf()) {
+                break;
+            }
+            up = dir.parent();
+        }
+        self.entries.insert(path);
+    }
 }
 
 /// Splits an entry path into its parent components and last name, dropping
@@ -358,16 +383,16 @@ fn replace(path: &Path) -> Result<(), ImageError> {
 
 /// Empties `dir` of what lower layers put there, keeping this layer's entries
 /// (and the directories leading to them).
-fn clear_opaque(dir: &Path, written: &HashSet<PathBuf>) -> Result<(), ImageError> {
+fn clear_opaque(dir: &Path, written: &Written) -> Result<(), ImageError> {
     let read =
         fs::read_dir(dir).map_err(|e| ImageError::io(format!("listing {}", dir.display()), e))?;
     for child in read {
         let child = child.map_err(|e| ImageError::io(format!("listing {}", dir.display()), e))?;
         let path = child.path();
-        if written.contains(&path) {
+        if written.entries.contains(&path) {
             continue;
         }
-        if written.iter().any(|w| w.starts_with(&path)) {
+        if written.ancestors.contains(&path) {
             // A directory only partly from this layer: clear what is not.
             if fs::symlink_metadata(&path)
                 .map(|m| m.is_dir())

@@ -132,6 +132,18 @@ fn whiteout_deletes_a_lower_file_and_a_lower_dir() {
 }
 
 #[test]
+fn a_whiteout_does_not_hide_an_entry_of_its_own_layer() {
+    let t = tempfile::tempdir().unwrap();
+    Layer::default().file("f", "old").apply(t.path()).unwrap();
+    Layer::default()
+        .file("f", "new")
+        .file(".wh.f", "")
+        .apply(t.path())
+        .unwrap();
+    assert_eq!(read(t.path(), "f"), "new");
+}
+
+#[test]
 fn opaque_dir_hides_lower_entries_but_keeps_this_layers() {
     let t = tempfile::tempdir().unwrap();
     Layer::default()
