@@ -10,6 +10,9 @@ PACKAGES=(
   build-essential flex bison bc libelf-dev libssl-dev cpio dwarves
   # rootfs build and disk images
   mmdebstrap e2fsprogs xfsprogs file
+  # OCI image tests (crates/engine/tests/oci_pull.rs): a local registry,
+  # images built and pushed without Docker, htpasswd for the auth registry
+  docker-registry umoci skopeo apache2-utils
   # networking (bridges, TAPs, namespaces, NAT)
   iproute2 nftables conntrack
   # the Firecracker test guest is assembled at test time

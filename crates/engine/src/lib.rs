@@ -7,10 +7,12 @@
 //!   sibling DNS, egress policies;
 //! - [`thermal`]: the thermal manager (idle sandboxes go warm, then cold,
 //!   and wake on demand);
+//! - [`image`]: OCI images (pull, layer unpacking, config, ext4 build);
 //! - [`cmd`]: running host tools (`ip`, `nft`, `mkfs.xfs`, …).
 
 pub mod cmd;
 pub mod engine;
+pub mod image;
 pub mod net;
 pub mod storage;
 pub mod thermal;
