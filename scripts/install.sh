@@ -8,7 +8,8 @@
 # 3. builds or reuses the guest kernel and rootfs (scripts/artifacts.sh,
 #    cached under $BHATTI_CACHE, default /var/cache/bhatti-ci);
 # 4. installs bhatti and lohar into /usr/local/bin and the images into
-#    /var/lib/bhatti/images; writes /etc/bhatti/config.toml if missing;
+#    /var/lib/bhatti/images (BHATTI_TIERS=minimal,dev adds the dev tier's
+#    rootfs-dev.ext4); writes /etc/bhatti/config.toml if missing;
 # 5. starts the daemon: a systemd unit when systemd runs the machine, else a
 #    background process (pid file /run/bhatti/bhatti.pid, log
 #    /var/log/bhatti.log);
@@ -108,6 +109,21 @@ put_image() {
 }
 put_image "$BHATTI_KERNEL" "$DATA_DIR/images/vmlinux"
 put_image "$BHATTI_ROOTFS" "$DATA_DIR/images/rootfs.ext4"
+# More rootfs tiers when asked (BHATTI_TIERS=minimal,dev): the dev tier has
+# git, python3 with pip and venv, nodejs and npm, build tools, jq, ripgrep.
+# It is installed beside the default as rootfs-<tier>.ext4; point
+# [vm] rootfs at it to make it every sandbox's root.
+for tier in $(printf '%s' "${BHATTI_TIERS:-minimal}" | tr ',' ' '); do
+  case "$tier" in
+    minimal) ;;
+    dev)
+      say "  building the $tier tier (cached after the first time)"
+      tier_image=$(LOHAR="$BHATTI_LOHAR" images/rootfs/build.sh --tier "$tier" | tail -n 1)
+      put_image "$tier_image" "$DATA_DIR/images/rootfs-$tier.ext4"
+      ;;
+    *) die "unknown tier '$tier' in BHATTI_TIERS (minimal, dev)" ;;
+  esac
+done
 install -d -m 0755 "$CONF_DIR"
 if [ ! -f "$CONFIG" ]; then
   # Every key at its default: data in /var/lib/bhatti, images under

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Build the bhatti guest root filesystem (tier: minimal) as a sparse ext4 image.
+# Build the bhatti guest root filesystem as a sparse ext4 image, in one of
+# two tiers: `minimal` (the default) or `dev` (minimal + git, python3 with pip
+# and venv, nodejs and npm, build tools, jq, ripgrep).
 #
 #   base=$(images/rootfs/build.sh)                      # cached, lohar-agnostic
+#   dev=$(images/rootfs/build.sh --tier dev)            # the dev tier
 #   images/rootfs/install-lohar.sh "$base" path/to/lohar  # swap the agent in
 #
 # or, keeping the cached base pristine:
@@ -12,8 +15,8 @@
 #   BHATTI_CACHE    cache root (default /var/cache/bhatti-ci)
 #   LOHAR           optional static lohar binary; if set, the last stdout line
 #                   is a derived image <key>/rootfs+lohar-<lohar hash>.ext4 (see README.md)
-#   ROOTFS_SIZE     apparent size of the sparse image (default 2G)
-#   ROOTFS_TIER     only "minimal" for now
+#   ROOTFS_SIZE     apparent size of the sparse image (default 2G; dev: 4G)
+#   ROOTFS_TIER     "minimal" (default) or "dev"; `--tier NAME` sets it too
 #   DEBIAN_MIRROR   override the mirror (default: taken from the host's apt sources)
 #   DEBIAN_SECURITY_MIRROR  likewise for bookworm-security
 #   MMDEBSTRAP_MODE mmdebstrap --mode (default root; "unshare" also works when
@@ -26,8 +29,15 @@ set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 BHATTI_CACHE=${BHATTI_CACHE:-/var/cache/bhatti-ci}
-ROOTFS_SIZE=${ROOTFS_SIZE:-2G}
 ROOTFS_TIER=${ROOTFS_TIER:-minimal}
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --tier) [[ $# -ge 2 ]] || { echo "[rootfs] error: --tier needs a value" >&2; exit 2; }
+            ROOTFS_TIER=$2; shift 2 ;;
+    --tier=*) ROOTFS_TIER=${1#--tier=}; shift ;;
+    *) echo "[rootfs] error: unknown argument '$1' (usage: build.sh [--tier minimal|dev])" >&2; exit 2 ;;
+  esac
+done
 MMDEBSTRAP_MODE=${MMDEBSTRAP_MODE:-root}
 SUITE=bookworm
 LABEL=bhatti-root
@@ -36,8 +46,9 @@ log() { printf '[rootfs] %s\n' "$*" >&2; }
 die() { printf '[rootfs] error: %s\n' "$*" >&2; exit 1; }
 
 case "$ROOTFS_TIER" in
-  minimal) ;;
-  *) die "unknown ROOTFS_TIER '$ROOTFS_TIER' (only 'minimal' exists)" ;;
+  minimal) ROOTFS_SIZE=${ROOTFS_SIZE:-2G} ;;
+  dev) ROOTFS_SIZE=${ROOTFS_SIZE:-4G} ;;
+  *) die "unknown tier '$ROOTFS_TIER' (minimal or dev)" ;;
 esac
 
 # --- package list (part of the cache key) ----------------------------------
@@ -52,13 +63,26 @@ PACKAGES=(
   # everyday archive tools
   xz-utils unzip
 )
+if [[ "$ROOTFS_TIER" == dev ]]; then
+  # "Node, git and common tools pre-installed": the newest the distribution
+  # has (bookworm: Node.js 18, npm 9, Python 3.11).
+  PACKAGES+=(
+    python3-pip python3-venv python3-dev
+    nodejs npm
+    build-essential pkg-config make
+    jq ripgrep
+    openssh-client rsync
+  )
+fi
 
 # --- cache key ----------------------------------------------------------------
 # sha256 over this script's bytes and the package list. lohar is deliberately
 # not part of it: it is swapped in afterwards by install-lohar.sh.
 KEY=$( { cat "${BASH_SOURCE[0]}"; printf '%s\n' "$ROOTFS_TIER" "${PACKAGES[@]}"; } \
        | sha256sum | cut -c1-64)
-CACHE_DIR="$BHATTI_CACHE/rootfs"
+# Tiers other than minimal live apart, so what finds "the newest minimal
+# rootfs" (tests, benchmarks) never picks one of them.
+if [[ "$ROOTFS_TIER" == minimal ]]; then CACHE_DIR="$BHATTI_CACHE/rootfs"; else CACHE_DIR="$BHATTI_CACHE/rootfs-$ROOTFS_TIER"; fi
 OUT_DIR="$CACHE_DIR/$KEY"
 IMAGE="$OUT_DIR/rootfs.ext4"
 
