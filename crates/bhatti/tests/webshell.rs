@@ -327,11 +327,27 @@ async fn web_shell_in_a_real_browser() {
         wait_line(&b, "hi-42", Duration::from_secs(60)).await;
 
         // Resize follows the window (fit addon) and reaches the guest.
+        let cols_now = || async {
+            b.execute("return window.bhattiTerm.cols", vec![])
+                .await
+                .expect("cols")
+        };
+        let before = cols_now().await;
         b.set_window_size(700, 500).await.expect("resize");
-        let cols = b
-            .execute("return window.bhattiTerm.cols", vec![])
-            .await
-            .expect("cols");
+        // The page fits the terminal on the window's resize event, which
+        // comes a moment after the WebDriver call returns.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let cols = loop {
+            let c = cols_now().await;
+            if c != before {
+                break c;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the terminal kept {before} columns after the window shrank"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         input
             .send_keys("echo cols-$(stty size | cut -d' ' -f2)\u{E007}")
             .await
