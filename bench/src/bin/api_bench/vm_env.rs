@@ -48,6 +48,40 @@ pub fn artifacts() -> Result<Artifacts, String> {
     })
 }
 
+/// A VM part's temp dir, netns name and daemon config ([`vm_config`]);
+/// dropping it removes what the part left on the host ([`Cleanup`]) before
+/// the temp dir goes.
+pub struct VmEnv {
+    pub config: Config,
+    pub ns: String,
+    /// Raw VMs' run dirs (created).
+    pub raw: PathBuf,
+    // Field order is drop order: the cleanup runs first.
+    _cleanup: Cleanup,
+    _dir: tempfile::TempDir,
+}
+
+impl VmEnv {
+    pub fn new(prefix: &str, art: &Artifacts) -> anyhow::Result<VmEnv> {
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
+        let ns = format!("bhatti-b-{}", bhatti::engine::random_hex(4));
+        let config = vm_config(dir.path(), art, &ns);
+        let raw = dir.path().join("raw");
+        std::fs::create_dir_all(&raw)?;
+        Ok(VmEnv {
+            _cleanup: Cleanup {
+                data: config.data_dir.clone(),
+                raw: raw.clone(),
+                ns: ns.clone(),
+            },
+            config,
+            ns,
+            raw,
+            _dir: dir,
+        })
+    }
+}
+
 /// Removes what a VM part leaves on the host, whatever happened.
 pub struct Cleanup {
     pub data: PathBuf,

@@ -22,23 +22,12 @@ use bhatti_vmm::{BackendKind, SnapshotFiles, SnapshotKind, Vm, VmConfig, VmmBack
 
 use crate::daemon::{create_sandbox, create_user, Daemon};
 use crate::http::Conn;
-use crate::vm_env::{backend_label, vm_config, wait_thermal, Artifacts, Cleanup, BOOT_TIMEOUT};
+use crate::vm_env::{backend_label, wait_thermal, Artifacts, VmEnv, BOOT_TIMEOUT};
 use crate::{agent_exec, Args, Line};
 
 pub async fn run(args: &Args, art: &Artifacts) -> anyhow::Result<(String, Vec<Line>, Vec<String>)> {
-    let dir = tempfile::Builder::new()
-        .prefix("bhatti-api-bench-vm.")
-        .tempdir()?;
-    let ns = format!("bhatti-b-{}", bhatti::engine::random_hex(4));
-    let config = vm_config(dir.path(), art, &ns);
-    let raw_root = dir.path().join("raw");
-    std::fs::create_dir_all(&raw_root)?;
-    // Declared after `dir`: dropped (and run) before the temp dir goes.
-    let _cleanup = Cleanup {
-        data: config.data_dir.clone(),
-        raw: raw_root.clone(),
-        ns: ns.clone(),
-    };
+    let env = VmEnv::new("bhatti-api-bench-vm.", art)?;
+    let (config, ns, raw_root) = (env.config.clone(), env.ns.clone(), env.raw.clone());
     let backend = bhatti::daemon::backend(&config)?;
     let label = backend_label(&backend);
 
@@ -555,17 +544,8 @@ pub async fn stall(
     args: &Args,
     art: &Artifacts,
 ) -> anyhow::Result<(String, Vec<Line>, Vec<String>)> {
-    let dir = tempfile::Builder::new()
-        .prefix("bhatti-api-bench-stall.")
-        .tempdir()?;
-    let ns = format!("bhatti-b-{}", bhatti::engine::random_hex(4));
-    let mut config = vm_config(dir.path(), art, &ns);
-    // Declared after `dir`: dropped (and run) before the temp dir goes.
-    let _cleanup = Cleanup {
-        data: config.data_dir.clone(),
-        raw: dir.path().join("raw"),
-        ns: ns.clone(),
-    };
+    let env = VmEnv::new("bhatti-api-bench-stall.", art)?;
+    let mut config = env.config.clone();
     // Nothing pauses or stops the sandbox but us.
     config.thermal.warm_after_secs = 0;
     config.thermal.cold_after_secs = 0;

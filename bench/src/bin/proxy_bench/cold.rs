@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::daemon::{create_sandbox, create_user, Daemon};
 use crate::http::Conn;
-use crate::vm_env::{backend_label, vm_config, wait_thermal, Artifacts, Cleanup};
+use crate::vm_env::{backend_label, wait_thermal, Artifacts, VmEnv};
 use crate::{with_public_listener, Args};
 
 const ALIAS: &str = "cold-bench";
@@ -33,17 +33,8 @@ pub struct Cold {
 }
 
 pub async fn run(args: &Args, art: &Artifacts) -> anyhow::Result<Cold> {
-    let dir = tempfile::Builder::new()
-        .prefix("bhatti-proxy-bench-vm.")
-        .tempdir()?;
-    let ns = format!("bhatti-b-{}", bhatti::engine::random_hex(4));
-    let mut config = vm_config(dir.path(), art, &ns);
-    // Declared after `dir`: dropped (and run) before the temp dir goes.
-    let _cleanup = Cleanup {
-        data: config.data_dir.clone(),
-        raw: dir.path().join("raw"),
-        ns: ns.clone(),
-    };
+    let env = VmEnv::new("bhatti-proxy-bench-vm.", art)?;
+    let mut config = env.config.clone();
     // Nothing pauses or stops the sandbox but us.
     config.thermal.warm_after_secs = 0;
     config.thermal.cold_after_secs = 0;
