@@ -311,6 +311,14 @@ pub struct CreateSandbox {
     /// Start from this checkpoint (same as `POST /snapshots/{name}/resume`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub from_snapshot: Option<String>,
+    /// Root disk from this image: a catalogue name (the caller's, then
+    /// shared) or a registry reference, pulled on demand.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Start from this template (its image, sizes, env, secrets, init and
+    /// keep_hot; fields given here override it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
     /// Egress policy; absent: the daemon's default.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkPolicy>,
@@ -439,10 +447,63 @@ impl CreateSandbox {
         if let Some(snap) = &self.from_snapshot {
             validate_name("from_snapshot", snap)?;
         }
+        if let Some(image) = &self.image {
+            validate_image_ref("image", image)?;
+        }
+        if let Some(t) = &self.template {
+            validate_name("template", t)?;
+        }
+        if self.from_snapshot.is_some() && (self.image.is_some() || self.template.is_some()) {
+            return Err(ValidationError::new(
+                "from_snapshot",
+                "a fork takes its disk from the checkpoint: give no image or template",
+            ));
+        }
         if let Some(n) = &self.network {
             n.to_policy(Default::default())?;
         }
         Ok(())
+    }
+}
+
+/// Longest image name or reference.
+pub const MAX_IMAGE_REF: usize = 255;
+
+/// A catalogue name: 1–128 of `a-z 0-9 . _ : -`, starting with a letter or
+/// digit (e.g. `python:3.12`, `my-app`).
+pub fn validate_image_name(field: &str, name: &str) -> VResult {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b':' | b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError::new(
+            field,
+            format!("invalid image name {name:?}: use 1 to 128 of a-z, 0-9, '.', '_', ':' and '-', starting with a letter or digit"),
+        ))
+    }
+}
+
+/// A catalogue name or a registry reference (`[host[:port]/]path[:tag][@digest]`):
+/// checked for shape only; the registry client parses it fully.
+pub fn validate_image_ref(field: &str, r: &str) -> VResult {
+    let ok = !r.is_empty()
+        && r.len() <= MAX_IMAGE_REF
+        && r.as_bytes()[0].is_ascii_alphanumeric()
+        && r.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-' | b'/' | b'@')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError::new(
+            field,
+            format!("invalid image name or reference {r:?}"),
+        ))
     }
 }
 
@@ -556,6 +617,16 @@ pub struct SandboxView {
     /// Why it is `failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The image its root disk came from, when not the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The template it was created from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// How it came to be: `boot` (a fresh boot), `instant` (restored from
+    /// a pre-booted snapshot) or `fork` (from a checkpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
     /// Idle timers and activity (`GET /sandboxes/{id}` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thermal_info: Option<bhatti_engine::thermal::ThermalInfo>,

@@ -90,7 +90,10 @@ async fn disk_methods_and_timings() {
             let sdir = data.path().join("sandboxes").join(&id);
             std::fs::create_dir_all(&sdir).unwrap();
             let t = Instant::now();
-            let disk = storage.create_root_disk(&id, &sdir, None).await.unwrap();
+            let disk = storage
+                .create_root_disk(&id, &sdir, None, None)
+                .await
+                .unwrap();
             times.push(t.elapsed());
             assert_eq!(disk.method, storage.method());
             assert_eq!(
@@ -111,7 +114,7 @@ async fn disk_methods_and_timings() {
         let size_mb = std::fs::metadata(&base).unwrap().len() / (1 << 20) + 256;
         let t = Instant::now();
         let disk = storage
-            .create_root_disk("grow", &sdir, Some(size_mb))
+            .create_root_disk("grow", &sdir, None, Some(size_mb))
             .await
             .unwrap();
         eprintln!("  grown to {size_mb} MiB in {:?}", t.elapsed());

@@ -60,6 +60,15 @@ pub struct GuestConfig {
     /// not configure it.
     #[serde(default)]
     pub network: Option<NetworkConfig>,
+    /// The user commands run as, as an image config says it (`name`,
+    /// `uid`, `name:group`, `uid:gid`), resolved from the guest's
+    /// `/etc/passwd` and `/etc/group`; absent: `lohar` (1000:1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Working directory of commands that name none; absent: the user's
+    /// home.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
 }
 
 /// One file to place in the guest.

@@ -31,6 +31,7 @@ pub(super) fn view(row: &SandboxRow, sb: Option<&Sandbox>) -> SandboxView {
             .and_then(|v| v.as_u64())
             .map(|v| v.min(u64::from(u32::MAX)) as u32)
     };
+    let spec_str = |k: &str| row.spec.get(k).and_then(|v| v.as_str()).map(str::to_owned);
     let (status, thermal, error) = match sb {
         None => (
             SandboxStatus::Failed,
@@ -76,6 +77,18 @@ pub(super) fn view(row: &SandboxRow, sb: Option<&Sandbox>) -> SandboxView {
         network: None,
         created_at: rfc3339_ms(row.created_at),
         error,
+        image: spec_str("image"),
+        template: spec_str("template"),
+        origin: spec_str("origin").or_else(|| {
+            Some(
+                if row.spec.get("from_snapshot").is_some() {
+                    "fork"
+                } else {
+                    "boot"
+                }
+                .into(),
+            )
+        }),
         thermal_info: None,
     }
 }
@@ -264,6 +277,9 @@ async fn create_to_end(
         init: req.init.clone(),
         files: Vec::new(),
         network,
+        base: None,
+        user: None,
+        workdir: None,
     };
     let result = st.engine.create_as(id.clone(), spec).await;
     finish_create(&st, &caller, row, result).await

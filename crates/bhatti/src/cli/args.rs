@@ -248,6 +248,13 @@ pub struct CreateArgs {
     /// Start from this checkpoint (a fork with a fresh identity).
     #[arg(long, visible_alias = "from", value_name = "CHECKPOINT", value_parser = parse_name)]
     pub from_snapshot: Option<String>,
+    /// Root disk from this image: a catalogue name or a registry reference
+    /// (pulled on demand), e.g. `python:3.12`.
+    #[arg(long, value_name = "IMAGE", conflicts_with = "from_snapshot")]
+    pub image: Option<String>,
+    /// Start from this template (`bhatti template create`).
+    #[arg(long, value_name = "TEMPLATE", value_parser = parse_name, conflicts_with = "from_snapshot")]
+    pub template: Option<String>,
     /// No egress at all (sibling sandboxes and DNS still work).
     #[arg(long)]
     pub no_internet: bool,

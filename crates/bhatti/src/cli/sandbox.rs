@@ -168,6 +168,8 @@ pub async fn create(c: &Client, a: CreateArgs, out: &Printer) -> Result<ExitStat
         labels: a.labels.into_iter().collect(),
         secrets: a.secrets,
         from_snapshot: a.from_snapshot,
+        image: a.image,
+        template: a.template,
         network: network_policy(a.no_internet, a.allow, a.deny),
     };
     let body = serde_json::to_value(&req).map_err(|e| CliError::new(e.to_string()))?;

@@ -219,6 +219,32 @@ pub const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX shell_tokens_by_sandbox ON shell_tokens (sandbox_id);
     "#,
+    // 5: images (a user's catalogue; owner NULL = shared) and templates.
+    r#"
+    CREATE TABLE images (
+        id         TEXT PRIMARY KEY,
+        owner      TEXT REFERENCES users(id) ON DELETE CASCADE,
+        name       TEXT NOT NULL,
+        source     TEXT NOT NULL,
+        reference  TEXT,
+        digest     TEXT,
+        path       TEXT NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        config     TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE UNIQUE INDEX images_by_name ON images (coalesce(owner, ''), name);
+
+    CREATE TABLE templates (
+        id         TEXT PRIMARY KEY,
+        owner      TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        name       TEXT NOT NULL,
+        image      TEXT,
+        spec       TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        UNIQUE (owner, name)
+    ) STRICT;
+    "#,
 ];
 
 /// The schema version this build writes.

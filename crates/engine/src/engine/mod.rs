@@ -23,6 +23,7 @@ mod agent;
 mod checkpoint;
 mod error;
 mod orphans;
+mod save_disk;
 mod snapshot_chain;
 mod state;
 mod wake;
@@ -735,6 +736,8 @@ impl Inner {
                 gateway: Some(n.gateway),
                 interface: "eth0".into(),
             }),
+            user: rec.spec.user.clone(),
+            workdir: rec.spec.workdir.clone(),
         }
     }
 
@@ -746,7 +749,12 @@ impl Inner {
         self.save(slot, live)?;
         let disk = self
             .storage
-            .create_root_disk(&slot.id, &slot.dir, live.rec.spec.disk_mb)
+            .create_root_disk(
+                &slot.id,
+                &slot.dir,
+                live.rec.spec.base.as_deref(),
+                live.rec.spec.disk_mb,
+            )
             .await?;
         live.rec.disk = disk;
         self.boot_fresh(slot, live, "did not boot").await

@@ -119,6 +119,15 @@ pub struct CreateSpec {
     /// Where its NIC goes (bridge and address chosen by the caller); `None`
     /// uses the engine's default bridge and pool.
     pub network: Option<crate::net::NetAttach>,
+    /// The ext4 image its root disk is cloned from (an image from the
+    /// catalogue, lohar inside); `None` uses the engine's rootfs.
+    pub base: Option<PathBuf>,
+    /// The user commands run as (`name`, `uid`, `name:group`, `uid:gid`,
+    /// resolved in the guest); `None`: lohar's default user.
+    pub user: Option<String>,
+    /// Working directory of commands that name none; `None`: the user's
+    /// home.
+    pub workdir: Option<String>,
 }
 
 impl Default for CreateSpec {
@@ -133,6 +142,9 @@ impl Default for CreateSpec {
             files: Vec::new(),
             hostname: None,
             network: None,
+            base: None,
+            user: None,
+            workdir: None,
         }
     }
 }
@@ -164,6 +176,20 @@ impl CreateSpec {
         for k in self.env.keys() {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
                 return Err(format!("invalid environment variable name {k:?}"));
+            }
+        }
+        if let Some(u) = &self.user {
+            let ok = !u.is_empty()
+                && u.len() <= 64
+                && u.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b));
+            if !ok {
+                return Err(format!("invalid user {u:?}"));
+            }
+        }
+        if let Some(w) = &self.workdir {
+            if !w.starts_with('/') || w.contains('\0') || w.len() > 4096 {
+                return Err(format!("workdir {w:?} must be an absolute path"));
             }
         }
         for f in &self.files {

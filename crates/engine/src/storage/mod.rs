@@ -177,14 +177,16 @@ impl Storage {
         }
     }
 
-    /// Makes the root disk of sandbox `id`, grown to `disk_mb` if that is
-    /// larger than the base image.
+    /// Makes the root disk of sandbox `id` from `base` (default: the
+    /// configured rootfs), grown to `disk_mb` if that is larger.
     pub async fn create_root_disk(
         &self,
         id: &str,
         sandbox_dir: &Path,
+        base: Option<&Path>,
         disk_mb: Option<u64>,
     ) -> Result<RootDisk> {
+        let base = base.unwrap_or(&self.cfg.rootfs).to_path_buf();
         let dest = self.root_disk_path(id, sandbox_dir);
         if let Some(parent) = dest.parent() {
             std::fs::create_dir_all(parent)
@@ -196,13 +198,13 @@ impl Storage {
                 let root = self.reflink_root.as_ref().expect("reflink root");
                 // Straight from the configured image when it already lives on
                 // the reflink filesystem; else from a copy imported once.
-                let direct = ficlone_file(&self.cfg.rootfs, &dest);
+                let direct = ficlone_file(&base, &dest);
                 if let Err(e) = direct {
                     let _ = std::fs::remove_file(&dest);
                     tracing::debug!(
                         "direct reflink of the base failed ({e}); using an imported copy"
                     );
-                    let base = self.imported_base(root).await?;
+                    let base = self.imported_base(root, &base).await?;
                     ficlone_file(&base, &dest).map_err(|e| {
                         let _ = std::fs::remove_file(&dest);
                         StorageError::io(
@@ -213,7 +215,7 @@ impl Storage {
                 }
             }
             DiskMethod::Copy => {
-                let (src, dst) = (self.cfg.rootfs.clone(), dest.clone());
+                let (src, dst) = (base.clone(), dest.clone());
                 blocking(move || sparse_copy(&src, &dst))
                     .await
                     .inspect_err(|_| {
@@ -305,11 +307,11 @@ impl Storage {
         }
     }
 
-    /// The base image inside `root/bases`, copied there on first use. The
+    /// The base image `src` inside `root/bases`, copied there on first use. The
     /// name carries the source's path, size and mtime, so a rebuilt base is
     /// imported again.
-    async fn imported_base(&self, root: &Path) -> Result<PathBuf> {
-        let src = &self.cfg.rootfs;
+    async fn imported_base(&self, root: &Path, src: &Path) -> Result<PathBuf> {
+        let src = &src.to_path_buf();
         let meta = std::fs::metadata(src)
             .map_err(|e| StorageError::io(format!("reading {}", src.display()), e))?;
         let mtime = meta
