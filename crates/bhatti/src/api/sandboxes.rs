@@ -217,7 +217,17 @@ async fn create_to_end(
         .disk_mb
         .or((vm.default_disk_mb > 0).then_some(vm.default_disk_mb));
     caller.caps.check_sandbox_size(cpus, memory_mb)?;
-    let env = req.env.clone();
+    // An image: its disk, its env under the request's, its user and dir.
+    let image = match req.image.as_deref() {
+        Some(i) => Some(super::images::for_create(&st, &caller, i).await?),
+        None => None,
+    };
+    let mut env = req.env.clone();
+    if let Some(img) = &image {
+        for (k, v) in img.row.config.env_pairs() {
+            env.entry(k).or_insert(v);
+        }
+    }
     if !req.secrets.is_empty() {
         // Every named secret must exist now; the values are decrypted
         // again at each boot (the engine's SecretSource), never stored.
@@ -263,6 +273,13 @@ async fn create_to_end(
             return Ok((StatusCode::OK, Json(view_of(&st, &row))).into_response())
         }
     };
+    let row = match &image {
+        Some(img) => match record_image_config(&st, row, img).await {
+            Ok(row) => row,
+            Err((row, e)) => return Err(abandon_create(&st, &caller, &row, e).await),
+        },
+        None => row,
+    };
     let network = match attach_network(&st, &caller, &row).await {
         Ok(n) => n,
         Err(e) => return Err(abandon_create(&st, &caller, &row, e).await),
@@ -277,12 +294,43 @@ async fn create_to_end(
         init: req.init.clone(),
         files: Vec::new(),
         network,
-        base: None,
-        user: None,
-        workdir: None,
+        base: image.as_ref().map(|i| i.row.path.clone().into()),
+        user: image.as_ref().and_then(|i| i.user.clone()),
+        workdir: image
+            .as_ref()
+            .and_then(|i| i.row.config.working_dir.clone()),
     };
     let result = st.engine.create_as(id.clone(), spec).await;
     finish_create(&st, &caller, row, result).await
+}
+
+/// Keeps the image's defaults (user made explicit) in the row's spec: an
+/// exec without a command runs the image's, and a saved image inherits
+/// them.
+async fn record_image_config(
+    st: &AppState,
+    row: SandboxRow,
+    img: &super::images::ForCreate,
+) -> Result<SandboxRow, (SandboxRow, ApiError)> {
+    let mut config = img.row.config.clone();
+    config.user = img.user.clone();
+    let mut spec = row.spec.clone();
+    if let (Some(obj), Ok(v)) = (spec.as_object_mut(), serde_json::to_value(&config)) {
+        obj.insert(super::images::SPEC_IMAGE_CONFIG.into(), v);
+    }
+    let update = SandboxUpdate {
+        spec: Some(spec),
+        ..Default::default()
+    };
+    let (owner, id) = (row.owner.clone(), row.id.clone());
+    match st
+        .store
+        .run(move |c| sandboxes::update(c, &owner, &id, &update))
+        .await
+    {
+        Ok(updated) => Ok(updated),
+        Err(e) => Err((row, e.into())),
+    }
 }
 
 /// The owner's network up and the sandbox's rules in place, before its

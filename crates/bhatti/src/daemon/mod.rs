@@ -271,6 +271,11 @@ pub async fn serve_with_backend(
         thermal.handle(),
         tenants,
     ));
+    state
+        .images
+        .start(&config)
+        .await
+        .map_err(|e| DaemonError::Setup(format!("images: {e}")))?;
     let app = api::router(state.clone());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -327,7 +332,9 @@ pub async fn serve_with_backend(
         while servers.join_next().await.is_some() {}
     })
     .await;
-    // Mutations whose clients left still finish (a create, a stop).
+    // Pulls stop (their work dirs go); mutations whose clients left still
+    // finish (a create, a stop).
+    state.images.tasks.cancel_all();
     state.tasks.close();
     let bound = Duration::from_secs(config.vm.boot_timeout_secs + 30);
     if tokio::time::timeout(bound, state.tasks.wait())
