@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use bhatti_vmm::VmmBackend;
 
+pub mod registry;
+
 /// Where `scripts/artifacts.sh` caches kernels and rootfs images.
 pub const CACHE: &str = "/var/cache/bhatti-ci";
 
@@ -59,6 +61,9 @@ pub struct Artifacts {
     pub kernel: PathBuf,
     /// A rootfs with lohar installed.
     pub rootfs: PathBuf,
+    /// The static lohar binary (`BHATTI_LOHAR`, else the newest in the
+    /// cache), for images made from OCI images; `None` when not found.
+    pub lohar: Option<PathBuf>,
 }
 
 /// The guest kernel and rootfs (`BHATTI_KERNEL`, `BHATTI_ROOTFS`, else the
@@ -82,7 +87,13 @@ pub fn artifacts(test: &str) -> Option<Artifacts> {
         missing.push("rootfs with lohar (BHATTI_ROOTFS)");
     }
     match (kernel, rootfs) {
-        (Some(kernel), Some(rootfs)) if missing.is_empty() => Some(Artifacts { kernel, rootfs }),
+        (Some(kernel), Some(rootfs)) if missing.is_empty() => Some(Artifacts {
+            kernel,
+            rootfs,
+            lohar: env_path("BHATTI_LOHAR")
+                .or_else(|| newest(&cache.join("lohar"), "lohar"))
+                .filter(|p| p.is_file()),
+        }),
         _ => {
             skip(test, &format!("missing {}", missing.join(", ")));
             None
