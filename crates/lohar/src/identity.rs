@@ -48,11 +48,24 @@ pub async fn reidentify(agent: &Agent, req: ReidentifyRequest) -> Reply {
         }
     }
 
+    if let Some(env) = &req.env {
+        let bad_var = env
+            .iter()
+            .find(|(k, v)| k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0'));
+        if let Some((k, _)) = bad_var {
+            return Err(bad(format!("invalid environment variable {k:?}")));
+        }
+    }
+
     agent.set_token(req.token.clone());
     let mut done = ReidentifyDone {
         applied: vec!["token".into()],
         failed: Vec::new(),
     };
+    if let Some(env) = req.env.clone() {
+        agent.set_sandbox_env(env);
+        done.applied.push("env".into());
+    }
     if std::process::id() != 1 {
         tracing::info!(sandbox = %req.sandbox_id, "reidentified (token only: not PID 1)");
         return Ok(serde_json::to_value(done).unwrap_or_default());

@@ -609,7 +609,8 @@ fn start_init_script(agent: &crate::server::Agent, script: String) {
         stdio: crate::user::Stdio::Pipes,
     };
     let result = (|| -> anyhow::Result<u32> {
-        let mut cmd = crate::user::command(&agent.config, &spec).map_err(anyhow::Error::msg)?;
+        let mut cmd = crate::user::command(&agent.config, &agent.sandbox_env(), &spec)
+            .map_err(anyhow::Error::msg)?;
         if let Some(dir) = Path::new(INIT_LOG).parent() {
             fs::create_dir_all(dir)?;
         }

@@ -107,10 +107,15 @@ pub fn resolve(user: &str, passwd: &str, group: &str) -> Result<Resolved, String
     Ok(r)
 }
 
-/// A command for `spec` running as the configured user in a new session
+/// A command for `spec` running as the configured user in a new session,
+/// with the sandbox-wide environment under the request's
 /// (its own process group, so it can be signalled as a whole). The caller
 /// sets stdio and starts it through `reaper::spawn`.
-pub fn command(cfg: &AgentConfig, spec: &Spec<'_>) -> Result<spawn::Command, ErrorBody> {
+pub fn command(
+    cfg: &AgentConfig,
+    sandbox_env: &BTreeMap<String, String>,
+    spec: &Spec<'_>,
+) -> Result<spawn::Command, ErrorBody> {
     let Some(program) = spec.argv.first() else {
         return Err(ErrorBody::new(ErrorCode::BadRequest, "argv is empty"));
     };
@@ -145,7 +150,7 @@ pub fn command(cfg: &AgentConfig, spec: &Spec<'_>) -> Result<spawn::Command, Err
             ))
         }
     }
-    for (k, v) in cfg.env.iter().chain(spec.env.iter()) {
+    for (k, v) in sandbox_env.iter().chain(spec.env.iter()) {
         if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
             return Err(ErrorBody::new(
                 ErrorCode::BadRequest,
@@ -174,7 +179,7 @@ pub fn command(cfg: &AgentConfig, spec: &Spec<'_>) -> Result<spawn::Command, Err
     ] {
         env.insert(k, v);
     }
-    for (k, v) in cfg.env.iter().chain(spec.env.iter()) {
+    for (k, v) in sandbox_env.iter().chain(spec.env.iter()) {
         env.insert(k, v);
     }
     // NULs were rejected above, so these conversions cannot fail.
