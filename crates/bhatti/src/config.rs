@@ -179,6 +179,10 @@ pub struct VmConfig {
     /// `BHATTI_JAILER`) and a static Firecracker build, as the official
     /// release binaries are. Default true.
     pub firecracker_jailer: bool,
+    /// Keep a pre-booted snapshot of each template (and of each image
+    /// sandboxes are created from) and restore it on create instead of
+    /// booting ("instant create"). Default true.
+    pub prebooted: bool,
 }
 
 /// Which VMM runs the sandboxes.
@@ -520,6 +524,7 @@ impl Default for VmConfig {
             cgroups: true,
             cgroup_root: "bhatti".into(),
             firecracker_jailer: true,
+            prebooted: true,
         }
     }
 }
