@@ -1044,6 +1044,8 @@ impl Config {
         e.kv("cgroup_root", toml_str(&v.cgroup_root));
         e.c("Firecracker under its jailer: chroot per VM in <data_dir>/jail, vmm_user, cgroups.");
         e.kv("firecracker_jailer", v.firecracker_jailer);
+        e.c("Keep a pre-booted snapshot per template (and image) and restore it on create.");
+        e.kv("prebooted", v.prebooted);
 
         e.table("network");
         e.c("Give guests a network (a bridge and /24 per user, firewall, NAT, sibling DNS).");
