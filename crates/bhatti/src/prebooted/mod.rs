@@ -86,7 +86,13 @@ struct Entry {
     state: State,
     /// Creates restoring from it right now.
     in_use: usize,
+    owner: String,
+    last_used: Instant,
 }
+
+/// Most snapshots kept per user; past it the least recently used ready
+/// one goes (a template's is rebuilt when next asked for).
+const MAX_PER_OWNER: usize = 16;
 
 /// The pre-booted snapshots of one daemon. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -164,8 +170,10 @@ impl Prebooted {
                     entries.insert(
                         key.to_owned(),
                         Entry {
+                            owner: b.shape.owner.clone(),
                             state: State::Ready(b),
                             in_use: 0,
+                            last_used: Instant::now(),
                         },
                     );
                 }
@@ -214,6 +222,7 @@ impl Prebooted {
             return None;
         }
         e.in_use += 1;
+        e.last_used = Instant::now();
         Some(Lease {
             inner: self.inner.clone(),
             dir: self.inner.dir.join(format!("{DIR_PREFIX}{key}")),
@@ -264,9 +273,12 @@ impl Prebooted {
                 Entry {
                     state: State::Building,
                     in_use: 0,
+                    owner: shape.owner.clone(),
+                    last_used: Instant::now(),
                 },
             );
         }
+        self.evict_beyond_cap(&shape.owner);
         let inner = self.inner.clone();
         self.inner.tasks.spawn(async move {
             let result = inner.build(&key, &shape).await;
@@ -308,6 +320,42 @@ impl Prebooted {
     /// Removes the snapshots built on the base image `path` (deleted).
     pub fn remove_base(&self, path: &Path) {
         self.remove_where(|_, _, b| b.shape.base.as_deref() == Some(path));
+    }
+
+    /// Keeps the owner at [`MAX_PER_OWNER`] snapshots: the least recently
+    /// used ready ones that no create holds go first.
+    fn evict_beyond_cap(&self, owner: &str) {
+        let victims: Vec<String> = {
+            let entries = self.inner.entries();
+            let mine: Vec<(&String, &Entry)> =
+                entries.iter().filter(|(_, e)| e.owner == owner).collect();
+            let over = mine.len().saturating_sub(MAX_PER_OWNER);
+            let mut idle: Vec<(&String, &Entry)> = mine
+                .into_iter()
+                .filter(|(_, e)| e.in_use == 0 && !matches!(e.state, State::Building))
+                .collect();
+            idle.sort_by_key(|(_, e)| e.last_used);
+            idle.into_iter()
+                .take(over)
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        for key in victims {
+            // Failed ones are only forgotten; ready ones lose their files.
+            let failed = {
+                let mut entries = self.inner.entries();
+                let failed = entries
+                    .get(&key)
+                    .is_some_and(|e| matches!(e.state, State::Failed { .. }));
+                if failed {
+                    entries.remove(&key);
+                }
+                failed
+            };
+            if !failed {
+                self.remove_where(|_, k, _| k == key);
+            }
+        }
     }
 
     /// Removes the ready snapshots `pred` picks that no create holds;
