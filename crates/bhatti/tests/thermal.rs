@@ -53,7 +53,7 @@ struct TestEnv {
 }
 
 impl TestEnv {
-    fn new(Artifacts { kernel, rootfs, .. }: Artifacts) -> TestEnv {
+    fn new(Artifacts { kernel, rootfs }: Artifacts) -> TestEnv {
         let ns = format!("bhatti-t-{}", bhatti::engine::random_hex(4));
         let dir = tempfile::Builder::new()
             .prefix("bhatti-thermal-test.")

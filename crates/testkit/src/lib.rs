@@ -61,9 +61,15 @@ pub struct Artifacts {
     pub kernel: PathBuf,
     /// A rootfs with lohar installed.
     pub rootfs: PathBuf,
-    /// The static lohar binary (`BHATTI_LOHAR`, else the newest in the
-    /// cache), for images made from OCI images; `None` when not found.
-    pub lohar: Option<PathBuf>,
+}
+
+/// The static lohar binary (`BHATTI_LOHAR`, as `scripts/artifacts.sh`
+/// exports it, else the newest in the cache), for images made from OCI
+/// images; `None` when there is none.
+pub fn lohar() -> Option<PathBuf> {
+    env_path("BHATTI_LOHAR")
+        .or_else(|| newest(&Path::new(CACHE).join("lohar"), "lohar"))
+        .filter(|p| p.is_file())
 }
 
 /// The guest kernel and rootfs (`BHATTI_KERNEL`, `BHATTI_ROOTFS`, else the
@@ -87,13 +93,7 @@ pub fn artifacts(test: &str) -> Option<Artifacts> {
         missing.push("rootfs with lohar (BHATTI_ROOTFS)");
     }
     match (kernel, rootfs) {
-        (Some(kernel), Some(rootfs)) if missing.is_empty() => Some(Artifacts {
-            kernel,
-            rootfs,
-            lohar: env_path("BHATTI_LOHAR")
-                .or_else(|| newest(&cache.join("lohar"), "lohar"))
-                .filter(|p| p.is_file()),
-        }),
+        (Some(kernel), Some(rootfs)) if missing.is_empty() => Some(Artifacts { kernel, rootfs }),
         _ => {
             skip(test, &format!("missing {}", missing.join(", ")));
             None

@@ -76,13 +76,13 @@ fn pull_auth(auth: Option<RegistryAuth>) -> PullAuth {
 /// Starts a pull as a task of the caller's: it runs to its end (or its
 /// cancel) whatever happens to the request that started it.
 pub(super) fn spawn_pull(
-    st: &AppStateRef,
-    caller: &Caller,
+    st: &AppState,
+    owner: &str,
     reference: &str,
     name: Option<String>,
     auth: PullAuth,
 ) -> Result<Arc<Task>, ApiError> {
-    let owner = caller.user.id.clone();
+    let owner = owner.to_owned();
     if st.images.tasks.running(&owner) >= MAX_RUNNING_PULLS {
         return Err(ApiError::TooMany {
             message: format!(
@@ -96,7 +96,7 @@ pub(super) fn spawn_pull(
         .images
         .tasks
         .start(&owner, "pull", Some(reference.to_owned()));
-    let (st2, t, reference) = (st.clone(), task.clone(), reference.to_owned());
+    let (images, t, reference) = (st.images.clone(), task.clone(), reference.to_owned());
     let span = tracing::info_span!("pull", task = %task.id, reference = %reference);
     st.tasks.spawn(
         async move {
@@ -104,8 +104,7 @@ pub(super) fn spawn_pull(
                 t.phase(phase);
                 t.progress(done, total);
             };
-            let r = st2
-                .images
+            let r = images
                 .pull(&owner, &reference, &name, &auth, &report, &t.cancel)
                 .await;
             match &r {
@@ -133,7 +132,13 @@ pub async fn pull(
 ) -> Result<Response, ApiError> {
     caller.rate(&st, RequestClass::Create)?;
     req.validate()?;
-    let task = spawn_pull(&st, &caller, &req.reference, req.name, pull_auth(req.auth))?;
+    let task = spawn_pull(
+        &st,
+        &caller.user.id,
+        &req.reference,
+        req.name,
+        pull_auth(req.auth),
+    )?;
     Ok((
         StatusCode::ACCEPTED,
         Json(TaskAccepted { task: task.view() }),
@@ -265,9 +270,9 @@ pub async fn list(
     }))
 }
 
-async fn named(st: &AppState, caller: &Caller, name: &str) -> Result<ImageRow, ApiError> {
+async fn named(st: &AppState, owner: &str, name: &str) -> Result<ImageRow, ApiError> {
     st.images
-        .resolve(&caller.user.id, name)
+        .resolve(owner, name)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no image '{name}'")))
 }
@@ -282,7 +287,7 @@ pub async fn get(
     Path(name): Path<String>,
 ) -> Result<Json<ImageView>, ApiError> {
     caller.rate(&st, RequestClass::Read)?;
-    Ok(Json(view(&named(&st, &caller, &name).await?)))
+    Ok(Json(view(&named(&st, &caller.user.id, &name).await?)))
 }
 
 /// Deletes one of the caller's images and its disk (sandboxes made from
@@ -317,14 +322,14 @@ pub(super) struct ForCreate {
 /// shared one, a reference already pulled, else a pull now (waited for;
 /// its failure is the create's, as a 4xx with the registry's words).
 pub(super) async fn for_create(
-    st: &AppStateRef,
-    caller: &Caller,
+    st: &AppState,
+    owner: &str,
     image: &str,
 ) -> Result<ForCreate, ApiError> {
-    let row = match st.images.resolve(&caller.user.id, image).await? {
+    let row = match st.images.resolve(owner, image).await? {
         Some(row) => row,
         None => {
-            let task = spawn_pull(st, caller, image, None, PullAuth::Anonymous)?;
+            let task = spawn_pull(st, owner, image, None, PullAuth::Anonymous)?;
             let v = task.wait().await;
             if let Some(err) = v.error {
                 let status = v.error_status.unwrap_or(502);
@@ -345,7 +350,7 @@ pub(super) async fn for_create(
                 .image
                 .map(|i| i.name)
                 .ok_or_else(|| ApiError::Internal("the pull ended without an image".into()))?;
-            named(st, caller, &name).await?
+            named(st, owner, &name).await?
         }
     };
     if !std::path::Path::new(&row.path).is_file() {

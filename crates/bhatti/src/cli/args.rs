@@ -87,6 +87,9 @@ pub enum Command {
     /// Images: pull from a registry, import a tarball, save a sandbox's disk.
     #[command(subcommand, visible_alias = "images")]
     Image(ImageCommand),
+    /// Templates: named sandbox recipes, kept pre-booted for instant creates.
+    #[command(subcommand, visible_alias = "templates")]
+    Template(super::templates::TemplateCommand),
     /// Print a link that opens a sandbox's terminal in a browser.
     Share(super::share::ShareArgs),
     /// Thermal transitions of your sandboxes (warm, cold, wake and its

@@ -17,6 +17,7 @@ mod sandbox;
 mod settings;
 mod share;
 mod shell;
+mod templates;
 
 pub use args::Cli;
 use args::Command;
@@ -180,6 +181,7 @@ fn dispatch(cli: Cli) -> Result<ExitStatus> {
                     Command::Snapshot(c) => sandbox::snapshot(&client, c, &out).await,
                     Command::Secret(c) => sandbox::secret(&client, c, &out).await,
                     Command::Image(c) => images::image(&client, c, &out).await,
+                    Command::Template(c) => templates::template(&client, c, &out).await,
                     Command::Ports(a) => ports::ports(&client, a, &out).await,
                     Command::Publish(a) => ports::publish(&client, a, &out).await,
                     Command::Unpublish(a) => ports::unpublish(&client, a, &out).await,

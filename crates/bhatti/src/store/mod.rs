@@ -37,6 +37,7 @@ pub mod sandboxes;
 pub mod secrets;
 pub mod shell_tokens;
 pub mod snapshots;
+pub mod templates;
 mod thermal;
 pub mod users;
 
