@@ -135,6 +135,27 @@ async fn instant_creates_from_a_template_get_fresh_identities() {
         .await;
     assert_eq!((code, out.trim()), (0, "ok"), "one reaches two");
 
+    // A template's secrets reach each sandbox at create, not the snapshot.
+    a.send(
+        hyper::Method::PUT,
+        "/secrets/TOKEN",
+        &[],
+        bytes::Bytes::from(json!({"value": "s3cr3t-v"}).to_string()),
+    )
+    .await
+    .expect(204);
+    a.post("/templates", json!({"name": "sec", "secrets": ["TOKEN"]}))
+        .await
+        .expect(201);
+    wait_ready(&a, "sec").await;
+    let v = a
+        .post("/sandboxes", json!({"name": "three", "template": "sec"}))
+        .await
+        .expect(201);
+    assert_eq!(v["origin"], "instant", "{v}");
+    let (_, out, _) = a.sh("three", "echo $TOKEN").await;
+    assert_eq!(out.trim(), "s3cr3t-v");
+
     // A plain create still boots.
     let plain = a
         .post("/sandboxes", json!({"name": "plain"}))
@@ -144,6 +165,7 @@ async fn instant_creates_from_a_template_get_fresh_identities() {
 
     // A deleted template's snapshot goes with it; its sandboxes stay.
     a.delete("/templates/web").await.expect(204);
+    a.delete("/templates/sec").await.expect(204);
     a.get("/templates/web").await.expect(404);
     let left: Vec<_> = std::fs::read_dir(env.data_dir().join("checkpoints"))
         .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
