@@ -22,18 +22,37 @@ pub struct BaseImage {
     pub config: ImageConfig,
 }
 
-/// Resolves `image` for `owner` (a catalogue name, a shared name, a
-/// reference pulled before, else a pull now); `None` is the engine's
-/// default rootfs.
+/// Resolves `image` for `owner` in the catalogue (a name of theirs, a
+/// shared name, a reference pulled before); `None` is the engine's default
+/// rootfs. Templates use this: an image they name must exist (404).
 pub async fn base_image(
     st: &AppState,
     owner: &str,
     image: Option<&str>,
 ) -> Result<Option<BaseImage>, ApiError> {
+    resolve(st, owner, image, false).await
+}
+
+/// [`base_image`], pulling a reference the catalogue does not have (for a
+/// create).
+pub async fn base_image_or_pull(
+    st: &AppState,
+    owner: &str,
+    image: Option<&str>,
+) -> Result<Option<BaseImage>, ApiError> {
+    resolve(st, owner, image, true).await
+}
+
+async fn resolve(
+    st: &AppState,
+    owner: &str,
+    image: Option<&str>,
+    pull: bool,
+) -> Result<Option<BaseImage>, ApiError> {
     let Some(image) = image else {
         return Ok(None);
     };
-    let found = super::images::for_create(st, owner, image).await?;
+    let found = super::images::for_create(st, owner, image, pull).await?;
     let mut config = found.row.config.clone();
     config.user = found.user.clone();
     Ok(Some(BaseImage {

@@ -325,9 +325,11 @@ pub(super) async fn for_create(
     st: &AppState,
     owner: &str,
     image: &str,
+    pull: bool,
 ) -> Result<ForCreate, ApiError> {
     let row = match st.images.resolve(owner, image).await? {
         Some(row) => row,
+        None if !pull => return Err(ApiError::NotFound(format!("no image '{image}'"))),
         None => {
             let task = spawn_pull(st, owner, image, None, PullAuth::Anonymous)?;
             let v = task.wait().await;

@@ -220,7 +220,8 @@ async fn create_to_end(
         }
         None => (req, BTreeMap::new()),
     };
-    let base = super::base_image::base_image(&st, &caller.user.id, req.image.as_deref()).await?;
+    let base =
+        super::base_image::base_image_or_pull(&st, &caller.user.id, req.image.as_deref()).await?;
     let sizes = super::templates::sizes(&st, req.cpus, req.memory_mb, req.disk_mb);
     let (cpus, memory_mb, disk_mb) = (sizes.cpus, sizes.memory_mb, sizes.disk_mb);
     caller.caps.check_sandbox_size(cpus, memory_mb)?;
