@@ -284,6 +284,12 @@ impl Engine {
         &self.inner.cfg
     }
 
+    /// Drops the storage's imported copies of base images not in `keep`
+    /// (see `Storage::sweep_bases`).
+    pub async fn sweep_bases(&self, keep: &[PathBuf]) {
+        self.inner.storage.sweep_bases(keep).await;
+    }
+
     /// The root disk method in use.
     pub fn disk_method(&self) -> DiskMethod {
         self.inner.storage.method()
