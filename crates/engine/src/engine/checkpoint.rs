@@ -288,12 +288,9 @@ impl Inner {
             .clone_disk(&meta.disk, &live.rec.disk.path)
             .await?;
         super::crash_point("fork:disk");
-        // A fork resumes from memory: its drive is never read for secrets.
-        crate::storage::write_config_drive(
-            &live.rec.config_disk,
-            &self.guest_config(&live.rec, &Default::default()),
-        )
-        .await?;
+        // A fork resumes from memory and never reads its drive (a fresh
+        // boot later writes a real one).
+        crate::storage::write_placeholder_drive(&live.rec.config_disk)?;
         self.prepare_start(live).await?;
         let started = std::time::Instant::now();
         let vm = self
@@ -354,11 +351,9 @@ impl Inner {
                 tracing::warn!(failed = ?done.failed, "parts of the new identity failed");
             }
             super::crash_point("fork:reidentified");
-            old.close();
-            let client = wait_for_agent(vm.as_ref(), &live.rec.token, self.cfg.boot_timeout)
-                .await
-                .map_err(|e| fail(self, &live.rec, e.to_string()))?;
-            Ok::<_, EngineError>((client, done))
+            // The connection that asked stays authenticated (the new token
+            // is for connections from now on): no second handshake.
+            Ok::<_, EngineError>((old, done))
         }
         .await;
         let (client, done) = match result {

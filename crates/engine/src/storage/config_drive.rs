@@ -53,7 +53,7 @@ pub async fn write_config_drive(dest: &Path, cfg: &GuestConfig) -> Result<()> {
                 "-L".as_ref(),
                 CONFIG_LABEL.as_ref(),
                 dest.as_os_str(),
-                "4M".as_ref(),
+                "4M".as_ref(), // CONFIG_DRIVE_BYTES
             ],
         )
         .await?;
@@ -65,6 +65,25 @@ pub async fn write_config_drive(dest: &Path, cfg: &GuestConfig) -> Result<()> {
         let _ = std::fs::remove_file(dest);
     }
     result
+}
+
+/// Size of every config drive.
+pub const CONFIG_DRIVE_BYTES: u64 = 4 << 20;
+
+/// An empty (sparse, all zeroes) drive of the config drive's size, for a
+/// guest restored from memory: it applied its config long ago and never
+/// reads the drive again, and a later fresh boot writes a real one. Spares
+/// a fork the `mkfs.ext4` run.
+pub fn write_placeholder_drive(dest: &Path) -> Result<()> {
+    let _ = std::fs::remove_file(dest);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dest)
+        .map_err(|e| StorageError::io(format!("creating {}", dest.display()), e))?;
+    f.set_len(CONFIG_DRIVE_BYTES)
+        .map_err(|e| StorageError::io(format!("sizing {}", dest.display()), e))
 }
 
 #[cfg(test)]

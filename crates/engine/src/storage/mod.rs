@@ -25,7 +25,7 @@ use tokio::sync::Mutex;
 
 use crate::cmd::CmdError;
 
-pub use config_drive::write_config_drive;
+pub use config_drive::{write_config_drive, write_placeholder_drive, CONFIG_DRIVE_BYTES};
 pub use copy::sparse_copy;
 pub use reflink::{ficlone, reflink_supported};
 pub use xfs_loop::{is_mountpoint, unmount_xfs_loop};
