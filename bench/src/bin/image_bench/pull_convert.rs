@@ -384,7 +384,8 @@ fn build_and_push(registry: &Registry, work: &Path) -> anyhow::Result<String> {
 }
 
 /// Copies `src` to `dest` (directories, regular files with their modes,
-/// symlinks; nothing else) in name order until `left` bytes are spent.
+/// symlinks; nothing else) in name order until `left` bytes are spent
+/// (within 64 KiB).
 fn copy_tree(src: &Path, dest: &Path, left: &mut u64) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let m = std::fs::symlink_metadata(src)?;
@@ -410,8 +411,11 @@ fn copy_tree(src: &Path, dest: &Path, left: &mut u64) -> anyhow::Result<()> {
             std::os::unix::fs::symlink(std::fs::read_link(src)?, dest)?;
         }
     } else if m.is_file() && !dest.exists() {
+        // A file past the budget is skipped (smaller ones may still fit).
         if m.len() > *left {
-            *left = 0;
+            if *left < 64 << 10 {
+                *left = 0;
+            }
             return Ok(());
         }
         std::fs::copy(src, dest)?;
