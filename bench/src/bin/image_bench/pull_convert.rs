@@ -24,6 +24,9 @@ use tokio_util::sync::CancellationToken;
 
 const TOOLS: [&str; 4] = ["docker-registry", "umoci", "skopeo", "mkfs.ext4"];
 
+/// Files over this size are left out of the image.
+const MAX_FILE: u64 = 4 << 20;
+
 /// The image's layers: (host trees, byte budget).
 const LAYERS: [(&[&str], u64); 3] = [
     (&["/usr/lib/python3.11", "/usr/lib/python3"], 50 << 20),
@@ -411,8 +414,9 @@ fn copy_tree(src: &Path, dest: &Path, left: &mut u64) -> anyhow::Result<()> {
             std::os::unix::fs::symlink(std::fs::read_link(src)?, dest)?;
         }
     } else if m.is_file() && !dest.exists() {
-        // A file past the budget is skipped (smaller ones may still fit).
-        if m.len() > *left {
+        // A file past the budget is skipped (smaller ones may still fit),
+        // and so are static libraries and the like (over 4 MiB).
+        if m.len() > (*left).min(MAX_FILE) {
             if *left < 64 << 10 {
                 *left = 0;
             }
