@@ -507,6 +507,86 @@ pub fn validate_image_ref(field: &str, r: &str) -> VResult {
     }
 }
 
+/// `POST /templates`: a named recipe for sandboxes, kept pre-booted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct CreateTemplate {
+    pub name: String,
+    /// Catalogue image (absent: the default rootfs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_mb: Option<u64>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Names of the owner's secrets, given to each sandbox when it is
+    /// created (never to the pre-booted snapshot).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
+    /// Script run once, before the pre-booted snapshot is taken; every
+    /// sandbox from the template starts with its result.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub keep_hot: bool,
+}
+
+impl CreateTemplate {
+    /// Checks every field; sizes against `bounds`.
+    pub fn validate(&self, bounds: &SizeBounds) -> VResult {
+        validate_name("name", &self.name)?;
+        let as_create = CreateSandbox {
+            cpus: self.cpus,
+            memory_mb: self.memory_mb,
+            disk_mb: self.disk_mb,
+            env: self.env.clone(),
+            init: self.init.clone(),
+            secrets: self.secrets.clone(),
+            image: self.image.clone(),
+            ..Default::default()
+        };
+        as_create.validate(bounds)
+    }
+}
+
+/// The state of a template's pre-booted snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PrebootedView {
+    /// `none`, `building`, `ready` or `failed`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// RFC 3339, when ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub built_at: Option<String>,
+    /// How long booting, `init` and the checkpoint took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_ms: Option<u64>,
+    /// The last lines of `init`'s output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_output: Option<String>,
+}
+
+/// A template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TemplateView {
+    #[serde(flatten)]
+    pub spec: CreateTemplate,
+    /// RFC 3339.
+    pub created_at: String,
+    pub prebooted: PrebootedView,
+}
+
+/// `GET /templates`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TemplateList {
+    pub templates: Vec<TemplateView>,
+}
+
 /// `PATCH /sandboxes/{id}`: fields present are changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]

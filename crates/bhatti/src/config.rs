@@ -179,6 +179,10 @@ pub struct VmConfig {
     /// `BHATTI_JAILER`) and a static Firecracker build, as the official
     /// release binaries are. Default true.
     pub firecracker_jailer: bool,
+    /// Keep a pre-booted snapshot of each template (and of each image
+    /// sandboxes are created from) and restore it on create instead of
+    /// booting ("instant create"). Default true.
+    pub prebooted: bool,
 }
 
 /// Which VMM runs the sandboxes.
@@ -520,6 +524,7 @@ impl Default for VmConfig {
             cgroups: true,
             cgroup_root: "bhatti".into(),
             firecracker_jailer: true,
+            prebooted: true,
         }
     }
 }
@@ -1039,6 +1044,8 @@ impl Config {
         e.kv("cgroup_root", toml_str(&v.cgroup_root));
         e.c("Firecracker under its jailer: chroot per VM in <data_dir>/jail, vmm_user, cgroups.");
         e.kv("firecracker_jailer", v.firecracker_jailer);
+        e.c("Keep a pre-booted snapshot per template (and image) and restore it on create.");
+        e.kv("prebooted", v.prebooted);
 
         e.table("network");
         e.c("Give guests a network (a bridge and /24 per user, firewall, NAT, sibling DNS).");

@@ -12,6 +12,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod daemon;
+pub mod prebooted;
 pub mod proxy;
 pub mod secrets;
 pub mod store;

@@ -14,7 +14,11 @@ pub struct AgentConfig {
     /// Uid/gid user commands run as and files are owned by.
     pub uid: u32,
     pub gid: u32,
+    /// The user's name for `USER`/`LOGNAME`.
+    pub user_name: String,
     pub home: String,
+    /// Working directory of commands that name none (else `home`).
+    pub workdir: Option<String>,
     /// Login shell for PTY sessions without argv.
     pub shell: String,
     /// Sandbox-wide environment, under per-request env.
@@ -55,7 +59,9 @@ impl AgentConfig {
             token,
             uid: 1000,
             gid: 1000,
+            user_name: "lohar".into(),
             home: "/home/lohar".into(),
+            workdir: None,
             shell: "/bin/bash".into(),
             env: BTreeMap::new(),
             limits: Limits::default(),
@@ -63,7 +69,7 @@ impl AgentConfig {
     }
 }
 
-/// `lohar serve --unix PATH (--token T | --token-file F) [--uid N --gid N --home DIR --shell SH]`
+/// `lohar serve --unix PATH (--token T | --token-file F) [--uid N --gid N --home DIR --shell SH --workdir DIR]`
 #[derive(Debug)]
 pub struct TestModeArgs {
     pub socket: PathBuf,
@@ -71,7 +77,7 @@ pub struct TestModeArgs {
 }
 
 const USAGE: &str = "usage: lohar serve --unix PATH (--token TOKEN | --token-file FILE) \
-[--uid N] [--gid N] [--home DIR] [--shell PATH] [--scrollback BYTES] [--max-sessions N]\n\
+[--uid N] [--gid N] [--home DIR] [--shell PATH] [--workdir DIR] [--scrollback BYTES] [--max-sessions N]\n\
 (lohar runs as the guest's init when it is PID 1)";
 
 impl TestModeArgs {
@@ -92,7 +98,9 @@ impl TestModeArgs {
             token: String::new(),
             uid,
             gid,
+            user_name: String::new(),
             home: std::env::var("HOME").unwrap_or_else(|_| "/".into()),
+            workdir: None,
             shell: "/bin/bash".into(),
             env: BTreeMap::new(),
             limits: Limits::default(),
@@ -121,10 +129,18 @@ impl TestModeArgs {
                 "--gid" => cfg.gid = num(value()?)? as u32,
                 "--home" => cfg.home = value()?,
                 "--shell" => cfg.shell = value()?,
+                "--workdir" => cfg.workdir = Some(value()?),
                 "--scrollback" => cfg.limits.scrollback_bytes = num(value()?)? as usize,
                 "--max-sessions" => cfg.limits.max_sessions = num(value()?)? as usize,
                 other => return Err(format!("unknown flag {other}\n{USAGE}")),
             }
+        }
+        if cfg.user_name.is_empty() {
+            cfg.user_name = match cfg.uid {
+                0 => "root".into(),
+                1000 => "lohar".into(),
+                n => n.to_string(),
+            };
         }
         let socket = socket.ok_or_else(|| format!("--unix is required\n{USAGE}"))?;
         if cfg.token.is_empty() {

@@ -42,6 +42,7 @@ pub async fn run(agent: &Agent, channel: Channel, req: ExecRequest) -> Reply {
     }
     let mut cmd = user::command(
         &agent.config,
+        &agent.sandbox_env(),
         &user::Spec {
             argv: &req.argv,
             env: &req.env,
@@ -319,6 +320,7 @@ fn detached(agent: &Agent, req: &ExecRequest) -> Reply {
         .map_err(|e| crate::handlers::io_error("output file", &e))?;
     let mut cmd = user::command(
         &agent.config,
+        &agent.sandbox_env(),
         &user::Spec {
             argv: &req.argv,
             env: &req.env,

@@ -23,6 +23,8 @@ const IFACE: &str = "eth0";
 const MAX_ENTROPY: usize = 4096;
 /// `_IOW('R', 0x03, int[2])`: add entropy and credit it.
 const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `_IO('R', 0x07)`: reseed the CRNG at once.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 
 pub async fn reidentify(agent: &Agent, req: ReidentifyRequest) -> Reply {
     let bad = |m: String| ErrorBody::new(ErrorCode::BadRequest, m);
@@ -48,11 +50,24 @@ pub async fn reidentify(agent: &Agent, req: ReidentifyRequest) -> Reply {
         }
     }
 
+    if let Some(env) = &req.env {
+        let bad_var = env
+            .iter()
+            .find(|(k, v)| k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0'));
+        if let Some((k, _)) = bad_var {
+            return Err(bad(format!("invalid environment variable {k:?}")));
+        }
+    }
+
     agent.set_token(req.token.clone());
     let mut done = ReidentifyDone {
         applied: vec!["token".into()],
         failed: Vec::new(),
     };
+    if let Some(env) = req.env.clone() {
+        agent.set_sandbox_env(env);
+        done.applied.push("env".into());
+    }
     if std::process::id() != 1 {
         tracing::info!(sandbox = %req.sandbox_id, "reidentified (token only: not PID 1)");
         return Ok(serde_json::to_value(done).unwrap_or_default());
@@ -70,10 +85,13 @@ pub async fn reidentify(agent: &Agent, req: ReidentifyRequest) -> Reply {
     if mac.is_some() || req.address.is_some() {
         step("network", renumber(mac, &req));
     }
-    step("machine_id", new_machine_id());
-    if let Some(bytes) = entropy {
-        step("entropy", add_entropy(&bytes));
+    // Entropy first: a restored guest's RNG state is its snapshot's, the
+    // same in every fork, until the host's bytes are mixed in and the
+    // CRNG reseeded; the machine id mixes those bytes in as well.
+    if let Some(bytes) = &entropy {
+        step("entropy", add_entropy(bytes));
     }
+    step("machine_id", new_machine_id_from(entropy.as_deref()));
     tracing::info!(sandbox = %req.sandbox_id, hostname = %req.hostname, "reidentified");
     Ok(serde_json::to_value(done).unwrap_or_default())
 }
@@ -132,7 +150,21 @@ pub fn ensure_machine_id() -> io::Result<bool> {
 }
 
 fn new_machine_id() -> io::Result<()> {
-    let id = crate::server::random_id();
+    new_machine_id_from(None)
+}
+
+/// A new id from the guest's RNG, XORed with host bytes when given (so
+/// forks of one snapshot differ even if their RNG state did not).
+fn new_machine_id_from(host: Option<&[u8]>) -> io::Result<()> {
+    let mut id = crate::server::random_id().into_bytes();
+    if let Some(host) = host.filter(|h| !h.is_empty()) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        for (i, c) in id.iter_mut().enumerate() {
+            let v = (*c as char).to_digit(16).unwrap_or(0) as u8 ^ (host[i % host.len()] & 0xf);
+            *c = HEX[usize::from(v)];
+        }
+    }
+    let id = String::from_utf8_lossy(&id).into_owned();
     init::write_atomic(
         Path::new("/etc/machine-id"),
         format!("{id}\n").as_bytes(),
@@ -154,7 +186,15 @@ fn add_entropy(bytes: &[u8]) -> io::Result<()> {
     info.extend_from_slice(&size.to_ne_bytes());
     info.extend_from_slice(bytes);
     info.resize(info.len().next_multiple_of(4), 0);
-    ioctl_ptr(&f, RNDADDENTROPY, info.as_mut_ptr())
+    ioctl_ptr(&f, RNDADDENTROPY, info.as_mut_ptr())?;
+    // Reseed now, not at the CRNG's next scheduled reseed: forks of one
+    // snapshot must not read the same bytes meanwhile.
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG as _) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn ioctl_ptr(f: &impl AsRawFd, request: libc::c_ulong, arg: *mut u8) -> io::Result<()> {

@@ -129,6 +129,7 @@ fn boot(cmdline: Cmdline) -> anyhow::Result<()> {
     }
     let mut config = AgentConfig::guest_default(guest.token.clone());
     config.env = guest.env.clone();
+    apply_user(&mut config, guest.user.as_deref(), guest.workdir.as_deref());
 
     apply_hostname(&guest.hostname);
     match crate::identity::ensure_machine_id() {
@@ -192,6 +193,39 @@ fn boot(cmdline: Cmdline) -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// The image's user and working dir (when the config names them), and a
+/// login shell that exists in this root filesystem.
+fn apply_user(config: &mut AgentConfig, user: Option<&str>, workdir: Option<&str>) {
+    if let Some(user) = user {
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        match crate::user::resolve(user, &read("/etc/passwd"), &read("/etc/group")) {
+            Ok(r) => {
+                tracing::info!(user, uid = r.uid, gid = r.gid, home = %r.home, "user");
+                config.uid = r.uid;
+                config.gid = r.gid;
+                config.user_name = r.name;
+                config.home = r.home;
+                if let Some(sh) = r.shell.filter(|sh| {
+                    Path::new(sh).is_file() && !sh.ends_with("nologin") && !sh.ends_with("false")
+                }) {
+                    config.shell = sh;
+                }
+            }
+            Err(e) => tracing::error!("user {user:?}: {e}; commands run as lohar (1000)"),
+        }
+    }
+    if !Path::new(&config.shell).is_file() {
+        config.shell = "/bin/sh".into();
+    }
+    if let Some(w) = workdir.filter(|w| w.starts_with('/')) {
+        // Docker creates a missing WORKDIR; so do we (owned by root).
+        if let Err(e) = std::fs::create_dir_all(w) {
+            tracing::warn!("workdir {w}: {e}");
+        }
+        config.workdir = Some(w.to_owned());
+    }
 }
 
 // ---------------------------------------------------------------- mounts
@@ -575,7 +609,8 @@ fn start_init_script(agent: &crate::server::Agent, script: String) {
         stdio: crate::user::Stdio::Pipes,
     };
     let result = (|| -> anyhow::Result<u32> {
-        let mut cmd = crate::user::command(&agent.config, &spec).map_err(anyhow::Error::msg)?;
+        let mut cmd = crate::user::command(&agent.config, &agent.sandbox_env(), &spec)
+            .map_err(anyhow::Error::msg)?;
         if let Some(dir) = Path::new(INIT_LOG).parent() {
             fs::create_dir_all(dir)?;
         }

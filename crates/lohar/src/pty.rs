@@ -57,6 +57,7 @@ pub async fn start(agent: &Agent, channel: Channel, req: PtyRequest) -> Reply {
         }
         let cmd = user::command(
             &agent.config,
+            &agent.sandbox_env(),
             &user::Spec {
                 argv: &argv,
                 env: &req.env,
@@ -72,6 +73,7 @@ pub async fn start(agent: &Agent, channel: Channel, req: PtyRequest) -> Reply {
     }
     let cmd = user::command(
         &agent.config,
+        &agent.sandbox_env(),
         &user::Spec {
             argv: &argv,
             env: &req.env,

@@ -1,6 +1,7 @@
 //! One agent, many connections: the handshake, then a multiplexer whose
 //! channels are each served by their own task.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +30,9 @@ pub struct AgentState {
     /// The token connections must present: `config.token` at start, then
     /// whatever a `reidentify` set (a guest restored into a new sandbox).
     token: std::sync::RwLock<String>,
+    /// The sandbox-wide environment: `config.env` at start, then whatever
+    /// a `reidentify` set (a pre-booted guest given its sandbox's env).
+    sandbox_env: std::sync::RwLock<Arc<BTreeMap<String, String>>>,
 }
 
 pub type Agent = Arc<AgentState>;
@@ -42,6 +46,7 @@ impl AgentState {
             activity: ActivityTracker::new(),
             sessions,
             token: std::sync::RwLock::new(config.token.clone()),
+            sandbox_env: std::sync::RwLock::new(Arc::new(config.env.clone())),
             config,
         })
     }
@@ -58,6 +63,19 @@ impl AgentState {
     /// stay.
     pub fn set_token(&self, token: String) {
         *self.token.write().unwrap_or_else(|p| p.into_inner()) = token;
+    }
+
+    /// The environment every command gets under its own.
+    pub fn sandbox_env(&self) -> Arc<BTreeMap<String, String>> {
+        self.sandbox_env
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the sandbox-wide environment for commands started from now.
+    pub fn set_sandbox_env(&self, env: BTreeMap<String, String>) {
+        *self.sandbox_env.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(env);
     }
 }
 

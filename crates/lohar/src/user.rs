@@ -35,19 +35,87 @@ pub struct Spec<'a> {
     pub stdio: Stdio,
 }
 
-/// The user name for the environment; there is no passwd lookup.
-fn user_name(uid: u32) -> String {
-    match uid {
-        0 => "root".into(),
-        1000 => "lohar".into(),
-        n => n.to_string(),
-    }
+/// A user as an image config names it, resolved against the guest's
+/// `/etc/passwd` and `/etc/group` texts (read at boot: the agent is static,
+/// so there is no NSS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    pub uid: u32,
+    pub gid: u32,
+    pub name: String,
+    pub home: String,
+    /// The login shell from passwd, if it names one.
+    pub shell: Option<String>,
 }
 
-/// A command for `spec` running as the configured user in a new session
+/// Resolves `name`, `uid`, `name:group` or `uid:gid` (Docker's `USER`
+/// forms). A uid without a passwd entry gets gid 0 (unless given) and home
+/// `/`, as Docker does; an unknown name or group is an error.
+pub fn resolve(user: &str, passwd: &str, group: &str) -> Result<Resolved, String> {
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    if u.is_empty() {
+        return Err(format!("user {user:?} names no user"));
+    }
+    // name:password:uid:gid:gecos:home:shell
+    let entries = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .filter(|f| f.len() >= 7);
+    let found = match u.parse::<u32>() {
+        Ok(uid) => entries.into_iter().find(|f| f[2].parse() == Ok(uid)),
+        Err(_) => entries.into_iter().find(|f| f[0] == u),
+    };
+    let mut r = match (found, u.parse::<u32>()) {
+        (Some(f), _) => Resolved {
+            uid: f[2]
+                .parse()
+                .map_err(|_| format!("bad uid in passwd for {}", f[0]))?,
+            gid: f[3]
+                .parse()
+                .map_err(|_| format!("bad gid in passwd for {}", f[0]))?,
+            name: f[0].to_owned(),
+            home: if f[5].is_empty() {
+                "/".into()
+            } else {
+                f[5].to_owned()
+            },
+            shell: (!f[6].is_empty()).then(|| f[6].to_owned()),
+        },
+        (None, Ok(uid)) => Resolved {
+            uid,
+            gid: 0,
+            name: uid.to_string(),
+            home: "/".into(),
+            shell: None,
+        },
+        (None, Err(_)) => return Err(format!("no user {u:?} in /etc/passwd")),
+    };
+    if let Some(g) = g.filter(|g| !g.is_empty()) {
+        r.gid = match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => group
+                .lines()
+                .map(|l| l.split(':').collect::<Vec<_>>())
+                .find(|f| f.len() >= 3 && f[0] == g)
+                .and_then(|f| f[2].parse().ok())
+                .ok_or_else(|| format!("no group {g:?} in /etc/group"))?,
+        };
+    }
+    Ok(r)
+}
+
+/// A command for `spec` running as the configured user in a new session,
+/// with the sandbox-wide environment under the request's
 /// (its own process group, so it can be signalled as a whole). The caller
 /// sets stdio and starts it through `reaper::spawn`.
-pub fn command(cfg: &AgentConfig, spec: &Spec<'_>) -> Result<spawn::Command, ErrorBody> {
+pub fn command(
+    cfg: &AgentConfig,
+    sandbox_env: &BTreeMap<String, String>,
+    spec: &Spec<'_>,
+) -> Result<spawn::Command, ErrorBody> {
     let Some(program) = spec.argv.first() else {
         return Err(ErrorBody::new(ErrorCode::BadRequest, "argv is empty"));
     };
@@ -60,7 +128,7 @@ pub fn command(cfg: &AgentConfig, spec: &Spec<'_>) -> Result<spawn::Command, Err
             "argv contains a NUL byte",
         ));
     }
-    let cwd = spec.cwd.unwrap_or(&cfg.home);
+    let cwd = spec.cwd.or(cfg.workdir.as_deref()).unwrap_or(&cfg.home);
     match std::fs::metadata(cwd) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => {
@@ -82,7 +150,7 @@ pub fn command(cfg: &AgentConfig, spec: &Spec<'_>) -> Result<spawn::Command, Err
             ))
         }
     }
-    for (k, v) in cfg.env.iter().chain(spec.env.iter()) {
+    for (k, v) in sandbox_env.iter().chain(spec.env.iter()) {
         if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
             return Err(ErrorBody::new(
                 ErrorCode::BadRequest,
@@ -99,19 +167,19 @@ pub fn command(cfg: &AgentConfig, spec: &Spec<'_>) -> Result<spawn::Command, Err
     };
     // Later entries override earlier ones, as with `Command::env`.
     let mut env: BTreeMap<&str, &str> = BTreeMap::new();
-    let name = user_name(cfg.uid);
+    let name = cfg.user_name.as_str();
     for (k, v) in [
         ("PATH", PATH),
         ("HOME", cfg.home.as_str()),
-        ("USER", name.as_str()),
-        ("LOGNAME", name.as_str()),
+        ("USER", name),
+        ("LOGNAME", name),
         ("SHELL", cfg.shell.as_str()),
         ("TERM", term),
         ("LANG", "C.UTF-8"),
     ] {
         env.insert(k, v);
     }
-    for (k, v) in cfg.env.iter().chain(spec.env.iter()) {
+    for (k, v) in sandbox_env.iter().chain(spec.env.iter()) {
         env.insert(k, v);
     }
     // NULs were rejected above, so these conversions cannot fail.
@@ -136,5 +204,51 @@ pub fn spawn_error(argv0: &str, e: &std::io::Error) -> ErrorBody {
             ErrorBody::new(ErrorCode::NotFound, format!("{argv0}: command not found"))
         }
         _ => crate::handlers::io_error(&format!("cannot run {argv0}"), e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\n\
+app:x:1001:1002:App:/home/app:/bin/sh\n\
+nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n";
+    const GROUP: &str = "root:x:0:\nstaff:x:50:\napp:x:1002:\n";
+
+    #[test]
+    fn resolves_docker_user_forms() {
+        let r = resolve("app", PASSWD, GROUP).unwrap();
+        assert_eq!(
+            (r.uid, r.gid, r.name.as_str(), r.home.as_str()),
+            (1001, 1002, "app", "/home/app")
+        );
+        assert_eq!(r.shell.as_deref(), Some("/bin/sh"));
+        let r = resolve("1001", PASSWD, GROUP).unwrap();
+        assert_eq!((r.uid, r.gid, r.name.as_str()), (1001, 1002, "app"));
+        let r = resolve("app:staff", PASSWD, GROUP).unwrap();
+        assert_eq!((r.uid, r.gid), (1001, 50));
+        let r = resolve("4242:7", PASSWD, GROUP).unwrap();
+        assert_eq!(
+            (r.uid, r.gid, r.home.as_str(), r.name.as_str()),
+            (4242, 7, "/", "4242")
+        );
+        let r = resolve("4242", PASSWD, GROUP).unwrap();
+        assert_eq!(r.gid, 0);
+        assert_eq!(resolve("root", PASSWD, GROUP).unwrap().uid, 0);
+    }
+
+    #[test]
+    fn unknown_names_are_errors() {
+        assert!(resolve("ghost", PASSWD, GROUP)
+            .unwrap_err()
+            .contains("ghost"));
+        assert!(resolve("app:nogroup", PASSWD, GROUP)
+            .unwrap_err()
+            .contains("nogroup"));
+        assert!(resolve("", PASSWD, GROUP).is_err());
+        assert!(resolve(":5", PASSWD, GROUP).is_err());
+        // Short or garbled lines are skipped, not trusted.
+        assert!(resolve("x", "x:1\n", "").is_err());
     }
 }

@@ -159,6 +159,24 @@ async fn environment_and_cwd() {
 }
 
 #[tokio::test]
+async fn workdir_is_the_default_cwd() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().canonicalize().unwrap();
+    let agent = Agent::start(&["--workdir", work.to_str().unwrap()]);
+    let c = agent.client().await;
+    let out = c.exec(req(&["pwd"]), None).await.unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        work.to_string_lossy()
+    );
+    // A request's own cwd still wins.
+    let mut r = req(&["pwd"]);
+    r.cwd = Some("/".into());
+    let out = c.exec(r, None).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "/");
+}
+
+#[tokio::test]
 async fn bad_requests_are_errors_not_crashes() {
     let mut agent = Agent::start(&[]);
     let c = agent.client().await;

@@ -18,6 +18,7 @@ fn req(token: &str) -> ReidentifyRequest {
         address: Some("10.77.0.9/24".into()),
         gateway: Some("10.77.0.1".parse().expect("ip")),
         entropy: Some("00ff".repeat(16)),
+        env: None,
     }
 }
 
@@ -76,6 +77,10 @@ async fn reidentify_rejects_bad_input_and_changes_nothing() {
             entropy: Some("abc".into()),
             ..req("x")
         },
+        ReidentifyRequest {
+            env: Some([("A=B".to_string(), "x".to_string())].into()),
+            ..req("x")
+        },
     ];
     for r in bad.drain(..) {
         let e = c.reidentify(r.clone()).await.expect_err("rejected");
@@ -83,4 +88,28 @@ async fn reidentify_rejects_bad_input_and_changes_nothing() {
     }
     // The original token still works.
     agent.client().await.ping().await.expect("token unchanged");
+}
+
+#[tokio::test]
+async fn reidentify_replaces_the_sandbox_env() {
+    let agent = TestAgent::start(&[]);
+    let c = agent.client().await;
+    let env = [("FROM_TEMPLATE".to_string(), "no".to_string())].into();
+    let done = c
+        .reidentify(ReidentifyRequest {
+            env: Some(env),
+            ..req("tok-env-1")
+        })
+        .await
+        .expect("reidentify");
+    assert!(done.applied.contains(&"env".to_string()), "{done:?}");
+    let c = AgentClient::connect(agent.raw().await, "tok-env-1")
+        .await
+        .expect("new token");
+    let r = bhatti_protocol::ExecRequest {
+        argv: vec!["sh".into(), "-c".into(), "echo $FROM_TEMPLATE".into()],
+        ..Default::default()
+    };
+    let out = c.exec(r, None).await.expect("exec");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "no");
 }

@@ -91,6 +91,11 @@ pub struct ReidentifyRequest {
     /// Host random bytes (hex) mixed into the guest's RNG.
     #[serde(default)]
     pub entropy: Option<String>,
+    /// Replaces the sandbox-wide environment of commands started from now
+    /// (a pre-booted guest taking its sandbox's env and secrets); absent:
+    /// unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// Reply to `reidentify`: the parts applied and the ones that failed (with

@@ -13,6 +13,7 @@
 //! - Bodies: JSON up to [`MAX_JSON`] (exec: [`MAX_EXEC_JSON`], its stdin
 //!   can be 16 MiB); file uploads stream up to [`MAX_UPLOAD`].
 
+mod base_image;
 mod error;
 mod events;
 mod exec;
@@ -24,6 +25,7 @@ mod sandboxes;
 mod secrets;
 mod shell;
 mod snapshots;
+mod templates;
 mod webshell;
 
 use std::path::PathBuf;
@@ -45,6 +47,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 pub use error::ApiError;
+pub use templates::ensure_prebooted;
 
 use crate::auth::{EffectiveCaps, RateLimits, RequestClass};
 use crate::config::Config;
@@ -82,6 +85,8 @@ pub struct AppState {
     /// rows; refreshed when a user changes).
     user_nets:
         std::sync::RwLock<std::collections::HashMap<String, crate::net::tenants::TenantUser>>,
+    /// Pre-booted snapshots for instant creates; `None`: every create boots.
+    pub prebooted: Option<crate::prebooted::Prebooted>,
     /// Serializes the sandbox-count check with the insert it guards.
     create_lock: tokio::sync::Mutex<()>,
     /// Mutations in flight (see [`AppState::detached`]); shutdown waits.
@@ -112,6 +117,7 @@ impl AppState {
             secrets,
             config,
             backend,
+            prebooted: None,
             create_lock: tokio::sync::Mutex::new(()),
             tasks: tokio_util::task::TaskTracker::new(),
             openapi: OnceLock::new(),
@@ -339,6 +345,8 @@ pub fn api_router() -> OpenApiRouter<AppStateRef> {
         .routes(routes!(snapshots::list))
         .routes(routes!(snapshots::resume))
         .routes(routes!(snapshots::delete))
+        .routes(routes!(templates::create, templates::list))
+        .routes(routes!(templates::get, templates::delete))
         .routes(routes!(secrets::list))
         .routes(routes!(secrets::put, secrets::delete))
         .routes(routes!(events::list))

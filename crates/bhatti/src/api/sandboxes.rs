@@ -210,14 +210,29 @@ async fn create_to_end(
     if let Some(existing) = existing(&st, &caller, req.name.as_deref()).await? {
         return Ok((StatusCode::OK, Json(view_of(&st, &existing))).into_response());
     }
-    let vm = &st.config.vm;
-    let cpus = req.cpus.unwrap_or(vm.default_cpus);
-    let memory_mb = req.memory_mb.unwrap_or(vm.default_memory_mb);
-    let disk_mb = req
-        .disk_mb
-        .or((vm.default_disk_mb > 0).then_some(vm.default_disk_mb));
+    // A template's settings under the request's own; the env a guest boots
+    // with (image and template) is kept apart from the request's, which a
+    // pre-booted guest gets later.
+    let (req, boot_env) = match req.template.clone() {
+        Some(t) => {
+            let tpl = super::templates::load(&st, &caller.user.id, &t).await?;
+            with_template(req, tpl.spec)
+        }
+        None => (req, BTreeMap::new()),
+    };
+    let base = super::base_image::base_image(&st, &caller.user.id, req.image.as_deref()).await?;
+    let sizes = super::templates::sizes(&st, req.cpus, req.memory_mb, req.disk_mb);
+    let (cpus, memory_mb, disk_mb) = (sizes.cpus, sizes.memory_mb, sizes.disk_mb);
     caller.caps.check_sandbox_size(cpus, memory_mb)?;
-    let env = req.env.clone();
+    let shape = super::templates::shape(
+        &caller.user.id,
+        base.as_ref(),
+        &sizes,
+        boot_env,
+        req.init.clone(),
+    );
+    let mut env = shape.env.clone();
+    env.extend(req.env.clone());
     if !req.secrets.is_empty() {
         // Every named secret must exist now; the values are decrypted
         // again at each boot (the engine's SecretSource), never stored.
@@ -277,12 +292,78 @@ async fn create_to_end(
         init: req.init.clone(),
         files: Vec::new(),
         network,
-        base: None,
-        user: None,
-        workdir: None,
+        base: shape.base.clone(),
+        user: shape.user.clone(),
+        workdir: shape.workdir.clone(),
     };
-    let result = st.engine.create_as(id.clone(), spec).await;
+    // Templates and images are kept pre-booted: restore one when it is
+    // ready, else boot (and have one built for next time).
+    let lease = match &st.prebooted {
+        Some(p) if req.template.is_some() || req.image.is_some() => {
+            let lease = p.acquire(&shape);
+            if lease.is_none() && (req.template.is_some() || shape.init.is_none()) {
+                p.ensure(shape.clone());
+            }
+            lease
+        }
+        _ => None,
+    };
+    let (result, origin) = match lease {
+        Some(lease) => match st.engine.fork(id.clone(), spec.clone(), &lease.dir).await {
+            Ok(sb) => (Ok(sb), "instant"),
+            Err(e) => {
+                tracing::warn!(id = %id, "the pre-booted snapshot did not restore ({e}); booting");
+                (st.engine.create_as(id.clone(), spec).await, "boot")
+            }
+        },
+        None => (st.engine.create_as(id.clone(), spec).await, "boot"),
+    };
+    let row = if result.is_ok() {
+        set_origin(&st, row, origin).await
+    } else {
+        row
+    };
     finish_create(&st, &caller, row, result).await
+}
+
+/// `req` with the template's settings where it has none; the template's
+/// env is returned apart (the guest boots with it).
+fn with_template(
+    mut req: CreateSandbox,
+    t: crate::api_types::CreateTemplate,
+) -> (CreateSandbox, BTreeMap<String, String>) {
+    req.image = req.image.or(t.image);
+    req.cpus = req.cpus.or(t.cpus);
+    req.memory_mb = req.memory_mb.or(t.memory_mb);
+    req.disk_mb = req.disk_mb.or(t.disk_mb);
+    req.init = req.init.or(t.init);
+    req.keep_hot |= t.keep_hot;
+    for s in t.secrets {
+        if !req.secrets.contains(&s) && !req.env.contains_key(&s) {
+            req.secrets.push(s);
+        }
+    }
+    (req, t.env)
+}
+
+/// Records how the sandbox came to be (`origin` in its view).
+async fn set_origin(st: &AppState, mut row: SandboxRow, origin: &str) -> SandboxRow {
+    if let Some(o) = row.spec.as_object_mut() {
+        o.insert("origin".into(), origin.into());
+    }
+    let (owner, id) = (row.owner.clone(), row.id.clone());
+    let u = SandboxUpdate {
+        spec: Some(row.spec.clone()),
+        ..Default::default()
+    };
+    if let Err(e) = st
+        .store
+        .run(move |c| sandboxes::update(c, &owner, &id, &u))
+        .await
+    {
+        tracing::warn!(id = %row.id, "recording the origin: {e}");
+    }
+    row
 }
 
 /// The owner's network up and the sandbox's rules in place, before its

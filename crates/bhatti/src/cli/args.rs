@@ -84,6 +84,9 @@ pub enum Command {
     /// Secrets, injected into sandboxes' environments by name.
     #[command(subcommand, visible_alias = "secrets")]
     Secret(SecretCommand),
+    /// Templates: named sandbox recipes, kept pre-booted for instant creates.
+    #[command(subcommand, visible_alias = "templates")]
+    Template(super::templates::TemplateCommand),
     /// Print a link that opens a sandbox's terminal in a browser.
     Share(super::share::ShareArgs),
     /// Thermal transitions of your sandboxes (warm, cold, wake and its

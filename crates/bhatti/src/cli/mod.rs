@@ -16,6 +16,7 @@ mod sandbox;
 mod settings;
 mod share;
 mod shell;
+mod templates;
 
 pub use args::Cli;
 use args::Command;
@@ -178,6 +179,7 @@ fn dispatch(cli: Cli) -> Result<ExitStatus> {
                     Command::File(c) => files::file(&client, c, &out).await,
                     Command::Snapshot(c) => sandbox::snapshot(&client, c, &out).await,
                     Command::Secret(c) => sandbox::secret(&client, c, &out).await,
+                    Command::Template(c) => templates::template(&client, c, &out).await,
                     Command::Ports(a) => ports::ports(&client, a, &out).await,
                     Command::Publish(a) => ports::publish(&client, a, &out).await,
                     Command::Unpublish(a) => ports::unpublish(&client, a, &out).await,

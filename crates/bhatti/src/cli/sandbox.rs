@@ -65,6 +65,15 @@ fn sandbox_fields(v: &Value) -> Vec<(&'static str, String)> {
         ("ip", s(v, "ip")),
         ("created", s(v, "created_at")),
     ];
+    for (k, label) in [
+        ("origin", "origin"),
+        ("image", "image"),
+        ("template", "template"),
+    ] {
+        if let Some(x) = v.get(k).and_then(Value::as_str) {
+            f.push((label, x.to_owned()));
+        }
+    }
     if let Some(net) = v.get("network").filter(|n| n.is_object()) {
         f.push(("gateway", s(net, "gateway")));
         f.push(("dns name", s(net, "dns_name")));

@@ -262,7 +262,23 @@ pub async fn serve_with_backend(
         Some(Arc::new(store.clone())),
         &config.thermal,
     );
-    let state = Arc::new(AppState::new(
+    let prebooted = if config.vm.prebooted {
+        let p = crate::prebooted::Prebooted::new(
+            &config.data_dir.join("checkpoints"),
+            engine.clone(),
+            store.clone(),
+            tenants.clone(),
+            config.network.default_egress,
+            None,
+        )
+        .await
+        .map_err(io("loading the pre-booted snapshots".to_string()))?;
+        p.collect_stale();
+        Some(p)
+    } else {
+        None
+    };
+    let mut app_state = AppState::new(
         engine.clone(),
         store,
         secrets,
@@ -270,7 +286,27 @@ pub async fn serve_with_backend(
         kind,
         thermal.handle(),
         tenants,
-    ));
+    );
+    app_state.prebooted = prebooted;
+    let state = Arc::new(app_state);
+    // Every template's snapshot, built where missing (kernel, lohar or
+    // image changed).
+    {
+        let st = state.clone();
+        tokio::spawn(async move {
+            let rows = match st
+                .store
+                .run(|c| crate::store::templates::list(c, None))
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => return tracing::warn!("listing templates: {e}"),
+            };
+            for r in rows {
+                crate::api::ensure_prebooted(&st, &r.owner, &r.spec).await;
+            }
+        });
+    }
     let app = api::router(state.clone());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -335,6 +371,11 @@ pub async fn serve_with_backend(
         .is_err()
     {
         tracing::warn!("API operations still running after {bound:?}");
+    }
+    if let Some(p) = &state.prebooted {
+        if tokio::time::timeout(bound, p.shutdown()).await.is_err() {
+            tracing::warn!("a template build still running after {bound:?}");
+        }
     }
     // Waits for engine operations, then ends shells and streams still open;
     // VMs keep running.

@@ -36,6 +36,7 @@ pub mod sandboxes;
 pub mod secrets;
 pub mod shell_tokens;
 pub mod snapshots;
+pub mod templates;
 mod thermal;
 pub mod users;
 

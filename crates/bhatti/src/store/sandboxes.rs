@@ -8,9 +8,10 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use super::{from_json, now_ms, to_json, unique_as_conflict, Result, StoreError};
 use crate::net::egress::EgressPolicy;
 
-/// Host numbers a sandbox may have in its owner's /24 (`.1` is the gateway).
+/// Host numbers a sandbox may have in its owner's /24 (`.1` is the gateway,
+/// `.254` is kept for template builds: `prebooted::BUILDER_HOST`).
 pub const FIRST_HOST: u8 = 2;
-pub const LAST_HOST: u8 = 254;
+pub const LAST_HOST: u8 = 253;
 
 /// A stored sandbox.
 #[derive(Debug, Clone, PartialEq)]

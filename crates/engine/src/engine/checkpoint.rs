@@ -312,6 +312,23 @@ impl Inner {
             .await
             .map_err(|e| self.boot_error(&live.rec, "did not restore", &e.to_string()))?;
         super::crash_point("fork:restored");
+        // A new sandbox env or secrets replace the snapshot's (lohar keeps
+        // them in memory, never on a drive); otherwise the guest keeps what
+        // it had (a checkpoint's fork keeps its source's secrets).
+        let secrets = match self.secret_env(&slot.id) {
+            Ok(s) => s,
+            Err(e) => {
+                if let Err(ke) = vm.kill().await {
+                    tracing::warn!("killing the VMM: {ke}");
+                }
+                return Err(e);
+            }
+        };
+        let env = (live.rec.spec.env != meta.spec.env || !secrets.is_empty()).then(|| {
+            let mut env = live.rec.spec.env.clone();
+            env.extend(secrets);
+            env
+        });
         let fail = |this: &Inner, rec: &SandboxRecord, why: String| {
             this.boot_error(rec, "did not take its new identity", &why)
         };
@@ -336,6 +353,7 @@ impl Inner {
                     .map(|n| format!("{}/{}", n.ip, n.prefix)),
                 gateway: live.rec.net.as_ref().map(|n| n.gateway),
                 entropy: Some(random_hex(64)),
+                env,
             };
             let done = tokio::time::timeout(self.cfg.agent_timeout, old.reidentify(req))
                 .await
