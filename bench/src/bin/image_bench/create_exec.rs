@@ -252,7 +252,8 @@ async fn prepare_instant(c: &mut Conn, data: &Path) -> anyhow::Result<(InstantVi
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let dir = newest_checkpoint(&data.join("prebooted"))?;
+        // Pre-booted snapshots are checkpoints named `pb_<key>`.
+        let dir = newest_checkpoint(&data.join("checkpoints"), "pb_")?;
         return Ok((InstantVia::Template, dir));
     }
     anyhow::ensure!(
@@ -275,15 +276,21 @@ async fn prepare_instant(c: &mut Conn, data: &Path) -> anyhow::Result<(InstantVi
     .ok("checkpoint", 201)?;
     // Checkpoints outlive their sandbox.
     delete(c, &id).await?;
-    let dir = newest_checkpoint(&data.join("checkpoints"))?;
+    let dir = newest_checkpoint(&data.join("checkpoints"), "cp_")?;
     Ok((InstantVia::CheckpointFork, dir))
 }
 
-/// The newest directory under `root` holding a `meta.json`.
-fn newest_checkpoint(root: &Path) -> anyhow::Result<PathBuf> {
+/// The newest directory under `root` named `prefix…` holding a `meta.json`.
+fn newest_checkpoint(root: &Path, prefix: &str) -> anyhow::Result<PathBuf> {
     let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
     for e in std::fs::read_dir(root).with_context(|| format!("listing {}", root.display()))? {
         let p = e?.path();
+        if !p
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+        {
+            continue;
+        }
         let meta = p.join(bhatti::engine::CHECKPOINT_META);
         if let Ok(m) = std::fs::metadata(&meta) {
             let at = m.modified()?;
@@ -293,7 +300,7 @@ fn newest_checkpoint(root: &Path) -> anyhow::Result<PathBuf> {
         }
     }
     best.map(|(_, p)| p)
-        .with_context(|| format!("no snapshot (meta.json) under {}", root.display()))
+        .with_context(|| format!("no snapshot {prefix}… (meta.json) under {}", root.display()))
 }
 
 async fn create(c: &mut Conn, body: serde_json::Value) -> anyhow::Result<String> {
