@@ -175,7 +175,7 @@ fn ms(us: f64) -> f64 {
 
 fn line(s: &Stats) -> String {
     format!(
-        "{:<52} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
+        "{:<58} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
         s.name,
         ms(s.p50_us),
         ms(s.p95_us),
@@ -191,7 +191,7 @@ fn print_tables(r: &Report) {
         r.load_before, r.load_after
     );
     let head = format!(
-        "{:<52} {:>10} {:>10} {:>10} {:>10}",
+        "{:<58} {:>10} {:>10} {:>10} {:>10}",
         "operation (ms)", "p50", "p95", "p99", "max"
     );
     if let Some(c) = &r.create_exec {
@@ -200,11 +200,19 @@ fn print_tables(r: &Report) {
             c.backend, c.samples
         );
         println!("{head}");
-        for s in [&c.boot, &c.instant, &c.floor, &c.floor_disk_clone] {
+        for s in [
+            &c.boot,
+            &c.instant,
+            &c.floor,
+            &c.raw_fork,
+            &c.floor_disk_clone,
+        ] {
             println!("{}", line(s));
         }
         let [a, b, d] = c.instant_over_floor;
         println!("instant / floor: p50 {a:.2}, p95 {b:.2}, p99 {d:.2}");
+        let [a, b, d] = c.instant_over_raw_fork;
+        println!("instant / raw fork: p50 {a:.2}, p95 {b:.2}, p99 {d:.2}");
         let [a, b, d] = c.boot_over_instant;
         println!("boot / instant:  p50 {a:.2}, p95 {b:.2}, p99 {d:.2}");
         println!(
@@ -275,6 +283,12 @@ fn print_markdown(r: &Report) {
             "floor, same run: QEMU restore of the same snapshot → handshake → exec",
             &c.floor,
             "",
+            "",
+        );
+        row(
+            "raw fork, same run: floor + reidentify + handshake with the new token",
+            &c.raw_fork,
+            &format!("instant / raw fork {}", x(c.instant_over_raw_fork)),
             "",
         );
     }

@@ -20,7 +20,7 @@ use anyhow::Context;
 use bhatti::engine::CheckpointMeta;
 use bhatti_bench::{Recorder, Stats};
 use bhatti_protocol::guest_config::{AgentTransport, GuestConfig};
-use bhatti_protocol::{AgentClient, ExecRequest};
+use bhatti_protocol::{AgentClient, ExecRequest, ReidentifyRequest};
 use bhatti_vmm::{BackendKind, NetConfig, Vm, VmConfig, VmmBackend};
 use serde::Serialize;
 
@@ -51,6 +51,9 @@ pub struct CreateExec {
     pub boot: Stats,
     pub instant: Stats,
     pub floor: Stats,
+    /// The floor plus the fork's guest-side steps: reidentify (new token,
+    /// MAC, address, gateway, entropy) and a handshake with the new token.
+    pub raw_fork: Stats,
     /// The floor's disk clone, done before its clock starts (reflink).
     pub floor_disk_clone: Stats,
     /// How long the template's pre-booted snapshot took to be ready (or
@@ -60,6 +63,8 @@ pub struct CreateExec {
     pub instant_over_floor: [f64; 3],
     /// boot / instant at p50, p95, p99.
     pub boot_over_instant: [f64; 3],
+    /// instant / raw fork at p50, p95, p99.
+    pub instant_over_raw_fork: [f64; 3],
     /// boot / floor at p50, p95, p99.
     pub boot_over_floor: [f64; 3],
     pub target: String,
@@ -128,13 +133,14 @@ async fn measure(
         InstantVia::CheckpointFork => "create → first exec, instant (checkpoint fork)",
     });
     let mut floor = Recorder::new("raw restore → handshake → exec");
+    let mut fork = Recorder::new("raw restore → handshake → reidentify → handshake → exec");
     let mut clone = Recorder::new("floor's disk clone (untimed)");
     let mut origins = std::collections::BTreeSet::new();
 
     // Round 0 is a warm-up of the instant path and the floor.
     for round in 0..=samples {
-        for k in 0..3 {
-            let which = (round + k) % 3;
+        for k in 0..4 {
+            let which = (round + k) % 4;
             let name = format!("s{round}x{which}");
             match which {
                 0 if round > 0 => {
@@ -165,8 +171,18 @@ async fn measure(
                     eprintln!("[image-bench] {round}: instant {:.3} s", took.as_secs_f64());
                     delete(&mut c, &id).await?;
                 }
+                2 => {
+                    let (took, _) = raw.sample(round, true).await?;
+                    if round > 0 {
+                        fork.record(took);
+                    }
+                    eprintln!(
+                        "[image-bench] {round}: raw fork {:.3} s",
+                        took.as_secs_f64()
+                    );
+                }
                 _ => {
-                    let (took, cloned) = raw.sample(round).await?;
+                    let (took, cloned) = raw.sample(round, false).await?;
                     if round > 0 {
                         floor.record(took);
                         clone.record(cloned);
@@ -185,7 +201,7 @@ async fn measure(
         let _ = c.delete(&format!("/templates/{TEMPLATE}")).await;
     }
 
-    let (boot, instant, floor) = (boot.stats(), instant.stats(), floor.stats());
+    let (boot, instant, floor, fork) = (boot.stats(), instant.stats(), floor.stats(), fork.stats());
     let iof = ratio(&instant, &floor);
     let notes = vec![
         format!(
@@ -205,7 +221,10 @@ async fn measure(
         "floor: QEMU restore of the same snapshot files + agent handshake with the snapshot's token + exec true, \
          on a reflink clone of the snapshot's disk made before the clock starts"
             .to_owned(),
-        "each round runs boot, instant and floor once, in a rotating order; deletes and kills are not timed"
+        "raw fork: the floor plus what a fork adds in the guest (reidentify with a new token, MAC, address, \
+         gateway and entropy, then a handshake with the new token), to split instant − floor into guest work and the daemon's"
+            .to_owned(),
+        "each round runs boot, instant, floor and raw fork once, in a rotating order; deletes and kills are not timed"
             .to_owned(),
     ];
     Ok(CreateExec {
@@ -215,6 +234,8 @@ async fn measure(
         instant_over_floor: iof,
         boot_over_instant: ratio(&boot, &instant),
         boot_over_floor: ratio(&boot, &floor),
+        instant_over_raw_fork: ratio(&instant, &fork),
+        raw_fork: fork,
         target: "instant ≤ 1.25 × floor (p50)".into(),
         met: iof[0] <= 1.25,
         boot,
@@ -429,7 +450,8 @@ impl RawFloor {
 
     /// One restore → handshake → exec; returns its time and the time of
     /// the disk clone made before it.
-    async fn sample(&self, i: usize) -> anyhow::Result<(Duration, Duration)> {
+    async fn sample(&self, i: usize, reidentify: bool) -> anyhow::Result<(Duration, Duration)> {
+        let i = format!("{i}{}", if reidentify { "f" } else { "" });
         let run_dir = self.root.join(format!("r{i}"));
         std::fs::create_dir_all(&run_dir)?;
         // Beside the snapshot's disk: the same file system, so a reflink.
@@ -452,20 +474,43 @@ impl RawFloor {
             netns: Some(self.ns.clone()),
             run_dir: run_dir.clone(),
         };
-        let result = self.restore_exec(&cfg).await;
+        let result = self.restore_exec(&cfg, reidentify).await;
         let _ = std::fs::remove_file(&disk);
         let _ = std::fs::remove_dir_all(&run_dir);
         Ok((result?, cloned))
     }
 
-    async fn restore_exec(&self, cfg: &VmConfig) -> anyhow::Result<Duration> {
+    async fn restore_exec(&self, cfg: &VmConfig, reidentify: bool) -> anyhow::Result<Duration> {
         let t = Instant::now();
         let vm = self.backend.restore(cfg, &self.meta.snapshot).await?;
         let r = async {
-            let client =
-                bhatti::engine::wait_for_agent(vm.as_ref(), &self.meta.token, BOOT_TIMEOUT)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("raw restore: {e}"))?;
+            let wait = |token: String| {
+                let vm = vm.as_ref();
+                async move {
+                    bhatti::engine::wait_for_agent(vm, &token, BOOT_TIMEOUT)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("raw restore: {e}"))
+                }
+            };
+            let mut client = wait(self.meta.token.clone()).await?;
+            if reidentify {
+                let token = bhatti::engine::random_hex(32);
+                let done = client
+                    .reidentify(ReidentifyRequest {
+                        token: token.clone(),
+                        hostname: cfg.id.clone(),
+                        sandbox_id: cfg.id.clone(),
+                        mac: cfg.net.as_ref().map(|n| n.mac.clone()),
+                        address: cfg.net.as_ref().map(|_| "10.255.0.2/24".to_owned()),
+                        gateway: cfg.net.as_ref().map(|_| [10, 255, 0, 1].into()),
+                        entropy: Some(bhatti::engine::random_hex(64)),
+                        env: None,
+                    })
+                    .await?;
+                anyhow::ensure!(done.failed.is_empty(), "reidentify: {:?}", done.failed);
+                client.close();
+                client = wait(token).await?;
+            }
             let r = agent_exec(&client).await;
             let took = t.elapsed();
             client.close();
