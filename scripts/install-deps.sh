@@ -13,6 +13,8 @@ PACKAGES=(
   # OCI image tests (crates/engine/tests/oci_pull.rs): a local registry,
   # images built and pushed without Docker, htpasswd for the auth registry
   docker-registry umoci skopeo apache2-utils
+  # the image API test's guest userland (crates/bhatti/tests/images.rs)
+  busybox-static
   # networking (bridges, TAPs, namespaces, NAT)
   iproute2 nftables conntrack
   # the Firecracker test guest is assembled at test time

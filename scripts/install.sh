@@ -111,8 +111,9 @@ put_image "$BHATTI_KERNEL" "$DATA_DIR/images/vmlinux"
 put_image "$BHATTI_ROOTFS" "$DATA_DIR/images/rootfs.ext4"
 # More rootfs tiers when asked (BHATTI_TIERS=minimal,dev): the dev tier has
 # git, python3 with pip and venv, nodejs and npm, build tools, jq, ripgrep.
-# It is installed beside the default as rootfs-<tier>.ext4; point
-# [vm] rootfs at it to make it every sandbox's root.
+# It is installed beside the default as rootfs-<tier>.ext4 and shared as
+# the image `dev` (below); point [vm] rootfs at it to make it every
+# sandbox's root.
 for tier in $(printf '%s' "${BHATTI_TIERS:-minimal}" | tr ',' ' '); do
   case "$tier" in
     minimal) ;;
@@ -135,6 +136,16 @@ if [ ! -f "$CONFIG" ]; then
 else
   say "  keeping $CONFIG"
 fi
+# The dev tier is a shared image (`bhatti create --image dev`): listed under
+# [images.shared] unless the config has that table already.
+case ",${BHATTI_TIERS:-minimal}," in
+  *,dev,*)
+    if ! grep -q '^\[images\.shared\]' "$CONFIG"; then
+      printf '\n[images.shared]\ndev = "%s"\n' "$DATA_DIR/images/rootfs-dev.ext4" >> "$CONFIG"
+      say "  registered the dev tier as the shared image 'dev' in $CONFIG"
+    fi
+    ;;
+esac
 
 say "5/7 starting the daemon"
 if [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ] && command -v systemctl >/dev/null; then

@@ -10,6 +10,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+mod images;
+pub use images::*;
+
 // ---------------------------------------------------------------------------
 // Validation
 // ---------------------------------------------------------------------------

@@ -82,6 +82,8 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// The web shell's share links.
     pub shell: ShellConfig,
+    /// Sandbox images: OCI pulls and imports, saved disks, shared images.
+    pub images: ImagesConfig,
 }
 
 /// `[log]`
@@ -441,6 +443,41 @@ pub struct ShellConfig {
     pub public_url: String,
 }
 
+/// `[images]`: the image catalogue (`docs/images.md`). Images live under
+/// `<data_dir>/images/` (blob cache, disks, work dirs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImagesConfig {
+    /// The static lohar binary put into every image made from an OCI image
+    /// (it is the guest's init and agent). Default `/usr/local/bin/lohar`
+    /// (where `scripts/install.sh` installs it).
+    pub lohar: PathBuf,
+    /// Images one user may keep (past it: 429). Default 20.
+    pub max_per_user: u32,
+    /// Bytes of image disks (apparent sizes) one user may keep (past it:
+    /// 429). Default 20 GiB.
+    pub max_bytes_per_user: u64,
+    /// Largest tarball `POST /images/import` accepts (past it: 413).
+    /// Default 10 GiB.
+    pub max_import_bytes: u64,
+    /// Shared images every user can create sandboxes from: name → ext4
+    /// disk (with lohar installed). The `[vm] rootfs` is always shared as
+    /// `minimal`. Default none.
+    pub shared: std::collections::BTreeMap<String, PathBuf>,
+}
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        ImagesConfig {
+            lohar: PathBuf::from("/usr/local/bin/lohar"),
+            max_per_user: 20,
+            max_bytes_per_user: 20 << 30,
+            max_import_bytes: 10 << 30,
+            shared: Default::default(),
+        }
+    }
+}
+
 /// `[limits.rate]`: token buckets per user and request class; a rate of 0
 /// disables that class's limit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -476,6 +513,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             proxy: ProxyConfig::default(),
             shell: ShellConfig::default(),
+            images: ImagesConfig::default(),
         }
     }
 }
@@ -958,6 +996,32 @@ impl Config {
                 "must be between 1 and 2592000 (30 days)",
             ));
         }
+        let im = &self.images;
+        if !im.lohar.is_absolute() {
+            return Err(invalid("images.lohar", "must be an absolute path"));
+        }
+        if im.max_import_bytes == 0 {
+            return Err(invalid("images.max_import_bytes", "must be at least 1"));
+        }
+        for (name, path) in &im.shared {
+            if crate::api_types::validate_image_name("images.shared", name).is_err()
+                || name == crate::images::MINIMAL
+            {
+                return Err(invalid(
+                    "images.shared",
+                    format!(
+                        "{name:?} is not an image name (1-128 of a-z, 0-9, '.', '_', ':', '-'; \"{}\" is the [vm] rootfs)",
+                        crate::images::MINIMAL
+                    ),
+                ));
+            }
+            if !path.is_absolute() {
+                return Err(invalid(
+                    "images.shared",
+                    format!("the path of {name:?} must be absolute"),
+                ));
+            }
+        }
         let u = &sh.public_url;
         if !u.is_empty()
             && (!(u.starts_with("http://") || u.starts_with("https://"))
@@ -1138,6 +1202,20 @@ impl Config {
         e.kv("max_cold_wakes", p.max_cold_wakes);
         e.c("Published ports one user may have.");
         e.kv("max_published_per_user", p.max_published_per_user);
+
+        let im = &d.images;
+        e.table("images");
+        e.c("The static lohar binary put into images made from OCI images (their init and agent).");
+        e.kv("lohar", path(&im.lohar));
+        e.c("Images one user may keep, and their disks' bytes (past them: HTTP 429).");
+        e.kv("max_per_user", im.max_per_user);
+        e.kv("max_bytes_per_user", im.max_bytes_per_user);
+        e.c("Largest tarball POST /images/import accepts (past it: HTTP 413).");
+        e.kv("max_import_bytes", im.max_import_bytes);
+        e.c("Shared images every user can create sandboxes from: name = ext4 disk with lohar.");
+        e.c("[vm] rootfs is always shared as \"minimal\". scripts/install.sh adds the dev tier:");
+        e.c("[images.shared]");
+        e.c("dev = \"/var/lib/bhatti/images/rootfs-dev.ext4\"");
         e.0
     }
 }

@@ -5,13 +5,14 @@
 //! module names.
 
 pub use bhatti_api_types as api_types;
-pub use bhatti_engine::{cmd, engine, net, storage, thermal};
+pub use bhatti_engine::{cmd, engine, image, net, storage, thermal};
 pub use engine::{CreateSpec, Engine, EngineConfig, EngineError, Sandbox, SandboxState};
 
 pub mod api;
 pub mod auth;
 pub mod config;
 pub mod daemon;
+pub mod images;
 pub mod prebooted;
 pub mod proxy;
 pub mod secrets;

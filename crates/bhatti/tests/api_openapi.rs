@@ -218,6 +218,15 @@ async fn openapi_matches_the_router() {
         "PATCH /sandboxes/{id}/proxy/{port}/{path}",
         "DELETE /sandboxes/{id}/proxy/{port}/{path}",
         "HEAD /sandboxes/{id}/proxy/{port}/{path}",
+        "GET /images",
+        "POST /images/pull",
+        "POST /images/import",
+        "GET /images/{name}",
+        "DELETE /images/{name}",
+        "POST /sandboxes/{id}/save-image",
+        "GET /tasks",
+        "GET /tasks/{id}",
+        "DELETE /tasks/{id}",
     ];
     documented.sort();
     let mut want: Vec<String> = contract.iter().map(|s| s.to_string()).collect();

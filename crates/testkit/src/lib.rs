@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use bhatti_vmm::VmmBackend;
 
+pub mod registry;
+
 /// Where `scripts/artifacts.sh` caches kernels and rootfs images.
 pub const CACHE: &str = "/var/cache/bhatti-ci";
 
@@ -59,6 +61,15 @@ pub struct Artifacts {
     pub kernel: PathBuf,
     /// A rootfs with lohar installed.
     pub rootfs: PathBuf,
+}
+
+/// The static lohar binary (`BHATTI_LOHAR`, as `scripts/artifacts.sh`
+/// exports it, else the newest in the cache), for images made from OCI
+/// images; `None` when there is none.
+pub fn lohar() -> Option<PathBuf> {
+    env_path("BHATTI_LOHAR")
+        .or_else(|| newest(&Path::new(CACHE).join("lohar"), "lohar"))
+        .filter(|p| p.is_file())
 }
 
 /// The guest kernel and rootfs (`BHATTI_KERNEL`, `BHATTI_ROOTFS`, else the

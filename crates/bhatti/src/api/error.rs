@@ -27,6 +27,13 @@ pub enum ApiError {
     /// 401 on the web shell's routes: the link's token is not live.
     #[error("this shell link is invalid, expired or revoked")]
     LinkRefused,
+    /// 401 from a registry: its credentials were refused or missing
+    /// (not the caller's API key).
+    #[error("{0}")]
+    RegistryUnauthorized(String),
+    /// 403: the object exists but this cannot be done to it.
+    #[error("{0}")]
+    Forbidden(String),
     /// 404: absent, or another user's.
     #[error("{0}")]
     NotFound(String),
@@ -67,6 +74,8 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized | ApiError::LinkRefused => StatusCode::UNAUTHORIZED,
+            ApiError::RegistryUnauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,

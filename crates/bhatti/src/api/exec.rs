@@ -39,8 +39,15 @@ pub async fn exec(
     JsonBody(req): JsonBody<ExecRequest, MAX_EXEC_JSON>,
 ) -> Result<Response, ApiError> {
     caller.rate(&st, RequestClass::Exec)?;
-    req.validate()?;
+    let mut req = req;
     let row = st.sandbox(&caller, &id).await?;
+    if req.cmd.is_empty() {
+        // A sandbox from an image runs the image's entrypoint + cmd.
+        if let Some(c) = super::images::sandbox_image_config(&row.spec) {
+            req.cmd = c.command();
+        }
+    }
+    req.validate()?;
     let client = st.agent(&row).await?;
     let stdin = req.stdin.map(Bytes::from);
     let preq = bhatti_protocol::ExecRequest {

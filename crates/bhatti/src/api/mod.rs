@@ -19,12 +19,14 @@ mod events;
 mod exec;
 mod exec_ws;
 mod files;
+mod images;
 mod meta;
 mod ports;
 mod sandboxes;
 mod secrets;
 mod shell;
 mod snapshots;
+mod tasks;
 mod templates;
 mod webshell;
 
@@ -91,6 +93,8 @@ pub struct AppState {
     create_lock: tokio::sync::Mutex<()>,
     /// Mutations in flight (see [`AppState::detached`]); shutdown waits.
     pub tasks: tokio_util::task::TaskTracker,
+    /// The image catalogue and its pull tasks.
+    pub images: Arc<crate::images::Images>,
     openapi: OnceLock<String>,
     next_request: AtomicU64,
 }
@@ -111,6 +115,7 @@ impl AppState {
             tenants,
             user_nets: Default::default(),
             rate: RateLimits::new(&config.limits.rate),
+            images: Arc::new(crate::images::Images::new(&config, store.clone())),
             checkpoints_dir: config.data_dir.join("checkpoints"),
             engine,
             store,
@@ -354,6 +359,13 @@ pub fn api_router() -> OpenApiRouter<AppStateRef> {
         .routes(routes!(ports::published_all))
         .routes(routes!(ports::publish, ports::published))
         .routes(routes!(ports::unpublish))
+        .routes(routes!(images::list))
+        .routes(routes!(images::pull))
+        .routes(routes!(images::import))
+        .routes(routes!(images::get, images::delete))
+        .routes(routes!(images::save))
+        .routes(routes!(tasks::list))
+        .routes(routes!(tasks::get, tasks::cancel))
         .route(
             "/sandboxes/{id}/proxy/{port}",
             axum::routing::any(ports::proxy_root),

@@ -220,7 +220,8 @@ async fn create_to_end(
         }
         None => (req, BTreeMap::new()),
     };
-    let base = super::base_image::base_image(&st, &caller.user.id, req.image.as_deref()).await?;
+    let base =
+        super::base_image::base_image_or_pull(&st, &caller.user.id, req.image.as_deref()).await?;
     let sizes = super::templates::sizes(&st, req.cpus, req.memory_mb, req.disk_mb);
     let (cpus, memory_mb, disk_mb) = (sizes.cpus, sizes.memory_mb, sizes.disk_mb);
     caller.caps.check_sandbox_size(cpus, memory_mb)?;
@@ -278,6 +279,13 @@ async fn create_to_end(
             return Ok((StatusCode::OK, Json(view_of(&st, &row))).into_response())
         }
     };
+    let row = match &base {
+        Some(img) => match record_image_config(&st, row, img).await {
+            Ok(row) => row,
+            Err((row, e)) => return Err(abandon_create(&st, &caller, &row, e).await),
+        },
+        None => row,
+    };
     let network = match attach_network(&st, &caller, &row).await {
         Ok(n) => n,
         Err(e) => return Err(abandon_create(&st, &caller, &row, e).await),
@@ -324,6 +332,33 @@ async fn create_to_end(
         row
     };
     finish_create(&st, &caller, row, result).await
+}
+
+/// Keeps the image's defaults (user made explicit) in the row's spec: an
+/// exec without a command runs the image's, and a saved image inherits
+/// them.
+async fn record_image_config(
+    st: &AppState,
+    row: SandboxRow,
+    img: &super::base_image::BaseImage,
+) -> Result<SandboxRow, (SandboxRow, ApiError)> {
+    let mut spec = row.spec.clone();
+    if let (Some(obj), Ok(v)) = (spec.as_object_mut(), serde_json::to_value(&img.config)) {
+        obj.insert(super::images::SPEC_IMAGE_CONFIG.into(), v);
+    }
+    let update = SandboxUpdate {
+        spec: Some(spec),
+        ..Default::default()
+    };
+    let (owner, id) = (row.owner.clone(), row.id.clone());
+    match st
+        .store
+        .run(move |c| sandboxes::update(c, &owner, &id, &update))
+        .await
+    {
+        Ok(updated) => Ok(updated),
+        Err(e) => Err((row, e.into())),
+    }
 }
 
 /// `req` with the template's settings where it has none; the template's

@@ -84,6 +84,9 @@ pub enum Command {
     /// Secrets, injected into sandboxes' environments by name.
     #[command(subcommand, visible_alias = "secrets")]
     Secret(SecretCommand),
+    /// Images: pull from a registry, import a tarball, save a sandbox's disk.
+    #[command(subcommand, visible_alias = "images")]
+    Image(ImageCommand),
     /// Templates: named sandbox recipes, kept pre-booted for instant creates.
     #[command(subcommand, visible_alias = "templates")]
     Template(super::templates::TemplateCommand),
@@ -441,6 +444,61 @@ pub enum SnapshotCommand {
         /// Checkpoint name.
         name: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Pull an OCI image from a registry into your catalogue (a progress
+    /// bar follows the pull; Ctrl-C cancels it).
+    Pull {
+        /// The reference, e.g. `docker.io/library/python:3.12`.
+        #[arg(value_name = "REF")]
+        reference: String,
+        /// The catalogue name (default: repository and tag, `python:3.12`).
+        #[arg(long, value_parser = parse_image_name)]
+        name: Option<String>,
+        /// Registry user name (with --password-stdin).
+        #[arg(long, requires = "password_stdin")]
+        username: Option<String>,
+        /// Read the registry password from stdin.
+        #[arg(long, requires = "username")]
+        password_stdin: bool,
+        /// Read a registry bearer token from stdin.
+        #[arg(long, conflicts_with_all = ["username", "password_stdin"])]
+        token_stdin: bool,
+    },
+    /// Import an image tarball (`docker save`, `skopeo copy … docker-archive:`
+    /// or `oci-archive:`).
+    Import {
+        /// The tarball.
+        file: PathBuf,
+        /// The catalogue name.
+        #[arg(long, value_parser = parse_image_name)]
+        name: String,
+    },
+    /// Save a sandbox's disk as an image (the sandbox keeps running).
+    Save {
+        /// Sandbox name or id.
+        sandbox: String,
+        /// The image's name.
+        #[arg(value_parser = parse_image_name)]
+        name: String,
+    },
+    /// List your images and the shared ones.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Delete one of your images.
+    #[command(visible_alias = "rm")]
+    Delete {
+        /// Image name.
+        name: String,
+    },
+}
+
+fn parse_image_name(s: &str) -> Result<String, String> {
+    bhatti::api_types::validate_image_name("name", s)
+        .map(|()| s.to_string())
+        .map_err(|e| e.message)
 }
 
 #[derive(Debug, Subcommand)]

@@ -10,6 +10,7 @@ pub mod args;
 mod files;
 mod host;
 mod http;
+mod images;
 mod output;
 mod ports;
 mod sandbox;
@@ -179,6 +180,7 @@ fn dispatch(cli: Cli) -> Result<ExitStatus> {
                     Command::File(c) => files::file(&client, c, &out).await,
                     Command::Snapshot(c) => sandbox::snapshot(&client, c, &out).await,
                     Command::Secret(c) => sandbox::secret(&client, c, &out).await,
+                    Command::Image(c) => images::image(&client, c, &out).await,
                     Command::Template(c) => templates::template(&client, c, &out).await,
                     Command::Ports(a) => ports::ports(&client, a, &out).await,
                     Command::Publish(a) => ports::publish(&client, a, &out).await,

@@ -289,6 +289,11 @@ pub async fn serve_with_backend(
     );
     app_state.prebooted = prebooted;
     let state = Arc::new(app_state);
+    state
+        .images
+        .start(&config)
+        .await
+        .map_err(|e| DaemonError::Setup(format!("images: {e}")))?;
     // Every template's snapshot, built where missing (kernel, lohar or
     // image changed).
     {
@@ -363,7 +368,9 @@ pub async fn serve_with_backend(
         while servers.join_next().await.is_some() {}
     })
     .await;
-    // Mutations whose clients left still finish (a create, a stop).
+    // Pulls stop (their work dirs go); mutations whose clients left still
+    // finish (a create, a stop).
+    state.images.tasks.cancel_all();
     state.tasks.close();
     let bound = Duration::from_secs(config.vm.boot_timeout_secs + 30);
     if tokio::time::timeout(bound, state.tasks.wait())

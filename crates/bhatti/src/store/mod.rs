@@ -31,6 +31,7 @@ use std::time::Duration;
 use rusqlite::{Connection, ErrorCode};
 
 pub mod events;
+pub mod images;
 pub mod published;
 pub mod sandboxes;
 pub mod secrets;
