@@ -9,7 +9,9 @@
 //!   empty directory, `inject_lohar`, `build_ext4`;
 //! - the floor: `skopeo copy docker://… oci:…`, `umoci raw unpack`, lohar
 //!   copied in, `mkfs.ext4 -d` of the tree into a file of the same size
-//!   with the same inode count.
+//!   with the same inode count;
+//! - where a daemon can run (root, kernel, rootfs): `POST /images/pull`
+//!   through an in-process daemon until its task succeeded.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -21,6 +23,10 @@ use bhatti_bench::{Recorder, Stats};
 use bhatti_engine::image::{self, ext4, PullAuth};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
+
+use crate::daemon::{create_user, Daemon};
+use crate::http::Conn;
+use crate::vm_env::{Artifacts, VmEnv};
 
 const TOOLS: [&str; 4] = ["docker-registry", "umoci", "skopeo", "mkfs.ext4"];
 
@@ -49,6 +55,10 @@ pub struct PullConvert {
     pub image: ImageInfo,
     pub bhatti: Stats,
     pub floor: Stats,
+    /// The same through the daemon: `POST /images/pull` until its task
+    /// succeeded (then `DELETE /images/{name}`, untimed, so the next pull
+    /// downloads again).
+    pub api: Option<ApiPull>,
     /// bhatti / floor at p50, p95, p99.
     pub ratio: [f64; 3],
     pub target: String,
@@ -58,6 +68,13 @@ pub struct PullConvert {
     /// The floor's phases: skopeo copy, umoci raw unpack (+ lohar), mkfs.
     pub floor_phases: Vec<Stats>,
     pub notes: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ApiPull {
+    pub stats: Stats,
+    /// API / floor at p50, p95, p99.
+    pub ratio: [f64; 3],
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -83,13 +100,46 @@ pub fn missing_tool() -> Option<&'static str> {
     })
 }
 
-pub async fn run(samples: usize, lohar: &Path) -> anyhow::Result<PullConvert> {
+/// With `art`, also `POST /images/pull` through an in-process daemon.
+pub async fn run(
+    samples: usize,
+    lohar: &Path,
+    art: Option<&Artifacts>,
+) -> anyhow::Result<PullConvert> {
     let registry = Registry::start()?;
     let work = tempfile::Builder::new()
         .prefix("bhatti-image-bench-pull.")
         .tempdir()?;
     eprintln!("[image-bench] building and pushing the image");
     let reference = build_and_push(&registry, work.path())?;
+    let mut api = match art {
+        Some(art) => Some(ApiSide::start(art, lohar).await?),
+        None => None,
+    };
+    let result = rounds(
+        samples,
+        lohar,
+        &registry,
+        work.path(),
+        &reference,
+        api.as_mut(),
+    )
+    .await;
+    if let Some(a) = api {
+        a.stop().await?;
+    }
+    result
+}
+
+async fn rounds(
+    samples: usize,
+    lohar: &Path,
+    registry: &Registry,
+    work: &Path,
+    reference: &str,
+    mut api: Option<&mut ApiSide>,
+) -> anyhow::Result<PullConvert> {
+    let mut through_api = Recorder::new("POST /images/pull → task succeeded");
 
     let mut bh = Recorder::new("bhatti pull + unpack + ext4");
     let mut fl = Recorder::new("skopeo copy + umoci unpack + mkfs.ext4 -d");
@@ -106,11 +156,21 @@ pub async fn run(samples: usize, lohar: &Path) -> anyhow::Result<PullConvert> {
     let mut info: Option<ImageInfo> = None;
     // Round 0 is a warm-up that also sizes the floor's disk.
     for round in 0..=samples {
+        if let Some(a) = api.as_deref_mut() {
+            let took = a.pull(reference, &format!("bench{round}")).await?;
+            eprintln!(
+                "[image-bench] {round}: POST /images/pull {:.2} s",
+                took.as_secs_f64()
+            );
+            if round > 0 {
+                through_api.record(took);
+            }
+        }
         for k in 0..2 {
-            let dir = work.path().join(format!("r{round}-{k}"));
+            let dir = work.join(format!("r{round}-{k}"));
             std::fs::create_dir_all(&dir)?;
             if (round + k) % 2 == 0 {
-                let (total, phases, i) = ours(&reference, &dir, lohar).await?;
+                let (total, phases, i) = ours(reference, &dir, lohar).await?;
                 eprintln!(
                     "[image-bench] {round}: bhatti {:.2} s (pull {:.2}, unpack {:.2}, ext4 {:.2})",
                     total.as_secs_f64(),
@@ -154,7 +214,7 @@ pub async fn run(samples: usize, lohar: &Path) -> anyhow::Result<PullConvert> {
         r(bhatti.p95_us, floor.p95_us),
         r(bhatti.p99_us, floor.p99_us),
     ];
-    let notes = vec![
+    let mut notes = vec![
         format!(
             "image {}: {} layers, {:.1} MiB compressed, {:.1} MiB / {} inodes unpacked (host trees: Python stdlib, Perl, /usr/share/doc), disk {} MiB",
             info.reference,
@@ -168,8 +228,27 @@ pub async fn run(samples: usize, lohar: &Path) -> anyhow::Result<PullConvert> {
             .to_owned(),
         "floor's disk: the same size and inode count as bhatti's, same mkfs.ext4 options (-m 0 -N … -d)".to_owned(),
     ];
+    if api.is_some() {
+        notes.push(
+            "API row: an in-process daemon, POST /images/pull polled every 10 ms through GET /tasks/{id} until succeeded, \
+             then DELETE /images/{name} (untimed; it sweeps the blob cache, so every pull downloads)"
+                .to_owned(),
+        );
+    }
+    let api = api.map(|_| {
+        let s = through_api.stats();
+        ApiPull {
+            ratio: [
+                r(s.p50_us, floor.p50_us),
+                r(s.p95_us, floor.p95_us),
+                r(s.p99_us, floor.p99_us),
+            ],
+            stats: s,
+        }
+    });
     Ok(PullConvert {
         samples,
+        api,
         image: info,
         ratio,
         target: "bhatti ≤ 1.3 × floor (p50)".into(),
@@ -426,4 +505,74 @@ fn copy_tree(src: &Path, dest: &Path, left: &mut u64) -> anyhow::Result<()> {
         *left -= m.len();
     }
     Ok(())
+}
+
+/// An in-process daemon for `POST /images/pull`.
+pub struct ApiSide {
+    conn: Conn,
+    daemon: Daemon,
+    // Dropped after the daemon stops: its VMMs, mounts and netns.
+    _env: VmEnv,
+}
+
+impl ApiSide {
+    async fn start(art: &Artifacts, lohar: &Path) -> anyhow::Result<ApiSide> {
+        let mut env = VmEnv::new("bhatti-image-bench-api.", art)?;
+        env.config.images.lohar = std::fs::canonicalize(lohar)?;
+        let backend = bhatti::daemon::backend(&env.config)?;
+        let key = create_user(&env.config, "bench")?;
+        let daemon = Daemon::start(env.config.clone(), backend).await?;
+        Ok(ApiSide {
+            conn: Conn::new(&env.config.listen_unix, Some(&key)),
+            daemon,
+            _env: env,
+        })
+    }
+
+    /// `POST /images/pull`, polled until the task succeeded; then the
+    /// image is deleted (untimed).
+    async fn pull(&mut self, reference: &str, name: &str) -> anyhow::Result<Duration> {
+        let c = &mut self.conn;
+        let t = Instant::now();
+        let v = c
+            .post(
+                "/images/pull",
+                serde_json::json!({"ref": reference, "name": name}),
+            )
+            .await?
+            .ok("images/pull", 202)?
+            .json()?;
+        let task = v.get("task").unwrap_or(&v);
+        let id = task["id"]
+            .as_str()
+            .with_context(|| format!("images/pull: no task id in {v}"))?
+            .to_owned();
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let v = c
+                .get(&format!("/tasks/{id}"))
+                .await?
+                .ok("task", 200)?
+                .json()?;
+            match v["state"].as_str() {
+                Some("succeeded") => break,
+                Some("running") => {}
+                _ => anyhow::bail!("pull task {id}: {v}"),
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "pull task {id} still running: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let took = t.elapsed();
+        c.delete(&format!("/images/{name}"))
+            .await?
+            .ok("delete image", 204)?;
+        Ok(took)
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.daemon.stop().await
+    }
 }
