@@ -212,6 +212,32 @@ async fn pull_create_exec_auth_and_delete() {
         .expect(200);
     assert_eq!(r["stdout"], "default-cmd hi\n", "{r}");
 
+    // The first create from the image had its pre-booted snapshot built:
+    // the next one is restored from it, with the image's defaults.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let twin = loop {
+        let name = format!("twin{}", bhatti::engine::random_hex(4));
+        let v = a
+            .post("/sandboxes", json!({"name": name, "image": "app:v1"}))
+            .await
+            .expect(201);
+        if v["origin"] == "instant" {
+            break name;
+        }
+        a.delete(&format!("/sandboxes/{name}")).await.expect(204);
+        assert!(Instant::now() < deadline, "never instant: {v}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let (code, out, err) = a
+        .sh(&twin, "cat hello.txt; echo $GREETING; pwd; id -u; hostname")
+        .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        format!("hello from layer 1\nhi\n/srv/app\n1000\n{twin}\n")
+    );
+    a.delete(&format!("/sandboxes/{twin}")).await.expect(204);
+
     // The same digest again: at once, the same image (no rebuild).
     let started = Instant::now();
     let again = pull(&a, json!({"ref": reference})).await;

@@ -1,6 +1,7 @@
 //! Templates and instant creates (real VMs): a template's pre-booted
 //! snapshot is built once (init included); creates from it restore that
-//! snapshot with a fresh identity each; a changed kernel rebuilds it.
+//! snapshot with a fresh identity each; a changed kernel or lohar rebuilds
+//! it.
 
 mod api_support;
 
@@ -180,18 +181,37 @@ async fn instant_creates_from_a_template_get_fresh_identities() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_kernel_change_rebuilds_the_snapshot() {
-    let Some(art) = artifacts("a_kernel_change_rebuilds_the_snapshot") else {
+async fn a_kernel_or_lohar_change_rebuilds_the_snapshot() {
+    let Some(art) = artifacts("a_kernel_or_lohar_change_rebuilds_the_snapshot") else {
         return;
     };
     let _serial = SERIAL.lock().await;
     init_tracing();
     let env = Env::new(art);
     let key = env.user("bob", UserCaps::default());
-    let daemon = Daemon::start(&env, env.config()).await;
+    // A lohar of our own, so the test can change it.
+    let lohar = env.dir.path().join("lohar");
+    std::fs::copy(
+        bhatti_testkit::lohar().expect("lohar (BHATTI_LOHAR)"),
+        &lohar,
+    )
+    .expect("copy lohar");
+    let mut config = env.config();
+    config.images.lohar = lohar.clone();
+    let daemon = Daemon::start(&env, config.clone()).await;
     let b = env.client(Some(&key));
     b.post("/templates", json!({"name": "t"})).await.expect(201);
     let first = wait_ready(&b, "t").await["prebooted"]["built_at"].clone();
+    daemon.stop().await;
+
+    // A new lohar: the snapshot is rebuilt.
+    let mut bytes = std::fs::read(&lohar).expect("lohar");
+    bytes.push(0);
+    std::fs::write(&lohar, bytes).expect("write lohar");
+    let daemon = Daemon::start(&env, config.clone()).await;
+    let after_lohar = wait_ready(&b, "t").await["prebooted"]["built_at"].clone();
+    assert_ne!(first, after_lohar, "rebuilt for the new lohar");
+    let first = after_lohar;
     daemon.stop().await;
 
     // The same kernel with a byte more: a different file, the same guest.
@@ -199,7 +219,6 @@ async fn a_kernel_change_rebuilds_the_snapshot() {
     let mut bytes = std::fs::read(&env.art.kernel).expect("kernel");
     bytes.push(0);
     std::fs::write(&kernel, bytes).expect("write kernel");
-    let mut config = env.config();
     config.vm.kernel = kernel;
     let daemon = Daemon::start(&env, config).await;
     let second = wait_ready(&b, "t").await["prebooted"]["built_at"].clone();

@@ -306,6 +306,7 @@ pub async fn delete(
     let state = st.clone();
     st.detached(async move {
         state.images.delete(&caller.user.id, &name).await?;
+        state.images_changed().await;
         Ok(StatusCode::NO_CONTENT)
     })
     .await

@@ -100,6 +100,22 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// After images were deleted or replaced: pre-booted snapshots and
+    /// imported base copies of disks that are gone go too.
+    pub async fn images_changed(&self) {
+        let paths = match self.store.run(|c| crate::store::images::all(c)).await {
+            Ok(rows) => rows
+                .into_iter()
+                .map(|r| PathBuf::from(r.path))
+                .collect::<Vec<_>>(),
+            Err(e) => return tracing::warn!("listing images: {e}"),
+        };
+        if let Some(p) = &self.prebooted {
+            p.collect_stale();
+        }
+        self.engine.sweep_bases(&paths).await;
+    }
+
     pub fn new(
         engine: Engine,
         store: Store,

@@ -269,7 +269,8 @@ pub async fn serve_with_backend(
             store.clone(),
             tenants.clone(),
             config.network.default_egress,
-            None,
+            // The agent images get: part of every snapshot's key.
+            Some(config.images.lohar.clone()).filter(|p| p.is_file()),
         )
         .await
         .map_err(io("loading the pre-booted snapshots".to_string()))?;
@@ -294,6 +295,7 @@ pub async fn serve_with_backend(
         .start(&config)
         .await
         .map_err(|e| DaemonError::Setup(format!("images: {e}")))?;
+    state.images_changed().await;
     // Every template's snapshot, built where missing (kernel, lohar or
     // image changed).
     {
@@ -344,6 +346,7 @@ pub async fn serve_with_backend(
                 tick.tick().await;
                 st.rate.retain_recent();
                 st.proxy.retain_recent();
+                st.images_changed().await;
             }
         })
     };

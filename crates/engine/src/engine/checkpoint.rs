@@ -156,16 +156,7 @@ impl Inner {
         self.wake(slot, live).await?;
         let id = slot.id.clone();
         // 1. Flush the guest's filesystems (best effort, as for snapshots).
-        let synced = match self.connected_agent(slot, live).await {
-            Ok(client) => tokio::time::timeout(self.cfg.agent_timeout, client.sync())
-                .await
-                .map_err(|_| "timed out".to_string())
-                .and_then(|r| r.map_err(|e| e.to_string())),
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(e) = synced {
-            tracing::warn!("guest sync before the checkpoint failed: {e}");
-        }
+        self.sync_guest(slot, live, "the checkpoint").await;
         let tmp = dir.with_extension("tmp");
         remove_dir_if_exists(&tmp);
         let key = dir

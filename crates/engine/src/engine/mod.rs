@@ -284,6 +284,12 @@ impl Engine {
         &self.inner.cfg
     }
 
+    /// Drops the storage's imported copies of base images not in `keep`
+    /// (see `Storage::sweep_bases`).
+    pub async fn sweep_bases(&self, keep: &[PathBuf]) {
+        self.inner.storage.sweep_bases(keep).await;
+    }
+
     /// The root disk method in use.
     pub fn disk_method(&self) -> DiskMethod {
         self.inner.storage.method()
@@ -824,6 +830,21 @@ impl Inner {
         Ok(())
     }
 
+    /// Flushes the guest's filesystems, so the disk alone is consistent
+    /// (best effort: a failure is logged, `before` says before what).
+    async fn sync_guest(&self, slot: &Slot, live: &mut Live, before: &str) {
+        let synced = match self.connected_agent(slot, live).await {
+            Ok(client) => tokio::time::timeout(self.cfg.agent_timeout, client.sync())
+                .await
+                .map_err(|_| "timed out".to_string())
+                .and_then(|r| r.map_err(|e| e.to_string())),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = synced {
+            tracing::warn!("guest sync before {before} failed: {e}");
+        }
+    }
+
     /// TAP present, run dir present and without stale sockets.
     async fn prepare_start(&self, live: &mut Live) -> Result<()> {
         if let (Some(n), Some(g)) = (&self.net, &live.rec.net) {
@@ -1008,16 +1029,7 @@ impl Inner {
                     source,
                 })?;
         }
-        let synced = match self.connected_agent(slot, live).await {
-            Ok(client) => tokio::time::timeout(self.cfg.agent_timeout, client.sync())
-                .await
-                .map_err(|_| "timed out".to_string())
-                .and_then(|r| r.map_err(|e| e.to_string())),
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(e) = synced {
-            tracing::warn!("guest sync before the snapshot failed: {e}");
-        }
+        self.sync_guest(slot, live, "the snapshot").await;
         crash_point("stop:synced");
         // 2. Pause and write the snapshot into new files.
         let vm = self.live_vm(slot, live)?;

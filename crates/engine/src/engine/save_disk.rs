@@ -47,16 +47,7 @@ impl Inner {
         }
         if live_vm {
             // The guest's page cache reaches the disk first.
-            let synced = match self.connected_agent(slot, live).await {
-                Ok(client) => tokio::time::timeout(self.cfg.agent_timeout, client.sync())
-                    .await
-                    .map_err(|_| "timed out".to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string())),
-                Err(e) => Err(e.to_string()),
-            };
-            if let Err(e) = synced {
-                tracing::warn!("guest sync before saving the disk failed: {e}");
-            }
+            self.sync_guest(slot, live, "saving the disk").await;
             self.live_vm(slot, live)?
                 .pause()
                 .await

@@ -307,32 +307,54 @@ impl Storage {
         }
     }
 
+    /// Removes the imported copies of base images (xfs-loop) that are none
+    /// of `keep` (the configured rootfs is always kept): images deleted or
+    /// replaced since they were first used.
+    pub async fn sweep_bases(&self, keep: &[PathBuf]) {
+        let Some(root) = self.reflink_root.as_ref() else {
+            return;
+        };
+        let _guard = self.import_lock.lock().await;
+        let mut wanted: std::collections::HashSet<String> =
+            keep.iter().filter_map(|p| base_key(p)).collect();
+        wanted.extend(base_key(&self.cfg.rootfs));
+        let bases = root.join("bases");
+        let Ok(rd) = std::fs::read_dir(&bases) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(key) = name.strip_suffix(".ext4") else {
+                continue;
+            };
+            if !wanted.contains(key) {
+                match std::fs::remove_file(e.path()) {
+                    Ok(()) => {
+                        tracing::info!(base = %name, "removed an imported base no image uses")
+                    }
+                    Err(err) => tracing::warn!("removing {}: {err}", e.path().display()),
+                }
+            }
+        }
+    }
+
     /// The base image `src` inside `root/bases`, copied there on first use. The
     /// name carries the source's path, size and mtime, so a rebuilt base is
     /// imported again.
     async fn imported_base(&self, root: &Path, src: &Path) -> Result<PathBuf> {
         let src = &src.to_path_buf();
-        let meta = std::fs::metadata(src)
+        std::fs::metadata(src)
             .map_err(|e| StorageError::io(format!("reading {}", src.display()), e))?;
-        let mtime = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .unwrap_or_default()
-            .as_nanos();
-        let canon = std::fs::canonicalize(src).unwrap_or_else(|_| src.clone());
-        let key = crate::net::fnv1a64(
-            format!("{}\0{}\0{}", canon.display(), meta.len(), mtime).as_bytes(),
-        );
+        let key = base_key(src).unwrap_or_default();
         let bases = root.join("bases");
-        let base = bases.join(format!("{key:016x}.ext4"));
+        let base = bases.join(format!("{key}.ext4"));
         let _guard = self.import_lock.lock().await;
         if base.exists() {
             return Ok(base);
         }
         std::fs::create_dir_all(&bases)
             .map_err(|e| StorageError::io(format!("creating {}", bases.display()), e))?;
-        let tmp = bases.join(format!(".import-{key:016x}"));
+        let tmp = bases.join(format!(".import-{key}"));
         let started = Instant::now();
         let (s, t) = (src.clone(), tmp.clone());
         blocking(move || {
@@ -355,6 +377,22 @@ impl Storage {
         );
         Ok(base)
     }
+}
+
+/// The name of `src`'s imported copy: its path, size and mtime hashed, so
+/// a rebuilt base is imported again. `None` when it cannot be read.
+fn base_key(src: &Path) -> Option<String> {
+    let meta = std::fs::metadata(src).ok()?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .unwrap_or_default()
+        .as_nanos();
+    let canon = std::fs::canonicalize(src).unwrap_or_else(|_| src.to_path_buf());
+    let key =
+        crate::net::fnv1a64(format!("{}\0{}\0{}", canon.display(), meta.len(), mtime).as_bytes());
+    Some(format!("{key:016x}"))
 }
 
 fn ficlone_file(src: &Path, dest: &Path) -> std::io::Result<()> {
