@@ -898,6 +898,8 @@ impl RawQemu<'_> {
                 gateway: Some(gnet.gateway),
                 interface: "eth0".into(),
             }),
+            user: None,
+            workdir: None,
         };
         bhatti::storage::write_config_drive(&config_disk, &gc).await?;
         let cfg = VmConfig {

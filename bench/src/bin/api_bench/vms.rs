@@ -185,6 +185,8 @@ async fn raw_side(
             },
         },
         network: None,
+        user: None,
+        workdir: None,
     };
     bhatti::storage::write_config_drive(&drive, &gc).await?;
     let cfg_for = |i: usize| -> anyhow::Result<VmConfig> {
