@@ -80,7 +80,7 @@ pub async fn reidentify(agent: &Agent, req: ReidentifyRequest) -> Reply {
             done.failed.push(format!("{name}: {e}"));
         }
     };
-    init::apply_hostname(&req.hostname);
+    init::apply_hostname(&req.hostname, init::Durable::No);
     step("hostname", Ok(()));
     if mac.is_some() || req.address.is_some() {
         step("network", renumber(mac, &req));
@@ -165,10 +165,12 @@ fn new_machine_id_from(host: Option<&[u8]>) -> io::Result<()> {
         }
     }
     let id = String::from_utf8_lossy(&id).into_owned();
-    init::write_atomic(
+    // Not flushed: a boot makes a new id when the file is not a valid one.
+    init::write_atomic_as(
         Path::new("/etc/machine-id"),
         format!("{id}\n").as_bytes(),
         0o444,
+        init::Durable::No,
     )
 }
 

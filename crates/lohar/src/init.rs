@@ -131,7 +131,7 @@ fn boot(cmdline: Cmdline) -> anyhow::Result<()> {
     config.env = guest.env.clone();
     apply_user(&mut config, guest.user.as_deref(), guest.workdir.as_deref());
 
-    apply_hostname(&guest.hostname);
+    apply_hostname(&guest.hostname, Durable::Yes);
     match crate::identity::ensure_machine_id() {
         Ok(true) => tracing::info!("new /etc/machine-id"),
         Ok(false) => {}
@@ -375,7 +375,7 @@ pub(crate) fn valid_hostname(h: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
-pub(crate) fn apply_hostname(hostname: &str) {
+pub(crate) fn apply_hostname(hostname: &str, durable: Durable) {
     if !valid_hostname(hostname) {
         tracing::warn!("ignoring invalid hostname {hostname:?}");
         return;
@@ -383,17 +383,18 @@ pub(crate) fn apply_hostname(hostname: &str) {
     if let Err(e) = nix::unistd::sethostname(hostname) {
         tracing::warn!("sethostname: {e}");
     }
-    if let Err(e) = write_atomic(
+    if let Err(e) = write_atomic_as(
         Path::new("/etc/hostname"),
         format!("{hostname}\n").as_bytes(),
         0o644,
+        durable,
     ) {
         tracing::warn!("/etc/hostname: {e}");
     }
     // sudo complains unless the hostname resolves: 127.0.1.1 as Debian does.
     let old = fs::read_to_string("/etc/hosts").unwrap_or_default();
     let hosts = hosts_file(&old, hostname);
-    if let Err(e) = write_atomic(Path::new("/etc/hosts"), hosts.as_bytes(), 0o644) {
+    if let Err(e) = write_atomic_as(Path::new("/etc/hosts"), hosts.as_bytes(), 0o644, durable) {
         tracing::warn!("/etc/hosts: {e}");
     }
 }
@@ -419,6 +420,25 @@ fn hosts_file(old: &str, hostname: &str) -> String {
 /// Replaces `path` via a temp file and rename (also replacing a symlink,
 /// e.g. a resolv.conf pointing into systemd's /run).
 pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    write_atomic_as(path, data, mode, Durable::Yes)
+}
+
+/// Whether a write waits for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Durable {
+    Yes,
+    /// Identity files a reidentify writes: every fresh boot writes them
+    /// again (or makes a machine id when the file is not valid), and a
+    /// flush per file costs a fork's create tens of milliseconds.
+    No,
+}
+
+pub(crate) fn write_atomic_as(
+    path: &Path,
+    data: &[u8],
+    mode: u32,
+    durable: Durable,
+) -> io::Result<()> {
     let tmp = path.with_extension("bhatti-tmp");
     let mut f = OpenOptions::new()
         .write(true)
@@ -427,7 +447,9 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()
         .mode(mode)
         .open(&tmp)?;
     f.write_all(data)?;
-    f.sync_all()?;
+    if durable == Durable::Yes {
+        f.sync_all()?;
+    }
     fs::rename(&tmp, path)
 }
 

@@ -51,8 +51,8 @@ pub struct CreateExec {
     pub boot: Stats,
     pub instant: Stats,
     pub floor: Stats,
-    /// The floor plus the fork's guest-side steps: reidentify (new token,
-    /// MAC, address, gateway, entropy) and a handshake with the new token.
+    /// The floor plus the fork's guest-side step: reidentify (new token,
+    /// MAC, address, gateway, entropy) on the same connection.
     pub raw_fork: Stats,
     /// The floor's disk clone, done before its clock starts (reflink).
     pub floor_disk_clone: Stats,
@@ -133,7 +133,7 @@ async fn measure(
         InstantVia::CheckpointFork => "create → first exec, instant (checkpoint fork)",
     });
     let mut floor = Recorder::new("raw restore → handshake → exec");
-    let mut fork = Recorder::new("raw restore → handshake → reidentify → handshake → exec");
+    let mut fork = Recorder::new("raw restore → handshake → reidentify → exec");
     let mut clone = Recorder::new("floor's disk clone (untimed)");
     let mut origins = std::collections::BTreeSet::new();
 
@@ -222,7 +222,7 @@ async fn measure(
          on a reflink clone of the snapshot's disk made before the clock starts"
             .to_owned(),
         "raw fork: the floor plus what a fork adds in the guest (reidentify with a new token, MAC, address, \
-         gateway and entropy, then a handshake with the new token), to split instant − floor into guest work and the daemon's"
+         gateway and entropy, on the same connection, as the engine does), to split instant − floor into guest work and the daemon's"
             .to_owned(),
         "each round runs boot, instant, floor and raw fork once, in a rotating order; deletes and kills are not timed"
             .to_owned(),
@@ -492,12 +492,11 @@ impl RawFloor {
                         .map_err(|e| anyhow::anyhow!("raw restore: {e}"))
                 }
             };
-            let mut client = wait(self.meta.token.clone()).await?;
+            let client = wait(self.meta.token.clone()).await?;
             if reidentify {
-                let token = bhatti::engine::random_hex(32);
                 let done = client
                     .reidentify(ReidentifyRequest {
-                        token: token.clone(),
+                        token: bhatti::engine::random_hex(32),
                         hostname: cfg.id.clone(),
                         sandbox_id: cfg.id.clone(),
                         mac: cfg.net.as_ref().map(|n| n.mac.clone()),
@@ -508,8 +507,8 @@ impl RawFloor {
                     })
                     .await?;
                 anyhow::ensure!(done.failed.is_empty(), "reidentify: {:?}", done.failed);
-                client.close();
-                client = wait(token).await?;
+                // As the engine does: the connection that reidentified
+                // stays authenticated, no second handshake.
             }
             let r = agent_exec(&client).await;
             let took = t.elapsed();

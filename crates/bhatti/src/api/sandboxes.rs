@@ -258,16 +258,41 @@ async fn create_to_end(
         .transpose()?;
     let id = new_sandbox_id();
     let name = req.name.clone().unwrap_or_else(|| id.clone());
+    // Templates and images are kept pre-booted: restore one when it is
+    // ready, else boot (and have one built for next time).
+    let lease = match &st.prebooted {
+        Some(p) if req.template.is_some() || req.image.is_some() => {
+            let lease = p.acquire(&shape);
+            if lease.is_none() && (req.template.is_some() || shape.init.is_none()) {
+                p.ensure(shape.clone());
+            }
+            lease
+        }
+        _ => None,
+    };
     let mut stored = req.clone();
     stored.cpus = Some(cpus);
     stored.memory_mb = Some(memory_mb);
     stored.disk_mb = disk_mb;
-    let row = match insert_row(
+    let mut stored = serde_json::to_value(&stored).unwrap_or_default();
+    if let Some(obj) = stored.as_object_mut() {
+        // The image's defaults (user made explicit): an exec without a
+        // command runs the image's, and a saved image inherits them.
+        if let Some(v) = base
+            .as_ref()
+            .and_then(|b| serde_json::to_value(&b.config).ok())
+        {
+            obj.insert(super::images::SPEC_IMAGE_CONFIG.into(), v);
+        }
+        let origin = if lease.is_some() { "instant" } else { "boot" };
+        obj.insert("origin".into(), origin.into());
+    }
+    let mut row = match insert_row(
         &st,
         &caller,
         &id,
         &name,
-        &stored,
+        stored,
         req.keep_hot,
         req.labels,
         egress,
@@ -278,13 +303,6 @@ async fn create_to_end(
         Inserted::Existing(row) => {
             return Ok((StatusCode::OK, Json(view_of(&st, &row))).into_response())
         }
-    };
-    let row = match &base {
-        Some(img) => match record_image_config(&st, row, img).await {
-            Ok(row) => row,
-            Err((row, e)) => return Err(abandon_create(&st, &caller, &row, e).await),
-        },
-        None => row,
     };
     let network = match attach_network(&st, &caller, &row).await {
         Ok(n) => n,
@@ -304,61 +322,21 @@ async fn create_to_end(
         user: shape.user.clone(),
         workdir: shape.workdir.clone(),
     };
-    // Templates and images are kept pre-booted: restore one when it is
-    // ready, else boot (and have one built for next time).
-    let lease = match &st.prebooted {
-        Some(p) if req.template.is_some() || req.image.is_some() => {
-            let lease = p.acquire(&shape);
-            if lease.is_none() && (req.template.is_some() || shape.init.is_none()) {
-                p.ensure(shape.clone());
-            }
-            lease
-        }
-        _ => None,
-    };
-    let (result, origin) = match lease {
+    let result = match lease {
         Some(lease) => match st.engine.fork(id.clone(), spec.clone(), &lease.dir).await {
-            Ok(sb) => (Ok(sb), "instant"),
+            Ok(sb) => Ok(sb),
             Err(e) => {
                 tracing::warn!(id = %id, "the pre-booted snapshot did not restore ({e}); booting");
-                (st.engine.create_as(id.clone(), spec).await, "boot")
+                let r = st.engine.create_as(id.clone(), spec).await;
+                if r.is_ok() {
+                    row = set_origin(&st, row, "boot").await;
+                }
+                r
             }
         },
-        None => (st.engine.create_as(id.clone(), spec).await, "boot"),
-    };
-    let row = if result.is_ok() {
-        set_origin(&st, row, origin).await
-    } else {
-        row
+        None => st.engine.create_as(id.clone(), spec).await,
     };
     finish_create(&st, &caller, row, result).await
-}
-
-/// Keeps the image's defaults (user made explicit) in the row's spec: an
-/// exec without a command runs the image's, and a saved image inherits
-/// them.
-async fn record_image_config(
-    st: &AppState,
-    row: SandboxRow,
-    img: &super::base_image::BaseImage,
-) -> Result<SandboxRow, (SandboxRow, ApiError)> {
-    let mut spec = row.spec.clone();
-    if let (Some(obj), Ok(v)) = (spec.as_object_mut(), serde_json::to_value(&img.config)) {
-        obj.insert(super::images::SPEC_IMAGE_CONFIG.into(), v);
-    }
-    let update = SandboxUpdate {
-        spec: Some(spec),
-        ..Default::default()
-    };
-    let (owner, id) = (row.owner.clone(), row.id.clone());
-    match st
-        .store
-        .run(move |c| sandboxes::update(c, &owner, &id, &update))
-        .await
-    {
-        Ok(updated) => Ok(updated),
-        Err(e) => Err((row, e.into())),
-    }
 }
 
 /// `req` with the template's settings where it has none; the template's
@@ -482,7 +460,8 @@ pub(super) async fn fork(
         from_snapshot: Some(snapshot.to_owned()),
         ..Default::default()
     };
-    let row = match insert_row(st, caller, &id, &name, &stored, keep_hot, labels, None).await? {
+    let stored = serde_json::to_value(&stored).unwrap_or_default();
+    let row = match insert_row(st, caller, &id, &name, stored, keep_hot, labels, None).await? {
         Inserted::New(row) => row,
         Inserted::Existing(row) => {
             return Ok((StatusCode::OK, Json(view_of(st, &row))).into_response())
@@ -532,7 +511,7 @@ async fn insert_row(
     caller: &Caller,
     id: &str,
     name: &str,
-    spec: &CreateSandbox,
+    spec: serde_json::Value,
     keep_hot: bool,
     labels: BTreeMap<String, String>,
     egress: Option<EgressPolicy>,
@@ -542,7 +521,7 @@ async fn insert_row(
         id: id.to_owned(),
         owner: caller.user.id.clone(),
         name: name.to_owned(),
-        spec: serde_json::to_value(spec).unwrap_or_default(),
+        spec,
         status: "creating".into(),
         keep_hot,
         labels,
