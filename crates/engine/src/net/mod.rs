@@ -243,6 +243,11 @@ impl Network {
             net.bridge.as_str()
         };
         let tap = net.tap.as_str();
+        // The usual case, a new TAP, in one process (creates and restores
+        // pay for each `ip` spawned); anything else step by step.
+        if self.new_tap_batch(tap, bridge).await {
+            return Ok(());
+        }
         if !self.link_exists(tap).await {
             self.ip(&["tuntap", "add", "dev", tap, "mode", "tap"])
                 .await?;
@@ -251,6 +256,37 @@ impl Network {
         self.ip(&["link", "set", tap, "master", bridge]).await?;
         self.ip(&["link", "set", tap, "up"]).await?;
         Ok(())
+    }
+
+    /// Creates `tap` on `bridge`, up, with one `ip -batch`; false when that
+    /// did not work (the TAP exists already, say).
+    async fn new_tap_batch(&self, tap: &str, bridge: &str) -> bool {
+        let batch = format!(
+            "tuntap add dev {tap} mode tap\n\
+             link set {tap} addrgenmode none\n\
+             link set {tap} master {bridge} up\n"
+        );
+        let mut cmd = tokio::process::Command::new("ip");
+        if let Some(ns) = &self.settings.netns {
+            cmd.args(["-n", ns.as_str()]);
+        }
+        cmd.args(["-batch", "-"]);
+        match crate::cmd::output_with_input(cmd, &batch).await {
+            Ok(out) if out.status.success() => true,
+            Ok(out) => {
+                let why = String::from_utf8_lossy(&out.stderr);
+                tracing::debug!(
+                    tap,
+                    "one-batch TAP setup failed ({}); step by step",
+                    why.trim()
+                );
+                false
+            }
+            Err(e) => {
+                tracing::debug!(tap, "one-batch TAP setup failed ({e}); step by step");
+                false
+            }
+        }
     }
 
     async fn ensure_default_bridge(&self) -> Result<()> {
