@@ -96,21 +96,17 @@ pub async fn reidentify(agent: &Agent, req: ReidentifyRequest) -> Reply {
     Ok(serde_json::to_value(done).unwrap_or_default())
 }
 
-/// eth0 down, new MAC, new address/netmask, up, default route.
+/// New MAC (live, else with the link down), new address/netmask, up,
+/// default route.
 fn renumber(mac: Option<[u8; 6]>, req: &ReidentifyRequest) -> io::Result<()> {
     let sock = init::inet_socket()?;
-    set_link_up(&sock, false)?;
     if let Some(mac) = mac {
-        let mut r = init::ifreq(IFACE)?;
-        // SAFETY: ifru_hwaddr is the sockaddr member of the ifreq union,
-        // plain data; we fill its family and first six data bytes.
-        unsafe {
-            r.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
-            for (d, s) in r.ifr_ifru.ifru_hwaddr.sa_data.iter_mut().zip(mac) {
-                *d = s as libc::c_char;
-            }
+        // virtio-net changes its MAC while up; a driver that cannot says
+        // EBUSY, and then the link goes down for it.
+        if set_mac(&sock, mac).is_err() {
+            set_link_up(&sock, false)?;
+            set_mac(&sock, mac)?;
         }
-        init::ioctl(&sock, libc::SIOCSIFHWADDR, &mut r)?;
     }
     match &req.address {
         Some(address) => init::configure_ipv4(
@@ -123,6 +119,19 @@ fn renumber(mac: Option<[u8; 6]>, req: &ReidentifyRequest) -> io::Result<()> {
         ),
         None => set_link_up(&sock, true),
     }
+}
+
+fn set_mac(sock: &OwnedFd, mac: [u8; 6]) -> io::Result<()> {
+    let mut r = init::ifreq(IFACE)?;
+    // SAFETY: ifru_hwaddr is the sockaddr member of the ifreq union,
+    // plain data; we fill its family and first six data bytes.
+    unsafe {
+        r.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
+        for (d, s) in r.ifr_ifru.ifru_hwaddr.sa_data.iter_mut().zip(mac) {
+            *d = s as libc::c_char;
+        }
+    }
+    init::ioctl(sock, libc::SIOCSIFHWADDR, &mut r)
 }
 
 fn set_link_up(sock: &OwnedFd, up: bool) -> io::Result<()> {

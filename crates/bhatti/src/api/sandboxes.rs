@@ -304,9 +304,27 @@ async fn create_to_end(
             return Ok((StatusCode::OK, Json(view_of(&st, &row))).into_response())
         }
     };
-    let network = match attach_network(&st, &caller, &row).await {
-        Ok(n) => n,
-        Err(e) => return Err(abandon_create(&st, &caller, &row, e).await),
+    // A restore into a network that is up already: the sandbox's firewall
+    // elements and DNS name are added while the snapshot restores (the
+    // guest's packets are dropped until they are in place).
+    let deferred = match (&lease, &st.tenants) {
+        (Some(_), Some(t)) if t.has_user(&caller.user.id).await => {
+            tenant_sandbox(&st, &row, &caller.user).map(|tsb| (t.clone(), tsb))
+        }
+        _ => None,
+    };
+    let network = match &deferred {
+        Some((t, tsb)) => match t.attach(tsb) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                let e = ApiError::Internal(format!("the sandbox's network: {e}"));
+                return Err(abandon_create(&st, &caller, &row, e).await);
+            }
+        },
+        None => match attach_network(&st, &caller, &row).await {
+            Ok(n) => n,
+            Err(e) => return Err(abandon_create(&st, &caller, &row, e).await),
+        },
     };
     let spec = CreateSpec {
         name: Some(id.clone()),
@@ -323,20 +341,57 @@ async fn create_to_end(
         workdir: shape.workdir.clone(),
     };
     let result = match lease {
-        Some(lease) => match st.engine.fork(id.clone(), spec.clone(), &lease.dir).await {
-            Ok(sb) => Ok(sb),
-            Err(e) => {
-                tracing::warn!(id = %id, "the pre-booted snapshot did not restore ({e}); booting");
-                let r = st.engine.create_as(id.clone(), spec).await;
-                if r.is_ok() {
-                    row = set_origin(&st, row, "boot").await;
+        Some(lease) => {
+            let forked =
+                match fork_beside_network(&st, &id, spec.clone(), &lease.dir, deferred).await {
+                    Ok(r) => r,
+                    Err(e) => return Err(abandon_create(&st, &caller, &row, e).await),
+                };
+            match forked {
+                Ok(sb) => Ok(sb),
+                Err(e) => {
+                    tracing::warn!(id = %id, "the pre-booted snapshot did not restore ({e}); booting");
+                    let r = st.engine.create_as(id.clone(), spec).await;
+                    if r.is_ok() {
+                        row = set_origin(&st, row, "boot").await;
+                    }
+                    r
                 }
-                r
             }
-        },
+        }
         None => st.engine.create_as(id.clone(), spec).await,
     };
     finish_create(&st, &caller, row, result).await
+}
+
+/// The fork, with the deferred network part (if any) beside it. `Err`:
+/// the network part failed (a forked sandbox is destroyed again); `Ok`
+/// carries the fork's own result.
+async fn fork_beside_network(
+    st: &AppState,
+    id: &str,
+    spec: CreateSpec,
+    dir: &std::path::Path,
+    deferred: Option<(std::sync::Arc<crate::net::tenants::Tenants>, TenantSandbox)>,
+) -> Result<crate::engine::Result<Sandbox>, ApiError> {
+    let fork = st.engine.fork(id.to_owned(), spec, dir);
+    let Some((tenants, tsb)) = deferred else {
+        return Ok(fork.await);
+    };
+    let (net, forked) = tokio::join!(tenants.add_sandbox(&tsb), fork);
+    match net {
+        Ok(()) => Ok(forked),
+        Err(e) => {
+            if forked.is_ok() {
+                if let Err(de) = st.engine.destroy(id).await {
+                    tracing::error!(id, "removing a fork whose network failed: {de}");
+                }
+            }
+            Err(ApiError::Internal(format!(
+                "setting up the sandbox's network: {e}"
+            )))
+        }
+    }
 }
 
 /// `req` with the template's settings where it has none; the template's

@@ -282,7 +282,9 @@ impl Inner {
             .mode(0o700)
             .create(&slot.dir)
             .map_err(|e| EngineError::io(format!("creating {}", slot.dir.display()), e))?;
-        self.save(slot, live)?;
+        // Not flushed: a crash before the fork ends leaves a dir that
+        // recovery or orphan collection removes either way.
+        self.save_as(slot, live, false)?;
         super::crash_point("fork:recorded");
         self.storage
             .clone_disk(&meta.disk, &live.rec.disk.path)

@@ -279,6 +279,11 @@ impl Tenants {
     /// up (bridge, rules, DNS) and the sandbox's own elements and name.
     /// Stale conntrack entries of its address (a destroyed sandbox's, or a
     /// fork's origin's) are flushed.
+    /// Whether the user's network (bridge, rules, DNS) is up already.
+    pub async fn has_user(&self, user_id: &str) -> bool {
+        self.users.lock().await.contains_key(user_id)
+    }
+
     pub async fn add_sandbox(&self, sb: &TenantSandbox) -> Result<()> {
         let (net, guest) = self.settings.guest(sb)?;
         let mut users = self.users.lock().await;
