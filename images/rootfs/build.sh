@@ -113,7 +113,7 @@ emit() {
   mv -Tf "$OUT_DIR/.rootfs+lohar.link" "$OUT_DIR/rootfs+lohar.ext4"
   rm -f "$OUT_DIR/rootfs+lohar.ext4.lohar-sha256"
   # shellcheck disable=SC2012
-  ls -1t "$OUT_DIR"/rootfs+lohar-*.ext4 2>/dev/null | tail -n +4 | while read -r old; do
+  ls -1t "$OUT_DIR"/rootfs+lohar-*.ext4 2>/dev/null | tail -n +9 | while read -r old; do
     rm -f "$old"
   done
   printf '%s\n' "$derived"
