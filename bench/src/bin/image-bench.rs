@@ -85,6 +85,14 @@ struct Report {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The in-process daemon's logs, when asked for (e.g. its phase times:
+    // RUST_LOG=bhatti::timing=debug).
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     // The daemon runs in this process: give it the scheduler `bhatti serve`
     // builds from the default config.
     let rt = bhatti::daemon::runtime(bhatti::config::Config::default().worker_threads)?;

@@ -177,6 +177,39 @@ async fn instant_creates_from_a_template_get_fresh_identities() {
     );
     let (code, _, _) = a.sh("one", "true").await;
     assert_eq!(code, 0);
+
+    // The owner's network stays up while they have a pre-booted snapshot
+    // (an instant create restores into it) and goes with the last one.
+    a.post("/templates", json!({"name": "keep"}))
+        .await
+        .expect(201);
+    wait_ready(&a, "keep").await;
+    for name in ["one", "two", "three", "plain"] {
+        a.delete(&format!("/sandboxes/{name}")).await.expect(204);
+    }
+    let bridge = {
+        let u = bhatti::store::Store::open(env.data_dir().join("bhatti.db"))
+            .expect("store")
+            .with(|c| bhatti::store::users::get_by_name(c, "alice"))
+            .expect("user")
+            .expect("user exists");
+        format!("bhatti-u{}", u.net_index)
+    };
+    let has_bridge = || {
+        let links = std::process::Command::new("ip")
+            .args(["-n", &env.ns, "-o", "link", "show"])
+            .output()
+            .expect("ip link");
+        String::from_utf8_lossy(&links.stdout).contains(&format!(" {bridge}:"))
+    };
+    assert!(has_bridge(), "no sandbox, a snapshot: the bridge stays");
+    a.delete("/templates/keep").await.expect(204);
+    eventually(
+        "the bridge goes with the last snapshot",
+        Duration::from_secs(30),
+        || async { (!has_bridge()).then_some(()) },
+    )
+    .await;
     daemon.stop().await;
 }
 

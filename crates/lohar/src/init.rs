@@ -439,6 +439,19 @@ pub(crate) fn write_atomic_as(
     mode: u32,
     durable: Durable,
 ) -> io::Result<()> {
+    let existing = fs::symlink_metadata(path)
+        .ok()
+        .filter(|m| m.file_type().is_file());
+    if let (Durable::No, Some(m)) = (durable, existing) {
+        // In place: no new inode, rename and unlink for the journal (a
+        // fork's create waits for these writes).
+        let mut f = OpenOptions::new().write(true).truncate(true).open(path)?;
+        f.write_all(data)?;
+        if m.permissions().mode() & 0o7777 != mode {
+            f.set_permissions(fs::Permissions::from_mode(mode))?;
+        }
+        return Ok(());
+    }
     let tmp = path.with_extension("bhatti-tmp");
     let mut f = OpenOptions::new()
         .write(true)

@@ -191,6 +191,12 @@ async fn create_to_end(
     caller: Caller,
     req: CreateSandbox,
 ) -> Result<Response, ApiError> {
+    let t0 = std::time::Instant::now();
+    // Phase times for profiling (`RUST_LOG=bhatti::timing=debug`).
+    let ph = |phase: &str| {
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        tracing::debug!(target: "bhatti::timing", op = "create", phase, ms);
+    };
     caller.rate(&st, RequestClass::Create)?;
     req.validate(&st.config.vm.size_bounds())?;
     if let Some(snap) = req.from_snapshot.clone() {
@@ -220,8 +226,10 @@ async fn create_to_end(
         }
         None => (req, BTreeMap::new()),
     };
+    ph("template");
     let base =
         super::base_image::base_image_or_pull(&st, &caller.user.id, req.image.as_deref()).await?;
+    ph("base");
     let sizes = super::templates::sizes(&st, req.cpus, req.memory_mb, req.disk_mb);
     let (cpus, memory_mb, disk_mb) = (sizes.cpus, sizes.memory_mb, sizes.disk_mb);
     caller.caps.check_sandbox_size(cpus, memory_mb)?;
@@ -251,6 +259,7 @@ async fn create_to_end(
             other => other.into(),
         })?;
     }
+    ph("secrets");
     let egress = req
         .network
         .as_ref()
@@ -270,6 +279,7 @@ async fn create_to_end(
         }
         _ => None,
     };
+    ph("lease");
     let mut stored = req.clone();
     stored.cpus = Some(cpus);
     stored.memory_mb = Some(memory_mb);
@@ -304,6 +314,7 @@ async fn create_to_end(
             return Ok((StatusCode::OK, Json(view_of(&st, &row))).into_response())
         }
     };
+    ph("inserted");
     // A restore into a network that is up already: the sandbox's firewall
     // elements and DNS name are added while the snapshot restores (the
     // guest's packets are dropped until they are in place).
@@ -326,6 +337,7 @@ async fn create_to_end(
             Err(e) => return Err(abandon_create(&st, &caller, &row, e).await),
         },
     };
+    ph("network");
     let spec = CreateSpec {
         name: Some(id.clone()),
         hostname: Some(name),
@@ -361,7 +373,10 @@ async fn create_to_end(
         }
         None => st.engine.create_as(id.clone(), spec).await,
     };
-    finish_create(&st, &caller, row, result).await
+    ph("forked");
+    let r = finish_create(&st, &caller, row, result).await;
+    ph("finished");
+    r
 }
 
 /// The fork, with the deferred network part (if any) beside it. `Err`:

@@ -112,6 +112,8 @@ struct Inner {
     entries: Mutex<HashMap<String, Entry>>,
     /// One build at a time.
     build_lock: tokio::sync::Mutex<()>,
+    /// Decisions to keep an owner's network are taken one at a time.
+    keep_lock: tokio::sync::Mutex<()>,
     tasks: tokio_util::task::TaskTracker,
 }
 
@@ -183,7 +185,9 @@ impl Prebooted {
             }
         }
         tracing::info!(ready = entries.len(), "pre-booted snapshots loaded");
-        Ok(Prebooted {
+        let owners: std::collections::BTreeSet<String> =
+            entries.values().map(|e| e.owner.clone()).collect();
+        let p = Prebooted {
             inner: Arc::new(Inner {
                 dir: checkpoints_dir.to_path_buf(),
                 engine,
@@ -193,9 +197,14 @@ impl Prebooted {
                 fingerprint,
                 entries: Mutex::new(entries),
                 build_lock: tokio::sync::Mutex::new(()),
+                keep_lock: tokio::sync::Mutex::new(()),
                 tasks: tokio_util::task::TaskTracker::new(),
             }),
-        })
+        };
+        for owner in owners {
+            p.inner.keep_network(&owner).await;
+        }
+        Ok(p)
     }
 
     /// The key of a shape.
@@ -282,7 +291,6 @@ impl Prebooted {
         let inner = self.inner.clone();
         self.inner.tasks.spawn(async move {
             let result = inner.build(&key, &shape).await;
-            let mut entries = inner.entries();
             let state = match result {
                 Ok(b) => {
                     tracing::info!(key = %key, ms = b.build_ms, "pre-booted snapshot ready");
@@ -296,9 +304,10 @@ impl Prebooted {
                     }
                 }
             };
-            if let Some(e) = entries.get_mut(&key) {
+            if let Some(e) = inner.entries().get_mut(&key) {
                 e.state = state;
             }
+            inner.keep_network(&shape.owner).await;
         });
     }
 
@@ -361,7 +370,7 @@ impl Prebooted {
     /// Removes the ready snapshots `pred` picks that no create holds;
     /// failed entries it picks are forgotten.
     fn remove_where(&self, pred: impl Fn(&Prebooted, &str, &Built) -> bool) {
-        let gone: Vec<String> = {
+        let gone: Vec<(String, String)> = {
             let mut entries = self.inner.entries();
             let gone: Vec<String> = entries
                 .iter()
@@ -371,14 +380,21 @@ impl Prebooted {
                 })
                 .map(|(k, _)| k.clone())
                 .collect();
-            for k in &gone {
-                entries.remove(k);
-            }
-            gone
+            gone.into_iter()
+                .filter_map(|k| entries.remove(&k).map(|e| (k, e.owner)))
+                .collect()
         };
-        for k in gone {
+        let mut owners = std::collections::BTreeSet::new();
+        for (k, owner) in gone {
             tracing::info!(key = %k, "pre-booted snapshot no longer wanted; removed");
             remove_checkpoint(&self.inner.dir.join(format!("{DIR_PREFIX}{k}")));
+            owners.insert(owner);
+        }
+        for owner in owners {
+            let inner = self.inner.clone();
+            self.inner
+                .tasks
+                .spawn(async move { inner.keep_network(&owner).await });
         }
     }
 
@@ -462,6 +478,13 @@ impl Inner {
         if let Err(e) = self.engine.destroy(&id).await {
             tracing::warn!(id = %id, "removing the template builder: {e}");
         }
+        if let (Some(t), Some(tsb), Ok(_)) = (&self.tenants, &tsb, &result) {
+            // Kept from now on (see `keep_network`): not torn down with
+            // the builder only to be set up again.
+            if let Err(e) = t.keep_user(&tsb.user, true).await {
+                tracing::warn!(owner = %shape.owner, "keeping the owner's network: {e}");
+            }
+        }
         if let (Some(t), Some(tsb)) = (&self.tenants, &tsb) {
             if let Err(e) = t.remove_sandbox(tsb).await {
                 tracing::warn!(id = %id, "removing the builder's network: {e}");
@@ -473,11 +496,30 @@ impl Inner {
         result
     }
 
-    /// The builder's place on its owner's network.
-    async fn builder_net(&self, id: &str, owner: &str) -> Result<Option<TenantSandbox>, String> {
-        if self.tenants.is_none() {
-            return Ok(None);
+    /// An owner's network stays up while they have a ready snapshot (an
+    /// instant create then finds it there) and goes with their last
+    /// snapshot when they have no sandbox either.
+    async fn keep_network(&self, owner: &str) {
+        let Some(t) = &self.tenants else {
+            return;
+        };
+        let _one = self.keep_lock.lock().await;
+        let keep = self
+            .entries()
+            .values()
+            .any(|e| e.owner == owner && matches!(e.state, State::Ready(_)));
+        let result = match self.tenant_user(owner).await {
+            Ok(user) => t.keep_user(&user, keep).await.map_err(|e| e.to_string()),
+            // A deleted user's network went with their sandboxes.
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            tracing::warn!(owner, keep, "the owner's network: {e}");
         }
+    }
+
+    /// The owner as the network sees them.
+    async fn tenant_user(&self, owner: &str) -> Result<TenantUser, String> {
         let owner_id = owner.to_owned();
         let user = self
             .store
@@ -485,14 +527,22 @@ impl Inner {
             .await
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("no user {owner}"))?;
+        Ok(TenantUser {
+            user_id: user.id.clone(),
+            index: user.net_index,
+            isolated: user.net_isolated,
+        })
+    }
+
+    /// The builder's place on its owner's network.
+    async fn builder_net(&self, id: &str, owner: &str) -> Result<Option<TenantSandbox>, String> {
+        if self.tenants.is_none() {
+            return Ok(None);
+        }
         Ok(Some(TenantSandbox {
             id: id.to_owned(),
             name: id.to_owned(),
-            user: TenantUser {
-                user_id: user.id.clone(),
-                index: user.net_index,
-                isolated: user.net_isolated,
-            },
+            user: self.tenant_user(owner).await?,
             ip_host: BUILDER_HOST,
             egress: EgressPolicy {
                 egress: self.default_egress,

@@ -278,6 +278,12 @@ impl Inner {
     }
 
     async fn do_fork(&self, slot: &Slot, live: &mut Live, meta: &CheckpointMeta) -> Result<()> {
+        let t0 = std::time::Instant::now();
+        // Phase times for profiling (`RUST_LOG=bhatti::timing=debug`).
+        let ph = |phase: &str| {
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            tracing::debug!(target: "bhatti::timing", op = "fork", phase, ms);
+        };
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&slot.dir)
@@ -285,6 +291,7 @@ impl Inner {
         // Not flushed: a crash before the fork ends leaves a dir that
         // recovery or orphan collection removes either way.
         self.save_as(slot, live, false)?;
+        ph("saved");
         super::crash_point("fork:recorded");
         self.storage
             .clone_disk(&meta.disk, &live.rec.disk.path)
@@ -292,8 +299,11 @@ impl Inner {
         super::crash_point("fork:disk");
         // A fork resumes from memory and never reads its drive (a fresh
         // boot later writes a real one).
+        ph("disk");
         crate::storage::write_placeholder_drive(&live.rec.config_disk)?;
+        ph("placeholder");
         self.prepare_start(live).await?;
+        ph("prepared");
         let started = std::time::Instant::now();
         let vm = self
             .cfg
@@ -302,6 +312,7 @@ impl Inner {
             .await
             .map_err(|e| self.boot_error(&live.rec, "did not restore", &e.to_string()))?;
         super::crash_point("fork:restored");
+        ph("restored");
         // A new sandbox env or secrets replace the snapshot's (lohar keeps
         // them in memory, never on a drive); otherwise the guest keeps what
         // it had (a checkpoint's fork keeps its source's secrets).
@@ -326,6 +337,7 @@ impl Inner {
             let old = wait_for_agent(vm.as_ref(), &meta.token, self.cfg.boot_timeout)
                 .await
                 .map_err(|e| fail(self, &live.rec, e.to_string()))?;
+            ph("agent");
             let req = ReidentifyRequest {
                 token: live.rec.token.clone(),
                 hostname: live
@@ -353,6 +365,7 @@ impl Inner {
                 tracing::warn!(failed = ?done.failed, "parts of the new identity failed");
             }
             super::crash_point("fork:reidentified");
+            ph("reidentified");
             // The connection that asked stays authenticated (the new token
             // is for connections from now on): no second handshake.
             Ok::<_, EngineError>((old, done))

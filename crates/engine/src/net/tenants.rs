@@ -83,6 +83,8 @@ struct UserState {
     net: UserNet,
     guests: BTreeMap<String, GuestEntry>,
     dns: Option<DnsServer>,
+    /// Kept up with no sandbox on it (the user has pre-booted snapshots).
+    kept: bool,
 }
 
 /// The per-user networks of one daemon.
@@ -229,6 +231,7 @@ impl Tenants {
                     net,
                     guests: BTreeMap::new(),
                     dns: None,
+                    kept: false,
                 })
                 .guests
                 .insert(sb.id.clone(), guest);
@@ -275,32 +278,48 @@ impl Tenants {
         Ok(self.settings.guest(sb)?.1.ip)
     }
 
-    /// Before the engine creates (or forks) the sandbox: the user's network
-    /// up (bridge, rules, DNS) and the sandbox's own elements and name.
-    /// Stale conntrack entries of its address (a destroyed sandbox's, or a
-    /// fork's origin's) are flushed.
     /// Whether the user's network (bridge, rules, DNS) is up already.
     pub async fn has_user(&self, user_id: &str) -> bool {
         self.users.lock().await.contains_key(user_id)
     }
 
+    /// Keeps a user's network up while they have no sandbox (`keep`), or
+    /// lets it go with their last sandbox again. A user with pre-booted
+    /// snapshots is kept: an instant create then restores into a network
+    /// that is there, instead of waiting for a bridge, rules and DNS.
+    pub async fn keep_user(&self, user: &TenantUser, keep: bool) -> Result<()> {
+        let net = self
+            .settings
+            .user_net(user.index, self.settings.isolated(user))?;
+        let mut users = self.users.lock().await;
+        if keep {
+            self.user_up(&mut users, &user.user_id, &net).await?;
+            if let Some(st) = users.get_mut(&user.user_id) {
+                st.kept = true;
+            }
+            return Ok(());
+        }
+        let idle = match users.get_mut(&user.user_id) {
+            Some(st) => {
+                st.kept = false;
+                st.guests.is_empty()
+            }
+            None => false,
+        };
+        if idle {
+            self.user_down(&mut users, &user.user_id, net).await?;
+        }
+        Ok(())
+    }
+
+    /// Before the engine creates (or forks) the sandbox: the user's network
+    /// up (bridge, rules, DNS) and the sandbox's own elements and name.
+    /// Stale conntrack entries of its address (a destroyed sandbox's, or a
+    /// fork's origin's) are flushed.
     pub async fn add_sandbox(&self, sb: &TenantSandbox) -> Result<()> {
         let (net, guest) = self.settings.guest(sb)?;
         let mut users = self.users.lock().await;
-        if !users.contains_key(&sb.user.user_id) {
-            self.bridge_up(&net).await?;
-            self.apply(&firewall::add_user(&self.settings.firewall, &net))
-                .await?;
-            let dns = self.dns_up(&sb.user.user_id, &net).await;
-            users.insert(
-                sb.user.user_id.clone(),
-                UserState {
-                    net: net.clone(),
-                    guests: BTreeMap::new(),
-                    dns,
-                },
-            );
-        }
+        self.user_up(&mut users, &sb.user.user_id, &net).await?;
         // A user's isolation switch is read with each create (the host's
         // `bhatti user` edits the store, not this daemon).
         if let Some(st) = users.get_mut(&sb.user.user_id) {
@@ -341,22 +360,59 @@ impl Tenants {
         let last = match users.get_mut(&sb.user.user_id) {
             Some(st) => {
                 st.guests.remove(&sb.id);
-                st.guests.is_empty()
+                st.guests.is_empty() && !st.kept
             }
             None => true,
         };
         if last {
-            let st = users.remove(&sb.user.user_id);
-            let net = st.as_ref().map(|s| s.net.clone()).unwrap_or(net);
-            if let Some(dns) = st.and_then(|s| s.dns) {
-                dns.shutdown().await;
-            }
-            self.names.remove_user(&sb.user.user_id);
-            self.apply(&firewall::remove_user(&self.settings.firewall, &net))
-                .await?;
-            self.links.remove_link(&net.bridge).await?;
-            tracing::info!(bridge = %net.bridge, "user network removed with its last sandbox");
+            self.user_down(&mut users, &sb.user.user_id, net).await?;
         }
+        Ok(())
+    }
+
+    /// The user's bridge, rules and DNS server, unless they are up.
+    async fn user_up(
+        &self,
+        users: &mut HashMap<String, UserState>,
+        user_id: &str,
+        net: &UserNet,
+    ) -> Result<()> {
+        if users.contains_key(user_id) {
+            return Ok(());
+        }
+        self.bridge_up(net).await?;
+        self.apply(&firewall::add_user(&self.settings.firewall, net))
+            .await?;
+        let dns = self.dns_up(user_id, net).await;
+        users.insert(
+            user_id.to_owned(),
+            UserState {
+                net: net.clone(),
+                guests: BTreeMap::new(),
+                dns,
+                kept: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// Takes the user's network down (`net` when it was not up).
+    async fn user_down(
+        &self,
+        users: &mut HashMap<String, UserState>,
+        user_id: &str,
+        net: UserNet,
+    ) -> Result<()> {
+        let st = users.remove(user_id);
+        let net = st.as_ref().map(|s| s.net.clone()).unwrap_or(net);
+        if let Some(dns) = st.and_then(|s| s.dns) {
+            dns.shutdown().await;
+        }
+        self.names.remove_user(user_id);
+        self.apply(&firewall::remove_user(&self.settings.firewall, &net))
+            .await?;
+        self.links.remove_link(&net.bridge).await?;
+        tracing::info!(bridge = %net.bridge, "user network removed (no sandbox, no pre-booted snapshot)");
         Ok(())
     }
 
