@@ -916,6 +916,7 @@ impl RawQemu<'_> {
             }),
             netns: Some(self.netns.clone()),
             run_dir,
+            data_disks: Vec::new(),
         };
         Ok((cfg, gnet, token))
     }

@@ -228,6 +228,7 @@ async fn lifecycle() {
         net: None,
         netns: None,
         run_dir: run_dir.clone(),
+        data_disks: Vec::new(),
     };
     let backend = FirecrackerBackend::new(FirecrackerConfig {
         binary: Some(binary),
@@ -745,6 +746,7 @@ fn jailed_cfg(id: &str, dir: &Path, kernel: &Path, root_disk: &Path) -> VmConfig
         net: None,
         netns: None,
         run_dir: dir.join(format!("run-{id}")),
+        data_disks: Vec::new(),
     }
 }
 

@@ -205,6 +205,7 @@ async fn raw_side(
             net: None,
             netns: None,
             run_dir,
+            data_disks: Vec::new(),
         })
     };
 

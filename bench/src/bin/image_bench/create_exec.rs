@@ -473,6 +473,7 @@ impl RawFloor {
             }),
             netns: Some(self.ns.clone()),
             run_dir: run_dir.clone(),
+            data_disks: Vec::new(),
         };
         let result = self.restore_exec(&cfg, reidentify).await;
         let _ = std::fs::remove_file(&disk);

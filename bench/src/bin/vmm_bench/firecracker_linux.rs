@@ -122,6 +122,7 @@ impl RawLinux<'_> {
             }),
             netns: Some(self.netns.clone()),
             run_dir,
+            data_disks: Vec::new(),
         };
         Ok((cfg, gnet, token))
     }

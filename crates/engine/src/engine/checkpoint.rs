@@ -466,6 +466,7 @@ impl Inner {
                 .as_ref()
                 .and_then(|n| n.netns().map(str::to_owned)),
             run_dir,
+            data_disks: Vec::new(),
         };
         let rec = SandboxRecord {
             version: state::RECORD_VERSION,
