@@ -900,6 +900,7 @@ impl RawQemu<'_> {
             }),
             user: None,
             workdir: None,
+            mounts: Vec::new(),
         };
         bhatti::storage::write_config_drive(&config_disk, &gc).await?;
         let cfg = VmConfig {

@@ -427,6 +427,7 @@ impl RawFloor {
             network: None,
             user: None,
             workdir: None,
+            mounts: Vec::new(),
         };
         bhatti::storage::write_config_drive(&drive, &gc).await?;
         let tap = meta.networked;

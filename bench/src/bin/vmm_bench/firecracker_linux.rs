@@ -106,6 +106,7 @@ impl RawLinux<'_> {
             }),
             user: None,
             workdir: None,
+            mounts: Vec::new(),
         };
         bhatti::storage::write_config_drive(&config_disk, &gc).await?;
         let cfg = VmConfig {
