@@ -85,7 +85,11 @@ mod tests {
     #[test]
     fn finds_disks_by_serial() {
         let dir = tempfile::tempdir().unwrap();
-        for (name, serial) in [("vda", None), ("vdb", Some("vol0\n")), ("vdc", Some("vol1"))] {
+        for (name, serial) in [
+            ("vda", None),
+            ("vdb", Some("vol0\n")),
+            ("vdc", Some("vol1")),
+        ] {
             let d = dir.path().join(name);
             fs::create_dir(&d).unwrap();
             if let Some(s) = serial {

@@ -180,7 +180,10 @@ pub fn validate_mount_point(p: &str) -> Result<(), String> {
             "{p:?} is a system directory; mount volumes elsewhere"
         ));
     }
-    if RESERVED_TREES.iter().any(|t| p.starts_with(&format!("{t}/"))) {
+    if RESERVED_TREES
+        .iter()
+        .any(|t| p.starts_with(&format!("{t}/")))
+    {
         return Err(format!("{p:?} is inside a kernel filesystem"));
     }
     Ok(())
@@ -396,12 +399,18 @@ mod tests {
 
     #[test]
     fn mount_points() {
-        for ok in ["/data", "/home/lohar/work", "/workspace", "/var2", "/mnt/a-b"] {
+        for ok in [
+            "/data",
+            "/home/lohar/work",
+            "/workspace",
+            "/var2",
+            "/mnt/a-b",
+        ] {
             assert_eq!(validate_mount_point(ok), Ok(()), "{ok}");
         }
         for bad in [
-            "data", "/", "/etc", "/usr", "/var", "/tmp", "/lib", "/lib64", "/libexec", "/proc/x", "/library",
-            "/sys/fs", "/dev/shm", "/data/", "/a//b", "/a/./b", "/a/../b", "", "/run",
+            "data", "/", "/etc", "/usr", "/var", "/tmp", "/lib", "/lib64", "/libexec", "/proc/x",
+            "/library", "/sys/fs", "/dev/shm", "/data/", "/a//b", "/a/./b", "/a/../b", "", "/run",
         ] {
             assert!(validate_mount_point(bad).is_err(), "{bad}");
         }

@@ -798,7 +798,10 @@ mod tests {
         assert!(s.find("drive=config").unwrap() < s.find("drive=data0").unwrap());
         assert!(s.contains("id=data0,file=/v/a.ext4,"), "{s}");
         assert!(s.contains("drive=data0,serial=vol0"), "{s}");
-        assert!(s.contains("file=/v/b.ext4,format=raw,if=none,auto-read-only=off,readonly=on"), "{s}");
+        assert!(
+            s.contains("file=/v/b.ext4,format=raw,if=none,auto-read-only=off,readonly=on"),
+            "{s}"
+        );
         assert!(s.contains("drive=data1,serial=vol1"), "{s}");
         let r = qemu_args(&cfg(), Accel::Kvm, &[], true);
         assert!(r.join(" ").contains("-accel kvm"));
