@@ -27,7 +27,7 @@ async fn fs_mb(c: &Client, sandbox: &str, path: &str) -> u64 {
         .filter_map(|x| x.parse().ok())
         .collect();
     assert_eq!(n.len(), 2, "stat -f: {out}");
-    n[0] * n[1] >> 20
+    (n[0] * n[1]) >> 20
 }
 
 fn create_with(name: &str, volumes: Value) -> Value {
