@@ -3,7 +3,8 @@
 //! read-write by one (also when creates race); stop/start, fresh boots and
 //! cold cycles keep the data; resize shows in the guest's filesystem; a
 //! clone is independent of its source; ephemeral volumes go with their
-//! sandbox; forks of read-write volumes are refused.
+//! sandbox; forks of read-write volumes are refused, forks of read-only
+//! ones share them.
 
 mod api_support;
 
@@ -214,6 +215,22 @@ async fn volumes_outlive_sandboxes() {
         let (code, _, _) = a.sh(sb, "touch /mnt/data/x").await;
         assert_ne!(code, 0, "a read-only volume took a write");
     }
+    // A fork of a sandbox with a read-only volume shares it.
+    a.post("/sandboxes/r1/checkpoint", json!({"name": "ro-cp"}))
+        .await
+        .expect(201);
+    a.post("/snapshots/ro-cp/resume", json!({"name": "r3"}))
+        .await
+        .expect(201);
+    assert_eq!(checksum(&a, "r3", "/mnt/data/blob").await, sum);
+    assert_eq!(
+        a.get("/volumes/data").await.expect(200)["attachments"]
+            .as_array()
+            .map(Vec::len),
+        Some(3)
+    );
+    a.delete("/sandboxes/r3").await.expect(204);
+    a.delete("/snapshots/ro-cp").await.expect(204);
     // Read-only holders: no read-write attachment now.
     a.post(
         "/sandboxes",
