@@ -900,6 +900,7 @@ impl RawQemu<'_> {
             }),
             user: None,
             workdir: None,
+            mounts: Vec::new(),
         };
         bhatti::storage::write_config_drive(&config_disk, &gc).await?;
         let cfg = VmConfig {
@@ -916,6 +917,7 @@ impl RawQemu<'_> {
             }),
             netns: Some(self.netns.clone()),
             run_dir,
+            data_disks: Vec::new(),
         };
         Ok((cfg, gnet, token))
     }

@@ -55,6 +55,7 @@ pub(crate) async fn bench(n: usize, scratch: &Path, bin: &Path) -> anyhow::Resul
         net: None,
         netns: None,
         run_dir: base.join(name),
+        data_disks: Vec::new(),
     };
     let backend = FirecrackerBackend::new(FirecrackerConfig {
         binary: Some(bin.to_path_buf()),

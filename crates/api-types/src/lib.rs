@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 
 mod images;
 pub use images::*;
+mod volumes;
+pub use volumes::*;
 
 // ---------------------------------------------------------------------------
 // Validation
@@ -325,6 +327,12 @@ pub struct CreateSandbox {
     /// Egress policy; absent: the daemon's default.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkPolicy>,
+    /// Volumes to mount (read-write by one sandbox, or read-only by many).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<SandboxVolume>,
+    /// Empty volumes made for this sandbox and deleted with it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub new_volumes: Vec<NewSandboxVolume>,
 }
 
 /// A sandbox's egress policy as clients send it (`network` in create and
@@ -464,6 +472,14 @@ impl CreateSandbox {
         }
         if let Some(n) = &self.network {
             n.to_policy(Default::default())?;
+        }
+        validate_sandbox_volumes(&self.volumes, &self.new_volumes)?;
+        if self.from_snapshot.is_some() && !(self.volumes.is_empty() && self.new_volumes.is_empty())
+        {
+            return Err(ValidationError::new(
+                "from_snapshot",
+                "a fork takes its volumes from the checkpoint: give no volumes",
+            ));
         }
         Ok(())
     }

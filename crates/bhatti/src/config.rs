@@ -84,6 +84,8 @@ pub struct Config {
     pub shell: ShellConfig,
     /// Sandbox images: OCI pulls and imports, saved disks, shared images.
     pub images: ImagesConfig,
+    /// Volumes: ext4 disks that outlive sandboxes.
+    pub volumes: VolumesConfig,
 }
 
 /// `[log]`
@@ -466,6 +468,24 @@ pub struct ImagesConfig {
     pub shared: std::collections::BTreeMap<String, PathBuf>,
 }
 
+/// `[volumes]`: volumes (`docs/volumes.md`), kept as
+/// `<data_dir>/volumes/<user id>/<volume id>.ext4`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VolumesConfig {
+    /// Bytes of volumes (their sizes, ephemeral ones included) one user may
+    /// have (past it: 429). Default 50 GiB.
+    pub max_bytes_per_user: u64,
+}
+
+impl Default for VolumesConfig {
+    fn default() -> Self {
+        VolumesConfig {
+            max_bytes_per_user: 50 << 30,
+        }
+    }
+}
+
 impl Default for ImagesConfig {
     fn default() -> Self {
         ImagesConfig {
@@ -514,6 +534,7 @@ impl Default for Config {
             proxy: ProxyConfig::default(),
             shell: ShellConfig::default(),
             images: ImagesConfig::default(),
+            volumes: VolumesConfig::default(),
         }
     }
 }
@@ -1216,6 +1237,10 @@ impl Config {
         e.c("[vm] rootfs is always shared as \"minimal\". scripts/install.sh adds the dev tier:");
         e.c("[images.shared]");
         e.c("dev = \"/var/lib/bhatti/images/rootfs-dev.ext4\"");
+
+        e.table("volumes");
+        e.c("Bytes of volumes (their sizes, ephemeral ones included) one user may have (past it: HTTP 429).");
+        e.kv("max_bytes_per_user", d.volumes.max_bytes_per_user);
         e.0
     }
 }

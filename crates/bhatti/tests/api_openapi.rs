@@ -227,6 +227,12 @@ async fn openapi_matches_the_router() {
         "GET /tasks",
         "GET /tasks/{id}",
         "DELETE /tasks/{id}",
+        "POST /volumes",
+        "GET /volumes",
+        "GET /volumes/{name}",
+        "DELETE /volumes/{name}",
+        "POST /volumes/{name}/resize",
+        "POST /volumes/{name}/clone",
     ];
     documented.sort();
     let mut want: Vec<String> = contract.iter().map(|s| s.to_string()).collect();

@@ -130,6 +130,8 @@ fn boot(cmdline: Cmdline) -> anyhow::Result<()> {
     let mut config = AgentConfig::guest_default(guest.token.clone());
     config.env = guest.env.clone();
     apply_user(&mut config, guest.user.as_deref(), guest.workdir.as_deref());
+    // Volumes before files and init: both may write into them.
+    crate::volumes::mount_all(&guest.mounts, config.uid, config.gid)?;
 
     apply_hostname(&guest.hostname, Durable::Yes);
     match crate::identity::ensure_machine_id() {

@@ -20,6 +20,7 @@ mod server;
 mod sessions;
 mod spawn;
 mod user;
+mod volumes;
 
 fn main() -> ExitCode {
     if std::process::id() == 1 {

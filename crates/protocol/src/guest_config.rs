@@ -69,6 +69,23 @@ pub struct GuestConfig {
     /// home.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workdir: Option<String>,
+    /// Volumes to mount at boot, before files are placed and init starts.
+    /// Left out when empty, so a guest older than volumes still accepts
+    /// the config.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<GuestMount>,
+}
+
+/// One volume: an ext4 block device the guest finds by its serial.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestMount {
+    /// The virtio-blk serial (`/sys/block/vdX/serial`).
+    pub serial: String,
+    /// Absolute mount point; created if missing (owned by the user).
+    pub path: String,
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// One file to place in the guest.
@@ -263,6 +280,23 @@ mod tests {
         assert_eq!(net.cidr(), Some(("10.0.0.2".parse().unwrap(), 24)));
         let back = GuestConfig::from_json(&c.to_json().unwrap()).unwrap();
         assert_eq!(back, c);
+        // No volumes: no `mounts` key, so older guests accept the config.
+        assert!(!String::from_utf8(c.to_json().unwrap())
+            .unwrap()
+            .contains("mounts"));
+        let with: GuestConfig = GuestConfig::from_json(
+            br#"{"sandbox_id":"a","hostname":"b","token":"c",
+                "mounts":[{"serial":"vol0","path":"/data","read_only":true}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            with.mounts,
+            [GuestMount {
+                serial: "vol0".into(),
+                path: "/data".into(),
+                read_only: true
+            }]
+        );
 
         let minimal: GuestConfig =
             GuestConfig::from_json(br#"{"sandbox_id":"a","hostname":"b","token":"c"}"#).unwrap();

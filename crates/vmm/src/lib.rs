@@ -73,6 +73,39 @@ pub struct VmConfig {
     pub netns: Option<String>,
     /// Per-VM runtime directory: API/QMP/agent sockets, console log, pid.
     pub run_dir: PathBuf,
+    /// Extra block devices (volumes), after the root and config disks, in
+    /// this order. A restore must list the same disks as the boot did.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_disks: Vec<DataDisk>,
+}
+
+/// One extra block device of a VM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DataDisk {
+    /// The image file on the host.
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// What the guest reads as the disk's serial (`/sys/block/vdX/serial`):
+    /// QEMU's virtio-blk `serial=`, Firecracker's drive id. At most
+    /// [`MAX_SERIAL_LEN`] of `[A-Za-z0-9_]`.
+    pub serial: String,
+}
+
+/// Longest virtio-blk serial (the spec's `VIRTIO_BLK_ID_BYTES`).
+pub const MAX_SERIAL_LEN: usize = 20;
+
+impl DataDisk {
+    /// The serial of the `index`th data disk: `vol0`, `vol1`, …
+    pub fn serial_for(index: usize) -> String {
+        format!("vol{index}")
+    }
+
+    /// Whether `s` can be a serial on both backends.
+    pub fn valid_serial(s: &str) -> bool {
+        !s.is_empty()
+            && s.len() <= MAX_SERIAL_LEN
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -227,5 +260,17 @@ pub(crate) fn test_vm_config(id: &str) -> VmConfig {
         }),
         netns: None,
         run_dir: "/run/bhatti/sb1".into(),
+        data_disks: vec![
+            DataDisk {
+                path: "/v/a.ext4".into(),
+                read_only: false,
+                serial: DataDisk::serial_for(0),
+            },
+            DataDisk {
+                path: "/v/b.ext4".into(),
+                read_only: true,
+                serial: DataDisk::serial_for(1),
+            },
+        ],
     }
 }

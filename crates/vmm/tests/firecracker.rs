@@ -33,7 +33,7 @@ use bhatti_vmm::firecracker::{
 };
 use bhatti_vmm::limits::ResourceLimits;
 use bhatti_vmm::process::pid_alive;
-use bhatti_vmm::{SnapshotFiles, SnapshotKind, Vm, VmConfig, VmmBackend};
+use bhatti_vmm::{DataDisk, SnapshotFiles, SnapshotKind, Vm, VmConfig, VmmBackend};
 
 /// Where the guest keeps its counter (guest-physical == memory file offset).
 const COUNTER: u64 = 0x1800000;
@@ -228,6 +228,7 @@ async fn lifecycle() {
         net: None,
         netns: None,
         run_dir: run_dir.clone(),
+        data_disks: data_disks(dir, "fc-lifecycle"),
     };
     let backend = FirecrackerBackend::new(FirecrackerConfig {
         binary: Some(binary),
@@ -745,7 +746,33 @@ fn jailed_cfg(id: &str, dir: &Path, kernel: &Path, root_disk: &Path) -> VmConfig
         net: None,
         netns: None,
         run_dir: dir.join(format!("run-{id}")),
+        data_disks: data_disks(dir, id),
     }
+}
+
+/// Two data disks: the VM's own read-write one and a read-only one all
+/// VMs in `dir` share (volumes). The tiny guest never reads them; the API
+/// must accept them at boot and reopen them on restore (in the jail too).
+fn data_disks(dir: &Path, id: &str) -> Vec<DataDisk> {
+    let own = dir.join(format!("{id}-vol.img"));
+    let shared = dir.join("shared-ro-vol.img");
+    for p in [&own, &shared] {
+        if !p.exists() {
+            std::fs::File::create(p).unwrap().set_len(1 << 20).unwrap();
+        }
+    }
+    vec![
+        DataDisk {
+            path: own,
+            read_only: false,
+            serial: DataDisk::serial_for(0),
+        },
+        DataDisk {
+            path: shared,
+            read_only: true,
+            serial: DataDisk::serial_for(1),
+        },
+    ]
 }
 
 /// Resumes and takes `kind` snapshots into `f` until the counter in its

@@ -198,6 +198,7 @@ impl Fixture {
             net: None,
             netns: None,
             run_dir,
+            data_disks: Vec::new(),
         }
     }
 }

@@ -108,6 +108,7 @@ pub async fn raw_agent(data_dir: &Path, id: &str) -> anyhow::Result<AgentClient>
         net: None,
         netns: None,
         run_dir: run_dir.clone(),
+        data_disks: Vec::new(),
     };
     let token = token_of(&vmcfg).context("the sandbox's agent token")?;
     let sock = agent_socket(&run_dir);

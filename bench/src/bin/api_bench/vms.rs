@@ -187,6 +187,7 @@ async fn raw_side(
         network: None,
         user: None,
         workdir: None,
+        mounts: Vec::new(),
     };
     bhatti::storage::write_config_drive(&drive, &gc).await?;
     let cfg_for = |i: usize| -> anyhow::Result<VmConfig> {
@@ -205,6 +206,7 @@ async fn raw_side(
             net: None,
             netns: None,
             run_dir,
+            data_disks: Vec::new(),
         })
     };
 

@@ -427,6 +427,7 @@ impl RawFloor {
             network: None,
             user: None,
             workdir: None,
+            mounts: Vec::new(),
         };
         bhatti::storage::write_config_drive(&drive, &gc).await?;
         let tap = meta.networked;
@@ -473,6 +474,7 @@ impl RawFloor {
             }),
             netns: Some(self.ns.clone()),
             run_dir: run_dir.clone(),
+            data_disks: Vec::new(),
         };
         let result = self.restore_exec(&cfg, reidentify).await;
         let _ = std::fs::remove_file(&disk);

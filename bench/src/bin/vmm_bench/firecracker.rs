@@ -242,6 +242,7 @@ async fn bench_tiny(
         net: None,
         netns: None,
         run_dir: base.join(name),
+        data_disks: Vec::new(),
     };
     let backend = FirecrackerBackend::new(FirecrackerConfig {
         binary: Some(bin.to_path_buf()),

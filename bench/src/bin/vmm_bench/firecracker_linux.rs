@@ -106,6 +106,7 @@ impl RawLinux<'_> {
             }),
             user: None,
             workdir: None,
+            mounts: Vec::new(),
         };
         bhatti::storage::write_config_drive(&config_disk, &gc).await?;
         let cfg = VmConfig {
@@ -122,6 +123,7 @@ impl RawLinux<'_> {
             }),
             netns: Some(self.netns.clone()),
             run_dir,
+            data_disks: Vec::new(),
         };
         Ok((cfg, gnet, token))
     }

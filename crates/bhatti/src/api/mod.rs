@@ -28,6 +28,7 @@ mod shell;
 mod snapshots;
 mod tasks;
 mod templates;
+mod volumes;
 mod webshell;
 
 use std::path::PathBuf;
@@ -382,6 +383,10 @@ pub fn api_router() -> OpenApiRouter<AppStateRef> {
         .routes(routes!(images::save))
         .routes(routes!(tasks::list))
         .routes(routes!(tasks::get, tasks::cancel))
+        .routes(routes!(volumes::create, volumes::list))
+        .routes(routes!(volumes::get, volumes::delete))
+        .routes(routes!(volumes::resize))
+        .routes(routes!(volumes::clone))
         .route(
             "/sandboxes/{id}/proxy/{port}",
             axum::routing::any(ports::proxy_root),

@@ -269,8 +269,11 @@ async fn create_to_end(
     let name = req.name.clone().unwrap_or_else(|| id.clone());
     // Templates and images are kept pre-booted: restore one when it is
     // ready, else boot (and have one built for next time).
+    // A restored snapshot has a fixed device set: creates with volumes
+    // always boot.
+    let with_volumes = !(req.volumes.is_empty() && req.new_volumes.is_empty());
     let lease = match &st.prebooted {
-        Some(p) if req.template.is_some() || req.image.is_some() => {
+        Some(p) if (req.template.is_some() || req.image.is_some()) && !with_volumes => {
             let lease = p.acquire(&shape);
             if lease.is_none() && (req.template.is_some() || shape.init.is_none()) {
                 p.ensure(shape.clone());
@@ -297,7 +300,12 @@ async fn create_to_end(
         let origin = if lease.is_some() { "instant" } else { "boot" };
         obj.insert("origin".into(), origin.into());
     }
-    let mut row = match insert_row(
+    let plan = if with_volumes {
+        Some(super::volumes::VolumePlan::prepare(&st, &caller.user.id, &id, &req).await?)
+    } else {
+        None
+    };
+    let inserted = insert_row(
         &st,
         &caller,
         &id,
@@ -306,13 +314,27 @@ async fn create_to_end(
         req.keep_hot,
         req.labels,
         egress,
+        plan.clone(),
     )
-    .await?
-    {
-        Inserted::New(row) => row,
-        Inserted::Existing(row) => {
-            return Ok((StatusCode::OK, Json(view_of(&st, &row))).into_response())
+    .await;
+    let mut row = match inserted {
+        Ok(Inserted::New(row)) => row,
+        Ok(Inserted::Existing(row)) => {
+            plan.inspect(|p| p.discard());
+            return Ok((StatusCode::OK, Json(view_of(&st, &row))).into_response());
         }
+        Err(e) => {
+            plan.inspect(|p| p.discard());
+            return Err(e);
+        }
+    };
+    let volumes = if with_volumes {
+        match super::volumes::mounts_of(&st, &id).await {
+            Ok(v) => v,
+            Err(e) => return Err(abandon_create(&st, &caller, &row, e).await),
+        }
+    } else {
+        Vec::new()
     };
     ph("inserted");
     // A restore into a network that is up already: the sandbox's firewall
@@ -351,6 +373,7 @@ async fn create_to_end(
         base: shape.base.clone(),
         user: shape.user.clone(),
         workdir: shape.workdir.clone(),
+        volumes,
     };
     let result = match lease {
         Some(lease) => {
@@ -493,6 +516,7 @@ async fn abandon_create(st: &AppState, caller: &Caller, row: &SandboxRow, e: Api
     {
         tracing::error!(id = %row.id, "removing the row of a failed create: {de}");
     }
+    super::volumes::drop_ephemeral(st, &row.owner, &row.id).await;
     e
 }
 
@@ -531,7 +555,11 @@ pub(super) async fn fork(
         ..Default::default()
     };
     let stored = serde_json::to_value(&stored).unwrap_or_default();
-    let row = match insert_row(st, caller, &id, &name, stored, keep_hot, labels, None).await? {
+    let plan = (!meta.spec.volumes.is_empty())
+        .then(|| super::volumes::VolumePlan::for_fork(&meta.spec.volumes))
+        .transpose()?;
+    let row = match insert_row(st, caller, &id, &name, stored, keep_hot, labels, None, plan).await?
+    {
         Inserted::New(row) => row,
         Inserted::Existing(row) => {
             return Ok((StatusCode::OK, Json(view_of(st, &row))).into_response())
@@ -585,6 +613,7 @@ async fn insert_row(
     keep_hot: bool,
     labels: BTreeMap<String, String>,
     egress: Option<EgressPolicy>,
+    volumes: Option<super::volumes::VolumePlan>,
 ) -> Result<Inserted, ApiError> {
     let _guard = st.create_lock.lock().await;
     let mut new = NewSandbox {
@@ -606,6 +635,7 @@ async fn insert_row(
     }
     let networked = st.tenants.is_some();
     let caps = caller.caps;
+    let max_volume_bytes = st.config.volumes.max_bytes_per_user;
     let r = st
         .store
         .transaction(move |tx| {
@@ -621,7 +651,13 @@ async fn insert_row(
             if networked {
                 new.ip_host = Some(sandboxes::allocate_ip_host(tx, &new.owner)?);
             }
-            Ok(Ok(sandboxes::insert(tx, &new)?))
+            let row = sandboxes::insert(tx, &new)?;
+            // Volumes are attached with the row, in its transaction: two
+            // racing creates cannot both get one read-write.
+            if let Some(v) = &volumes {
+                v.record(tx, &new.owner, &new.id, max_volume_bytes)?;
+            }
+            Ok(Ok(row))
         })
         .await?;
     match r {
@@ -831,6 +867,7 @@ async fn delete_to_end(
     st.store
         .run(move |c| sandboxes::delete(c, &owner, &rid))
         .await?;
+    super::volumes::drop_ephemeral(&st, &row.owner, &row.id).await;
     tracing::info!(id = %row.id, name = %row.name, "sandbox deleted");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -90,6 +90,9 @@ pub enum Command {
     /// Templates: named sandbox recipes, kept pre-booted for instant creates.
     #[command(subcommand, visible_alias = "templates")]
     Template(super::templates::TemplateCommand),
+    /// Volumes: ext4 disks that outlive sandboxes.
+    #[command(subcommand, visible_alias = "volumes")]
+    Volume(super::volumes::VolumeCommand),
     /// Print a link that opens a sandbox's terminal in a browser.
     Share(super::share::ShareArgs),
     /// Thermal transitions of your sandboxes (warm, cold, wake and its
@@ -226,6 +229,9 @@ pub struct CreateArgs {
     /// Upload a local file after the sandbox boots (repeatable).
     #[arg(long = "file", value_name = "LOCAL:GUEST", value_parser = parse_file_spec)]
     pub files: Vec<(PathBuf, String)>,
+    /// Mount one of your volumes (repeatable; `:ro` read-only).
+    #[arg(long = "volume", value_name = "NAME:/MOUNT[:ro]", value_parser = super::volumes::parse_volume_spec)]
+    pub volumes: Vec<bhatti::api_types::SandboxVolume>,
     /// vCPUs.
     #[arg(long)]
     pub cpus: Option<u32>,

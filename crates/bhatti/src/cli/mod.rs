@@ -18,6 +18,7 @@ mod settings;
 mod share;
 mod shell;
 mod templates;
+mod volumes;
 
 pub use args::Cli;
 use args::Command;
@@ -182,6 +183,7 @@ fn dispatch(cli: Cli) -> Result<ExitStatus> {
                     Command::Secret(c) => sandbox::secret(&client, c, &out).await,
                     Command::Image(c) => images::image(&client, c, &out).await,
                     Command::Template(c) => templates::template(&client, c, &out).await,
+                    Command::Volume(c) => volumes::volume(&client, c, &out).await,
                     Command::Ports(a) => ports::ports(&client, a, &out).await,
                     Command::Publish(a) => ports::publish(&client, a, &out).await,
                     Command::Unpublish(a) => ports::unpublish(&client, a, &out).await,

@@ -180,6 +180,8 @@ pub async fn create(c: &Client, a: CreateArgs, out: &Printer) -> Result<ExitStat
         image: a.image,
         template: a.template,
         network: network_policy(a.no_internet, a.allow, a.deny),
+        volumes: a.volumes,
+        new_volumes: Vec::new(),
     };
     let body = serde_json::to_value(&req).map_err(|e| CliError::new(e.to_string()))?;
     let what = name

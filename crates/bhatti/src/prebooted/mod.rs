@@ -446,6 +446,7 @@ impl Inner {
             base: shape.base.clone(),
             user: shape.user.clone(),
             workdir: shape.workdir.clone(),
+            volumes: Vec::new(),
         };
         let dir = self.dir.join(format!("{DIR_PREFIX}{key}"));
         let result = async {

@@ -40,6 +40,7 @@ pub mod snapshots;
 pub mod templates;
 mod thermal;
 pub mod users;
+pub mod volumes;
 
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]
@@ -246,6 +247,31 @@ pub const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL,
         UNIQUE (owner, name)
     ) STRICT;
+    "#,
+    // 6: volumes (ext4 images that outlive sandboxes; `ephemeral_sandbox`
+    // set: the volume goes with that sandbox) and which sandbox has which
+    // volume mounted where.
+    r#"
+    CREATE TABLE volumes (
+        id                TEXT PRIMARY KEY,
+        owner             TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        name              TEXT NOT NULL,
+        size_mb           INTEGER NOT NULL,
+        path              TEXT NOT NULL,
+        ephemeral_sandbox TEXT,
+        created_at        INTEGER NOT NULL,
+        UNIQUE (owner, name)
+    ) STRICT;
+    CREATE INDEX volumes_by_ephemeral_sandbox ON volumes (ephemeral_sandbox);
+
+    CREATE TABLE volume_attachments (
+        volume_id  TEXT NOT NULL REFERENCES volumes(id) ON DELETE CASCADE,
+        sandbox_id TEXT NOT NULL REFERENCES sandboxes(id) ON DELETE CASCADE,
+        mount      TEXT NOT NULL,
+        read_only  INTEGER NOT NULL,
+        PRIMARY KEY (volume_id, sandbox_id)
+    ) STRICT;
+    CREATE INDEX volume_attachments_by_sandbox ON volume_attachments (sandbox_id);
     "#,
 ];
 

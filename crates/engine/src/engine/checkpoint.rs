@@ -136,6 +136,19 @@ impl Engine {
         spec.cpus = meta.vcpus;
         spec.memory_mb = meta.memory_mib;
         spec.disk_mb = meta.spec.disk_mb;
+        // The snapshot has a fixed device set: the same volumes, in order.
+        // A read-write one would then be written by two guests (or hold a
+        // state the snapshot's memory does not match): refused.
+        if let Some(v) = meta.spec.volumes.iter().find(|v| !v.read_only) {
+            return Err(EngineError::State {
+                id,
+                message: format!(
+                    "the checkpoint's sandbox has a read-write volume at {}; it cannot be forked (only read-only volumes are shared with forks)",
+                    v.mount
+                ),
+            });
+        }
+        spec.volumes = meta.spec.volumes.clone();
         self.create_inner(id, spec, move |inner, slot, live| {
             Box::pin(async move { inner.do_fork(slot, live, &meta).await })
         })
@@ -479,6 +492,7 @@ impl Inner {
                 .as_ref()
                 .and_then(|n| n.netns().map(str::to_owned)),
             run_dir,
+            data_disks: super::data_disks(&spec.volumes),
         };
         let rec = SandboxRecord {
             version: state::RECORD_VERSION,

@@ -50,10 +50,37 @@ pub use checkpoint::{CheckpointMeta, CHECKPOINT_META};
 pub use error::{EngineError, Result};
 pub use orphans::{crash_point, Orphans, CRASH_AT_ENV};
 pub use state::{
-    transition, validate_name, CreateSpec, Op, SandboxRecord, SandboxState, SnapshotRecord,
-    MAX_CPUS, MAX_DISK_MB, MAX_MEMORY_MB, MIN_DISK_MB, MIN_MEMORY_MB, RECORD_FILE,
+    transition, validate_mount_point, validate_name, CreateSpec, Op, SandboxRecord, SandboxState,
+    SnapshotRecord, VolumeMount, MAX_CPUS, MAX_DISK_MB, MAX_MEMORY_MB, MAX_VOLUMES, MIN_DISK_MB,
+    MIN_MEMORY_MB, RECORD_FILE,
 };
 pub use wake::WakeReport;
+
+/// The data disks of `volumes`, in order, each with its serial.
+pub fn data_disks(volumes: &[VolumeMount]) -> Vec<bhatti_vmm::DataDisk> {
+    volumes
+        .iter()
+        .enumerate()
+        .map(|(i, v)| bhatti_vmm::DataDisk {
+            path: v.path.clone(),
+            read_only: v.read_only,
+            serial: bhatti_vmm::DataDisk::serial_for(i),
+        })
+        .collect()
+}
+
+/// What the guest mounts: the same order and serials as [`data_disks`].
+fn guest_mounts(volumes: &[VolumeMount]) -> Vec<bhatti_protocol::guest_config::GuestMount> {
+    volumes
+        .iter()
+        .enumerate()
+        .map(|(i, v)| bhatti_protocol::guest_config::GuestMount {
+            serial: bhatti_vmm::DataDisk::serial_for(i),
+            path: v.mount.clone(),
+            read_only: v.read_only,
+        })
+        .collect()
+}
 
 /// Name of the VMM console log in a run dir (both backends use it).
 pub const CONSOLE_LOG: &str = "console.log";
@@ -744,6 +771,7 @@ impl Inner {
             }),
             user: rec.spec.user.clone(),
             workdir: rec.spec.workdir.clone(),
+            mounts: guest_mounts(&rec.spec.volumes),
         }
     }
 

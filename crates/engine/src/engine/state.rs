@@ -97,6 +97,8 @@ pub const MIN_MEMORY_MB: u32 = 128;
 pub const MAX_MEMORY_MB: u32 = 262_144;
 pub const MIN_DISK_MB: u64 = 64;
 pub const MAX_DISK_MB: u64 = 4 << 20;
+/// Most volumes one sandbox may have.
+pub const MAX_VOLUMES: usize = 16;
 
 /// What the caller asks for when creating a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +130,63 @@ pub struct CreateSpec {
     /// Working directory of commands that name none; `None`: the user's
     /// home.
     pub workdir: Option<String>,
+    /// Volumes attached as data disks (in this order) and mounted by the
+    /// guest at boot. A restore needs the same list.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeMount>,
+}
+
+/// One volume of a sandbox: an ext4 image on the host, mounted in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMount {
+    /// The image file.
+    pub path: PathBuf,
+    /// Absolute mount point in the guest ([`validate_mount_point`]).
+    pub mount: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Directories a volume may not be mounted on (nor, for the pseudo
+/// filesystems, below). Any `/lib*` is refused as well.
+pub const RESERVED_MOUNTS: &[&str] = &[
+    "/", "/bin", "/boot", "/dev", "/etc", "/proc", "/run", "/sbin", "/sys", "/usr", "/var", "/tmp",
+];
+const RESERVED_TREES: &[&str] = &["/proc", "/sys", "/dev"];
+
+/// A volume's mount point: absolute, normalized (no `.`, `..`, `//` or
+/// trailing `/`), not a system directory ([`RESERVED_MOUNTS`], any `/lib*`)
+/// nor below `/proc`, `/sys` or `/dev`.
+pub fn validate_mount_point(p: &str) -> Result<(), String> {
+    if !p.starts_with('/') {
+        return Err(format!("{p:?} must be an absolute path"));
+    }
+    if p.len() > 4096 || p.contains('\0') {
+        return Err(format!("{p:?} is not a usable path"));
+    }
+    let normalized = p.len() > 1
+        && !p.ends_with('/')
+        && p[1..]
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..");
+    if p != "/" && !normalized {
+        return Err(format!(
+            "{p:?} must be normalized (no '.', '..', '//' or trailing '/')"
+        ));
+    }
+    let top_lib = p.starts_with("/lib") && !p[1..].contains('/');
+    if RESERVED_MOUNTS.contains(&p) || top_lib {
+        return Err(format!(
+            "{p:?} is a system directory; mount volumes elsewhere"
+        ));
+    }
+    if RESERVED_TREES
+        .iter()
+        .any(|t| p.starts_with(&format!("{t}/")))
+    {
+        return Err(format!("{p:?} is inside a kernel filesystem"));
+    }
+    Ok(())
 }
 
 impl Default for CreateSpec {
@@ -145,6 +204,7 @@ impl Default for CreateSpec {
             base: None,
             user: None,
             workdir: None,
+            volumes: Vec::new(),
         }
     }
 }
@@ -191,6 +251,16 @@ impl CreateSpec {
             if !w.starts_with('/') || w.contains('\0') || w.len() > 4096 {
                 return Err(format!("workdir {w:?} must be an absolute path"));
             }
+        }
+        let mut mounts = std::collections::BTreeSet::new();
+        for v in &self.volumes {
+            validate_mount_point(&v.mount).map_err(|e| format!("volume mount {e}"))?;
+            if !mounts.insert(v.mount.as_str()) {
+                return Err(format!("two volumes are mounted at {:?}", v.mount));
+            }
+        }
+        if self.volumes.len() > MAX_VOLUMES {
+            return Err(format!("at most {MAX_VOLUMES} volumes per sandbox"));
         }
         for f in &self.files {
             if !f.path.starts_with('/') || f.path.split('/').any(|c| c == "..") {
@@ -326,6 +396,38 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use SandboxState::*;
+
+    #[test]
+    fn mount_points() {
+        for ok in [
+            "/data",
+            "/home/lohar/work",
+            "/workspace",
+            "/var2",
+            "/mnt/a-b",
+        ] {
+            assert_eq!(validate_mount_point(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "data", "/", "/etc", "/usr", "/var", "/tmp", "/lib", "/lib64", "/libexec", "/proc/x",
+            "/library", "/sys/fs", "/dev/shm", "/data/", "/a//b", "/a/./b", "/a/../b", "", "/run",
+        ] {
+            assert!(validate_mount_point(bad).is_err(), "{bad}");
+        }
+        let spec = |mounts: &[&str]| CreateSpec {
+            volumes: mounts
+                .iter()
+                .map(|m| VolumeMount {
+                    path: "/v.ext4".into(),
+                    mount: (*m).into(),
+                    read_only: false,
+                })
+                .collect(),
+            ..CreateSpec::default()
+        };
+        assert!(spec(&["/a", "/b"]).validate().is_ok());
+        assert!(spec(&["/a", "/a"]).validate().is_err());
+    }
 
     #[test]
     fn transitions() {

@@ -15,6 +15,7 @@
 mod config_drive;
 mod copy;
 mod reflink;
+mod volume;
 mod xfs_loop;
 
 use std::path::{Path, PathBuf};
@@ -28,6 +29,7 @@ use crate::cmd::CmdError;
 pub use config_drive::{write_config_drive, write_placeholder_drive, CONFIG_DRIVE_BYTES};
 pub use copy::sparse_copy;
 pub use reflink::{ficlone, reflink_supported};
+pub use volume::{clone_volume, create_volume, grow_volume, CloneMethod};
 pub use xfs_loop::{is_mountpoint, unmount_xfs_loop};
 
 /// What the configuration asks for.

@@ -19,6 +19,7 @@
 //! | `/vmlinux` | `VmConfig::kernel` (boot) | read-only |
 //! | `/rootfs.ext4` | `VmConfig::root_disk` | read-write |
 //! | `/config.ext4` | `VmConfig::config_disk` | read-only |
+//! | `/vol<i>.ext4` | `VmConfig::data_disks[i]` | as the disk says |
 //! | `/restore.state`, `/restore.mem` | the snapshot a restore loads | read-only |
 //! | `/snapshot.state`, `/snapshot.mem` | a snapshot being written | see below |
 //! | `<run_dir>/fc.sock`, `<run_dir>/vsock.sock` | API and vsock sockets | bound by Firecracker |
@@ -92,6 +93,11 @@ pub const JAIL_RESTORE_STATE: &str = "/restore.state";
 pub const JAIL_RESTORE_MEMORY: &str = "/restore.mem";
 pub const JAIL_SNAPSHOT_STATE: &str = "/snapshot.state";
 pub const JAIL_SNAPSHOT_MEMORY: &str = "/snapshot.mem";
+
+/// The name of the `index`th data disk inside the chroot.
+pub fn data_disk(index: usize) -> String {
+    format!("/vol{index}.ext4")
+}
 
 /// How Firecracker is jailed ([`super::FirecrackerConfig::jailer`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

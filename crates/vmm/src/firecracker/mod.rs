@@ -389,6 +389,18 @@ impl FirecrackerBackend {
                 }),
             ));
         }
+        // Data disks: the drive id is what the guest reads as the serial.
+        for d in &cfg.data_disks {
+            r.push((
+                format!("/drives/{}", d.serial),
+                json!({
+                    "drive_id": d.serial,
+                    "path_on_host": d.path,
+                    "is_root_device": false,
+                    "is_read_only": d.read_only,
+                }),
+            ));
+        }
         if let Some(n) = &cfg.net {
             r.push((
                 format!("/network-interfaces/{NET_IFACE_ID}"),
@@ -568,6 +580,14 @@ fn populate(j: &Jail, cfg: &VmConfig, what: Start<'_>) -> Result<()> {
     if let Some(c) = &cfg.config_disk {
         j.place(c, jail::JAIL_CONFIG_DISK, Access::ReadOnly)?;
     }
+    for (i, d) in cfg.data_disks.iter().enumerate() {
+        let access = if d.read_only {
+            Access::ReadOnly
+        } else {
+            Access::ReadWrite
+        };
+        j.place(&d.path, &jail::data_disk(i), access)?;
+    }
     if let Start::Restore(s) = what {
         j.place(&s.state, jail::JAIL_RESTORE_STATE, Access::ReadOnly)?;
         if let Some(m) = &s.memory {
@@ -588,6 +608,9 @@ fn jailed_view(cfg: &VmConfig, jailed: bool) -> VmConfig {
             .config_disk
             .as_ref()
             .map(|_| jail::JAIL_CONFIG_DISK.into());
+        for (i, d) in c.data_disks.iter_mut().enumerate() {
+            d.path = jail::data_disk(i).into();
+        }
     }
     c
 }
@@ -891,6 +914,8 @@ mod tests {
                 "/boot-source",
                 "/drives/root",
                 "/drives/config",
+                "/drives/vol0",
+                "/drives/vol1",
                 "/network-interfaces/eth0",
                 "/vsock",
                 "/entropy"
@@ -905,15 +930,20 @@ mod tests {
         assert_eq!(r[2].1["path_on_host"], "/d/root.ext4");
         assert_eq!(r[2].1["is_read_only"], false);
         assert_eq!(r[3].1["is_read_only"], true);
-        assert_eq!(r[4].1["host_dev_name"], "tap0");
-        assert_eq!(r[4].1["guest_mac"], "02:00:00:00:00:01");
-        assert_eq!(r[5].1["uds_path"], "/run/bhatti/sb1/vsock.sock");
-        assert_eq!(r[5].1["guest_cid"], 3);
+        assert_eq!(r[4].1["drive_id"], "vol0");
+        assert_eq!(r[4].1["path_on_host"], "/v/a.ext4");
+        assert_eq!(r[4].1["is_read_only"], false);
+        assert_eq!(r[5].1["is_read_only"], true);
+        assert_eq!(r[6].1["host_dev_name"], "tap0");
+        assert_eq!(r[6].1["guest_mac"], "02:00:00:00:00:01");
+        assert_eq!(r[7].1["uds_path"], "/run/bhatti/sb1/vsock.sock");
+        assert_eq!(r[7].1["guest_cid"], 3);
 
         let mut bare = cfg();
         bare.config_disk = None;
         bare.net = None;
         bare.kernel_args = String::new();
+        bare.data_disks.clear();
         let r = FirecrackerBackend::boot_requests(&bare);
         assert_eq!(r.len(), 5);
         assert_eq!(r[1].1["boot_args"], base_kernel_args());
@@ -925,8 +955,10 @@ mod tests {
         assert_eq!(r[1].1["kernel_image_path"], "/vmlinux");
         assert_eq!(r[2].1["path_on_host"], "/rootfs.ext4");
         assert_eq!(r[3].1["path_on_host"], "/config.ext4");
+        assert_eq!(r[4].1["path_on_host"], "/vol0.ext4");
+        assert_eq!(r[5].1["path_on_host"], "/vol1.ext4");
         // The run dir has the same path inside the chroot.
-        assert_eq!(r[5].1["uds_path"], "/run/bhatti/sb1/vsock.sock");
+        assert_eq!(r[7].1["uds_path"], "/run/bhatti/sb1/vsock.sock");
         let mut bare = cfg();
         bare.config_disk = None;
         assert_eq!(jailed_view(&bare, true).config_disk, None);

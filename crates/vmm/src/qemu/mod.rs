@@ -354,6 +354,22 @@ pub fn qemu_args(cfg: &VmConfig, accel: Accel, extra: &[String], incoming: bool)
             "virtio-blk-device,drive=config",
         ]);
     }
+    // Data disks after root and config; the guest finds them by serial.
+    for (i, d) in cfg.data_disks.iter().enumerate() {
+        push(&[
+            "-drive",
+            &format!(
+                "id=data{i},file={},format=raw,if=none,auto-read-only=off,readonly={},cache=writeback,aio=threads,discard=unmap",
+                opt(&d.path),
+                if d.read_only { "on" } else { "off" }
+            ),
+            "-device",
+            &format!(
+                "virtio-blk-device,drive=data{i},serial={}",
+                d.serial.replace(',', "_")
+            ),
+        ]);
+    }
     if let Some(n) = &cfg.net {
         let vhost = kvm && Path::new("/dev/vhost-net").exists();
         push(&[
@@ -778,6 +794,15 @@ mod tests {
         );
         assert!(s.contains("name=bhatti.agent"), "{s}");
         assert!(s.ends_with(" -s"), "{s}");
+        // Data disks after the config disk, each with its serial.
+        assert!(s.find("drive=config").unwrap() < s.find("drive=data0").unwrap());
+        assert!(s.contains("id=data0,file=/v/a.ext4,"), "{s}");
+        assert!(s.contains("drive=data0,serial=vol0"), "{s}");
+        assert!(
+            s.contains("file=/v/b.ext4,format=raw,if=none,auto-read-only=off,readonly=on"),
+            "{s}"
+        );
+        assert!(s.contains("drive=data1,serial=vol1"), "{s}");
         let r = qemu_args(&cfg(), Accel::Kvm, &[], true);
         assert!(r.join(" ").contains("-accel kvm"));
         assert!(r.join(" ").contains("-cpu host"));
