@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode};
 
+pub mod backups;
 pub mod events;
 pub mod images;
 pub mod published;
@@ -247,6 +248,9 @@ pub const MIGRATIONS: &[&str] = &[
         UNIQUE (owner, name)
     ) STRICT;
     "#,
+    // 6: volumes (branch `volumes`), 7: volume backups and their schedules.
+    // The merge puts volumes first; until then backups are step 6 here.
+    backups::BACKUPS_MIGRATION,
 ];
 
 /// The schema version this build writes.
