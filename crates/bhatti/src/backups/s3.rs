@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjPath;
 use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
@@ -217,15 +217,25 @@ impl BackupStore {
             .try_collect()
             .await
             .map_err(|e| self.err(e))?;
+        // Manifests are small: read 8 at a time.
+        let manifests: Vec<(ObjPath, Result<BackupInfo>)> = futures_util::stream::iter(
+            metas
+                .into_iter()
+                .filter(|m| m.location.as_ref().ends_with(".json")),
+        )
+        .map(|m| async move {
+            let r = self.manifest(&m.location).await;
+            (m.location, r)
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
         let mut out = Vec::new();
-        for m in metas {
-            if !m.location.as_ref().ends_with(".json") {
-                continue;
-            }
-            match self.manifest(&m.location).await {
+        for (location, r) in manifests {
+            match r {
                 Ok(i) => out.push(i),
                 Err(BackupError::Corrupt { why, .. }) => {
-                    tracing::warn!(key = %m.location, "skipping backup manifest: {why}")
+                    tracing::warn!(key = %location, "skipping backup manifest: {why}")
                 }
                 // Deleted between the listing and the read.
                 Err(BackupError::NotFound(_)) => {}

@@ -111,6 +111,9 @@ pub async fn run_loop(
             Ok(Some(at)) => Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64),
             _ => max_sleep,
         }
+        // A floor, so a schedule that cannot be marked (database trouble)
+        // is not retried in a busy loop.
+        .max(Duration::from_millis(100))
         .min(max_sleep);
         tokio::select! {
             _ = shutdown.cancelled() => return,
