@@ -409,3 +409,114 @@ async fn failed_or_cancelled_upload_leaves_nothing() {
     }
     assert!(!f.exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_keeps_rows_and_bucket_in_step() {
+    use bhatti::backups::{Backups, ServiceError, Source};
+    use bhatti::store::backups::BackupState;
+    use bhatti::store::{users, Store, StoreError};
+
+    let Some(s3) = server("service_keeps_rows_and_bucket_in_step", "vols-f") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("bhatti.db")).unwrap();
+    let owner = store
+        .with(|c| {
+            users::insert(
+                c,
+                &users::NewUser {
+                    name: "alice".into(),
+                    key_sha256: "0".repeat(64),
+                    caps: users::UserCaps::default(),
+                },
+            )
+        })
+        .unwrap()
+        .id;
+    let t = Target {
+        owner: owner.clone(),
+        volume_name: "data".into(),
+        volume_id: "vol-1".into(),
+    };
+    // Off without [backups]: a clear error, nothing recorded.
+    let off = Backups::new(store.clone(), None);
+    let f = dir.path().join("data.ext4");
+    std::fs::write(&f, noise(3 * MIB)).unwrap();
+    let src = |remove_after| Source {
+        path: f.clone(),
+        remove_after,
+    };
+    let e = off.start(t.clone(), src(false)).await.unwrap_err();
+    assert!(
+        matches!(e, ServiceError::Backup(BackupError::NotConfigured)),
+        "{e}"
+    );
+    assert!(off.list(&owner, "data").await.unwrap().is_empty());
+
+    let b = Backups::new(store.clone(), Some(client(&config(&s3))));
+    let first = b.start(t.clone(), src(false)).await.unwrap();
+    assert_eq!(first.state, BackupState::Running);
+    // One running backup per volume.
+    match b.start(t.clone(), src(false)).await {
+        Err(ServiceError::Store(StoreError::Conflict(_))) => {}
+        // The first finished already: it must be done by now.
+        Ok(second) => {
+            let rows = b.list(&owner, "data").await.unwrap();
+            assert!(rows.iter().any(|r| r.id == second.id));
+        }
+        Err(e) => panic!("{e}"),
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let done = loop {
+        let rows = b.list(&owner, "data").await.unwrap();
+        if rows.iter().all(|r| r.state != BackupState::Running) {
+            break rows;
+        }
+        assert!(std::time::Instant::now() < deadline, "backup did not end");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let want = sha(&f);
+    assert!(
+        done.iter()
+            .all(|r| r.state == BackupState::Done && r.sha256 == want),
+        "{done:?}"
+    );
+    // A scheduled-style run waits for the end and removes its temp copy.
+    let copy = dir.path().join("copy.ext4");
+    std::fs::copy(&f, &copy).unwrap();
+    let third = b
+        .run(
+            t.clone(),
+            Source {
+                path: copy.clone(),
+                remove_after: true,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(third.state, BackupState::Done);
+    assert!(!copy.exists());
+    // Retention drops bucket objects and rows alike.
+    let gone = b.keep_last(&owner, "data", 1).await.unwrap();
+    assert_eq!(gone.len(), done.len());
+    let rows = b.list(&owner, "data").await.unwrap();
+    assert_eq!(
+        rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        [third.id.as_str()]
+    );
+    assert_eq!(b.list_remote(&owner, "data").await.unwrap().len(), 1);
+    // Restore into the volume after it changed.
+    std::fs::write(&f, b"changed").unwrap();
+    b.restore(&owner, "data", &third.id, &f).await.unwrap();
+    assert_eq!(sha(&f), want);
+    // Schedules are checked.
+    let e = b.set_schedule(&t, "not cron", 3).await.unwrap_err();
+    assert!(e.to_string().contains("invalid cron"), "{e}");
+    let s = b.set_schedule(&t, "0 3 * * *", 3).await.unwrap();
+    assert!(s.next_at > bhatti::store::now_ms());
+    b.delete(&owner, "data", &third.id).await.unwrap();
+    assert!(b.list(&owner, "data").await.unwrap().is_empty());
+    assert!(b.list_remote(&owner, "data").await.unwrap().is_empty());
+    b.shutdown().await;
+}

@@ -7,6 +7,9 @@
 //!   volume through sha256 and zstd into a multipart upload, and
 //!   [`BackupStore::restore`] streams it back into a temp file, checks the
 //!   sha256 and renames it into place. Memory stays bounded by a few parts.
+//! - service.rs: [`Backups`], the client and the `volume_backups` rows kept
+//!   in step (start as a tracked task, list, restore, delete, retention,
+//!   schedules), for the volume API handlers.
 //! - schedule.rs: cron schedules with keep-last-N and the loop the daemon
 //!   runs; the backup itself is a callback ([`schedule::ScheduledBackup`]).
 //!
@@ -17,9 +20,11 @@
 
 mod s3;
 pub mod schedule;
+mod service;
 mod transfer;
 
 pub use s3::{new_id, valid_id, BackupInfo, BackupStore, Target, SECRET_ENV};
+pub use service::{Backups, ServiceError, Source};
 pub use transfer::{RestoreInfo, PARTS_IN_FLIGHT};
 
 use crate::config::BackupsConfig;
