@@ -22,6 +22,9 @@ PACKAGES=(
   ca-certificates curl
   # the web shell's browser test (crates/bhatti/tests/webshell.rs)
   chromium chromium-driver
+  # the backup tests' S3 server (moto, from PyPI below) and backup-bench's
+  # zstd -3 floor
+  python3 python3-pip zstd
 )
 
 if ! command -v apt-get >/dev/null; then
@@ -44,6 +47,13 @@ if ! command -v npm >/dev/null; then
   echo "install-deps: installing nodejs npm" >&2
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >&2
+fi
+# The backup tests' S3 server (bhatti_testkit::s3): moto from PyPI, which
+# Debian does not package; pip refuses the system Python without
+# --break-system-packages (PEP 668), and it installs under /usr/local.
+if ! python3 -c 'import moto.server, boto3' 2>/dev/null; then
+  echo "install-deps: installing moto[server] from PyPI" >&2
+  python3 -m pip install -q --break-system-packages 'moto[server]>=5.1,<6' >&2
 fi
 # Debian's kernel source package; elsewhere the kernel build downloads 6.1
 # from kernel.org.

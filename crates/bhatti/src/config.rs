@@ -86,6 +86,8 @@ pub struct Config {
     pub images: ImagesConfig,
     /// Volumes: ext4 disks that outlive sandboxes.
     pub volumes: VolumesConfig,
+    /// Volume backups to an S3-compatible object store.
+    pub backups: BackupsConfig,
 }
 
 /// `[log]`
@@ -486,6 +488,64 @@ impl Default for VolumesConfig {
     }
 }
 
+/// `[backups]`: volume backups to an S3-compatible object store
+/// (`docs/backups.md`). An empty `endpoint` turns backups off.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackupsConfig {
+    /// The store's URL, e.g. `https://s3.eu-central-1.amazonaws.com` or
+    /// `http://127.0.0.1:9000`; `http://` only for loopback addresses.
+    /// Empty: backups are off. Default empty.
+    pub endpoint: String,
+    /// The bucket backups go to (it must exist). Default empty.
+    pub bucket: String,
+    /// The region requests are signed for. Default `us-east-1`.
+    pub region: String,
+    /// Access key id. Default empty.
+    pub access_key_id: String,
+    /// Secret access key. The environment variable
+    /// `BHATTI_BACKUPS_SECRET_ACCESS_KEY` wins over it, and
+    /// `secret_access_key_file` over both. Default empty.
+    pub secret_access_key: String,
+    /// A file holding the secret access key (trailing whitespace ignored).
+    /// Default empty.
+    pub secret_access_key_file: String,
+    /// Key prefix in the bucket: backups are
+    /// `<prefix>/<owner>/<volume>/<id>.ext4.zst` plus `<id>.json`.
+    /// Default `bhatti`.
+    pub prefix: String,
+    /// Path-style requests (`<endpoint>/<bucket>/<key>`) instead of
+    /// virtual-hosted ones; always on for loopback and IP-address
+    /// endpoints. Default false.
+    pub path_style: bool,
+    /// Size of one multipart-upload part in MiB (5 to 5120); a backup holds
+    /// about five parts in memory. Default 8.
+    pub part_size_mb: u64,
+    /// zstd level (1 to 19). Default 3.
+    pub compression_level: i32,
+    /// zstd worker threads; 0 compresses on the backup's own thread.
+    /// Default 0.
+    pub compression_threads: u32,
+}
+
+impl Default for BackupsConfig {
+    fn default() -> Self {
+        BackupsConfig {
+            endpoint: String::new(),
+            bucket: String::new(),
+            region: "us-east-1".into(),
+            access_key_id: String::new(),
+            secret_access_key: String::new(),
+            secret_access_key_file: String::new(),
+            prefix: "bhatti".into(),
+            path_style: false,
+            part_size_mb: 8,
+            compression_level: 3,
+            compression_threads: 0,
+        }
+    }
+}
+
 impl Default for ImagesConfig {
     fn default() -> Self {
         ImagesConfig {
@@ -535,6 +595,7 @@ impl Default for Config {
             shell: ShellConfig::default(),
             images: ImagesConfig::default(),
             volumes: VolumesConfig::default(),
+            backups: BackupsConfig::default(),
         }
     }
 }
@@ -1043,6 +1104,7 @@ impl Config {
                 ));
             }
         }
+        crate::backups::validate_config(&self.backups).map_err(|(key, m)| invalid(key, m))?;
         let u = &sh.public_url;
         if !u.is_empty()
             && (!(u.starts_with("http://") || u.starts_with("https://"))
@@ -1241,6 +1303,31 @@ impl Config {
         e.table("volumes");
         e.c("Bytes of volumes (their sizes, ephemeral ones included) one user may have (past it: HTTP 429).");
         e.kv("max_bytes_per_user", d.volumes.max_bytes_per_user);
+        let b = &d.backups;
+        e.table("backups");
+        e.c("Volume backups to an S3-compatible store (docs/backups.md); endpoint \"\" = off.");
+        e.c("The store's URL, e.g. \"https://s3.eu-central-1.amazonaws.com\"; http:// only for loopback.");
+        e.kv("endpoint", toml_str(&b.endpoint));
+        e.c("The bucket (it must exist) and the region requests are signed for.");
+        e.kv("bucket", toml_str(&b.bucket));
+        e.kv("region", toml_str(&b.region));
+        e.c("Credentials; BHATTI_BACKUPS_SECRET_ACCESS_KEY wins over secret_access_key,");
+        e.c("and secret_access_key_file (a file holding the secret) over both.");
+        e.kv("access_key_id", toml_str(&b.access_key_id));
+        e.kv("secret_access_key", toml_str(&b.secret_access_key));
+        e.kv(
+            "secret_access_key_file",
+            toml_str(&b.secret_access_key_file),
+        );
+        e.c("Objects are <prefix>/<owner>/<volume>/<id>.ext4.zst and <id>.json.");
+        e.kv("prefix", toml_str(&b.prefix));
+        e.c("Path-style requests (<endpoint>/<bucket>/<key>); always on for loopback and IP endpoints.");
+        e.kv("path_style", b.path_style);
+        e.c("Multipart part size in MiB (5 to 5120); a backup holds about five parts in memory.");
+        e.kv("part_size_mb", b.part_size_mb);
+        e.c("zstd level (1 to 19) and worker threads (0 = on the backup's own thread).");
+        e.kv("compression_level", b.compression_level);
+        e.kv("compression_threads", b.compression_threads);
         e.0
     }
 }

@@ -10,6 +10,7 @@ pub use engine::{CreateSpec, Engine, EngineConfig, EngineError, Sandbox, Sandbox
 
 pub mod api;
 pub mod auth;
+pub mod backups;
 pub mod config;
 pub mod daemon;
 pub mod images;

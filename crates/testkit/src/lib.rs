@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use bhatti_vmm::VmmBackend;
 
 pub mod registry;
+pub mod s3;
 
 /// Where `scripts/artifacts.sh` caches kernels and rootfs images.
 pub const CACHE: &str = "/var/cache/bhatti-ci";

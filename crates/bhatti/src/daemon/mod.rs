@@ -193,6 +193,17 @@ pub async fn serve_with_backend(
         .map_err(io(format!("creating {}", config.data_dir.display())))?;
     let _ = std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700));
     let store = Store::open(config.db_path())?;
+    // Volume backups cut off by a crash (their uploads never completed).
+    let interrupted = store
+        .run(|c| crate::store::backups::fail_interrupted(c))
+        .await?;
+    if interrupted > 0 {
+        tracing::warn!(backups = interrupted, "marked interrupted backups failed");
+    }
+    // [backups]: an unreadable secret fails the start, not the first backup.
+    // (The API's volume backup routes will take this client.)
+    let _backups = crate::backups::BackupStore::from_config(&config.backups)
+        .map_err(|e| DaemonError::Setup(e.to_string()))?;
     let secrets = SecretBox::load_or_create(&config.data_dir)?;
     let kind = backend.kind();
     let mut ecfg = EngineConfig::new(

@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode};
 
+pub mod backups;
 pub mod events;
 pub mod images;
 pub mod published;
@@ -273,6 +274,8 @@ pub const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX volume_attachments_by_sandbox ON volume_attachments (sandbox_id);
     "#,
+    // 7: volume backups and their schedules.
+    backups::BACKUPS_MIGRATION,
 ];
 
 /// The schema version this build writes.
