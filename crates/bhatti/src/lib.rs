@@ -13,6 +13,7 @@ pub mod auth;
 pub mod config;
 pub mod daemon;
 pub mod images;
+pub mod init_session;
 pub mod prebooted;
 pub mod proxy;
 pub mod secrets;

@@ -199,6 +199,11 @@ pub struct WriteFileRequest {
     /// Permission bits; default 0644.
     #[serde(default)]
     pub mode: Option<u32>,
+    /// Own the file (and directories made for it) as a file from the
+    /// config drive would be: the user under their home or `/workspace`,
+    /// else root. Otherwise the user owns it wherever it is.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub place: bool,
 }
 
 /// Client → agent, on an open channel.
