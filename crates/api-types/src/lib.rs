@@ -300,7 +300,8 @@ pub struct CreateSandbox {
     /// Environment of every command in the sandbox.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
-    /// Shell script run once at first boot (as the sandbox user, detached).
+    /// Shell script run once at first boot, as the sandbox user, as the
+    /// session `init` (listed with the sessions, its output theirs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub init: Option<String>,
     /// Never pause or snapshot this sandbox when idle.

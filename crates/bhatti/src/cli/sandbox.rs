@@ -211,7 +211,14 @@ pub async fn create(c: &Client, a: CreateArgs, out: &Printer) -> Result<ExitStat
     let started = Instant::now();
     let (status, v) = with_spinner(
         out,
-        format!("creating {what}, waiting for it to boot"),
+        format!(
+            "creating {what}, waiting for it to boot{}",
+            if req.wait_init {
+                " and its init to end"
+            } else {
+                ""
+            }
+        ),
         c.json(Method::POST, "/sandboxes", Some(body)),
     )
     .await?;

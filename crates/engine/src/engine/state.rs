@@ -177,9 +177,11 @@ pub struct CreateSpec {
     pub disk_mb: Option<u64>,
     /// Sandbox-wide environment for every command.
     pub env: BTreeMap<String, String>,
-    /// Script run once at boot (as the user, detached).
+    /// Script run once, at the first boot, as the user: lohar's session
+    /// `init`. A later fresh boot does not run it again.
     pub init: Option<String>,
-    /// Files placed in the guest at boot.
+    /// Files placed in the guest at the first boot (or, for a fork, right
+    /// after its restore); cleared from the record once placed.
     pub files: Vec<GuestFile>,
     /// The guest's hostname; defaults to the name.
     pub hostname: Option<String>,
