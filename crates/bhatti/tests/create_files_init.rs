@@ -272,6 +272,35 @@ async fn files_and_init_at_create() {
     .await;
     assert_eq!(s["exit"]["exit_code"], 0, "{s}");
     assert_eq!(init_output(&a, "b").await, ("done-b\n".to_string(), 0));
+
+    // A fork of a checkpoint takes files too (placed after its restore);
+    // its init is its source's, already ended.
+    a.post("/sandboxes/b/checkpoint", json!({"name": "cp-b"}))
+        .await
+        .expect(201);
+    let v = a
+        .post(
+            "/sandboxes",
+            json!({"name": "d", "from_snapshot": "cp-b",
+                   "files": [file("/workspace/d.txt", b"dee", Some(0o640))]}),
+        )
+        .await
+        .expect(201);
+    assert_eq!(v["origin"], "fork", "{v}");
+    assert!(v.get("init").is_none(), "{v}");
+    let (code, out, err) = a
+        .sh(
+            "d",
+            "cat /workspace/d.txt; stat -c ' %a %U' /workspace/d.txt",
+        )
+        .await;
+    assert_eq!((code, out.as_str()), (0, "dee 640 lohar\n"), "{err}");
+    let s = init_session(&a, "d")
+        .await
+        .expect("the source's init session");
+    assert_eq!(s["exit"]["exit_code"], 0, "{s}");
+    a.delete("/sandboxes/d").await.expect(204);
+    a.delete("/snapshots/cp-b").await.expect(204);
     // No init: no session, no `init` in the view.
     a.delete("/sandboxes/a").await.expect(204);
 

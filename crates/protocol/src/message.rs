@@ -428,6 +428,7 @@ pub struct Activity {
     /// Milliseconds since the last exec start/output, stdin, file operation
     /// or session input/output.
     pub idle_ms: u64,
+    /// Running execs, and the init script while it runs.
     pub running_execs: u32,
     pub attached_sessions: u32,
     pub running_sessions: u32,
