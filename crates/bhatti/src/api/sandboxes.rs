@@ -495,23 +495,8 @@ async fn set_spec_key(
 }
 
 /// Records how the sandbox came to be (`origin` in its view).
-async fn set_origin(st: &AppState, mut row: SandboxRow, origin: &str) -> SandboxRow {
-    if let Some(o) = row.spec.as_object_mut() {
-        o.insert("origin".into(), origin.into());
-    }
-    let (owner, id) = (row.owner.clone(), row.id.clone());
-    let u = SandboxUpdate {
-        spec: Some(row.spec.clone()),
-        ..Default::default()
-    };
-    if let Err(e) = st
-        .store
-        .run(move |c| sandboxes::update(c, &owner, &id, &u))
-        .await
-    {
-        tracing::warn!(id = %row.id, "recording the origin: {e}");
-    }
-    row
+async fn set_origin(st: &AppState, row: SandboxRow, origin: &str) -> SandboxRow {
+    set_spec_key(st, row, "origin", origin.into()).await
 }
 
 /// The owner's network up and the sandbox's rules in place, before its
