@@ -156,6 +156,7 @@ async fn bench(
                     WriteFileRequest {
                         path: t,
                         mode: None,
+                        place: false,
                     },
                     Bytes::from(vec![b'b'; 1024]),
                 )

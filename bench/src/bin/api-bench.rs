@@ -395,6 +395,7 @@ async fn no_vm_measure(
                     WriteFileRequest {
                         path: target.clone(),
                         mode: None,
+                        place: false,
                     },
                     Bytes::from(vec![b'b'; 1024]),
                 )

@@ -323,6 +323,7 @@ async fn bench_qemu(
         WriteFileRequest {
             path: GUEST_HELPER.into(),
             mode: Some(0o755),
+            place: false,
         },
         Bytes::from(std::fs::read(&helper)?),
     )
@@ -364,6 +365,7 @@ async fn bench_qemu(
                         WriteFileRequest {
                             path: GUEST_FILE.into(),
                             mode: None,
+                            place: false,
                         },
                         Bytes::from(vec![b'b'; 1024]),
                     )

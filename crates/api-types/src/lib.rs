@@ -302,7 +302,8 @@ pub struct CreateSandbox {
     /// Environment of every command in the sandbox.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
-    /// Shell script run once at first boot (as the sandbox user, detached).
+    /// Shell script run once at first boot, as the sandbox user, as the
+    /// session `init` (listed with the sessions, its output theirs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub init: Option<String>,
     /// Never pause or snapshot this sandbox when idle.
@@ -333,6 +334,103 @@ pub struct CreateSandbox {
     /// Empty volumes made for this sandbox and deleted with it.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub new_volumes: Vec<NewSandboxVolume>,
+    /// Files placed before anything runs in it (before `init`), once: at
+    /// its first boot, or right after the restore of an instant create or
+    /// fork. Under the user's home or `/workspace` the user owns them,
+    /// elsewhere root.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<CreateFile>,
+    /// Answer only once `init` has ended (or `vm.init_wait_timeout_secs`
+    /// passed); `init` in the answer says how it ended.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub wait_init: bool,
+}
+
+/// One file of a create.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateFile {
+    /// Absolute and normalized; not under /proc, /sys or /dev.
+    pub path: String,
+    /// The bytes, base64 (standard alphabet, padded).
+    #[schema(format = Byte)]
+    pub content: String,
+    /// Permission bits, at most 0o7777 (JSON has no octal: 0o600 is 384);
+    /// default 0o644.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+}
+
+/// Most files in one create.
+pub const MAX_FILES: usize = bhatti_engine::engine::MAX_FILES;
+/// Their decoded bytes together.
+pub const MAX_FILES_BYTES: usize = bhatti_engine::engine::MAX_FILES_BYTES;
+
+impl CreateFile {
+    /// A local file's bytes for `path`.
+    pub fn new(path: String, content: &[u8], mode: Option<u32>) -> CreateFile {
+        CreateFile {
+            path,
+            content: bhatti_protocol::guest_config::base64_bytes::encode(content),
+            mode,
+        }
+    }
+}
+
+/// The files of a create as the guest gets them: paths, modes, sizes and
+/// base64 checked (field `files[i]…` in errors).
+pub fn decode_files(
+    files: &[CreateFile],
+) -> Result<Vec<bhatti_protocol::guest_config::GuestFile>, ValidationError> {
+    if files.len() > MAX_FILES {
+        return Err(ValidationError::new(
+            "files",
+            format!("at most {MAX_FILES} files"),
+        ));
+    }
+    let mut out = Vec::with_capacity(files.len());
+    let mut total = 0usize;
+    for (i, f) in files.iter().enumerate() {
+        bhatti_engine::engine::validate_file_path(&f.path)
+            .map_err(|m| ValidationError::new(format!("files[{i}].path"), m))?;
+        if let Some(m) = f.mode.filter(|&m| m > 0o7777) {
+            return Err(ValidationError::new(
+                format!("files[{i}].mode"),
+                format!("{m} ({m:#o}) is above 0o7777"),
+            ));
+        }
+        // Checked before decoding: a huge body fails fast.
+        total += f.content.len() / 4 * 3;
+        if total > MAX_FILES_BYTES + 2 * files.len() {
+            return Err(ValidationError::new(
+                "files",
+                format!("more than {MAX_FILES_BYTES} bytes together"),
+            ));
+        }
+        let content = bhatti_protocol::guest_config::base64_bytes::decode(&f.content)
+            .map_err(|m| ValidationError::new(format!("files[{i}].content"), m))?;
+        out.push(bhatti_protocol::guest_config::GuestFile {
+            path: f.path.clone(),
+            mode: f.mode,
+            content,
+        });
+    }
+    bhatti_engine::engine::validate_files(&out).map_err(|m| ValidationError::new("files", m))?;
+    Ok(out)
+}
+
+/// How a sandbox's `init` went, as its create saw it (the session `init`
+/// in `GET /sandboxes/{id}/sessions` is the live truth).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct InitView {
+    /// `running` (still, when the create answered), `succeeded`, `failed`
+    /// (a non-zero exit, or it did not start) or `timed_out` (the create
+    /// stopped waiting; it runs on).
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A sandbox's egress policy as clients send it (`network` in create and
@@ -479,6 +577,13 @@ impl CreateSandbox {
             return Err(ValidationError::new(
                 "from_snapshot",
                 "a fork takes its volumes from the checkpoint: give no volumes",
+            ));
+        }
+        decode_files(&self.files)?;
+        if self.wait_init && self.from_snapshot.is_some() {
+            return Err(ValidationError::new(
+                "wait_init",
+                "a fork's init ran in its source",
             ));
         }
         Ok(())
@@ -729,6 +834,9 @@ pub struct SandboxView {
     /// Idle timers and activity (`GET /sandboxes/{id}` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thermal_info: Option<bhatti_engine::thermal::ThermalInfo>,
+    /// How its `init` went, as its create saw it (absent: no init).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<InitView>,
 }
 
 /// `GET /sandboxes`.

@@ -145,6 +145,9 @@ pub struct VmConfig {
     /// Seconds a single agent call made by the daemon itself may take.
     /// Default 10.
     pub agent_timeout_secs: u64,
+    /// Seconds a create with `wait_init` waits for `init` to end (it then
+    /// answers with `init.state` `timed_out`; init runs on). Default 600.
+    pub init_wait_timeout_secs: u64,
     /// vCPUs of a sandbox created without `cpus`. Default 1.
     pub default_cpus: u32,
     /// Memory (MiB) of a sandbox created without `memory_mb`. Default 512.
@@ -631,6 +634,7 @@ impl Default for VmConfig {
             kernel_args: String::new(),
             boot_timeout_secs: 60,
             agent_timeout_secs: 10,
+            init_wait_timeout_secs: 600,
             default_cpus: 1,
             default_memory_mb: 512,
             default_disk_mb: 0,
@@ -836,6 +840,12 @@ impl Config {
             return Err(invalid(
                 "vm.agent_timeout_secs",
                 "must be between 1 and 3600",
+            ));
+        }
+        if vm.init_wait_timeout_secs == 0 || vm.init_wait_timeout_secs > 86_400 {
+            return Err(invalid(
+                "vm.init_wait_timeout_secs",
+                "must be between 1 and 86400",
             ));
         }
         if vm.max_cpus == 0 || vm.max_cpus > crate::engine::MAX_CPUS {
@@ -1169,6 +1179,8 @@ impl Config {
         e.kv("boot_timeout_secs", v.boot_timeout_secs);
         e.c("Seconds one agent call made by the daemon itself may take.");
         e.kv("agent_timeout_secs", v.agent_timeout_secs);
+        e.c("Seconds a create with wait_init waits for init to end.");
+        e.kv("init_wait_timeout_secs", v.init_wait_timeout_secs);
         e.c("Size of a sandbox created without cpus / memory_mb / disk_mb (disk 0 = the image's size).");
         e.kv("default_cpus", v.default_cpus);
         e.kv("default_memory_mb", v.default_memory_mb);

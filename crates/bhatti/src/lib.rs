@@ -14,6 +14,7 @@ pub mod backups;
 pub mod config;
 pub mod daemon;
 pub mod images;
+pub mod init_session;
 pub mod prebooted;
 pub mod proxy;
 pub mod secrets;

@@ -137,7 +137,8 @@ async fn api_end_to_end() {
         .await
         .expect_err(400);
     assert!(e.contains("JSON"), "{e}");
-    // Over the limit: 413 from the headers alone (the body is never sent).
+    // Over the limit (a create's is 3 MiB: 1 MiB plus room for files): 413
+    // from the headers alone (the body is never sent).
     {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::UnixStream::connect(env.sock())
@@ -145,7 +146,7 @@ async fn api_end_to_end() {
             .expect("connect");
         let req = format!(
             "POST /sandboxes HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {alice}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-            2 << 20
+            4 << 20
         );
         s.write_all(req.as_bytes()).await.expect("write");
         let mut head = vec![0u8; 64];

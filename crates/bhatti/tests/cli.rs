@@ -1240,3 +1240,114 @@ fn unreachable_daemon_and_missing_key() {
     .fails("malformed key", 2);
     assert!(!home.path().join(".config/bhatti/config.toml").exists());
 }
+
+/// A stand-in daemon on a unix socket: answers every request with `reply`
+/// (status 201, JSON) and hands each request (head and body) to the test.
+fn fake_daemon(sock: &Path, reply: Value) -> std::sync::mpsc::Receiver<(String, Vec<u8>)> {
+    use std::io::{BufRead, BufReader, Read};
+    let listener = std::os::unix::net::UnixListener::bind(sock).expect("bind");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+            let mut head = String::new();
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                head.push_str(&line);
+            }
+            let mut body = vec![0u8; len];
+            if reader.read_exact(&mut body).is_err() {
+                return;
+            }
+            let text = reply.to_string();
+            let _ = write!(
+                conn,
+                "HTTP/1.1 201 Created\r\ncontent-type: application/json\r\n\
+                 content-length: {}\r\nconnection: close\r\n\r\n{text}",
+                text.len()
+            );
+            if tx.send((head, body)).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+#[test]
+fn create_sends_files_with_their_modes() {
+    use std::os::unix::fs::PermissionsExt;
+    let home = tempfile::tempdir().expect("tempdir");
+    let sock = home.path().join("fake.sock");
+    let reply = json!({"id": "sb-1", "name": "x", "status": "running", "thermal": "hot",
+        "cpus": 1, "memory_mb": 512, "keep_hot": false, "labels": {}, "ip": null,
+        "created_at": "2026-01-01T00:00:00Z",
+        "init": {"state": "failed", "exit_code": 3}});
+    let requests = fake_daemon(&sock, reply);
+    let url = format!("unix://{}", sock.display());
+    let env = [("BHATTI_URL", url.as_str()), ("BHATTI_TOKEN", "bht_x")];
+    std::fs::write(home.path().join("run.sh"), b"#!/bin/sh\n").expect("run.sh");
+    std::fs::set_permissions(
+        home.path().join("run.sh"),
+        std::fs::Permissions::from_mode(0o750),
+    )
+    .expect("chmod");
+    std::fs::write(home.path().join("key"), [0u8, 1, 2, 255]).expect("key");
+
+    let r = bhatti(
+        home.path(),
+        &env,
+        &[
+            "create",
+            "x",
+            "--file",
+            "./run.sh:/workspace/run.sh",
+            "--file",
+            "./key:/home/lohar/.ssh/id:600",
+            "--init",
+            "exit 3",
+            "--wait-init",
+        ],
+        None,
+    )
+    .ok("create");
+    assert!(r.stdout.contains("failed (exit 3)"), "{}", r.stdout);
+    let (head, body) = requests
+        .recv_timeout(Duration::from_secs(30))
+        .expect("a request");
+    assert!(head.starts_with("POST /sandboxes "), "{head}");
+    let v: Value = serde_json::from_slice(&body).expect("JSON body");
+    assert_eq!(
+        v["files"],
+        json!([
+            {"path": "/workspace/run.sh", "content": "IyEvYmluL3NoCg==", "mode": 0o750},
+            {"path": "/home/lohar/.ssh/id", "content": "AAEC/w==", "mode": 0o600},
+        ]),
+        "{v}"
+    );
+    assert_eq!(
+        (v["init"].as_str(), v["wait_init"].as_bool()),
+        (Some("exit 3"), Some(true))
+    );
+
+    // Bad specs fail before anything is sent: exit 2, one line.
+    for spec in [
+        "./key:relative",
+        "./key:/proc/x",
+        "./key:/a/../b",
+        "./key:/x:9999",
+        "./missing:/x",
+    ] {
+        bhatti(home.path(), &env, &["create", "x", "--file", spec], None)
+            .fails(&format!("--file {spec}"), 2);
+    }
+    assert!(requests.try_recv().is_err(), "a bad --file sent a request");
+}

@@ -296,6 +296,7 @@ async fn exec_files_pty_pause() {
                 WriteFileRequest {
                     path: "/home/lohar/small.bin".into(),
                     mode: None,
+                    ..Default::default()
                 },
                 small.clone(),
             )
@@ -318,6 +319,7 @@ async fn exec_files_pty_pause() {
             WriteFileRequest {
                 path: "/home/lohar/big.bin".into(),
                 mode: None,
+                ..Default::default()
             },
             big.clone(),
         )
@@ -465,6 +467,7 @@ async fn snapshot_restore_and_recover() {
             WriteFileRequest {
                 path: "/home/lohar/keep.bin".into(),
                 mode: None,
+                ..Default::default()
             },
             keep.clone(),
         )

@@ -56,9 +56,15 @@ impl ActivityTracker {
             .unwrap_or_else(|p| p.into_inner())
             .elapsed();
         let (attached, running) = agent.sessions.counts();
+        // A running init script counts as an exec: the host does not cool
+        // a sandbox while its init (maybe silent for minutes) still works.
+        let init = agent
+            .sessions
+            .get(bhatti_protocol::guest_config::INIT_SESSION)
+            .is_some_and(|s| s.exit().is_none());
         serde_json::to_value(Activity {
             idle_ms: idle.as_millis() as u64,
-            running_execs: self.running_execs.load(Ordering::SeqCst),
+            running_execs: self.running_execs.load(Ordering::SeqCst) + u32::from(init),
             attached_sessions: attached,
             running_sessions: running,
             open_forwards: self.open_forwards.load(Ordering::SeqCst),

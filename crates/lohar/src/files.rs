@@ -602,7 +602,17 @@ pub async fn write(agent: &Agent, channel: Channel, req: WriteFileRequest) -> Re
         return Err(bad_request(format!("mode {mode:#o} is out of range")));
     }
     agent.activity.touch();
-    let (uid, gid) = (agent.config.uid, agent.config.gid);
+    let (uid, gid) = if req.place {
+        if path
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+        {
+            return Err(bad_request("a placed file's path has no '..'"));
+        }
+        crate::init::placed_owner(&agent.config, &path)
+    } else {
+        (agent.config.uid, agent.config.gid)
+    };
     let Channel {
         sender: _sender,
         mut receiver,

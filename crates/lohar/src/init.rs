@@ -15,7 +15,6 @@
 //!   `RB_POWER_OFF`, for VMMs that exit on a guest reboot (Firecracker,
 //!   QEMU `-no-reboot`) but cannot power off.
 
-use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::net::Ipv4Addr;
@@ -27,7 +26,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bhatti_protocol::guest_config::{
-    AgentTransport, GuestConfig, NetworkConfig, CONFIG_FILE, INIT_LOG,
+    AgentTransport, GuestConfig, NetworkConfig, CONFIG_FILE, INIT_SESSION,
 };
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
@@ -468,6 +467,16 @@ pub(crate) fn write_atomic_as(
     fs::rename(&tmp, path)
 }
 
+/// Who owns a file placed at create (from the config drive, or written
+/// with `place`): the user under their home or `/workspace`, else root.
+pub(crate) fn placed_owner(cfg: &AgentConfig, path: &Path) -> (u32, u32) {
+    if path.starts_with(&cfg.home) || path.starts_with("/workspace") {
+        (cfg.uid, cfg.gid)
+    } else {
+        (0, 0)
+    }
+}
+
 /// Places one file from the config. Under the user's home or /workspace it
 /// (and any directory created for it) belongs to the user, else to root.
 fn place_file(
@@ -480,12 +489,7 @@ fn place_file(
     if !p.is_absolute() || p.components().any(|c| c == std::path::Component::ParentDir) {
         anyhow::bail!("the path must be absolute, without '..'");
     }
-    let user_owned = p.starts_with(&cfg.home) || p.starts_with("/workspace");
-    let (uid, gid) = if user_owned {
-        (cfg.uid, cfg.gid)
-    } else {
-        (0, 0)
-    };
+    let (uid, gid) = placed_owner(cfg, p);
     let parent = p.parent().context("no parent directory")?;
     crate::files::ensure_dirs(parent, uid, gid)?;
     let mode = mode.unwrap_or(0o644) & 0o7777;
@@ -633,45 +637,14 @@ fn watch_signals() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the config's init script as the user, detached, output to
-/// [`INIT_LOG`]. Runs on every boot (not after a snapshot restore, which
-/// is not a boot).
+/// Starts the config's init script as the user, in the session
+/// [`INIT_SESSION`]: listed with the other sessions, its output readable
+/// as theirs is, kept after it exits. The host gives a script on a
+/// sandbox's first boot only (a snapshot restore is no boot at all).
 fn start_init_script(agent: &crate::server::Agent, script: String) {
-    let argv = vec!["/bin/sh".to_owned(), "-c".to_owned(), script];
-    let env = BTreeMap::new();
-    let spec = crate::user::Spec {
-        argv: &argv,
-        env: &env,
-        cwd: None,
-        stdio: crate::user::Stdio::Pipes,
-    };
-    let result = (|| -> anyhow::Result<u32> {
-        let mut cmd = crate::user::command(&agent.config, &agent.sandbox_env(), &spec)
-            .map_err(anyhow::Error::msg)?;
-        if let Some(dir) = Path::new(INIT_LOG).parent() {
-            fs::create_dir_all(dir)?;
-        }
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o644)
-            .open(INIT_LOG)?;
-        std::os::unix::fs::fchown(&log, Some(agent.config.uid), Some(agent.config.gid))?;
-        cmd.stdin(crate::spawn::Io::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        let (child, exited) = crate::reaper::spawn(&mut cmd)?;
-        let pid = child.id();
-        tokio::spawn(async move {
-            if let Ok(status) = exited.await {
-                tracing::info!("init script (pid {pid}) ended: {status:?}");
-            }
-        });
-        Ok(pid)
-    })();
-    match result {
-        Ok(pid) => tracing::info!("init script started (pid {pid}), output in {INIT_LOG}"),
-        Err(e) => tracing::warn!("init script: {e:#}"),
+    match crate::pty::start_init(agent, INIT_SESSION, script) {
+        Ok(pid) => tracing::info!("init script started (pid {pid}) as session {INIT_SESSION}"),
+        Err(e) => tracing::warn!("init script: {}", e.message),
     }
 }
 

@@ -67,7 +67,7 @@ pub async fn start(agent: &Agent, channel: Channel, req: PtyRequest) -> Reply {
         )?;
         let session = agent
             .sessions
-            .create(|| spawn_piped_session(agent, cmd, argv))?;
+            .create(|| spawn_piped_session(agent, cmd, argv, None))?;
         agent.activity.touch();
         return serve(agent, session, channel, 0, None).await;
     }
@@ -151,11 +151,34 @@ fn spawn_session(
     Ok(session)
 }
 
+/// Starts the init script as the kept piped session `id`, its stdin at
+/// end of input. Returns its pid.
+pub fn start_init(agent: &Agent, id: &str, script: String) -> Result<u32, ErrorBody> {
+    let argv = vec!["/bin/sh".to_owned(), "-c".to_owned(), script];
+    let cmd = user::command(
+        &agent.config,
+        &agent.sandbox_env(),
+        &user::Spec {
+            argv: &argv,
+            env: &Default::default(),
+            cwd: None,
+            stdio: user::Stdio::Pipes,
+        },
+    )?;
+    let session = agent
+        .sessions
+        .create(|| spawn_piped_session(agent, cmd, argv, Some(id)))?;
+    session.close_input();
+    Ok(session.pid)
+}
+
 /// Starts the command on pipes, and the task draining stdout and stderr.
+/// `kept_id`: the session has this id and is kept after it exits.
 fn spawn_piped_session(
     agent: &Agent,
     mut cmd: crate::spawn::Command,
     argv: Vec<String>,
+    kept_id: Option<&str>,
 ) -> Result<Arc<Session>, ErrorBody> {
     use crate::spawn::Io;
     use tokio::net::unix::pipe;
@@ -197,7 +220,7 @@ fn spawn_piped_session(
     drop(child);
     let session = Arc::new(
         Session::new(
-            crate::server::random_id(),
+            kept_id.map_or_else(crate::server::random_id, str::to_owned),
             pid,
             argv,
             0,
@@ -205,7 +228,8 @@ fn spawn_piped_session(
             agent.sessions.scrollback(),
             Arc::new(stdin),
         )
-        .with_piped(true),
+        .with_piped(true)
+        .with_kept(kept_id.is_some()),
     );
     tokio::spawn(piped_output_task(
         agent.clone(),
@@ -265,6 +289,9 @@ async fn piped_output_task(
     };
     session.finish(status);
     agent.activity.touch();
+    if session.kept {
+        return;
+    }
     tokio::time::sleep(agent.sessions.limits().exited_session_grace).await;
     agent.sessions.remove(&session.id);
 }

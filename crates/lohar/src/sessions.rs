@@ -138,6 +138,8 @@ pub struct Session {
     pub started_unix_ms: i64,
     /// Pipes, not a terminal.
     pub piped: bool,
+    /// Never removed after it exits (the init script's session).
+    pub kept: bool,
     state: Mutex<State>,
     /// Bumped on new output and when the session ends.
     updates: watch::Sender<()>,
@@ -163,6 +165,7 @@ impl Session {
             argv,
             started_unix_ms,
             piped: false,
+            kept: false,
             state: Mutex::new(State {
                 ring: Ring::new(scrollback),
                 rows,
@@ -178,6 +181,12 @@ impl Session {
     /// Marks a session as piped (before it is shared).
     pub fn with_piped(mut self, piped: bool) -> Self {
         self.piped = piped;
+        self
+    }
+
+    /// Keeps the session after it exits (before it is shared).
+    pub fn with_kept(mut self, kept: bool) -> Self {
+        self.kept = kept;
         self
     }
 

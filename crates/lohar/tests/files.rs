@@ -32,6 +32,7 @@ fn write_req(path: &Path, mode: Option<u32>) -> WriteFileRequest {
     WriteFileRequest {
         path: path.to_str().expect("utf-8 path").into(),
         mode,
+        ..Default::default()
     }
 }
 
@@ -176,6 +177,7 @@ async fn bad_paths_are_bad_requests() {
                 WriteFileRequest {
                     path: bad.into(),
                     mode: None,
+                    ..Default::default()
                 },
                 Bytes::from_static(b"x"),
             )
@@ -211,6 +213,7 @@ async fn permission_denied_is_reported() {
             WriteFileRequest {
                 path: "/sys/bhatti-test-file".into(),
                 mode: None,
+                ..Default::default()
             },
             Bytes::from_static(b"x"),
         )

@@ -24,8 +24,9 @@ pub const CONFIG_FILE: &str = "config.json";
 pub const DEFAULT_VSOCK_PORT: u32 = 1024;
 /// The default virtio-serial port name for the agent.
 pub const DEFAULT_SERIAL_NAME: &str = "bhatti.agent";
-/// Where the output of the boot-time init script goes.
-pub const INIT_LOG: &str = "/var/log/bhatti-init.log";
+/// The id of the session the init script runs as (its output is that
+/// session's output, like any other session's).
+pub const INIT_SESSION: &str = "init";
 
 /// Everything the host hands a guest at boot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,11 +39,13 @@ pub struct GuestConfig {
     /// Sandbox-wide environment for every command.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// Files placed before the agent starts (secrets, dotfiles, …).
+    /// Files placed before the agent starts (secrets, dotfiles, …). The
+    /// host gives them on a sandbox's first boot only.
     #[serde(default)]
     pub files: Vec<GuestFile>,
-    /// A script run once at boot as the user, detached, with its output in
-    /// [`INIT_LOG`]. Run with `/bin/sh -c`.
+    /// A script run as the user with `/bin/sh -c`, as the session
+    /// [`INIT_SESSION`] (kept after it exits). The host gives it on a
+    /// sandbox's first boot only.
     #[serde(default)]
     pub init: Option<String>,
     /// Name servers for `/etc/resolv.conf`.

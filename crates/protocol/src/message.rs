@@ -199,6 +199,11 @@ pub struct WriteFileRequest {
     /// Permission bits; default 0644.
     #[serde(default)]
     pub mode: Option<u32>,
+    /// Own the file (and directories made for it) as a file from the
+    /// config drive would be: the user under their home or `/workspace`,
+    /// else root. Otherwise the user owns it wherever it is.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub place: bool,
 }
 
 /// Client → agent, on an open channel.
@@ -423,6 +428,7 @@ pub struct Activity {
     /// Milliseconds since the last exec start/output, stdin, file operation
     /// or session input/output.
     pub idle_ms: u64,
+    /// Running execs, and the init script while it runs.
     pub running_execs: u32,
     pub attached_sessions: u32,
     pub running_sessions: u32,

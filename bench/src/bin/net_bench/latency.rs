@@ -406,6 +406,7 @@ async fn run_guests(
             WriteFileRequest {
                 path: path.into(),
                 mode: Some(0o644),
+                place: false,
             },
             Bytes::from_static(body.as_bytes()),
         )

@@ -407,6 +407,7 @@ pub(super) async fn bench_fc_linux(
         bhatti_protocol::WriteFileRequest {
             path: GUEST_HELPER.into(),
             mode: Some(0o755),
+            place: false,
         },
         Bytes::from(std::fs::read(&helper)?),
     )

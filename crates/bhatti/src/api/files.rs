@@ -219,11 +219,22 @@ pub async fn put(
             .await
             .map_err(|e| ApiError::BadRequest(format!("reading the upload: {e}")))?;
         let done = client
-            .write_file(WriteFileRequest { path: q.path, mode }, data)
+            .write_file(
+                WriteFileRequest {
+                    path: q.path,
+                    mode,
+                    ..Default::default()
+                },
+                data,
+            )
             .await?;
         return Ok(Json(WriteResult { bytes: done.bytes }));
     }
-    let mut writer = client.write_file_stream(WriteFileRequest { path: q.path, mode })?;
+    let mut writer = client.write_file_stream(WriteFileRequest {
+        path: q.path,
+        mode,
+        ..Default::default()
+    })?;
     let mut body = req.into_body().into_data_stream();
     let mut total: u64 = 0;
     while let Some(chunk) = body.next().await {

@@ -16,6 +16,7 @@ use crate::api_types::{
 };
 use crate::auth::RequestClass;
 use crate::engine::{new_sandbox_id, CheckpointMeta, CreateSpec, Sandbox, SandboxState};
+use crate::init_session::InitOutcome;
 use crate::net::egress::EgressPolicy;
 use crate::net::tenants::{TenantSandbox, TenantUser};
 use crate::store::sandboxes::{self, NewSandbox, SandboxRow, SandboxUpdate};
@@ -90,6 +91,10 @@ pub(super) fn view(row: &SandboxRow, sb: Option<&Sandbox>) -> SandboxView {
             )
         }),
         thermal_info: None,
+        init: row
+            .spec
+            .get(SPEC_INIT_RESULT)
+            .and_then(|v| serde_json::from_value(v.clone()).ok()),
     }
 }
 
@@ -164,6 +169,11 @@ pub(super) fn tenant_sandbox(
     })
 }
 
+/// Where a sandbox's row keeps how its `init` went ([`InitView`]).
+const SPEC_INIT_RESULT: &str = "init_result";
+/// A create's body: the usual JSON limit plus room for its files (base64).
+const MAX_CREATE_JSON: usize = super::MAX_JSON + 2 * crate::api_types::MAX_FILES_BYTES;
+
 /// Creates a sandbox (or forks a checkpoint). Idempotent by name: an
 /// existing name answers 200 with that sandbox.
 #[utoipa::path(post, path = "/sandboxes", tag = "sandboxes",
@@ -179,7 +189,7 @@ pub(super) fn tenant_sandbox(
 pub async fn create(
     State(st): State<AppStateRef>,
     caller: Caller,
-    JsonBody(req): JsonBody<CreateSandbox>,
+    JsonBody(req): JsonBody<CreateSandbox, MAX_CREATE_JSON>,
 ) -> Result<Response, ApiError> {
     let state = st.clone();
     st.detached(create_to_end(state, caller, req)).await
@@ -199,6 +209,7 @@ async fn create_to_end(
     };
     caller.rate(&st, RequestClass::Create)?;
     req.validate(&st.config.vm.size_bounds())?;
+    let files = crate::api_types::decode_files(&req.files)?;
     if let Some(snap) = req.from_snapshot.clone() {
         if req.cpus.is_some()
             || req.memory_mb.is_some()
@@ -211,7 +222,16 @@ async fn create_to_end(
                 "from_snapshot: cpus, memory_mb, disk_mb, env, init and secrets come from the checkpoint".into(),
             ));
         }
-        return fork(&st, &caller, &snap, req.name, req.keep_hot, req.labels).await;
+        return fork_with_files(
+            &st,
+            &caller,
+            &snap,
+            req.name,
+            req.keep_hot,
+            req.labels,
+            files,
+        )
+        .await;
     }
     if let Some(existing) = existing(&st, &caller, req.name.as_deref()).await? {
         return Ok((StatusCode::OK, Json(view_of(&st, &existing))).into_response());
@@ -287,8 +307,14 @@ async fn create_to_end(
     stored.cpus = Some(cpus);
     stored.memory_mb = Some(memory_mb);
     stored.disk_mb = disk_mb;
+    // The row keeps what files were given, not their bytes.
+    stored.files = Vec::new();
+    stored.wait_init = false;
     let mut stored = serde_json::to_value(&stored).unwrap_or_default();
     if let Some(obj) = stored.as_object_mut() {
+        if !files.is_empty() {
+            obj.insert("files".into(), files_summary(&files));
+        }
         // The image's defaults (user made explicit): an exec without a
         // command runs the image's, and a saved image inherits them.
         if let Some(v) = base
@@ -368,7 +394,7 @@ async fn create_to_end(
         disk_mb,
         env,
         init: req.init.clone(),
-        files: Vec::new(),
+        files,
         network,
         base: shape.base.clone(),
         user: shape.user.clone(),
@@ -396,10 +422,23 @@ async fn create_to_end(
         }
         None => st.engine.create_as(id.clone(), spec).await,
     };
+    let init = req
+        .init
+        .as_deref()
+        .is_some_and(|s| !s.trim().is_empty())
+        .then_some(req.wait_init);
     ph("forked");
-    let r = finish_create(&st, &caller, row, result).await;
+    let r = finish_create(&st, &caller, row, result, init).await;
     ph("finished");
     r
+}
+
+/// What a row shows of a create's files: path, mode and size of each.
+fn files_summary(files: &[bhatti_protocol::guest_config::GuestFile]) -> serde_json::Value {
+    files
+        .iter()
+        .map(|f| serde_json::json!({"path": f.path, "mode": f.mode, "bytes": f.content.len()}))
+        .collect()
 }
 
 /// The fork, with the deferred network part (if any) beside it. `Err`:
@@ -452,10 +491,31 @@ fn with_template(
     (req, t.env)
 }
 
-/// Records how the sandbox came to be (`origin` in its view).
-async fn set_origin(st: &AppState, mut row: SandboxRow, origin: &str) -> SandboxRow {
+/// How the new sandbox's `init` is doing, waited for when `wait` (up to
+/// `vm.init_wait_timeout_secs`; a failing init fails no create).
+async fn init_outcome(st: &AppState, id: &str, wait: bool) -> InitOutcome {
+    let client = match st.engine.agent(id).await {
+        Ok(c) => c,
+        Err(e) => return InitOutcome::Unknown(format!("the agent: {e}")),
+    };
+    let agent_timeout = std::time::Duration::from_secs(st.config.vm.agent_timeout_secs);
+    if wait {
+        let timeout = std::time::Duration::from_secs(st.config.vm.init_wait_timeout_secs);
+        crate::init_session::wait(&client, timeout, 0).await
+    } else {
+        crate::init_session::look(&client, agent_timeout).await
+    }
+}
+
+/// Sets one key of the row's spec (best effort: logged on failure).
+async fn set_spec_key(
+    st: &AppState,
+    mut row: SandboxRow,
+    key: &str,
+    value: serde_json::Value,
+) -> SandboxRow {
     if let Some(o) = row.spec.as_object_mut() {
-        o.insert("origin".into(), origin.into());
+        o.insert(key.into(), value);
     }
     let (owner, id) = (row.owner.clone(), row.id.clone());
     let u = SandboxUpdate {
@@ -467,9 +527,14 @@ async fn set_origin(st: &AppState, mut row: SandboxRow, origin: &str) -> Sandbox
         .run(move |c| sandboxes::update(c, &owner, &id, &u))
         .await
     {
-        tracing::warn!(id = %row.id, "recording the origin: {e}");
+        tracing::warn!(id = %row.id, "recording {key}: {e}");
     }
     row
+}
+
+/// Records how the sandbox came to be (`origin` in its view).
+async fn set_origin(st: &AppState, row: SandboxRow, origin: &str) -> SandboxRow {
+    set_spec_key(st, row, "origin", origin.into()).await
 }
 
 /// The owner's network up and the sandbox's rules in place, before its
@@ -530,6 +595,19 @@ pub(super) async fn fork(
     keep_hot: bool,
     labels: BTreeMap<String, String>,
 ) -> Result<Response, ApiError> {
+    fork_with_files(st, caller, snapshot, name, keep_hot, labels, Vec::new()).await
+}
+
+/// [`fork`] placing `files` in the new sandbox after its restore.
+async fn fork_with_files(
+    st: &AppStateRef,
+    caller: &Caller,
+    snapshot: &str,
+    name: Option<String>,
+    keep_hot: bool,
+    labels: BTreeMap<String, String>,
+    files: Vec<bhatti_protocol::guest_config::GuestFile>,
+) -> Result<Response, ApiError> {
     if let Some(existing) = existing(st, caller, name.as_deref()).await? {
         return Ok((StatusCode::OK, Json(view_of(st, &existing))).into_response());
     }
@@ -554,7 +632,10 @@ pub(super) async fn fork(
         from_snapshot: Some(snapshot.to_owned()),
         ..Default::default()
     };
-    let stored = serde_json::to_value(&stored).unwrap_or_default();
+    let mut stored = serde_json::to_value(&stored).unwrap_or_default();
+    if let (Some(obj), false) = (stored.as_object_mut(), files.is_empty()) {
+        obj.insert("files".into(), files_summary(&files));
+    }
     let plan = (!meta.spec.volumes.is_empty())
         .then(|| super::volumes::VolumePlan::for_fork(&meta.spec.volumes))
         .transpose()?;
@@ -574,11 +655,12 @@ pub(super) async fn fork(
         hostname: Some(name),
         env: meta.spec.env.clone(),
         init: meta.spec.init.clone(),
+        files,
         network,
         ..CreateSpec::default()
     };
     let result = st.engine.fork(id.clone(), spec, &dir).await;
-    finish_create(st, caller, row, result).await
+    finish_create(st, caller, row, result, None).await
 }
 
 async fn existing(
@@ -670,17 +752,36 @@ async fn insert_row(
     }
 }
 
+/// `init`: `None` when the sandbox has no init script, else whether to
+/// wait for it to end (else it is only looked at) before answering.
 async fn finish_create(
     st: &AppState,
     caller: &Caller,
     row: SandboxRow,
     result: crate::engine::Result<Sandbox>,
+    init: Option<bool>,
 ) -> Result<Response, ApiError> {
     match result {
         Ok(sb) => {
             st.set_status(&row.owner, &row.id, "running").await;
             let mut row = row;
             row.status = "running".into();
+            let mut sb = sb;
+            if let Some(wait) = init {
+                let outcome = init_outcome(st, &row.id, wait).await;
+                if let InitOutcome::Exited { status, .. } = &outcome {
+                    tracing::info!(id = %row.id, exit_code = status.exit_code, "init ended");
+                }
+                row = set_spec_key(
+                    st,
+                    row,
+                    SPEC_INIT_RESULT,
+                    serde_json::to_value(outcome.view()).unwrap_or_default(),
+                )
+                .await;
+                // The engine's state after the wait (it may have changed).
+                sb = st.engine.get(&row.id).unwrap_or(sb);
+            }
             Ok(created(view_with_network(st, &row, Some(&sb))))
         }
         Err(e) => Err(abandon_create(st, caller, &row, e.into()).await),

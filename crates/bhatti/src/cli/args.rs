@@ -207,14 +207,38 @@ pub fn parse_key_values(s: &str) -> Result<KeyValues, String> {
     Ok(KeyValues(out))
 }
 
-/// `LOCAL:GUEST`, the guest path absolute: `./app.js:/app/app.js`.
-pub fn parse_file_spec(s: &str) -> Result<(PathBuf, String), String> {
-    match s.find(":/") {
-        Some(i) if i > 0 => Ok((PathBuf::from(&s[..i]), s[i + 1..].to_string())),
-        _ => Err(format!(
-            "expected LOCAL:GUEST with an absolute guest path, got {s:?}"
-        )),
-    }
+/// A `--file` of `bhatti create`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSpec {
+    pub local: PathBuf,
+    pub guest: String,
+    /// Octal permission bits; `None` keeps the local file's.
+    pub mode: Option<u32>,
+}
+
+/// `LOCAL:GUEST[:MODE]`, the guest path absolute and MODE octal:
+/// `./app.js:/app/app.js`, `./key:/home/lohar/.ssh/id:600`. A guest path
+/// ending in `:` and octal digits reads as a mode.
+pub fn parse_file_spec(s: &str) -> Result<FileSpec, String> {
+    let Some(i) = s.find(":/").filter(|&i| i > 0) else {
+        return Err(format!(
+            "expected LOCAL:GUEST[:MODE] with an absolute guest path, got {s:?}"
+        ));
+    };
+    let (local, rest) = (&s[..i], &s[i + 1..]);
+    let (guest, mode) = match rest.rsplit_once(':') {
+        Some((g, m)) if !m.is_empty() && m.bytes().all(|b| b.is_ascii_digit()) => {
+            let mode = parse_mode(m)?;
+            (g, Some(mode))
+        }
+        _ => (rest, None),
+    };
+    bhatti::engine::validate_file_path(guest)?;
+    Ok(FileSpec {
+        local: PathBuf::from(local),
+        guest: guest.to_owned(),
+        mode,
+    })
 }
 
 #[derive(Debug, Args)]
@@ -226,9 +250,10 @@ pub struct CreateArgs {
     /// The name, as a flag (the same as the positional NAME).
     #[arg(long = "name", id = "name_flag", value_name = "NAME", value_parser = parse_name, conflicts_with = "name")]
     pub name_flag: Option<String>,
-    /// Upload a local file after the sandbox boots (repeatable).
-    #[arg(long = "file", value_name = "LOCAL:GUEST", value_parser = parse_file_spec)]
-    pub files: Vec<(PathBuf, String)>,
+    /// Place a local file in the sandbox before anything runs (repeatable);
+    /// MODE is octal, default the local file's.
+    #[arg(long = "file", value_name = "LOCAL:GUEST[:MODE]", value_parser = parse_file_spec)]
+    pub files: Vec<FileSpec>,
     /// Mount one of your volumes (repeatable; `:ro` read-only).
     #[arg(long = "volume", value_name = "NAME:/MOUNT[:ro]", value_parser = super::volumes::parse_volume_spec)]
     pub volumes: Vec<bhatti::api_types::SandboxVolume>,
@@ -245,9 +270,12 @@ pub struct CreateArgs {
     /// A=1,B=2 (repeatable).
     #[arg(short, long = "env", value_name = "KEY=VALUE[,…]", value_parser = parse_key_values)]
     pub env: Vec<KeyValues>,
-    /// Shell script run once at first boot.
+    /// Shell script run once at first boot, as the session `init`.
     #[arg(long, value_name = "SCRIPT")]
     pub init: Option<String>,
+    /// Return only once init has ended (its outcome is shown).
+    #[arg(long)]
+    pub wait_init: bool,
     /// Never pause or snapshot this sandbox when idle.
     #[arg(long)]
     pub keep_hot: bool,
@@ -777,10 +805,29 @@ mod tests {
         assert_eq!(env, [kv("A", "1"), kv("B", "2"), kv("C", "a,b")]);
         assert_eq!(
             c.files,
-            [(PathBuf::from("./local"), "/guest/path".to_string())]
+            [FileSpec {
+                local: PathBuf::from("./local"),
+                guest: "/guest/path".into(),
+                mode: None
+            }]
         );
         assert!(parse(&["create", "a", "--name", "b"]).is_err());
         assert!(parse(&["create", "--file", "local:relative"]).is_err());
+        assert_eq!(
+            parse_file_spec("./a:b:/etc/x:0600"),
+            Ok(FileSpec {
+                local: PathBuf::from("./a:b"),
+                guest: "/etc/x".into(),
+                mode: Some(0o600)
+            })
+        );
+        assert_eq!(
+            parse_file_spec("l:/etc/a:b").map(|f| (f.guest, f.mode)),
+            Ok(("/etc/a:b".to_string(), None))
+        );
+        for bad in ["l:/etc/x:999", "l:/proc/x", "l:/a/../b", "l:/a//b", ":/x"] {
+            assert!(parse_file_spec(bad).is_err(), "{bad}");
+        }
         assert!(parse(&["create", "--env", ",A=1"]).is_err());
         let cli = parse(&["snapshot", "create", "sb", "--name", "cp"]).unwrap();
         let Command::Snapshot(SnapshotCommand::Create { name_flag, .. }) = cli.command else {

@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 use std::io::{IsTerminal, Read};
 use std::time::{Duration, Instant};
 
-use bhatti::api_types::{CreateSandbox, ExecEvent, ExecRequest, NetworkPolicy, PatchSandbox};
+use bhatti::api_types::{
+    CreateFile, CreateSandbox, ExecEvent, ExecRequest, NetworkPolicy, PatchSandbox,
+};
 use http_body_util::BodyExt;
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -73,6 +75,16 @@ fn sandbox_fields(v: &Value) -> Vec<(&'static str, String)> {
         if let Some(x) = v.get(k).and_then(Value::as_str) {
             f.push((label, x.to_owned()));
         }
+    }
+    if let Some(init) = v.get("init").filter(|i| i.is_object()) {
+        let mut state = s(init, "state");
+        if let Some(code) = init.get("exit_code").and_then(Value::as_i64) {
+            state.push_str(&format!(" (exit {code})"));
+        }
+        if let Some(e) = init.get("error").and_then(Value::as_str) {
+            state.push_str(&format!(": {e}"));
+        }
+        f.push(("init", state));
     }
     if let Some(net) = v.get("network").filter(|n| n.is_object()) {
         f.push(("gateway", s(net, "gateway")));
@@ -156,15 +168,24 @@ fn network_policy(
 pub async fn create(c: &Client, a: CreateArgs, out: &Printer) -> Result<ExitStatus> {
     require_token(c)?;
     let name = a.name.or(a.name_flag);
-    // Files to upload are read first: a missing one changes nothing.
-    let mut uploads = Vec::with_capacity(a.files.len());
-    for (local, guest) in &a.files {
-        bhatti::api_types::validate_guest_path("--file", guest)
-            .map_err(|e| CliError::usage(format!("--file: {}", e.message)))?;
-        let data = std::fs::read(local).map_err(|e| {
-            CliError::usage(format!("--file: cannot read {}: {e}", local.display()))
+    // Files are read first: a missing one changes nothing.
+    let mut files = Vec::with_capacity(a.files.len());
+    for f in &a.files {
+        let data = std::fs::read(&f.local).map_err(|e| {
+            CliError::usage(format!("--file: cannot read {}: {e}", f.local.display()))
         })?;
-        uploads.push((guest.clone(), data));
+        let mode = match f.mode {
+            Some(m) => m,
+            None => {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::metadata(&f.local)
+                    .map_err(|e| CliError::usage(format!("--file: {}: {e}", f.local.display())))?
+                    .permissions()
+                    .mode()
+                    & 0o7777
+            }
+        };
+        files.push(CreateFile::new(f.guest.clone(), &data, Some(mode)));
     }
     let req = CreateSandbox {
         name: name.clone(),
@@ -182,6 +203,8 @@ pub async fn create(c: &Client, a: CreateArgs, out: &Printer) -> Result<ExitStat
         network: network_policy(a.no_internet, a.allow, a.deny),
         volumes: a.volumes,
         new_volumes: Vec::new(),
+        files,
+        wait_init: a.wait_init,
     };
     let body = serde_json::to_value(&req).map_err(|e| CliError::new(e.to_string()))?;
     let what = name
@@ -190,7 +213,14 @@ pub async fn create(c: &Client, a: CreateArgs, out: &Printer) -> Result<ExitStat
     let started = Instant::now();
     let (status, v) = with_spinner(
         out,
-        format!("creating {what}, waiting for it to boot"),
+        format!(
+            "creating {what}, waiting for it to boot{}",
+            if req.wait_init {
+                " and its init to end"
+            } else {
+                ""
+            }
+        ),
         c.json(Method::POST, "/sandboxes", Some(body)),
     )
     .await?;
@@ -202,23 +232,6 @@ pub async fn create(c: &Client, a: CreateArgs, out: &Printer) -> Result<ExitStat
             s(&v, "name"),
             started.elapsed().as_secs_f64()
         ));
-    }
-    let id = s(&v, "id");
-    for (guest, data) in uploads {
-        let path = format!(
-            "{}{}",
-            sandbox_path(&id, "/files"),
-            super::http::query(&[("path", guest.clone())])
-        );
-        let len = data.len();
-        c.ok(
-            Method::PUT,
-            &path,
-            Body::Raw(bytes::Bytes::from(data)),
-            Some("application/json"),
-        )
-        .await?;
-        out.note(&format!("wrote {len} bytes to {guest}"));
     }
     print_sandbox(out, &v)?;
     Ok(ExitStatus::Success)

@@ -31,6 +31,7 @@ use sha2::{Digest, Sha256};
 
 use crate::api_types::PrebootedView;
 use crate::engine::{CheckpointMeta, CreateSpec, Engine};
+use crate::init_session::InitOutcome;
 use crate::net::egress::{Egress, EgressPolicy};
 use crate::net::tenants::{TenantSandbox, TenantUser, Tenants};
 use crate::store::Store;
@@ -440,7 +441,9 @@ impl Inner {
             memory_mb: shape.memory_mb,
             disk_mb: shape.disk_mb,
             env: shape.env.clone(),
-            init: None,
+            // Run at boot as the session `init`, which the snapshot keeps:
+            // every sandbox restored from it lists it.
+            init: shape.init.clone(),
             files: Vec::new(),
             network,
             base: shape.base.clone(),
@@ -455,7 +458,7 @@ impl Inner {
                 .await
                 .map_err(|e| format!("booting: {e}"))?;
             let init_output = match shape.init.as_deref().filter(|s| !s.trim().is_empty()) {
-                Some(init) => Some(self.run_init(&id, init).await?),
+                Some(_) => Some(self.wait_init(&id).await?),
                 None => None,
             };
             remove_checkpoint(&dir);
@@ -552,29 +555,28 @@ impl Inner {
         }))
     }
 
-    /// Runs `init` as the sandbox user and waits for it; a non-zero exit
+    /// Waits for the builder's `init` session to end; a non-zero exit
     /// fails the build with the output's tail.
-    async fn run_init(&self, id: &str, init: &str) -> Result<String, String> {
+    async fn wait_init(&self, id: &str) -> Result<String, String> {
         let agent = self
             .engine
             .agent(id)
             .await
             .map_err(|e| format!("agent: {e}"))?;
-        let req = bhatti_protocol::ExecRequest {
-            argv: vec!["/bin/sh".into(), "-c".into(), init.to_owned()],
-            ..Default::default()
-        };
-        let out = tokio::time::timeout(INIT_TIMEOUT, agent.exec(req, None))
-            .await
-            .map_err(|_| format!("init did not finish within {INIT_TIMEOUT:?}"))?
-            .map_err(|e| format!("init: {e}"))?;
-        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.push_str(&String::from_utf8_lossy(&out.stderr));
-        let tail = tail(&text, INIT_OUTPUT_TAIL);
-        if out.status.exit_code != 0 {
-            return Err(format!("init exited with {}: {tail}", out.status.exit_code));
+        // Bytes, not characters: a little more, then cut at a boundary.
+        match crate::init_session::wait(&agent, INIT_TIMEOUT, INIT_OUTPUT_TAIL + 4).await {
+            InitOutcome::Exited { status, tail: out } => {
+                let text = tail(&String::from_utf8_lossy(&out), INIT_OUTPUT_TAIL);
+                if status.exit_code != 0 {
+                    return Err(format!("init exited with {}: {text}", status.exit_code));
+                }
+                Ok(text)
+            }
+            InitOutcome::TimedOut | InitOutcome::Running => {
+                Err(format!("init did not finish within {INIT_TIMEOUT:?}"))
+            }
+            InitOutcome::Unknown(e) => Err(format!("init: {e}")),
         }
-        Ok(tail)
     }
 }
 

@@ -381,6 +381,9 @@ impl Inner {
             ph("reidentified");
             // The connection that asked stays authenticated (the new token
             // is for connections from now on): no second handshake.
+            place_files(&old, &live.rec.spec.files, self.cfg.agent_timeout)
+                .await
+                .map_err(|e| fail(self, &live.rec, e))?;
             Ok::<_, EngineError>((old, done))
         }
         .await;
@@ -404,9 +407,33 @@ impl Inner {
         live.rec.pid = Some(vm.pid());
         live.vm = Some(vm);
         live.agent = Some(client);
+        live.rec.spec.files.clear();
         self.set_state(slot, live, SandboxState::Running, None);
         Ok(())
     }
+}
+
+/// A fork's files, written through its agent as its first boot would
+/// have placed them (same owners and modes); a restored guest never reads
+/// a config drive.
+async fn place_files(
+    client: &bhatti_protocol::client::AgentClient,
+    files: &[bhatti_protocol::guest_config::GuestFile],
+    timeout: std::time::Duration,
+) -> std::result::Result<(), String> {
+    for f in files {
+        let req = bhatti_protocol::WriteFileRequest {
+            path: f.path.clone(),
+            mode: f.mode,
+            place: true,
+        };
+        let data = bytes::Bytes::from(f.content.clone());
+        tokio::time::timeout(timeout, client.write_file(req, data))
+            .await
+            .map_err(|_| format!("placing {} timed out", f.path))?
+            .map_err(|e| format!("placing {}: {e}", f.path))?;
+    }
+    Ok(())
 }
 
 impl Engine {

@@ -50,8 +50,9 @@ pub use checkpoint::{CheckpointMeta, CHECKPOINT_META};
 pub use error::{EngineError, Result};
 pub use orphans::{crash_point, Orphans, CRASH_AT_ENV};
 pub use state::{
-    transition, validate_mount_point, validate_name, CreateSpec, Op, SandboxRecord, SandboxState,
-    SnapshotRecord, VolumeMount, MAX_CPUS, MAX_DISK_MB, MAX_MEMORY_MB, MAX_VOLUMES, MIN_DISK_MB,
+    transition, validate_file_path, validate_files, validate_mount_point, validate_name,
+    CreateSpec, Op, SandboxRecord, SandboxState, SnapshotRecord, VolumeMount, MAX_CONFIG_JSON,
+    MAX_CPUS, MAX_DISK_MB, MAX_FILES, MAX_FILES_BYTES, MAX_MEMORY_MB, MAX_VOLUMES, MIN_DISK_MB,
     MIN_MEMORY_MB, RECORD_FILE,
 };
 pub use wake::WakeReport;
@@ -732,8 +733,12 @@ impl Inner {
         }
     }
 
-    /// The config drive's contents; `secrets` joins the environment.
+    /// The config drive's contents; `secrets` joins the environment. Files
+    /// and init are a first boot's only (the sandbox is still `creating`):
+    /// a later fresh boot (restart, failed restore) neither places the
+    /// files again nor reruns init.
     fn guest_config(&self, rec: &SandboxRecord, secrets: &BTreeMap<String, String>) -> GuestConfig {
+        let first_boot = rec.state == SandboxState::Creating;
         let mut env = rec.spec.env.clone();
         env.extend(secrets.iter().map(|(k, v)| (k.clone(), v.clone())));
         GuestConfig {
@@ -745,8 +750,12 @@ impl Inner {
                 .unwrap_or_else(|| rec.name.clone()),
             token: rec.token.clone(),
             env,
-            files: rec.spec.files.clone(),
-            init: rec.spec.init.clone(),
+            files: if first_boot {
+                rec.spec.files.clone()
+            } else {
+                Vec::new()
+            },
+            init: rec.spec.init.clone().filter(|_| first_boot),
             dns: match rec.net.as_ref() {
                 Some(n) if !n.dns.is_empty() => n.dns.clone(),
                 _ => self.cfg.dns.clone(),
@@ -854,6 +863,8 @@ impl Inner {
         live.rec.pid = Some(vm.pid());
         live.vm = Some(vm);
         live.agent = Some(client);
+        // Placed now and never again: the record need not carry them on.
+        live.rec.spec.files.clear();
         self.set_state(slot, live, SandboxState::Running, None);
         Ok(())
     }

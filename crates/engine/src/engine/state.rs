@@ -99,6 +99,73 @@ pub const MIN_DISK_MB: u64 = 64;
 pub const MAX_DISK_MB: u64 = 4 << 20;
 /// Most volumes one sandbox may have.
 pub const MAX_VOLUMES: usize = 16;
+/// Most files given at create.
+pub const MAX_FILES: usize = 256;
+/// Their bytes together (decoded). They travel base64 in the config
+/// drive's JSON, which must stay well within the drive (about 2.5 MiB of
+/// the 4 MiB image hold a file); see [`MAX_CONFIG_JSON`].
+pub const MAX_FILES_BYTES: usize = 1 << 20;
+/// Largest config drive JSON a spec may make (files, env and init).
+pub const MAX_CONFIG_JSON: usize = 2 << 20;
+/// Guest trees no file may be placed in (kernel interfaces, not disk).
+const NO_FILES_UNDER: [&str; 3] = ["/proc", "/sys", "/dev"];
+
+/// A path a file may be placed at: absolute and normalized (no empty,
+/// `.` or `..` components, no trailing `/`), not `/`, no NUL, at most
+/// 4096 bytes, not under /proc, /sys or /dev.
+pub fn validate_file_path(path: &str) -> Result<(), String> {
+    let shown = |why: &str| format!("file path {path:?} {why}");
+    if !path.starts_with('/') {
+        return Err(shown("must be absolute"));
+    }
+    if path.len() > 4096 || path.contains('\0') {
+        return Err(shown("must be at most 4096 bytes without NUL"));
+    }
+    if path == "/" {
+        return Err(shown("names no file"));
+    }
+    if path[1..]
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err(shown(
+            "must be normalized (no '..', '.', '//' or trailing '/')",
+        ));
+    }
+    if NO_FILES_UNDER
+        .iter()
+        .any(|d| std::path::Path::new(path).starts_with(d))
+    {
+        return Err(shown("is under /proc, /sys or /dev"));
+    }
+    Ok(())
+}
+
+/// The files of a create: each path valid and given once, modes at most
+/// 0o7777, [`MAX_FILES`] and [`MAX_FILES_BYTES`] respected.
+pub fn validate_files(files: &[GuestFile]) -> Result<(), String> {
+    if files.len() > MAX_FILES {
+        return Err(format!("at most {MAX_FILES} files, not {}", files.len()));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut total = 0usize;
+    for f in files {
+        validate_file_path(&f.path)?;
+        if !seen.insert(f.path.as_str()) {
+            return Err(format!("file path {:?} is given twice", f.path));
+        }
+        if let Some(m) = f.mode.filter(|&m| m > 0o7777) {
+            return Err(format!("file {:?}: mode {m:#o} is above 0o7777", f.path));
+        }
+        total += f.content.len();
+    }
+    if total > MAX_FILES_BYTES {
+        return Err(format!(
+            "the files hold {total} bytes together, more than {MAX_FILES_BYTES}"
+        ));
+    }
+    Ok(())
+}
 
 /// What the caller asks for when creating a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,9 +179,11 @@ pub struct CreateSpec {
     pub disk_mb: Option<u64>,
     /// Sandbox-wide environment for every command.
     pub env: BTreeMap<String, String>,
-    /// Script run once at boot (as the user, detached).
+    /// Script run once, at the first boot, as the user: lohar's session
+    /// `init`. A later fresh boot does not run it again.
     pub init: Option<String>,
-    /// Files placed in the guest at boot.
+    /// Files placed in the guest at the first boot (or, for a fork, right
+    /// after its restore); cleared from the record once placed.
     pub files: Vec<GuestFile>,
     /// The guest's hostname; defaults to the name.
     pub hostname: Option<String>,
@@ -262,13 +331,23 @@ impl CreateSpec {
         if self.volumes.len() > MAX_VOLUMES {
             return Err(format!("at most {MAX_VOLUMES} volumes per sandbox"));
         }
-        for f in &self.files {
-            if !f.path.starts_with('/') || f.path.split('/').any(|c| c == "..") {
-                return Err(format!(
-                    "file path {:?} must be absolute without '..'",
-                    f.path
-                ));
-            }
+        validate_files(&self.files)?;
+        // What the config drive will hold, roughly: base64 files, env, init.
+        let config_bytes = self
+            .files
+            .iter()
+            .map(|f| f.content.len().div_ceil(3) * 4 + f.path.len())
+            .sum::<usize>()
+            + self
+                .env
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+            + self.init.as_ref().map_or(0, String::len);
+        if config_bytes > MAX_CONFIG_JSON {
+            return Err(format!(
+                "files, env and init need about {config_bytes} bytes of config, more than {MAX_CONFIG_JSON}"
+            ));
         }
         Ok(())
     }
@@ -478,6 +557,30 @@ mod tests {
                 mode: None,
                 content: vec![],
             })
+        });
+        let file = |path: &str, mode: Option<u32>, len: usize| GuestFile {
+            path: path.into(),
+            mode,
+            content: vec![b'x'; len],
+        };
+        for p in [
+            "relative", "/", "/a//b", "/a/./b", "/a/", "/proc/x", "/sys", "/dev/sda", "/a\0b",
+        ] {
+            assert!(validate_files(&[file(p, None, 1)]).is_err(), "{p}");
+        }
+        assert!(
+            validate_files(&[file("/etc/x", None, 1), file("/devices/x", Some(0o7777), 1)]).is_ok()
+        );
+        assert!(validate_files(&[file("/x", Some(0o10000), 1)]).is_err());
+        assert!(validate_files(&[file("/x", None, 1), file("/x", None, 1)]).is_err());
+        assert!(validate_files(&[file("/x", None, MAX_FILES_BYTES)]).is_ok());
+        assert!(validate_files(&[file("/x", None, MAX_FILES_BYTES), file("/y", None, 1)]).is_err());
+        let many: Vec<GuestFile> = (0..=MAX_FILES)
+            .map(|i| file(&format!("/f{i}"), None, 0))
+            .collect();
+        assert!(validate_files(&many).is_err());
+        bad(|s| {
+            s.env.insert("BIG".into(), "x".repeat(MAX_CONFIG_JSON));
         });
         assert!(validate_name("web-1").is_ok());
         assert!(validate_name(&"a".repeat(64)).is_err());
