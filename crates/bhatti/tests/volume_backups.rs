@@ -134,7 +134,7 @@ async fn volume_backups_round_trip() {
     assert!(first["stored_bytes"].as_u64().unwrap_or(0) > 4 << 20);
     assert_eq!(
         ids(&a.get("/volumes/data/backups").await.expect(200)),
-        [id.clone()]
+        std::slice::from_ref(&id)
     );
     b.get(&format!("/volumes/data/backups/{id}"))
         .await
