@@ -60,6 +60,24 @@ async fn backup(c: &Client, volume: &str) -> Value {
     b
 }
 
+/// `bhatti ARGS` against the daemon as `key`: (exit code, stdout, stderr).
+async fn cli(env: &Env, key: &str, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_bhatti"))
+        .args(args)
+        .env("BHATTI_URL", format!("unix://{}", env.sock().display()))
+        .env("BHATTI_TOKEN", key)
+        .env_remove("BHATTI_CONFIG")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("run bhatti");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 fn ids(list: &Value) -> Vec<String> {
     list["backups"]
         .as_array()
@@ -226,7 +244,38 @@ async fn volume_backups_round_trip() {
     a.delete("/sandboxes/three").await.expect(204);
     a.delete("/sandboxes/four").await.expect(204);
 
-    // 5. Retention: two more manual backups (3 in all), then a schedule
+    // The CLI: back up and wait, list, restore into a new volume; errors
+    // exit 1 with the daemon's words.
+    let (code, out, err) = cli(
+        &env,
+        &key,
+        &["volume", "backup", "data", "--wait", "--json"],
+    )
+    .await;
+    assert_eq!(code, 0, "{out} {err}");
+    let made: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(made["state"], "done");
+    let made_id = made["id"].as_str().expect("id").to_owned();
+    let (code, out, err) = cli(&env, &key, &["volume", "backups", "data"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&made_id) && out.contains(&id), "{out}");
+    let (code, out, err) = cli(
+        &env,
+        &key,
+        &["volume", "restore", "data", &made_id, "--into", "cli-copy"],
+    )
+    .await;
+    assert_eq!(code, 0, "{out} {err}");
+    assert_eq!(a.get("/volumes/cli-copy").await.expect(200)["size_mb"], 64);
+    a.delete("/volumes/cli-copy").await.expect(204);
+    let (code, _, err) = cli(&env, &key, &["volume", "restore", "data", "../x"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("not a backup id"), "{err}");
+    let (code, _, err) = cli(&env, &key, &["volume", "schedule", "data"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no backup schedule"), "{err}");
+
+    // 5. Retention: two more manual backups (4 in all), then a schedule
     //    keeping 2 runs (within a minute) and leaves the newest 2.
     a.put(
         "/volumes/data/backup-schedule",
@@ -245,7 +294,7 @@ async fn volume_backups_round_trip() {
     let third = backup(&a, "data").await;
     assert_eq!(
         ids(&a.get("/volumes/data/backups").await.expect(200)).len(),
-        3
+        4
     );
     let s = a
         .put(
