@@ -14,6 +14,8 @@ mod images;
 pub use images::*;
 mod volumes;
 pub use volumes::*;
+mod backups;
+pub use backups::*;
 
 // ---------------------------------------------------------------------------
 // Validation

@@ -233,6 +233,14 @@ async fn openapi_matches_the_router() {
         "DELETE /volumes/{name}",
         "POST /volumes/{name}/resize",
         "POST /volumes/{name}/clone",
+        "POST /volumes/{name}/backups",
+        "GET /volumes/{name}/backups",
+        "GET /volumes/{name}/backups/{id}",
+        "DELETE /volumes/{name}/backups/{id}",
+        "POST /volumes/{name}/restore",
+        "PUT /volumes/{name}/backup-schedule",
+        "GET /volumes/{name}/backup-schedule",
+        "DELETE /volumes/{name}/backup-schedule",
     ];
     documented.sort();
     let mut want: Vec<String> = contract.iter().map(|s| s.to_string()).collect();

@@ -13,6 +13,7 @@
 //! - Bodies: JSON up to [`MAX_JSON`] (exec: [`MAX_EXEC_JSON`], its stdin
 //!   can be 16 MiB); file uploads stream up to [`MAX_UPLOAD`].
 
+mod backups;
 mod base_image;
 mod error;
 mod events;
@@ -29,6 +30,7 @@ mod snapshots;
 mod tasks;
 mod templates;
 mod volumes;
+pub use backups::ScheduledVolumeBackup;
 mod webshell;
 
 use std::path::PathBuf;
@@ -96,6 +98,8 @@ pub struct AppState {
     pub tasks: tokio_util::task::TaskTracker,
     /// The image catalogue and its pull tasks.
     pub images: Arc<crate::images::Images>,
+    /// Volume backups (not configured until the daemon sets its client).
+    pub backups: crate::backups::Backups,
     openapi: OnceLock<String>,
     next_request: AtomicU64,
 }
@@ -133,6 +137,7 @@ impl AppState {
             user_nets: Default::default(),
             rate: RateLimits::new(&config.limits.rate),
             images: Arc::new(crate::images::Images::new(&config, store.clone())),
+            backups: crate::backups::Backups::new(store.clone(), None),
             checkpoints_dir: config.data_dir.join("checkpoints"),
             engine,
             store,
@@ -387,6 +392,14 @@ pub fn api_router() -> OpenApiRouter<AppStateRef> {
         .routes(routes!(volumes::get, volumes::delete))
         .routes(routes!(volumes::resize))
         .routes(routes!(volumes::clone))
+        .routes(routes!(backups::create, backups::list))
+        .routes(routes!(backups::get, backups::delete))
+        .routes(routes!(backups::restore))
+        .routes(routes!(
+            backups::put_schedule,
+            backups::get_schedule,
+            backups::delete_schedule
+        ))
         .route(
             "/sandboxes/{id}/proxy/{port}",
             axum::routing::any(ports::proxy_root),

@@ -20,7 +20,7 @@ use crate::store::volumes::{self, Claim, NewVolume, VolumeRow};
 use crate::store::StoreError;
 
 /// `<data_dir>/volumes/<owner>/<id>.ext4`.
-fn volume_path(st: &AppState, owner: &str, id: &str) -> PathBuf {
+pub(super) fn volume_path(st: &AppState, owner: &str, id: &str) -> PathBuf {
     st.config
         .data_dir
         .join("volumes")
@@ -198,6 +198,15 @@ pub async fn delete(
         let (o, n) = (caller.user.id.clone(), name.clone());
         let row = state.store.run(move |c| volumes::delete(c, &o, &n)).await?;
         remove_file(&row.path);
+        // Its backups stay (restorable `into` a new volume); its schedule goes.
+        let id = row.id.clone();
+        if let Err(e) = state
+            .store
+            .run(move |c| crate::store::backups::delete_schedule(c, &id))
+            .await
+        {
+            tracing::warn!(volume = %row.name, "removing its backup schedule: {e}");
+        }
         tracing::info!(volume = %row.name, id = %row.id, "volume deleted");
         Ok(StatusCode::NO_CONTENT)
     })

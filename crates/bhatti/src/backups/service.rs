@@ -44,6 +44,14 @@ pub struct Backups {
     shutdown: CancellationToken,
 }
 
+impl std::fmt::Debug for Backups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backups")
+            .field("configured", &self.client.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Backups {
     pub fn new(store: Store, client: Option<BackupStore>) -> Backups {
         Backups {

@@ -710,6 +710,20 @@ mod tests {
     }
 
     #[test]
+    fn volume_backup_commands() {
+        assert!(parse(&["volume", "backup", "src", "--wait"]).is_ok());
+        assert!(parse(&["volume", "backups", "src"]).is_ok());
+        assert!(parse(&["volume", "restore", "src", "id-1", "--into", "new"]).is_ok());
+        assert!(parse(&["volume", "restore", "src", "id-1", "--into", "Bad"]).is_err());
+        assert!(parse(&["volume", "backup-rm", "src", "id-1"]).is_ok());
+        assert!(parse(&["volume", "schedule", "src", "0 3 * * *", "--keep", "7"]).is_ok());
+        assert!(parse(&["volume", "schedule", "src", "--off"]).is_ok());
+        assert!(parse(&["volume", "schedule", "src"]).is_ok());
+        assert!(parse(&["volume", "schedule", "src", "@daily", "--off"]).is_err());
+        assert!(parse(&["volume", "schedule", "src", "--keep", "3"]).is_err());
+    }
+
+    #[test]
     fn global_flags_anywhere() {
         let cli = parse(&["list", "--json", "--url", "http://h:1"]).unwrap();
         assert!(cli.global.json);

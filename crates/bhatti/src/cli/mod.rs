@@ -18,6 +18,7 @@ mod settings;
 mod share;
 mod shell;
 mod templates;
+mod volume_backups;
 mod volumes;
 
 pub use args::Cli;

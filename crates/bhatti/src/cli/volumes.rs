@@ -44,6 +44,43 @@ pub enum VolumeCommand {
         #[arg(value_parser = parse_name)]
         new_name: String,
     },
+    /// Back a volume up to the daemon's object store (while no sandbox
+    /// has it read-write).
+    Backup {
+        name: String,
+        /// Wait until the upload is done (exit 1 if it fails).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List a volume's backups, newest first.
+    Backups { name: String },
+    /// Restore a backup into the volume (while no sandbox has it), or into
+    /// a new volume.
+    Restore {
+        name: String,
+        /// The backup's id (see `bhatti volume backups NAME`).
+        backup: String,
+        /// Restore into a new volume of this name instead.
+        #[arg(long, value_name = "NEW", value_parser = parse_name)]
+        into: Option<String>,
+    },
+    /// Delete one backup of a volume.
+    #[command(visible_alias = "backup-rm")]
+    BackupDelete { name: String, backup: String },
+    /// Back a volume up on a cron schedule (UTC), keeping the newest N;
+    /// without CRON, show the schedule.
+    Schedule {
+        name: String,
+        /// 5-field cron expression, e.g. "0 3 * * *", or @daily.
+        #[arg(conflicts_with = "off")]
+        cron: Option<String>,
+        /// How many scheduled backups to keep.
+        #[arg(long, value_name = "N", requires = "cron")]
+        keep: Option<u32>,
+        /// Remove the schedule (backups stay).
+        #[arg(long)]
+        off: bool,
+    },
 }
 
 /// `--volume NAME:/MOUNT[:ro]` of `bhatti create`.
@@ -133,6 +170,22 @@ pub async fn volume(c: &Client, cmd: VolumeCommand, out: &Printer) -> Result<Exi
                 format!("volume {} cloned to {}", name, s(v, "name"))
             })?;
         }
+        VolumeCommand::Backup { name, wait } => {
+            return super::volume_backups::backup(c, out, &name, wait).await
+        }
+        VolumeCommand::Backups { name } => return super::volume_backups::list(c, out, &name).await,
+        VolumeCommand::Restore { name, backup, into } => {
+            return super::volume_backups::restore(c, out, &name, backup, into).await
+        }
+        VolumeCommand::BackupDelete { name, backup } => {
+            return super::volume_backups::delete(c, out, &name, &backup).await
+        }
+        VolumeCommand::Schedule {
+            name,
+            cron,
+            keep,
+            off,
+        } => return super::volume_backups::schedule(c, out, &name, cron, keep, off).await,
     }
     Ok(ExitStatus::Success)
 }

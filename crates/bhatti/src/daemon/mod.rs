@@ -201,9 +201,10 @@ pub async fn serve_with_backend(
         tracing::warn!(backups = interrupted, "marked interrupted backups failed");
     }
     // [backups]: an unreadable secret fails the start, not the first backup.
-    // (The API's volume backup routes will take this client.)
-    let _backups = crate::backups::BackupStore::from_config(&config.backups)
+    let backup_client = crate::backups::BackupStore::from_config(&config.backups)
         .map_err(|e| DaemonError::Setup(e.to_string()))?;
+    // Consistent copies of backups a crash cut off.
+    let _ = std::fs::remove_dir_all(config.data_dir.join("backup-copies"));
     let secrets = SecretBox::load_or_create(&config.data_dir)?;
     let kind = backend.kind();
     let mut ecfg = EngineConfig::new(
@@ -300,7 +301,15 @@ pub async fn serve_with_backend(
         tenants,
     );
     app_state.prebooted = prebooted;
+    app_state.backups = crate::backups::Backups::new(app_state.store.clone(), backup_client);
     let state = Arc::new(app_state);
+    let schedules_stop = tokio_util::sync::CancellationToken::new();
+    let schedules = tokio::spawn(crate::backups::schedule::run_loop(
+        state.store.clone(),
+        Arc::new(api::ScheduledVolumeBackup(state.clone())),
+        schedules_stop.clone(),
+        Duration::from_secs(30),
+    ));
     state
         .images
         .start(&config)
@@ -385,6 +394,9 @@ pub async fn serve_with_backend(
     // Pulls stop (their work dirs go); mutations whose clients left still
     // finish (a create, a stop).
     state.images.tasks.cancel_all();
+    // A scheduled backup under way is cancelled by the backups' shutdown
+    // below; the loop starts no new one.
+    schedules_stop.cancel();
     state.tasks.close();
     let bound = Duration::from_secs(config.vm.boot_timeout_secs + 30);
     if tokio::time::timeout(bound, state.tasks.wait())
@@ -393,6 +405,10 @@ pub async fn serve_with_backend(
     {
         tracing::warn!("API operations still running after {bound:?}");
     }
+    // Uploads in flight abort (nothing is left in the bucket; their rows
+    // are marked failed at the next start if not now).
+    state.backups.shutdown().await;
+    let _ = schedules.await;
     if let Some(p) = &state.prebooted {
         if tokio::time::timeout(bound, p.shutdown()).await.is_err() {
             tracing::warn!("a template build still running after {bound:?}");

@@ -301,6 +301,11 @@ pub enum Claim {
     /// Copying it: nobody may write it meanwhile (read-only attachments
     /// are fine).
     CloneSource,
+    /// Backing it up: like [`Claim::CloneSource`] (the copy is taken
+    /// while nobody writes it).
+    BackupSource,
+    /// Restoring a backup over it: attached nowhere.
+    Restore,
 }
 
 /// Volumes in the middle of a resize or clone (this process).
@@ -340,7 +345,13 @@ pub fn claim(
             check_detached(&tx, &v, "resized")?;
             check_quota(&tx, owner, size_mb.saturating_sub(v.size_mb), max_bytes)?;
         }
-        Claim::CloneSource => {
+        Claim::Restore => check_detached(&tx, &v, "restored")?,
+        Claim::CloneSource | Claim::BackupSource => {
+            let verb = if matches!(what, Claim::CloneSource) {
+                "clone it"
+            } else {
+                "back it up"
+            };
             if is_busy(&v.id) {
                 return Err(StoreError::Conflict(format!(
                     "volume '{name}' is being resized or cloned"
@@ -348,7 +359,7 @@ pub fn claim(
             }
             if let Some(a) = attachments(&tx, &v.id)?.iter().find(|a| !a.read_only) {
                 return Err(StoreError::Conflict(format!(
-                    "volume '{name}' is attached read-write to sandbox '{}'; clone it once that sandbox is deleted",
+                    "volume '{name}' is attached read-write to sandbox '{}'; {verb} once that sandbox is deleted (or attach it read-only)",
                     a.sandbox_name
                 )));
             }
