@@ -1,11 +1,11 @@
 //! `/volumes/{name}/backups`, `/restore` and `/backup-schedule`: the
 //! volume side of [`crate::backups::Backups`] (see `docs/backups.md`).
 //!
-//! A backup reads a consistent copy: the volume is claimed (no read-write
-//! attachment, no resize or clone meanwhile), reflinked or copied into
-//! `<data_dir>/backup-copies/`, released, and the copy is uploaded and
-//! removed. A volume attached read-write is refused (409): the daemon does
-//! not pause a guest to copy its volume.
+//! A backup reads a consistent copy: the volume is claimed (no resize or
+//! clone meanwhile), reflinked or copied into `<data_dir>/backup-copies/`,
+//! released, and the copy is uploaded and removed. A volume a sandbox has
+//! read-write is copied the way `save-image` copies a root disk: the guest
+//! flushes its filesystems and its vCPUs stop while the copy is taken.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -97,11 +97,32 @@ async fn consistent_copy(
         .run(move |c| volumes::claim(c, &o, &n, Claim::BackupSource))
         .await?;
     let path = copies_dir(st).join(format!("{}-{}.ext4", v.id, crate::backups::new_id()));
-    let r = crate::storage::clone_volume(&v.path, &path).await;
+    let vid = v.id.clone();
+    let writer = st
+        .store
+        .read(move |c| volumes::attachments(c, &vid))
+        .await?
+        .into_iter()
+        .find(|a| !a.read_only);
+    let r = match &writer {
+        Some(_) if std::fs::create_dir_all(copies_dir(st)).is_err() => Err(ApiError::Internal(
+            "creating the backup copies' directory".into(),
+        )),
+        Some(a) => st
+            .engine
+            .save_volume(&a.sandbox_id, &v.path, &path)
+            .await
+            .map(drop)
+            .map_err(ApiError::from),
+        None => crate::storage::clone_volume(&v.path, &path)
+            .await
+            .map(drop)
+            .map_err(|e| ApiError::Internal(format!("copying the volume: {e}"))),
+    };
     drop(busy);
     if let Err(e) = r {
         let _ = std::fs::remove_file(&path);
-        return Err(ApiError::Internal(format!("copying the volume: {e}")));
+        return Err(e);
     }
     Ok((
         v,
@@ -125,7 +146,7 @@ async fn volume_row(st: &AppState, owner: &str, name: &str) -> Result<VolumeRow,
 #[utoipa::path(post, path = "/volumes/{name}/backups", tag = "volumes",
     params(("name" = String, Path)),
     responses((status = 202, body = BackupView), (status = 404, body = crate::api_types::ApiError),
-        (status = 409, body = crate::api_types::ApiError, description = "backups not configured, a backup of the volume runs, or the volume is attached read-write"),
+        (status = 409, body = crate::api_types::ApiError, description = "backups not configured, or a backup, resize or clone of the volume runs"),
         (status = 502, body = crate::api_types::ApiError, description = "the object store refused")))]
 pub async fn create(
     State(st): State<AppStateRef>,

@@ -301,8 +301,9 @@ pub enum Claim {
     /// Copying it: nobody may write it meanwhile (read-only attachments
     /// are fine).
     CloneSource,
-    /// Backing it up: like [`Claim::CloneSource`] (the copy is taken
-    /// while nobody writes it).
+    /// Backing it up: no resize or clone meanwhile; a sandbox that has it
+    /// read-write has its vCPUs paused while the copy is taken (the
+    /// caller's job: `Engine::save_volume`).
     BackupSource,
     /// Restoring a backup over it: attached nowhere.
     Restore,
@@ -347,21 +348,18 @@ pub fn claim(
         }
         Claim::Restore => check_detached(&tx, &v, "restored")?,
         Claim::CloneSource | Claim::BackupSource => {
-            let verb = if matches!(what, Claim::CloneSource) {
-                "clone it"
-            } else {
-                "back it up"
-            };
             if is_busy(&v.id) {
                 return Err(StoreError::Conflict(format!(
-                    "volume '{name}' is being resized or cloned"
+                    "volume '{name}' is being resized, cloned or backed up"
                 )));
             }
-            if let Some(a) = attachments(&tx, &v.id)?.iter().find(|a| !a.read_only) {
-                return Err(StoreError::Conflict(format!(
-                    "volume '{name}' is attached read-write to sandbox '{}'; {verb} once that sandbox is deleted (or attach it read-only)",
-                    a.sandbox_name
-                )));
+            if what == Claim::CloneSource {
+                if let Some(a) = attachments(&tx, &v.id)?.iter().find(|a| !a.read_only) {
+                    return Err(StoreError::Conflict(format!(
+                        "volume '{name}' is attached read-write to sandbox '{}'; clone it once that sandbox is deleted (or attach it read-only)",
+                        a.sandbox_name
+                    )));
+                }
             }
         }
     }

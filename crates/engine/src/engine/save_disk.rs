@@ -1,7 +1,7 @@
-//! A consistent copy of a running sandbox's root disk (`save-image`): the
-//! guest flushes its filesystems, the vCPUs stop while the disk is cloned
-//! (a reflink where the storage has them), and the sandbox goes on in the
-//! state it was in.
+//! A consistent copy of a running sandbox's root disk (`save-image`) or of
+//! one of its volumes (backups): the guest flushes its filesystems, the
+//! vCPUs stop while the disk is cloned (a reflink where the storage has
+//! them), and the sandbox goes on in the state it was in.
 
 use std::path::Path;
 
@@ -14,19 +14,45 @@ impl Engine {
     pub async fn save_disk(&self, id: &str, dest: &Path) -> Result<u64> {
         let dest = dest.to_path_buf();
         self.op(id, move |inner, slot, live| {
-            Box::pin(async move { inner.do_save_disk(slot, live, &dest).await })
+            Box::pin(async move { inner.do_save_disk(slot, live, None, &dest).await })
+        })
+        .await
+    }
+
+    /// Copies the volume image `volume`, attached to sandbox `id`, to
+    /// `dest` the same way (a backup of a volume in use).
+    pub async fn save_volume(&self, id: &str, volume: &Path, dest: &Path) -> Result<u64> {
+        let (volume, dest) = (volume.to_path_buf(), dest.to_path_buf());
+        self.op(id, move |inner, slot, live| {
+            Box::pin(async move { inner.do_save_disk(slot, live, Some(&volume), &dest).await })
         })
         .await
     }
 }
 
 impl Inner {
-    async fn do_save_disk(&self, slot: &Slot, live: &mut Live, dest: &Path) -> Result<u64> {
+    async fn do_save_disk(
+        &self,
+        slot: &Slot,
+        live: &mut Live,
+        volume: Option<&Path>,
+        dest: &Path,
+    ) -> Result<u64> {
         if dest.exists() {
             return Err(EngineError::AlreadyExists(dest.display().to_string()));
         }
         let from = live.rec.state;
-        let src = live.rec.disk.path.clone();
+        let src = match volume {
+            None => live.rec.disk.path.clone(),
+            Some(v) if live.rec.spec.volumes.iter().any(|m| m.path == v) => v.to_path_buf(),
+            Some(v) => {
+                return Err(EngineError::Invalid(format!(
+                    "{} is not a volume of sandbox {}",
+                    v.display(),
+                    slot.id
+                )))
+            }
+        };
         let id = slot.id.clone();
         let live_vm = matches!(from, SandboxState::Running | SandboxState::Paused);
         match from {
@@ -81,8 +107,9 @@ impl Inner {
         tracing::info!(
             ms = started.elapsed().as_millis() as u64,
             size,
+            src = %src.display(),
             dest = %dest.display(),
-            "root disk saved"
+            "disk saved"
         );
         Ok(size)
     }
