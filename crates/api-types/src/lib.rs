@@ -839,6 +839,18 @@ pub struct SandboxView {
     /// How its `init` went, as its create saw it (absent: no init).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<InitView>,
+    /// Its volumes: where each is mounted and how (`GET /sandboxes/{id}`
+    /// and create answers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<SandboxVolumeView>,
+}
+
+/// A volume as a sandbox has it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SandboxVolumeView {
+    pub name: String,
+    pub mount: String,
+    pub read_only: bool,
 }
 
 /// `GET /sandboxes`.

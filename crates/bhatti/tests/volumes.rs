@@ -103,12 +103,16 @@ async fn volumes_outlive_sandboxes() {
 
     // 1. Written in one sandbox (owned by the sandbox user), the sandbox
     //    goes through stop/start, a cold cycle and a fresh boot.
-    a.post(
-        "/sandboxes",
-        create_with("one", json!([{"name": "data", "mount": "/data"}])),
-    )
-    .await
-    .expect(201);
+    let v = a
+        .post(
+            "/sandboxes",
+            create_with("one", json!([{"name": "data", "mount": "/data"}])),
+        )
+        .await
+        .expect(201);
+    let want = json!([{"name": "data", "mount": "/data", "read_only": false}]);
+    assert_eq!(v["volumes"], want, "{v}");
+    assert_eq!(a.get("/sandboxes/one").await.expect(200)["volumes"], want);
     let (code, out, err) = a
         .sh(
             "one",
@@ -205,9 +209,14 @@ async fn volumes_outlive_sandboxes() {
     a.post("/sandboxes", create_with("r1", ro.clone()))
         .await
         .expect(201);
-    a.post("/sandboxes", create_with("r2", ro.clone()))
+    let v = a
+        .post("/sandboxes", create_with("r2", ro.clone()))
         .await
         .expect(201);
+    assert_eq!(
+        v["volumes"],
+        json!([{"name": "data", "mount": "/mnt/data", "read_only": true}])
+    );
     for sb in ["r1", "r2"] {
         assert_eq!(checksum(&a, sb, "/mnt/data/blob").await, sum);
         let mb = fs_mb(&a, sb, "/mnt/data").await;

@@ -95,7 +95,32 @@ pub(super) fn view(row: &SandboxRow, sb: Option<&Sandbox>) -> SandboxView {
             .spec
             .get(SPEC_INIT_RESULT)
             .and_then(|v| serde_json::from_value(v.clone()).ok()),
+        volumes: Vec::new(),
     }
+}
+
+/// The sandbox's volumes for its view (best effort: a store error leaves
+/// them out).
+async fn with_volumes(st: &AppState, mut v: SandboxView) -> SandboxView {
+    let id = v.id.clone();
+    match st
+        .store
+        .read(move |c| crate::store::volumes::of_sandbox(c, &id))
+        .await
+    {
+        Ok(list) => {
+            v.volumes = list
+                .into_iter()
+                .map(|a| crate::api_types::SandboxVolumeView {
+                    name: a.volume_name,
+                    mount: a.mount,
+                    read_only: a.read_only,
+                })
+                .collect();
+        }
+        Err(e) => tracing::warn!(id = %v.id, "reading the sandbox's volumes: {e}"),
+    }
+    v
 }
 
 fn view_of(st: &AppState, row: &SandboxRow) -> SandboxView {
@@ -782,7 +807,8 @@ async fn finish_create(
                 // The engine's state after the wait (it may have changed).
                 sb = st.engine.get(&row.id).unwrap_or(sb);
             }
-            Ok(created(view_with_network(st, &row, Some(&sb))))
+            let view = with_volumes(st, view_with_network(st, &row, Some(&sb))).await;
+            Ok(created(view))
         }
         Err(e) => Err(abandon_create(st, caller, &row, e.into()).await),
     }
@@ -856,7 +882,7 @@ pub async fn get(
 ) -> Result<Json<SandboxView>, ApiError> {
     caller.rate(&st, RequestClass::Read)?;
     let row = st.sandbox(&caller, &id).await?;
-    Ok(Json(view_of(&st, &row)))
+    Ok(Json(with_volumes(&st, view_of(&st, &row)).await))
 }
 
 /// Changes `keep_hot` and/or replaces the labels.

@@ -86,6 +86,23 @@ fn sandbox_fields(v: &Value) -> Vec<(&'static str, String)> {
         }
         f.push(("init", state));
     }
+    if let Some(vols) = v.get("volumes").and_then(Value::as_array) {
+        let shown: Vec<String> = vols
+            .iter()
+            .map(|x| {
+                let ro = x.get("read_only").and_then(Value::as_bool) == Some(true);
+                format!(
+                    "{} at {}{}",
+                    s(x, "name"),
+                    s(x, "mount"),
+                    if ro { " (read-only)" } else { "" }
+                )
+            })
+            .collect();
+        if !shown.is_empty() {
+            f.push(("volumes", shown.join(", ")));
+        }
+    }
     if let Some(net) = v.get("network").filter(|n| n.is_object()) {
         f.push(("gateway", s(net, "gateway")));
         f.push(("dns name", s(net, "dns_name")));
