@@ -133,14 +133,6 @@ async fn consistent_copy(
     ))
 }
 
-async fn volume_row(st: &AppState, owner: &str, name: &str) -> Result<VolumeRow, ApiError> {
-    let (o, n) = (owner.to_owned(), name.to_owned());
-    st.store
-        .read(move |c| volumes::get(c, &o, &n))
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no volume '{name}'")))
-}
-
 /// Starts a backup of a volume; answers with the `running` backup. Poll
 /// `GET /volumes/{name}/backups/{id}` for its end.
 #[utoipa::path(post, path = "/volumes/{name}/backups", tag = "volumes",
@@ -398,7 +390,7 @@ pub async fn put_schedule(
     JsonBody(req): JsonBody<SetBackupSchedule>,
 ) -> Result<Json<BackupScheduleView>, ApiError> {
     caller.rate(&st, RequestClass::Create)?;
-    let v = volume_row(&st, &caller.user.id, &name).await?;
+    let v = super::volumes::get_row(&st, &caller.user.id, &name).await?;
     let row = st
         .backups
         .set_schedule(&target(&v), &req.cron, req.keep_last)
@@ -434,7 +426,7 @@ pub async fn delete_schedule(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     caller.rate(&st, RequestClass::Create)?;
-    let v = volume_row(&st, &caller.user.id, &name).await?;
+    let v = super::volumes::get_row(&st, &caller.user.id, &name).await?;
     let gone = st
         .store
         .run(move |c| rows::delete_schedule(c, &v.id))

@@ -159,7 +159,8 @@ pub async fn list(
     Ok(Json(VolumeList { volumes: out }))
 }
 
-async fn get_row(st: &AppState, owner: &str, name: &str) -> Result<VolumeRow, ApiError> {
+/// The caller's volume `name` (404 when there is none).
+pub(super) async fn get_row(st: &AppState, owner: &str, name: &str) -> Result<VolumeRow, ApiError> {
     let (o, n) = (owner.to_owned(), name.to_owned());
     st.store
         .read(move |c| volumes::get(c, &o, &n))
