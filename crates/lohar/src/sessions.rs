@@ -123,6 +123,9 @@ struct State {
     rows: u16,
     cols: u16,
     exit: Option<ExitStatus>,
+    /// An attachment has read the output to the end after the exit: the
+    /// session has nothing left to give, so a full table may drop it.
+    drained: bool,
     attached: u32,
     /// The PTY master while the session's output is still open; for a
     /// piped session, its stdin pipe until closed.
@@ -171,6 +174,7 @@ impl Session {
                 rows,
                 cols,
                 exit: None,
+                drained: false,
                 attached: 0,
                 master: Some(master),
             }),
@@ -238,7 +242,7 @@ impl Session {
 
     /// What an attachment whose next byte is `cursor` gets now.
     pub fn next(&self, cursor: u64, max: usize) -> Next {
-        let st = self.state();
+        let mut st = self.state();
         let start = st.ring.start();
         if cursor < start {
             return Next::Gap(Gap {
@@ -247,6 +251,7 @@ impl Session {
             });
         }
         if cursor >= st.ring.end() {
+            st.drained |= st.exit.is_some();
             return Next::CaughtUp(st.exit);
         }
         let (b, stderr) = st.ring.read_tagged(cursor, max);
@@ -342,17 +347,31 @@ impl SessionTable {
     }
 
     /// Creates a session with `make` unless the table is full. The table
-    /// stays locked meanwhile, so concurrent starts cannot overshoot.
+    /// stays locked meanwhile, so concurrent starts cannot overshoot. A full
+    /// table first drops its oldest exited session whose output a client
+    /// has read to the end (kept sessions excepted): without that, a client
+    /// running many short sessions would hit the limit for the whole grace
+    /// period of sessions nobody will read again.
     pub fn create(
         &self,
         make: impl FnOnce() -> Result<Arc<Session>, ErrorBody>,
     ) -> Result<Arc<Session>, ErrorBody> {
         let mut map = self.map();
         if map.len() >= self.limits.max_sessions {
+            let spent = map
+                .values()
+                .filter(|s| !s.kept && s.state().drained)
+                .min_by_key(|s| (s.started_unix_ms, s.id.clone()))
+                .map(|s| s.id.clone());
+            if let Some(id) = spent {
+                map.remove(&id);
+            }
+        }
+        if map.len() >= self.limits.max_sessions {
             return Err(ErrorBody::new(
                 ErrorCode::LimitReached,
                 format!(
-                    "{} sessions exist (the limit, counting exited ones)",
+                    "{} sessions exist (the limit, counting exited ones whose output was not read to the end)",
                     map.len()
                 ),
             ));

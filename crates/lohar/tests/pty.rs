@@ -428,9 +428,37 @@ async fn the_session_limit_is_enforced() {
         let end = read_to_end(s, &mut Vec::new()).await;
         assert!(matches!(end, PtyEnd::Exited { .. }), "{end:?}");
     }
-    // Exited sessions still count until their grace period ends.
+    // Both were read to the end: a full table drops the oldest for a new one.
+    let d = c.pty(pty_req(&["sleep", "300"])).await.unwrap();
+    let mut e = c.pty(pty_req(&["sleep", "300"])).await.unwrap();
+    assert_eq!(c.sessions().await.unwrap().len(), 2);
+    // A session that exits with nobody attached was not read to the end: it
+    // still counts until its grace period ends.
+    let unread = d.session.clone();
+    drop(d);
+    let gone = |attached: bool| {
+        let (c, id) = (c.clone(), unread.clone());
+        move || {
+            let (c, id) = (c.clone(), id.clone());
+            async move {
+                let s = c.sessions().await.ok()?;
+                let s = s.into_iter().find(|s| s.id == id)?;
+                (if attached {
+                    s.attached == 0
+                } else {
+                    s.exit.is_some()
+                })
+                .then_some(())
+            }
+        }
+    };
+    eventually("the dropped client to detach", T, gone(true)).await;
+    c.kill_session(&unread, None).await.unwrap();
+    eventually("the unread session to exit", T, gone(false)).await;
     let err = c.pty(pty_req(&["true"])).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::LimitReached));
+    c.kill_session(&e.session, None).await.unwrap();
+    read_to_end(&mut e, &mut Vec::new()).await;
 }
 
 #[tokio::test]
