@@ -117,6 +117,13 @@ impl IntoResponse for ApiError {
             | ApiError::Unavailable { retry_after: d, .. } => Some(*d),
             _ => None,
         };
+        // For the event log (the auth layer knows whose request it was).
+        if let ApiError::TooMany { message, .. } = &self {
+            resp.extensions_mut().insert(match retry_after {
+                Some(_) => crate::events::Rejection::RateLimited(message.clone()),
+                None => crate::events::Rejection::Quota(message.clone()),
+            });
+        }
         if let Some(d) = retry_after {
             let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
             if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
