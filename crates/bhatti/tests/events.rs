@@ -68,9 +68,9 @@ fn log_lines(dir: &Path, n: u32) -> Vec<Value> {
 
 /// A log line of the request `id` with `status`.
 fn logged(dir: &Path, n: u32, id: &str, status: u16, level: &str) -> bool {
-    log_lines(dir, n).iter().any(|l| {
-        l["span"]["id"] == id && l["fields"]["status"] == status && l["level"] == level
-    })
+    log_lines(dir, n)
+        .iter()
+        .any(|l| l["span"]["id"] == id && l["fields"]["status"] == status && l["level"] == level)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,14 +119,19 @@ async fn event_log_end_to_end() {
     r.expect(200);
     let made = r.header("x-request-id").expect("a request id");
     assert!(!made.is_empty());
-    eventually("request ids in the JSON log", Duration::from_secs(10), || {
-        let dir = env.dir.path().to_path_buf();
-        let made = made.clone();
-        async move {
-            (logged(&dir, 1, "evt-404-check", 404, "INFO") && logged(&dir, 1, &made, 200, "DEBUG"))
+    eventually(
+        "request ids in the JSON log",
+        Duration::from_secs(10),
+        || {
+            let dir = env.dir.path().to_path_buf();
+            let made = made.clone();
+            async move {
+                (logged(&dir, 1, "evt-404-check", 404, "INFO")
+                    && logged(&dir, 1, &made, 200, "DEBUG"))
                 .then_some(())
-        }
-    })
+            }
+        },
+    )
     .await;
 
     // Create, a quota rejection, stop, start.
@@ -156,7 +161,9 @@ async fn event_log_end_to_end() {
     assert!(limited >= 4, "{limited} rate-limited");
     // Bob never sees Alice's sandbox or events.
     b.get("/events?sandbox=a1").await.expect_err(404);
-    b.get(&format!("/events?sandbox={id}")).await.expect_err(404);
+    b.get(&format!("/events?sandbox={id}"))
+        .await
+        .expect_err(404);
 
     // A thermal cycle: idle → warm → cold, then a request wakes it.
     eventually("warm and cold events", Duration::from_secs(180), || async {
@@ -184,7 +191,10 @@ async fn event_log_end_to_end() {
     let quota = of_type(&all, "quota_rejected");
     assert_eq!(quota.len(), 1, "{all:?}");
     assert!(quota[0].get("sandbox_id").is_none());
-    assert!(of_type(&all, "rate_limited").is_empty(), "bob's, not alice's");
+    assert!(
+        of_type(&all, "rate_limited").is_empty(),
+        "bob's, not alice's"
+    );
     let mut sorted = ids(&all);
     sorted.sort_unstable();
     sorted.dedup();
@@ -198,20 +208,30 @@ async fn event_log_end_to_end() {
     assert_eq!(starts.len(), 2);
 
     // Bob's: the coalesced rate limits, nothing of alice's.
-    let bobs = eventually("bob's rate_limited events", Duration::from_secs(10), || async {
-        let l = events(&b.get("/events?limit=1000").await.expect(200));
-        let n: u64 = of_type(&l, "rate_limited")
-            .iter()
-            .map(|e| {
-                let d = e["detail"].as_str().expect("detail");
-                d.split(' ').next().and_then(|n| n.parse::<u64>().ok()).expect("count")
-            })
-            .sum();
-        (n == limited).then_some(l)
-    })
+    let bobs = eventually(
+        "bob's rate_limited events",
+        Duration::from_secs(10),
+        || async {
+            let l = events(&b.get("/events?limit=1000").await.expect(200));
+            let n: u64 = of_type(&l, "rate_limited")
+                .iter()
+                .map(|e| {
+                    let d = e["detail"].as_str().expect("detail");
+                    d.split(' ')
+                        .next()
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .expect("count")
+                })
+                .sum();
+            (n == limited).then_some(l)
+        },
+    )
     .await;
     assert!(bobs.iter().all(|e| e["type"] == "rate_limited"), "{bobs:?}");
-    assert!(of_type(&bobs, "rate_limited").len() <= 2, "coalesced: {bobs:?}");
+    assert!(
+        of_type(&bobs, "rate_limited").len() <= 2,
+        "coalesced: {bobs:?}"
+    );
 
     // Bad queries: 400 with a reason.
     for q in [
@@ -236,7 +256,11 @@ async fn event_log_end_to_end() {
     let mut p = Proc::spawn_with(&env, 2, &log_env);
     ready(&env, &mut p, 2).await;
     let after = all_events(&a, "", 1000).await;
-    assert_eq!(ids(&after[..all.len()]), ids(&all), "kept across the restart");
+    assert_eq!(
+        ids(&after[..all.len()]),
+        ids(&all),
+        "kept across the restart"
+    );
     let recovered = eventually("the recovered event", Duration::from_secs(10), || async {
         let l = all_events(&a, "&type=recovered", 100).await;
         l.into_iter().next()
@@ -254,7 +278,13 @@ async fn event_log_end_to_end() {
         .unwrap_or(0);
     let url = format!("unix://{}", env.sock().display());
     let mut follow = Command::new(BIN)
-        .args(["events", "--follow", "--json", "--since", &since.to_string()])
+        .args([
+            "events",
+            "--follow",
+            "--json",
+            "--since",
+            &since.to_string(),
+        ])
         .env_remove("BHATTI_CONFIG")
         .env("HOME", home.path())
         .env("BHATTI_URL", &url)
@@ -267,7 +297,10 @@ async fn event_log_end_to_end() {
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let stdout = follow.stdout.take().expect("stdout");
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             if tx.send(line).is_err() {
                 break;
             }
@@ -310,8 +343,7 @@ async fn event_log_end_to_end() {
         list.iter().filter_map(|e| e["user"].as_str()).collect();
     assert_eq!(users, ["alice", "bob"].into_iter().collect(), "{v}");
     assert_eq!(of_type(&list, "daemon_start").len(), 2, "{v}");
-    let only_bob: Value =
-        serde_json::from_str(&admin(&["--json", "--user", "bob"])).expect("JSON");
+    let only_bob: Value = serde_json::from_str(&admin(&["--json", "--user", "bob"])).expect("JSON");
     assert!(events(&only_bob).iter().all(|e| e["user"] == "bob"));
     let text = admin(&["--type", "create,destroy"]);
     assert!(text.contains("alice") && text.contains("destroy"), "{text}");
@@ -349,11 +381,15 @@ async fn events_are_pruned_to_the_retention() {
     })
     .await;
     c.post("/sandboxes", json!({})).await.expect_err(429);
-    eventually("the oldest pruned again", Duration::from_secs(15), || async {
-        let l = events(&c.get("/events?limit=1000").await.expect(200));
-        (l.len() == 3 && newest(&l) > newest(&first) && l[0]["id"] != first[0]["id"])
-            .then_some(())
-    })
+    eventually(
+        "the oldest pruned again",
+        Duration::from_secs(15),
+        || async {
+            let l = events(&c.get("/events?limit=1000").await.expect(200));
+            (l.len() == 3 && newest(&l) > newest(&first) && l[0]["id"] != first[0]["id"])
+                .then_some(())
+        },
+    )
     .await;
     // The table itself holds no more (the daemon's own events went too).
     let store = bhatti::store::Store::open(env.data_dir().join("bhatti.db")).expect("store");
