@@ -65,3 +65,31 @@ pub fn view(e: Event) -> EventView {
         detail: e.detail,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn openapi_describes_the_query_and_the_answer() {
+        let doc = serde_json::to_value(crate::api::openapi()).expect("JSON");
+        let params: Vec<&str> = doc["paths"]["/events"]["get"]["parameters"]
+            .as_array()
+            .expect("parameters")
+            .iter()
+            .filter_map(|p| p["name"].as_str())
+            .collect();
+        assert_eq!(params, ["since", "type", "sandbox", "limit"]);
+        let schemas = &doc["components"]["schemas"];
+        for (schema, field) in [
+            ("EventList", "next"),
+            ("EventList", "events"),
+            ("EventView", "type"),
+            ("EventView", "latency_ms"),
+        ] {
+            assert!(
+                schemas[schema]["properties"][field].is_object(),
+                "{schema}.{field}: {}",
+                schemas[schema]
+            );
+        }
+    }
+}
