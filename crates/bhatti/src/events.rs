@@ -100,7 +100,7 @@ impl EventLog {
         let e = match failure {
             None => NewEvent::new(sandbox_id, kind),
             Some(err) if err.status().is_server_error() => {
-                NewEvent::new(sandbox_id, &format!("{kind}_failed")).detail(err.to_string())
+                NewEvent::new(sandbox_id, &format!("{kind}_failed")).detail(err.public_message())
             }
             Some(_) => return,
         };
@@ -302,14 +302,19 @@ mod tests {
         log.rejected("alice", &Rejection::Quota("too many sandboxes".into()));
         let t0 = Instant::now();
         log.outcome("alice", "sb1", "stop", t0, None).await;
-        let bad = crate::api::ApiError::Internal("disk full".into());
+        let bad = crate::api::ApiError::BadGateway("lost /var/lib/bhatti/run/x/vsock".into());
         log.outcome("alice", "sb1", "stop", t0, Some(&bad)).await;
         let refused = crate::api::ApiError::Conflict("busy".into());
         log.outcome("alice", "sb1", "stop", t0, Some(&refused))
             .await;
         assert_eq!(all(&s, "stop").len(), 1);
         let failed = all(&s, "stop_failed");
-        assert_eq!(failed[0].detail.as_deref(), Some("disk full"));
+        // What the client was told: no host paths.
+        let detail = failed[0].detail.as_deref().expect("detail");
+        assert!(
+            detail.starts_with("lost ") && !detail.contains("/var/lib"),
+            "{detail}"
+        );
         assert!(failed[0].latency_ms.is_some());
         let deadline = Instant::now() + Duration::from_secs(10);
         while all(&s, "quota_rejected").is_empty() {

@@ -51,7 +51,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-pub use error::ApiError;
+pub use error::{scrub_host_paths, ApiError};
 pub use templates::ensure_prebooted;
 
 use crate::auth::{EffectiveCaps, RateLimits, RequestClass};

@@ -602,7 +602,7 @@ async fn abandon_create(st: &AppState, caller: &Caller, row: &SandboxRow, e: Api
             crate::store::events::NewEvent::new(&row.id, "create_failed")
                 .owner(&row.owner)
                 .latency_ms(since_row(row))
-                .detail(e.to_string()),
+                .detail(e.public_message()),
         )
         .await;
     detach_network(st, &caller.user, row).await;
