@@ -187,6 +187,15 @@ async fn event_log_end_to_end() {
     for t in ["create", "stop", "start", "wake"] {
         assert!(lat(t) > 0.0, "{t}");
     }
+    eprintln!(
+        "== event latencies (ms): create {:.0}, stop {:.0}, start {:.0}, warm {:.1}, cold {:.0}, wake {:.0}",
+        lat("create"),
+        lat("stop"),
+        lat("start"),
+        lat("warm"),
+        lat("cold"),
+        lat("wake")
+    );
     assert!(lat("warm") >= 0.0 && lat("cold") >= 0.0);
     let quota = of_type(&all, "quota_rejected");
     assert_eq!(quota.len(), 1, "{all:?}");
