@@ -1848,22 +1848,103 @@ mod tests {
     }
 }
 
+/// The kinds of events the log records (`type` of [`EventView`]).
+pub const EVENT_TYPES: &[&str] = &[
+    "create",
+    "create_failed",
+    "destroy",
+    "destroy_failed",
+    "stop",
+    "stop_failed",
+    "start",
+    "start_failed",
+    "warm",
+    "cold",
+    "wake",
+    "wake_failed",
+    "cool_failed",
+    "recovered",
+    "daemon_start",
+    "quota_rejected",
+    "rate_limited",
+];
+
+/// One entry of the event log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct EventView {
+    /// Increasing, never reused: the cursor (`since`) of the next poll.
+    pub id: i64,
+    /// Unix milliseconds.
+    pub at_unix_ms: i64,
+    /// What happened: one of `create`, `create_failed`, `destroy`,
+    /// `destroy_failed`, `stop`, `stop_failed`, `start`, `start_failed`,
+    /// `warm`, `cold`, `wake`, `wake_failed`, `cool_failed`, `recovered`,
+    /// `daemon_start`, `quota_rejected`, `rate_limited`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The sandbox's id; absent for events of no sandbox (a rejection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_id: Option<String>,
+    /// How long the operation or transition took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<f64>,
+    /// An error, the states of a transition, a count of coalesced rejections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
 /// `GET /events`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EventList {
-    pub events: Vec<bhatti_engine::thermal::ThermalEvent>,
+    /// Oldest first.
+    pub events: Vec<EventView>,
+    /// The `since` of the next poll: the last event's id (or the `since`
+    /// given, when there was none).
+    pub next: i64,
 }
 
 /// Query of `GET /events`.
 #[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
+    /// Only events with an id greater than this (the previous answer's `next`).
+    #[serde(alias = "after")]
+    pub since: Option<u64>,
+    /// Only these kinds: one, or several comma-separated.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
     /// Only this sandbox (id or name).
     pub sandbox: Option<String>,
-    /// Only events after this sequence number (for polling).
-    pub after: Option<u64>,
-    /// At most this many (newest last; default 100, at most 1000).
-    pub limit: Option<usize>,
+    /// At most this many (1 to 1000; default 100), oldest first.
+    pub limit: Option<u32>,
+}
+
+impl EventsQuery {
+    /// The kinds asked for (none: all), or the error for an unknown one.
+    pub fn kinds(&self) -> Result<Vec<String>, ValidationError> {
+        parse_event_types(self.kind.as_deref().unwrap_or(""))
+    }
+}
+
+/// `a,b` → the kinds, each checked against [`EVENT_TYPES`].
+pub fn parse_event_types(s: &str) -> Result<Vec<String>, ValidationError> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(|k| {
+            if EVENT_TYPES.contains(&k) {
+                Ok(k.to_string())
+            } else {
+                Err(ValidationError::new(
+                    "type",
+                    format!(
+                        "unknown event type {k:?}; one of {}",
+                        EVENT_TYPES.join(", ")
+                    ),
+                ))
+            }
+        })
+        .collect()
 }
 
 /// A listening TCP port in a guest (`GET /sandboxes/{id}/ports`).

@@ -88,6 +88,8 @@ pub struct Config {
     pub volumes: VolumesConfig,
     /// Volume backups to an S3-compatible object store.
     pub backups: BackupsConfig,
+    /// The event log (`GET /events`, `bhatti admin events`): retention.
+    pub events: EventsConfig,
 }
 
 /// `[log]`
@@ -491,6 +493,29 @@ impl Default for VolumesConfig {
     }
 }
 
+/// `[events]`: how long the event log keeps events. Pruned at start, every
+/// `prune_interval_secs` and after every 1000 inserts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Events older than this many days go. Default 30.
+    pub max_age_days: u32,
+    /// At most this many events are kept (the newest). Default 100000.
+    pub max_count: u32,
+    /// Seconds between prunes. Default 600.
+    pub prune_interval_secs: u64,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            max_age_days: 30,
+            max_count: 100_000,
+            prune_interval_secs: 600,
+        }
+    }
+}
+
 /// `[backups]`: volume backups to an S3-compatible object store
 /// (`docs/backups.md`). An empty `endpoint` turns backups off.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -599,6 +624,7 @@ impl Default for Config {
             images: ImagesConfig::default(),
             volumes: VolumesConfig::default(),
             backups: BackupsConfig::default(),
+            events: EventsConfig::default(),
         }
     }
 }
@@ -812,6 +838,22 @@ impl Config {
         }
         if self.worker_threads == 0 || self.worker_threads > 256 {
             return Err(invalid("worker_threads", "must be between 1 and 256"));
+        }
+        let ev = &self.events;
+        if ev.max_age_days == 0 || ev.max_age_days > 36_500 {
+            return Err(invalid(
+                "events.max_age_days",
+                "must be between 1 and 36500",
+            ));
+        }
+        if ev.max_count == 0 {
+            return Err(invalid("events.max_count", "must be at least 1"));
+        }
+        if ev.prune_interval_secs == 0 || ev.prune_interval_secs > 86_400 {
+            return Err(invalid(
+                "events.prune_interval_secs",
+                "must be between 1 and 86400",
+            ));
         }
         if self.log.level.trim().is_empty() {
             return Err(invalid("log.level", "must not be empty (e.g. \"info\")"));
@@ -1315,6 +1357,13 @@ impl Config {
         e.table("volumes");
         e.c("Bytes of volumes (their sizes, ephemeral ones included) one user may have (past it: HTTP 429).");
         e.kv("max_bytes_per_user", d.volumes.max_bytes_per_user);
+        let ev = &d.events;
+        e.table("events");
+        e.c("The event log (GET /events, bhatti admin events): events older than max_age_days,");
+        e.c("and all but the newest max_count, are pruned every prune_interval_secs.");
+        e.kv("max_age_days", ev.max_age_days);
+        e.kv("max_count", ev.max_count);
+        e.kv("prune_interval_secs", ev.prune_interval_secs);
         let b = &d.backups;
         e.table("backups");
         e.c("Volume backups to an S3-compatible store (docs/backups.md); endpoint \"\" = off.");
@@ -1387,6 +1436,23 @@ mod tests {
         assert_eq!(c.listen_tcp, Some("127.0.0.1:8080".parse().unwrap()));
         assert_eq!(c.thermal.warm_after_secs, 30);
         assert_eq!(c.thermal.cold_after_secs, 1800);
+    }
+
+    #[test]
+    fn events_retention_is_checked() {
+        let c = Config::parse("[events]\nmax_age_days = 2\nmax_count = 5\n").unwrap();
+        assert_eq!((c.events.max_age_days, c.events.max_count), (2, 5));
+        for (text, key) in [
+            ("[events]\nmax_age_days = 0", "events.max_age_days"),
+            ("[events]\nmax_count = 0", "events.max_count"),
+            (
+                "[events]\nprune_interval_secs = 0",
+                "events.prune_interval_secs",
+            ),
+        ] {
+            let e = Config::parse(text).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
     }
 
     #[test]

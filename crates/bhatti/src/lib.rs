@@ -13,6 +13,7 @@ pub mod auth;
 pub mod backups;
 pub mod config;
 pub mod daemon;
+pub mod events;
 pub mod images;
 pub mod init_session;
 pub mod prebooted;

@@ -696,7 +696,7 @@ async fn api_end_to_end() {
         .as_array()
         .expect("events")
         .iter()
-        .filter(|e| e["kind"] == "wake" && e["sandbox_id"] == v["id"])
+        .filter(|e| e["type"] == "wake" && e["sandbox_id"] == v["id"])
         .collect();
     assert_eq!(wakes.len(), 1, "one wake logged: {ev}");
     assert!(wakes[0]["latency_ms"].as_f64().unwrap_or(-1.0) > 0.0);

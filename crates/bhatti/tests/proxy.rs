@@ -452,6 +452,6 @@ async fn proxy_publish_wake_and_limits() {
 fn count_wakes(v: &Value) -> usize {
     v["events"]
         .as_array()
-        .map(|e| e.iter().filter(|x| x["kind"] == "wake").count())
+        .map(|e| e.iter().filter(|x| x["type"] == "wake").count())
         .unwrap_or(0)
 }

@@ -89,6 +89,21 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// What a client is told (in the answer, in the event log): the log
+    /// has the whole story; a client gets no host detail (paths, pids)
+    /// beyond what it needs.
+    pub fn public_message(&self) -> String {
+        match self {
+            ApiError::Internal(_) => {
+                "internal error; the daemon's log has the details (see X-Request-Id)".to_string()
+            }
+            ApiError::BadGateway(m) | ApiError::Timeout(m) => scrub_host_paths(m),
+            other => other.to_string(),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
@@ -99,15 +114,7 @@ impl IntoResponse for ApiError {
             }
             _ => tracing::debug!(status = status.as_u16(), "{self}"),
         }
-        // The log has the whole story; a client gets no host detail (paths,
-        // pids) beyond what it needs.
-        let message = match &self {
-            ApiError::Internal(_) => {
-                "internal error; the daemon's log has the details (see X-Request-Id)".to_string()
-            }
-            ApiError::BadGateway(m) | ApiError::Timeout(m) => scrub_host_paths(m),
-            other => other.to_string(),
-        };
+        let message = self.public_message();
         let mut resp = (status, Json(api_types::ApiError::new(message))).into_response();
         let retry_after = match &self {
             ApiError::TooMany {
@@ -117,6 +124,13 @@ impl IntoResponse for ApiError {
             | ApiError::Unavailable { retry_after: d, .. } => Some(*d),
             _ => None,
         };
+        // For the event log (the auth layer knows whose request it was).
+        if let ApiError::TooMany { message, .. } = &self {
+            resp.extensions_mut().insert(match retry_after {
+                Some(_) => crate::events::Rejection::RateLimited(message.clone()),
+                None => crate::events::Rejection::Quota(message.clone()),
+            });
+        }
         if let Some(d) = retry_after {
             let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
             if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {

@@ -1,16 +1,20 @@
-//! `GET /events`: thermal transitions (warm, cold, wake with its latency,
-//! failures) of the caller's sandboxes.
+//! `GET /events`: the event log of the caller (their sandboxes' lifecycle
+//! and thermal transitions, their rejections), oldest first, paged by the
+//! `since` cursor.
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::Json;
 
-use super::{ApiError, AppStateRef, Caller};
-use crate::api_types::{EventList, EventsQuery};
+use super::{ApiError, AppStateRef, Caller, Q};
+use crate::api_types::{EventList, EventView, EventsQuery};
 use crate::auth::RequestClass;
-use crate::store::sandboxes;
-use crate::thermal::EventQuery;
+use crate::store::events::{self, Event, EventFilter};
 
-/// The caller's sandboxes' recent transitions, oldest first.
+/// Default and largest page.
+pub const DEFAULT_LIMIT: u32 = 100;
+pub const MAX_LIMIT: u32 = 1000;
+
+/// The caller's events after `since`, oldest first.
 #[utoipa::path(get, path = "/events", tag = "events",
     params(EventsQuery),
     responses((status = 200, body = EventList), (status = 400, body = crate::api_types::ApiError),
@@ -18,26 +22,74 @@ use crate::thermal::EventQuery;
 pub async fn list(
     State(st): State<AppStateRef>,
     caller: Caller,
-    Query(q): Query<EventsQuery>,
+    Q(q): Q<EventsQuery>,
 ) -> Result<Json<EventList>, ApiError> {
     caller.rate(&st, RequestClass::Read)?;
-    let ids = match &q.sandbox {
-        Some(id) => vec![st.sandbox(&caller, id).await?.id],
-        None => {
-            let owner = caller.user.id.clone();
-            st.store
-                .run(move |c| sandboxes::list(c, &owner))
-                .await?
-                .into_iter()
-                .map(|r| r.id)
-                .collect()
-        }
+    let kinds = q.kinds()?;
+    let limit = match q.limit {
+        None => DEFAULT_LIMIT,
+        Some(0) => return Err(ApiError::BadRequest("limit: must be at least 1".into())),
+        Some(n) => n.min(MAX_LIMIT),
     };
-    let events = st.thermal.events(&EventQuery {
-        sandbox_ids: Some(ids),
-        after_seq: q.after,
-        limit: Some(q.limit.unwrap_or(100).min(1000)),
-        ..Default::default()
-    });
-    Ok(Json(EventList { events }))
+    let since = match q.since {
+        None => 0,
+        Some(s) => i64::try_from(s).map_err(|_| ApiError::BadRequest("since: too large".into()))?,
+    };
+    let sandbox_id = match &q.sandbox {
+        Some(id) => Some(st.sandbox(&caller, id).await?.id),
+        None => None,
+    };
+    let f = EventFilter {
+        since: Some(since),
+        kinds,
+        sandbox_id,
+        owner: Some(caller.user.id.clone()),
+        limit,
+    };
+    let rows = st.store.read(move |c| events::query(c, &f)).await?;
+    let next = rows.last().map_or(since, |e| e.id);
+    Ok(Json(EventList {
+        events: rows.into_iter().map(view).collect(),
+        next,
+    }))
+}
+
+/// A stored event as the API shows it (the owner is the caller).
+pub fn view(e: Event) -> EventView {
+    EventView {
+        id: e.id,
+        at_unix_ms: e.at,
+        kind: e.kind,
+        sandbox_id: e.sandbox_id,
+        latency_ms: e.latency_ms,
+        detail: e.detail,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn openapi_describes_the_query_and_the_answer() {
+        let doc = serde_json::to_value(crate::api::openapi()).expect("JSON");
+        let params: Vec<&str> = doc["paths"]["/events"]["get"]["parameters"]
+            .as_array()
+            .expect("parameters")
+            .iter()
+            .filter_map(|p| p["name"].as_str())
+            .collect();
+        assert_eq!(params, ["since", "type", "sandbox", "limit"]);
+        let schemas = &doc["components"]["schemas"];
+        for (schema, field) in [
+            ("EventList", "next"),
+            ("EventList", "events"),
+            ("EventView", "type"),
+            ("EventView", "latency_ms"),
+        ] {
+            assert!(
+                schemas[schema]["properties"][field].is_object(),
+                "{schema}.{field}: {}",
+                schemas[schema]
+            );
+        }
+    }
 }

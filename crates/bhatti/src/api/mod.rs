@@ -51,7 +51,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-pub use error::ApiError;
+pub use error::{scrub_host_paths, ApiError};
 pub use templates::ensure_prebooted;
 
 use crate::auth::{EffectiveCaps, RateLimits, RequestClass};
@@ -100,6 +100,8 @@ pub struct AppState {
     pub images: Arc<crate::images::Images>,
     /// Volume backups (not configured until the daemon sets its client).
     pub backups: crate::backups::Backups,
+    /// The event log (`GET /events`).
+    pub events: Arc<crate::events::EventLog>,
     openapi: OnceLock<String>,
     next_request: AtomicU64,
 }
@@ -138,6 +140,7 @@ impl AppState {
             rate: RateLimits::new(&config.limits.rate),
             images: Arc::new(crate::images::Images::new(&config, store.clone())),
             backups: crate::backups::Backups::new(store.clone(), None),
+            events: crate::events::EventLog::new(store.clone(), config.events.clone()),
             checkpoints_dir: config.data_dir.join("checkpoints"),
             engine,
             store,
@@ -492,8 +495,13 @@ async fn auth(State(st): State<AppStateRef>, mut req: Request, next: Next) -> Re
     };
     let caps = EffectiveCaps::resolve(&user.caps, &st.config.limits, &st.config.vm);
     tracing::Span::current().record("user", user.name.as_str());
+    let user_id = user.id.clone();
     req.extensions_mut().insert(Caller { user, caps });
-    next.run(req).await
+    let resp = next.run(req).await;
+    if let Some(r) = resp.extensions().get::<crate::events::Rejection>() {
+        st.events.rejected(&user_id, r);
+    }
+    resp
 }
 
 /// A request id and a span per request; the status and time are logged.
@@ -519,6 +527,8 @@ async fn request_span(State(st): State<AppStateRef>, req: Request, next: Next) -
         let ms = started.elapsed().as_secs_f64() * 1e3;
         if status.is_server_error() {
             tracing::warn!(status = status.as_u16(), ms, "request failed");
+        } else if status.is_client_error() {
+            tracing::info!(status = status.as_u16(), ms, "request refused");
         } else {
             tracing::debug!(status = status.as_u16(), ms, "request");
         }

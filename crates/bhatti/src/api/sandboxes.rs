@@ -597,6 +597,14 @@ async fn detach_network(st: &AppState, caller_user: &User, row: &SandboxRow) {
 
 /// A create that failed before or in the engine: network and row go.
 async fn abandon_create(st: &AppState, caller: &Caller, row: &SandboxRow, e: ApiError) -> ApiError {
+    st.events
+        .record(
+            crate::store::events::NewEvent::new(&row.id, "create_failed")
+                .owner(&row.owner)
+                .latency_ms(since_row(row))
+                .detail(e.public_message()),
+        )
+        .await;
     detach_network(st, &caller.user, row).await;
     let (owner, id) = (row.owner.clone(), row.id.clone());
     if let Err(de) = st
@@ -777,6 +785,12 @@ async fn insert_row(
     }
 }
 
+/// Milliseconds since a row was inserted: a create's latency for the event
+/// log (validation and an image pull before it are not counted).
+fn since_row(row: &SandboxRow) -> f64 {
+    (crate::store::now_ms() - row.created_at).max(0) as f64
+}
+
 /// `init`: `None` when the sandbox has no init script, else whether to
 /// wait for it to end (else it is only looked at) before answering.
 async fn finish_create(
@@ -808,6 +822,13 @@ async fn finish_create(
                 sb = st.engine.get(&row.id).unwrap_or(sb);
             }
             let view = with_volumes(st, view_with_network(st, &row, Some(&sb))).await;
+            st.events
+                .record(
+                    crate::store::events::NewEvent::new(&row.id, "create")
+                        .owner(&row.owner)
+                        .latency_ms(since_row(&row)),
+                )
+                .await;
             Ok(created(view))
         }
         Err(e) => Err(abandon_create(st, caller, &row, e.into()).await),
@@ -987,16 +1008,24 @@ async fn delete_to_end(
 ) -> Result<StatusCode, ApiError> {
     caller.rate(&st, RequestClass::Create)?;
     let row = st.sandbox(&caller, &id).await?;
-    st.engine.destroy(&row.id).await?;
-    st.thermal.forget(&row.id);
-    detach_network(&st, &caller.user, &row).await;
-    let (owner, rid) = (row.owner.clone(), row.id.clone());
-    st.store
-        .run(move |c| sandboxes::delete(c, &owner, &rid))
-        .await?;
-    super::volumes::drop_ephemeral(&st, &row.owner, &row.id).await;
-    tracing::info!(id = %row.id, name = %row.name, "sandbox deleted");
-    Ok(StatusCode::NO_CONTENT)
+    let t0 = std::time::Instant::now();
+    let r = async {
+        st.engine.destroy(&row.id).await?;
+        st.thermal.forget(&row.id);
+        detach_network(&st, &caller.user, &row).await;
+        let (owner, rid) = (row.owner.clone(), row.id.clone());
+        st.store
+            .run(move |c| sandboxes::delete(c, &owner, &rid))
+            .await?;
+        super::volumes::drop_ephemeral(&st, &row.owner, &row.id).await;
+        tracing::info!(id = %row.id, name = %row.name, "sandbox deleted");
+        Ok(StatusCode::NO_CONTENT)
+    }
+    .await;
+    st.events
+        .outcome(&row.owner, &row.id, "destroy", t0, r.as_ref().err())
+        .await;
+    r
 }
 
 /// Snapshots the sandbox to disk and ends its VMM (memory freed).
@@ -1026,7 +1055,16 @@ async fn stop_to_end(
             "the sandbox is still being created".into(),
         ));
     }
-    let sb = st.engine.snapshot_to_disk(&row.id).await?;
+    let t0 = std::time::Instant::now();
+    let sb = st
+        .engine
+        .snapshot_to_disk(&row.id)
+        .await
+        .map_err(ApiError::from);
+    st.events
+        .outcome(&row.owner, &row.id, "stop", t0, sb.as_ref().err())
+        .await;
+    let sb = sb?;
     st.set_status(&row.owner, &row.id, "stopped").await;
     row.status = "stopped".into();
     Ok(Json(view_with_network(&st, &row, Some(&sb))))
@@ -1063,11 +1101,17 @@ async fn start_to_end(
             "the sandbox is still being created".into(),
         ));
     }
+    let t0 = std::time::Instant::now();
     let sb = if req.fresh {
-        st.engine.start_fresh(&row.id).await?
+        st.engine.start_fresh(&row.id).await
     } else {
-        st.engine.start(&row.id).await?
-    };
+        st.engine.start(&row.id).await
+    }
+    .map_err(ApiError::from);
+    st.events
+        .outcome(&row.owner, &row.id, "start", t0, sb.as_ref().err())
+        .await;
+    let sb = sb?;
     st.set_status(&row.owner, &row.id, "running").await;
     row.status = "running".into();
     Ok(Json(view_with_network(&st, &row, Some(&sb))))

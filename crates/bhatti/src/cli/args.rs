@@ -95,8 +95,8 @@ pub enum Command {
     Volume(super::volumes::VolumeCommand),
     /// Print a link that opens a sandbox's terminal in a browser.
     Share(super::share::ShareArgs),
-    /// Thermal transitions of your sandboxes (warm, cold, wake and its
-    /// latency), oldest first.
+    /// The event log of your sandboxes (create, stop, start, destroy, warm,
+    /// cold, wake and their latencies, failures, rejections), oldest first.
     Events(EventsArgs),
     /// A sandbox's listening TCP ports; without a sandbox, your published ports.
     Ports(PortsArgs),
@@ -642,6 +642,26 @@ pub enum AdminCommand {
     },
     /// Print a daemon config file with every key at its default, commented.
     ExampleConfig,
+    /// Every user's events, read from the daemon's database (newest last).
+    Events(AdminEventsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AdminEventsArgs {
+    #[command(flatten)]
+    pub host: HostArgs,
+    /// Only this user's (name).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Only this sandbox (id).
+    #[arg(long)]
+    pub sandbox: Option<String>,
+    /// Only these kinds (comma-separated).
+    #[arg(long = "type", value_name = "TYPE", value_parser = parse_event_types)]
+    pub kind: Option<String>,
+    /// At most this many, the newest.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub limit: u32,
 }
 
 /// A sandbox, checkpoint or user name, checked before anything is sent.
@@ -892,7 +912,24 @@ mod tests {
 pub struct EventsArgs {
     /// Only this sandbox.
     pub sandbox: Option<String>,
-    /// At most this many (the newest).
-    #[arg(long, default_value_t = 100)]
-    pub limit: usize,
+    /// Only these kinds (comma-separated), e.g. `wake,wake_failed`.
+    #[arg(long = "type", value_name = "TYPE", value_parser = parse_event_types)]
+    pub kind: Option<String>,
+    /// Only events after this id (a previous answer's last id).
+    #[arg(long, value_name = "ID")]
+    pub since: Option<u64>,
+    /// At most this many per request (1 to 1000).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub limit: u32,
+    /// Keep polling (about every second) and print new events until Ctrl-C;
+    /// with --json, one JSON object per line.
+    #[arg(short, long)]
+    pub follow: bool,
+}
+
+/// `a,b`: event types, each checked.
+pub fn parse_event_types(s: &str) -> Result<String, String> {
+    bhatti::api_types::parse_event_types(s)
+        .map(|v| v.join(","))
+        .map_err(|e| e.message)
 }

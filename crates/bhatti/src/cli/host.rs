@@ -11,7 +11,7 @@ use bhatti::store::users::UserCaps;
 use bhatti::store::Store;
 use serde_json::{json, Value};
 
-use super::args::{AdminCommand, HostArgs, UserCommand};
+use super::args::{AdminCommand, AdminEventsArgs, HostArgs, UserCommand};
 use super::http::{Client, Endpoint};
 use super::output::{short_time, Printer};
 use super::{CliError, ExitStatus, Result};
@@ -327,6 +327,7 @@ pub fn admin(cmd: AdminCommand, out: &Printer) -> Result<ExitStatus> {
             out.raw(Config::example_toml().as_bytes())?;
             return Ok(ExitStatus::Success);
         }
+        AdminCommand::Events(a) => return admin_events(a, out),
     };
     let (cfg, path) = load_config(&host)?;
     let rt = super::runtime()?;
@@ -418,4 +419,85 @@ pub fn admin(cmd: AdminCommand, out: &Printer) -> Result<ExitStatus> {
     } else {
         ExitStatus::Failure
     })
+}
+
+/// `bhatti admin events`: every user's events (or one user's), straight
+/// from the daemon's database, the newest `limit`, oldest first.
+fn admin_events(a: AdminEventsArgs, out: &Printer) -> Result<ExitStatus> {
+    use bhatti::store::events::{self, EventFilter};
+    let (cfg, _) = load_config(&a.host)?;
+    let store = open_store(&cfg)?;
+    let (users, rows) = store
+        .with(|c| {
+            let users: std::collections::HashMap<String, String> = bhatti::store::users::list(c)?
+                .into_iter()
+                .map(|u| (u.id, u.name))
+                .collect();
+            let owner = match &a.user {
+                Some(name) => match users.iter().find(|(_, n)| *n == name) {
+                    Some((id, _)) => Some(id.clone()),
+                    None => return Ok(Err(format!("no user named '{name}'"))),
+                },
+                None => None,
+            };
+            let f = EventFilter {
+                owner,
+                sandbox_id: a.sandbox.clone(),
+                kinds: a
+                    .kind
+                    .as_deref()
+                    .map(|k| k.split(',').map(str::to_owned).collect())
+                    .unwrap_or_default(),
+                limit: a.limit,
+                since: None,
+            };
+            Ok(Ok((users.clone(), events::latest(c, &f)?)))
+        })
+        .map_err(|e| CliError::new(e.to_string()))?
+        .map_err(CliError::new)?;
+    let user_of = |e: &events::Event| {
+        e.owner
+            .as_ref()
+            .map(|o| users.get(o).cloned().unwrap_or_else(|| o.clone()))
+    };
+    if out.json {
+        let list: Vec<Value> = rows
+            .iter()
+            .map(|e| {
+                json!({
+                    "id": e.id, "at_unix_ms": e.at, "at": rfc3339_ms(e.at), "type": e.kind,
+                    "user": user_of(e), "sandbox_id": e.sandbox_id,
+                    "latency_ms": e.latency_ms, "detail": e.detail,
+                })
+            })
+            .collect();
+        out.json_value(&json!({ "events": list }))?;
+        return Ok(ExitStatus::Success);
+    }
+    if rows.is_empty() {
+        out.note("no events");
+        return Ok(ExitStatus::Success);
+    }
+    let dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    let table = rows
+        .iter()
+        .map(|e| {
+            vec![
+                e.id.to_string(),
+                short_time(&rfc3339_ms(e.at)),
+                dash(user_of(e)),
+                dash(e.sandbox_id.clone()),
+                e.kind.clone(),
+                dash(e.latency_ms.map(|l| format!("{l:.1} ms"))),
+                dash(e.detail.clone()),
+            ]
+        })
+        .collect();
+    out.table(
+        &[
+            "ID", "TIME", "USER", "SANDBOX", "EVENT", "LATENCY", "DETAIL",
+        ],
+        table,
+    )?;
+    Ok(ExitStatus::Success)
 }

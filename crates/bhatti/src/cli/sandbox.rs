@@ -756,48 +756,96 @@ pub async fn secret(c: &Client, cmd: SecretCommand, out: &Printer) -> Result<Exi
     Ok(ExitStatus::Success)
 }
 
-/// `bhatti events [SANDBOX]`: the thermal log.
+/// `bhatti events [SANDBOX]`: the event log; `--follow` polls with the
+/// cursor until Ctrl-C.
 pub async fn events(c: &Client, a: EventsArgs, out: &Printer) -> Result<ExitStatus> {
     require_token(c)?;
-    let mut q = vec![("limit", a.limit.to_string())];
-    if let Some(sb) = &a.sandbox {
-        q.push(("sandbox", sb.clone()));
-    }
-    let v = c.get(&format!("/events{}", super::http::query(&q))).await?;
-    if out.json {
-        out.json_value(&v)?;
+    let mut since = a.since.unwrap_or(0);
+    let page = |since: u64| {
+        let mut q = vec![("limit", a.limit.to_string()), ("since", since.to_string())];
+        if let Some(sb) = &a.sandbox {
+            q.push(("sandbox", sb.clone()));
+        }
+        if let Some(k) = &a.kind {
+            q.push(("type", k.clone()));
+        }
+        format!("/events{}", super::http::query(&q))
+    };
+    if !a.follow {
+        let v = c.get(&page(since)).await?;
+        if out.json {
+            out.json_value(&v)?;
+            return Ok(ExitStatus::Success);
+        }
+        let empty = Vec::new();
+        let list = v.get("events").and_then(Value::as_array).unwrap_or(&empty);
+        if list.is_empty() {
+            out.note("no events");
+            return Ok(ExitStatus::Success);
+        }
+        out.table(&EVENT_HEADER, list.iter().map(event_row).collect())?;
         return Ok(ExitStatus::Success);
     }
-    let empty = Vec::new();
-    let list = v.get("events").and_then(Value::as_array).unwrap_or(&empty);
-    if list.is_empty() {
-        out.note("no transitions yet");
-        return Ok(ExitStatus::Success);
+    // Following: one line per event as it comes (a table cannot grow).
+    if !out.json {
+        out.line(&EVENT_HEADER.join("  "))?;
     }
-    let rows = list
-        .iter()
-        .map(|e| {
-            let at = e
-                .get("at_unix_ms")
-                .and_then(Value::as_i64)
-                .map_or("-".into(), |ms| {
-                    short_time(&bhatti::api_types::rfc3339_ms(ms))
-                });
-            let latency = e
-                .get("latency_ms")
-                .and_then(Value::as_f64)
-                .map_or("-".into(), |l| format!("{l:.1} ms"));
-            vec![
-                at,
-                s(e, "sandbox_id"),
-                s(e, "kind"),
-                format!("{} → {}", s(e, "from"), s(e, "to")),
-                latency,
-            ]
-        })
-        .collect();
-    out.table(&["TIME", "SANDBOX", "EVENT", "STATE", "LATENCY"], rows)?;
-    Ok(ExitStatus::Success)
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::signal::ctrl_c() => return Ok(ExitStatus::Success),
+        }
+        // Drain: a full page means more are waiting.
+        loop {
+            let v = c.get(&page(since)).await?;
+            let list = v
+                .get("events")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            for e in &list {
+                if out.json {
+                    let line = serde_json::to_string(e)
+                        .map_err(|e| CliError::new(format!("cannot encode JSON: {e}")))?;
+                    out.line(&line)?;
+                } else {
+                    out.line(&event_row(e).join("  "))?;
+                }
+            }
+            if let Some(next) = v.get("next").and_then(Value::as_u64) {
+                since = since.max(next);
+            }
+            if list.len() < a.limit as usize {
+                break;
+            }
+        }
+    }
+}
+
+const EVENT_HEADER: [&str; 6] = ["ID", "TIME", "SANDBOX", "EVENT", "LATENCY", "DETAIL"];
+
+/// An event as a row of [`EVENT_HEADER`].
+fn event_row(e: &Value) -> Vec<String> {
+    let at = e
+        .get("at_unix_ms")
+        .and_then(Value::as_i64)
+        .map_or("-".into(), |ms| {
+            short_time(&bhatti::api_types::rfc3339_ms(ms))
+        });
+    let latency = e
+        .get("latency_ms")
+        .and_then(Value::as_f64)
+        .map_or("-".into(), |l| format!("{l:.1} ms"));
+    vec![
+        n(e, "id").map_or("-".into(), |i| i.to_string()),
+        at,
+        s(e, "sandbox_id"),
+        s(e, "type"),
+        latency,
+        s(e, "detail"),
+    ]
 }
 
 #[cfg(test)]

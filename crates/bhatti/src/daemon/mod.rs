@@ -303,6 +303,8 @@ pub async fn serve_with_backend(
     app_state.prebooted = prebooted;
     app_state.backups = crate::backups::Backups::new(app_state.store.clone(), backup_client);
     let state = Arc::new(app_state);
+    state.events.record_start(&recovered).await;
+    let pruner = state.events.spawn_pruner();
     let schedules_stop = tokio_util::sync::CancellationToken::new();
     let schedules = tokio::spawn(crate::backups::schedule::run_loop(
         state.store.clone(),
@@ -387,6 +389,7 @@ pub async fn serve_with_backend(
     // Relayed WebSockets would hold the listeners open: end them.
     state.proxy.stop.cancel();
     sweeper.abort();
+    pruner.abort();
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while servers.join_next().await.is_some() {}
     })

@@ -276,6 +276,9 @@ pub const MIGRATIONS: &[&str] = &[
     "#,
     // 7: volume backups and their schedules.
     backups::BACKUPS_MIGRATION,
+    // 8: events as the source of truth: sandbox_id nullable (daemon-level
+    // events), indexes by owner, sandbox, kind and time.
+    events::EVENTS_MIGRATION,
 ];
 
 /// The schema version this build writes.

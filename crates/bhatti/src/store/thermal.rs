@@ -13,8 +13,9 @@ impl Records for Store {
         Box::pin(async move {
             let mut ne = NewEvent::new(&e.sandbox_id, e.kind.as_str()).latency_ms(e.latency_ms);
             ne.owner = owner;
+            // Users read this (GET /events): no host paths.
             ne.detail = Some(match &e.detail {
-                Some(d) => format!("{}→{}: {d}", e.from, e.to),
+                Some(d) => format!("{}→{}: {}", e.from, e.to, crate::api::scrub_host_paths(d)),
                 None => format!("{}→{}", e.from, e.to),
             });
             if let Err(err) = store.run(move |c| super::events::record(c, &ne)).await {

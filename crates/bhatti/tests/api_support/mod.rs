@@ -219,7 +219,7 @@ impl Proc {
         Proc::spawn_with(env, n, &[])
     }
 
-    /// [`Proc::spawn`] with extra environment variables.
+    /// [`Proc::spawn`] with extra environment variables (they win).
     pub fn spawn_with(env: &Env, n: u32, vars: &[(&str, &str)]) -> Proc {
         let cfg = env.dir.path().join("bhatti.toml");
         let log =
@@ -227,8 +227,9 @@ impl Proc {
         let child = Command::new(env!("CARGO_BIN_EXE_bhatti"))
             .args(["serve", "--config"])
             .arg(&cfg)
-            .envs(vars.iter().copied())
+            // `vars` may set another RUST_LOG.
             .env("RUST_LOG", "bhatti=info")
+            .envs(vars.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

@@ -1,6 +1,7 @@
-//! Thermal transitions as events: a bounded in-memory ring (for `GET
-//! /events` and `bhatti admin events` without a database round trip) and,
-//! when the daemon has one, the store's `events` table.
+//! Thermal transitions as events: a bounded in-memory ring (this run's
+//! recent transitions, for tests and embedders) and, when the daemon has
+//! one, its `Records` (the daemon's store: the durable event log behind
+//! `GET /events`).
 
 use std::collections::VecDeque;
 
