@@ -15,6 +15,7 @@ pub mod config;
 pub mod daemon;
 pub mod images;
 pub mod init_session;
+pub mod metrics;
 pub mod prebooted;
 pub mod proxy;
 pub mod secrets;
