@@ -90,6 +90,23 @@ pub struct Config {
     pub backups: BackupsConfig,
     /// The event log (`GET /events`, `bhatti admin events`): retention.
     pub events: EventsConfig,
+    /// `GET /metrics` (Prometheus): who may scrape it, and where.
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: off unless a token or a listener is set.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// A separate TCP listener that serves only `GET /metrics`, without
+    /// auth (bind it to loopback or a private network); an empty string
+    /// disables it. Default empty.
+    #[serde(with = "opt_addr")]
+    pub listen: Option<SocketAddr>,
+    /// A bearer secret (at least 16 characters) that opens `GET /metrics`
+    /// on the API's own listeners; empty: `/metrics` is 404 there.
+    /// Default empty.
+    pub token: String,
 }
 
 /// `[log]`
@@ -625,6 +642,7 @@ impl Default for Config {
             volumes: VolumesConfig::default(),
             backups: BackupsConfig::default(),
             events: EventsConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -1157,6 +1175,23 @@ impl Config {
             }
         }
         crate::backups::validate_config(&self.backups).map_err(|(key, m)| invalid(key, m))?;
+        let m = &self.metrics;
+        if !m.token.is_empty()
+            && (m.token.len() < 16 || !m.token.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(invalid(
+                "metrics.token",
+                "must be empty or at least 16 printable characters without spaces",
+            ));
+        }
+        if let Some(a) = m.listen {
+            if a.port() != 0 && (Some(a) == self.listen_tcp || Some(a) == self.proxy.listen) {
+                return Err(invalid(
+                    "metrics.listen",
+                    format!("{a} is already listen_tcp or proxy.listen"),
+                ));
+            }
+        }
         let u = &sh.public_url;
         if !u.is_empty()
             && (!(u.starts_with("http://") || u.starts_with("https://"))
@@ -1389,6 +1424,18 @@ impl Config {
         e.c("zstd level (1 to 19) and worker threads (0 = on the backup's own thread).");
         e.kv("compression_level", b.compression_level);
         e.kv("compression_threads", b.compression_threads);
+        let m = &d.metrics;
+        e.table("metrics");
+        e.c("GET /metrics in the Prometheus (OpenMetrics) text format; off by default.");
+        e.c(
+            "A listener serving only /metrics, without auth, e.g. \"127.0.0.1:9464\"; \"\" = none.",
+        );
+        e.kv(
+            "listen",
+            toml_str(&m.listen.map(|a| a.to_string()).unwrap_or_default()),
+        );
+        e.c("A bearer secret (16+ characters) for /metrics on the API's listeners; \"\" = 404 there.");
+        e.kv("token", toml_str(&m.token));
         e.0
     }
 }
@@ -1569,6 +1616,8 @@ mod tests {
         let cases = [
             ("data_dir = \"relative\"", "data_dir"),
             ("listen_tcp = \"localhost\"", "listen_tcp"),
+            ("[metrics]\ntoken = \"short\"", "metrics.token"),
+            ("[metrics]\nlisten = \"127.0.0.1:8080\"", "metrics.listen"),
             ("[vm]\nbackend = \"xen\"", "backend"),
             ("[vm]\ndefault_cpus = 0", "vm.default_cpus"),
             ("[vm]\ndefault_cpus = 32", "vm.default_cpus"),

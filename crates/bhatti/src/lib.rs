@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod events;
 pub mod images;
 pub mod init_session;
+pub mod metrics;
 pub mod prebooted;
 pub mod proxy;
 pub mod secrets;

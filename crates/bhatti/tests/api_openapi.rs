@@ -174,6 +174,7 @@ async fn openapi_matches_the_router() {
     let contract = [
         "GET /health",
         "GET /openapi.json",
+        "GET /metrics",
         "POST /sandboxes",
         "GET /sandboxes",
         "GET /sandboxes/{id}",

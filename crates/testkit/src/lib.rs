@@ -12,6 +12,8 @@ use bhatti_vmm::VmmBackend;
 
 pub mod registry;
 pub mod s3;
+#[cfg(feature = "soak")]
+pub mod soak;
 
 /// Where `scripts/artifacts.sh` caches kernels and rootfs images.
 pub const CACHE: &str = "/var/cache/bhatti-ci";

@@ -22,6 +22,7 @@ mod exec_ws;
 mod files;
 mod images;
 mod meta;
+mod metrics;
 mod ports;
 mod sandboxes;
 mod secrets;
@@ -52,6 +53,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 pub use error::{scrub_host_paths, ApiError};
+pub use metrics::listener_router as metrics_router;
 pub use templates::ensure_prebooted;
 
 use crate::auth::{EffectiveCaps, RateLimits, RequestClass};
@@ -104,6 +106,8 @@ pub struct AppState {
     pub events: Arc<crate::events::EventLog>,
     openapi: OnceLock<String>,
     next_request: AtomicU64,
+    /// This daemon's metrics (`GET /metrics`).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl AppState {
@@ -152,6 +156,7 @@ impl AppState {
             tasks: tokio_util::task::TaskTracker::new(),
             openapi: OnceLock::new(),
             next_request: AtomicU64::new(1),
+            metrics: Default::default(),
         }
     }
 
@@ -239,12 +244,13 @@ pub struct Caller {
 impl Caller {
     /// Takes one token of the user's `class` bucket, or 429.
     fn rate(&self, st: &AppState, class: RequestClass) -> Result<(), ApiError> {
-        st.rate
-            .check(&self.user.id, class)
-            .map_err(|wait| ApiError::TooMany {
+        st.rate.check(&self.user.id, class).map_err(|wait| {
+            st.metrics.rate_limited(class);
+            ApiError::TooMany {
                 message: format!("rate limit exceeded; retry in {} ms", wait.as_millis()),
                 retry_after: Some(wait),
-            })
+            }
+        })
     }
 }
 
@@ -356,6 +362,7 @@ pub fn api_router() -> OpenApiRouter<AppStateRef> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(meta::health))
         .routes(routes!(meta::openapi_json))
+        .routes(routes!(metrics::metrics))
         .routes(routes!(sandboxes::create, sandboxes::list))
         .routes(routes!(sandboxes::get, sandboxes::patch, sandboxes::delete))
         .routes(routes!(sandboxes::stop))
@@ -429,6 +436,7 @@ pub fn router(state: AppStateRef) -> Router {
     let _ = state.openapi.set(json);
     routes
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .route_layer(axum::middleware::from_fn(metrics::mark_route))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
@@ -472,7 +480,12 @@ async fn method_not_allowed(req: Request) -> ApiError {
 /// Bearer key → [`Caller`] in the request's extensions; open routes pass.
 async fn auth(State(st): State<AppStateRef>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    if path == "/health" || path == "/openapi.json" || path.starts_with("/_shell/") {
+    // `/metrics` checks its own token.
+    if path == "/health"
+        || path == "/openapi.json"
+        || path == "/metrics"
+        || path.starts_with("/_shell/")
+    {
         return next.run(req).await;
     }
     let key = req
@@ -521,10 +534,20 @@ async fn request_span(State(st): State<AppStateRef>, req: Request, next: Next) -
         user = tracing::field::Empty,
     );
     let started = std::time::Instant::now();
+    let method = req.method().clone();
     let mut resp = next.run(req).instrument(span.clone()).await;
     let status = resp.status();
+    let took = started.elapsed();
+    st.metrics.request(
+        method.as_str(),
+        resp.extensions()
+            .get::<metrics::Route>()
+            .map(|r| r.0.as_str()),
+        status.as_u16(),
+        took,
+    );
     span.in_scope(|| {
-        let ms = started.elapsed().as_secs_f64() * 1e3;
+        let ms = took.as_secs_f64() * 1e3;
         if status.is_server_error() {
             tracing::warn!(status = status.as_u16(), ms, "request failed");
         } else if status.is_client_error() {

@@ -125,8 +125,13 @@ async fn checkpoint_to_end(
             }
         }
     };
+    let started = std::time::Instant::now();
     let meta = match st.engine.checkpoint(&row.id, &dir).await {
-        Ok(m) => m,
+        Ok(m) => {
+            st.metrics
+                .snapshot("checkpoint", started.elapsed(), Some(m.size_bytes));
+            m
+        }
         Err(e) => {
             unreserve(&st).await;
             return Err(e.into());

@@ -269,9 +269,23 @@ pub async fn serve_with_backend(
         ),
         None => None,
     };
+    let metrics_listener = match config.metrics.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(io(format!("listening on {addr} (metrics.listen)")))?,
+        ),
+        None => None,
+    };
+    // Thermal transitions are counted on their way to the store.
+    let metrics = Arc::new(crate::metrics::Metrics::new());
     let thermal = crate::thermal::ThermalManager::spawn(
         engine.clone(),
-        Some(Arc::new(store.clone())),
+        Some(Arc::new(crate::metrics::records::Metered {
+            inner: Arc::new(store.clone()),
+            metrics: metrics.clone(),
+            engine: engine.clone(),
+        })),
         &config.thermal,
     );
     let prebooted = if config.vm.prebooted {
@@ -301,6 +315,7 @@ pub async fn serve_with_backend(
         tenants,
     );
     app_state.prebooted = prebooted;
+    app_state.metrics = metrics;
     app_state.backups = crate::backups::Backups::new(app_state.store.clone(), backup_client);
     let state = Arc::new(app_state);
     state.events.record_start(&recovered).await;
@@ -352,6 +367,11 @@ pub async fn serve_with_backend(
         let stop = stopped(stop_rx.clone());
         servers.spawn(async move { axum::serve(tcp, app).with_graceful_shutdown(stop).await });
     }
+    if let Some(l) = metrics_listener {
+        let stop = stopped(stop_rx.clone());
+        let app = api::metrics_router(state.clone());
+        servers.spawn(async move { axum::serve(l, app).with_graceful_shutdown(stop).await });
+    }
     if let Some(public) = public {
         let stop = stopped(stop_rx.clone());
         let app = crate::proxy::public::router(state.clone());
@@ -376,6 +396,7 @@ pub async fn serve_with_backend(
         unix = %config.listen_unix.display(),
         tcp = ?config.listen_tcp,
         public = ?config.proxy.listen,
+        metrics = ?config.metrics.listen,
         backend = %kind,
         "bhatti daemon listening"
     );
