@@ -94,6 +94,9 @@ const CONSOLE_TAIL_LINES: usize = 40;
 pub const VMM_EXITED: &str = "the VMM process exited unexpectedly";
 /// How often the engine looks for VMMs that died on their own.
 const REAP_INTERVAL: Duration = Duration::from_secs(1);
+/// Every how many of those it also asks each running VMM whether it
+/// stalled (a QMP round trip each).
+const STALL_CHECK_EVERY: u64 = 3;
 
 /// Everything the engine needs.
 #[derive(Debug, Clone)]
@@ -312,10 +315,10 @@ impl Engine {
         // Watches for VMMs that die on their own; ends with the engine.
         let weak = Arc::downgrade(&inner);
         tokio::spawn(async move {
-            loop {
+            for tick in 1u64.. {
                 tokio::time::sleep(REAP_INTERVAL).await;
                 let Some(inner) = weak.upgrade() else { break };
-                inner.reap_dead_vmms().await;
+                inner.reap_dead_vmms(tick % STALL_CHECK_EVERY == 0).await;
             }
         });
         Ok(Engine { inner })
@@ -1411,7 +1414,12 @@ impl Inner {
     /// crashed) since it was last used, so its state tells at once rather
     /// than at its next operation. A sandbox busy with an operation is
     /// skipped: that operation notices.
-    async fn reap_dead_vmms(&self) {
+    ///
+    /// With `stalls`, also continues a running guest its VMM paused by
+    /// itself: QEMU stops a VM whose disk write failed with ENOSPC (the
+    /// data disk is full) and retries the write on `cont`, so the guest
+    /// stalls, loses nothing, and carries on once space is freed.
+    async fn reap_dead_vmms(&self, stalls: bool) {
         let slots: Vec<Arc<Slot>> = self
             .slots
             .lock()
@@ -1428,6 +1436,19 @@ impl Inner {
                 && live.vm.as_ref().is_some_and(|vm| !vm.is_alive());
             if dead {
                 let _ = slot.span.in_scope(|| self.live_vm(&slot, &mut live).map(|_| ()));
+                continue;
+            }
+            if !stalls || live.rec.state != SandboxState::Running {
+                continue;
+            }
+            let Some(vm) = live.vm.as_ref() else { continue };
+            if let Ok(true) = vm.is_paused().await {
+                slot.span.in_scope(|| {
+                    tracing::warn!("the VMM paused the guest (a disk write failed: is the data disk full?); continuing it")
+                });
+                if let Err(e) = vm.resume().await {
+                    slot.span.in_scope(|| tracing::warn!("continuing the guest: {e}"));
+                }
             }
         }
     }
