@@ -68,7 +68,10 @@ async fn write_loop(c: Client, sb: String, round: u32, acked: Acked) {
     loop {
         k += 1;
         let path = format!("/home/lohar/chaos/r{round}-{k}");
-        let content = format!("{sb} round {round} file {k} {}\n", "x".repeat(k as usize % 64));
+        let content = format!(
+            "{sb} round {round} file {k} {}\n",
+            "x".repeat(k as usize % 64)
+        );
         let ok = if k % 2 == 0 {
             c.try_send(
                 hyper::Method::PUT,
@@ -129,7 +132,11 @@ impl Stream {
                 Some(id) => json!({"attach": id, "offset": s.end}),
             }
         };
-        if ws.send(Message::Text(first.to_string().into())).await.is_err() {
+        if ws
+            .send(Message::Text(first.to_string().into()))
+            .await
+            .is_err()
+        {
             return;
         }
         while let Some(Ok(msg)) = ws.next().await {
@@ -140,7 +147,10 @@ impl Stream {
             let mut s = me.lock().expect("stream");
             match v["type"].as_str() {
                 Some("started") => {
-                    assert!(v["gap"].is_null(), "exec stream: output lost on reattach: {v}");
+                    assert!(
+                        v["gap"].is_null(),
+                        "exec stream: output lost on reattach: {v}"
+                    );
                     let off = v["offset"].as_u64().expect("offset");
                     if s.session.is_some() {
                         assert_eq!(off, s.end, "exec stream: reattached elsewhere: {v}");
@@ -327,7 +337,10 @@ async fn check_writes(c: &Client, sbs: &[String], acked: &Acked, when: &str) -> 
     let want = acked.lock().expect("acked").clone();
     for sb in sbs {
         let (code, out, err) = c
-            .sh(sb, "cd /home/lohar/chaos 2>/dev/null && sha256sum * || true")
+            .sh(
+                sb,
+                "cd /home/lohar/chaos 2>/dev/null && sha256sum * || true",
+            )
             .await;
         assert_eq!(code, 0, "{when}: {sb}: {err}");
         let have: BTreeMap<String, String> = out
@@ -392,7 +405,9 @@ async fn daemon_sigkill_under_load_recovers() {
         "BHATTI_CHAOS_SEED",
         u64::from_str_radix(&bhatti::engine::random_hex(8), 16).unwrap_or(1),
     );
-    println!("chaos: seed {seed} (BHATTI_CHAOS_SEED={seed} replays), {n_sb} sandboxes, {kills} kills");
+    println!(
+        "chaos: seed {seed} (BHATTI_CHAOS_SEED={seed} replays), {n_sb} sandboxes, {kills} kills"
+    );
     let mut rng = Rng(seed);
 
     let env = Env::new(art);
@@ -486,11 +501,16 @@ async fn daemon_sigkill_under_load_recovers() {
     no_orphans(&env, &c, "after the deletes").await;
 }
 
-
 fn proc_gone(pid: u32) -> bool {
     // A zombie (killed, not yet reaped) counts as gone.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
         .unwrap_or(true)
 }
 
@@ -535,10 +555,14 @@ async fn vmm_sigkill_is_reported_and_start_recovers() {
     .await;
 
     // GET notices by itself: failed, with the reason.
-    let seen = eventually("GET shows the VMM's death", Duration::from_secs(30), || async {
-        let v = c.get("/sandboxes/v").await.expect(200);
-        (v["status"] != "running").then_some(v)
-    })
+    let seen = eventually(
+        "GET shows the VMM's death",
+        Duration::from_secs(30),
+        || async {
+            let v = c.get("/sandboxes/v").await.expect(200);
+            (v["status"] != "running").then_some(v)
+        },
+    )
     .await;
     assert_eq!(seen["status"], "failed", "{seen}");
     let why = seen["error"].as_str().unwrap_or_default();
@@ -564,7 +588,10 @@ async fn vmm_sigkill_is_reported_and_start_recovers() {
         String::from_utf8_lossy(&r.body)
     );
     let e = r.expect_err(409);
-    assert!(e.contains("VMM process exited") && e.contains("start"), "{e}");
+    assert!(
+        e.contains("VMM process exited") && e.contains("start"),
+        "{e}"
+    );
 
     // The other sandbox is untouched; no VMM runs for the dead one.
     assert_eq!(c.sh("bystander", "echo ok").await.1, "ok\n");

@@ -45,8 +45,12 @@ impl LoopDisk {
         let f = std::fs::File::create(img).expect("image");
         f.set_len(mb << 20).expect("size the image");
         // -m 0: no blocks reserved for root (the daemon runs as root).
-        run(Command::new("mkfs.ext4").args(["-q", "-F", "-m", "0"]).arg(img)).expect("mkfs");
-        let dev = run(Command::new("losetup").args(["--find", "--show"]).arg(img)).expect("losetup");
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0"])
+            .arg(img))
+        .expect("mkfs");
+        let dev =
+            run(Command::new("losetup").args(["--find", "--show"]).arg(img)).expect("losetup");
         let disk = LoopDisk {
             mnt: mnt.to_owned(),
             dev,
@@ -125,7 +129,11 @@ fn entries(p: &Path) -> Vec<String> {
 fn layout(d: &Path) -> Vec<String> {
     ["sandboxes", "run", "checkpoints"]
         .iter()
-        .flat_map(|s| entries(&d.join(s)).into_iter().map(move |e| format!("{s}/{e}")))
+        .flat_map(|s| {
+            entries(&d.join(s))
+                .into_iter()
+                .map(move |e| format!("{s}/{e}"))
+        })
         .collect()
 }
 
@@ -135,7 +143,10 @@ fn full(env: &Env, r: &Resp, what: &str) {
     if r.status != 507 {
         let log = std::fs::read_to_string(env.dir.path().join("daemon-1.log")).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(15).collect();
-        println!("daemon log (last lines, newest first):\n{}", tail.join("\n"));
+        println!(
+            "daemon log (last lines, newest first):\n{}",
+            tail.join("\n")
+        );
     }
     println!(
         "disk_full: {what}: {} {}",
@@ -211,13 +222,19 @@ async fn full_data_disk_fails_cleanly_then_recovers() {
             bytes::Bytes::from(json!({"name": "b", "memory_mb": 256}).to_string()),
         )
     };
-    full(&env, &create_b().await.expect("create"), "create (disk copy)");
+    full(
+        &env,
+        &create_b().await.expect("create"),
+        "create (disk copy)",
+    );
     let list = c.get("/sandboxes").await.expect(200);
     assert_eq!(names(&list, "sandboxes"), ["a"], "{list}");
     assert_eq!(layout(&data), stored, "the failed create left files");
 
     // Checkpoint: 507, no half-written checkpoint; the sandbox runs on.
-    let r = c.post("/sandboxes/a/checkpoint", json!({"name": "cp2"})).await;
+    let r = c
+        .post("/sandboxes/a/checkpoint", json!({"name": "cp2"}))
+        .await;
     full(&env, &r, "checkpoint");
     let snaps = c.get("/snapshots").await.expect(200);
     assert!(!snaps.to_string().contains("cp2"), "{snaps}");
@@ -251,16 +268,30 @@ async fn full_data_disk_fails_cleanly_then_recovers() {
             .await
         })
     };
-    eventually("the guest write stalls on the full disk", Duration::from_secs(120), || async {
-        // Space taken by the guest's writes until the disk is out of it.
-        (disk.free() < (17 << 20)).then_some(())
-    })
+    eventually(
+        "the guest write stalls on the full disk",
+        Duration::from_secs(120),
+        || async {
+            // Space taken by the guest's writes until the disk is out of it.
+            (disk.free() < (17 << 20)).then_some(())
+        },
+    )
     .await;
-    assert!(!writer.is_finished(), "the guest write finished on a full disk");
-    println!("disk_full: the guest write stalls ({} KiB free)", disk.free() >> 10);
+    assert!(
+        !writer.is_finished(),
+        "the guest write finished on a full disk"
+    );
+    println!(
+        "disk_full: the guest write stalls ({} KiB free)",
+        disk.free() >> 10
+    );
 
     // Now not even the database can grow: still a clean 507.
-    full(&env, &create_b().await.expect("create"), "create (disk full)");
+    full(
+        &env,
+        &create_b().await.expect("create"),
+        "create (disk full)",
+    );
     let list = c.get("/sandboxes").await.expect(200);
     assert_eq!(names(&list, "sandboxes"), ["a"], "{list}");
     assert_eq!(layout(&data), stored, "the failed create left files");
@@ -275,7 +306,13 @@ async fn full_data_disk_fails_cleanly_then_recovers() {
         .expect("writer");
     assert_eq!((code, out.lines().next()), (0, Some("rc=0")), "{out} {err}");
     let sum = out.lines().nth(1).unwrap_or_default().to_owned();
-    assert_eq!(c.sh("a", "sync; sha256sum /home/lohar/big | cut -c1-64").await.1.trim(), sum);
+    assert_eq!(
+        c.sh("a", "sync; sha256sum /home/lohar/big | cut -c1-64")
+            .await
+            .1
+            .trim(),
+        sum
+    );
     c.post("/sandboxes", json!({"name": "b", "memory_mb": 256}))
         .await
         .expect(201);

@@ -175,9 +175,13 @@ pub fn is_no_space(e: &(dyn std::error::Error + 'static)) -> bool {
         cur = err.source();
     }
     let text = e.to_string();
-    ["No space left on device", "database or disk is full", "Disk quota exceeded"]
-        .iter()
-        .any(|m| text.contains(m))
+    [
+        "No space left on device",
+        "database or disk is full",
+        "Disk quota exceeded",
+    ]
+    .iter()
+    .any(|m| text.contains(m))
 }
 
 impl ApiError {
@@ -220,8 +224,9 @@ impl From<StoreError> for ApiError {
                 message,
                 retry_after: None,
             },
-            other => ApiError::no_space(&other)
-                .unwrap_or_else(|| ApiError::Internal(other.to_string())),
+            other => {
+                ApiError::no_space(&other).unwrap_or_else(|| ApiError::Internal(other.to_string()))
+            }
         }
     }
 }
@@ -330,7 +335,9 @@ mod no_space_tests {
         };
         let api = ApiError::from(e);
         assert_eq!(api.status(), StatusCode::INSUFFICIENT_STORAGE);
-        assert!(api.to_string().starts_with("no space left on the data disk: "));
+        assert!(api
+            .to_string()
+            .starts_with("no space left on the data disk: "));
         let full = rusqlite::Error::SqliteFailure(
             rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
             None,
@@ -342,6 +349,9 @@ mod no_space_tests {
             context: "x".into(),
             source: std::io::Error::from_raw_os_error(libc::EIO),
         };
-        assert_eq!(ApiError::from(e).status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            ApiError::from(e).status(),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
 }

@@ -1435,7 +1435,9 @@ impl Inner {
                 && matches!(live.rec.state, SandboxState::Running | SandboxState::Paused)
                 && live.vm.as_ref().is_some_and(|vm| !vm.is_alive());
             if dead {
-                let _ = slot.span.in_scope(|| self.live_vm(&slot, &mut live).map(|_| ()));
+                let _ = slot
+                    .span
+                    .in_scope(|| self.live_vm(&slot, &mut live).map(|_| ()));
                 continue;
             }
             if !stalls || live.rec.state != SandboxState::Running {
@@ -1447,7 +1449,8 @@ impl Inner {
                     tracing::warn!("the VMM paused the guest (a disk write failed: is the data disk full?); continuing it")
                 });
                 if let Err(e) = vm.resume().await {
-                    slot.span.in_scope(|| tracing::warn!("continuing the guest: {e}"));
+                    slot.span
+                        .in_scope(|| tracing::warn!("continuing the guest: {e}"));
                 }
             }
         }
