@@ -72,7 +72,7 @@ async fn write_loop(c: Client, sb: String, round: u32, acked: Acked) {
             "{sb} round {round} file {k} {}\n",
             "x".repeat(k as usize % 64)
         );
-        let ok = if k % 2 == 0 {
+        let ok = if k.is_multiple_of(2) {
             c.try_send(
                 hyper::Method::PUT,
                 &format!("/sandboxes/{sb}/files?path={path}"),
@@ -465,6 +465,9 @@ async fn daemon_sigkill_under_load_recovers() {
         n += 1;
         daemon = Proc::spawn(&env, n);
         ready(&env, &mut daemon, n).await;
+        // Before anything wakes them: a cold sandbox has no VMM, a hot or
+        // warm one exactly one (re-adopted, not started twice).
+        no_orphans(&env, &c, &format!("right after restart {round}")).await;
         let took = all_answer(&c, &sbs, t0).await;
         println!(
             "chaos: round {round}: every sandbox answered {took:?} after the restart (idle one was {idle_was})"

@@ -318,7 +318,9 @@ impl Engine {
             for tick in 1u64.. {
                 tokio::time::sleep(REAP_INTERVAL).await;
                 let Some(inner) = weak.upgrade() else { break };
-                inner.reap_dead_vmms(tick % STALL_CHECK_EVERY == 0).await;
+                inner
+                    .reap_dead_vmms(tick.is_multiple_of(STALL_CHECK_EVERY))
+                    .await;
             }
         });
         Ok(Engine { inner })
