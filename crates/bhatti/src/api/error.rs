@@ -67,6 +67,9 @@ pub enum ApiError {
     /// 504: the guest did not answer in time.
     #[error("{0}")]
     Timeout(String),
+    /// 507: the data disk (or its quota) is full.
+    #[error("{0}")]
+    InsufficientStorage(String),
 }
 
 impl ApiError {
@@ -85,6 +88,7 @@ impl ApiError {
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
         }
     }
 }
@@ -98,7 +102,9 @@ impl ApiError {
             ApiError::Internal(_) => {
                 "internal error; the daemon's log has the details (see X-Request-Id)".to_string()
             }
-            ApiError::BadGateway(m) | ApiError::Timeout(m) => scrub_host_paths(m),
+            ApiError::BadGateway(m) | ApiError::Timeout(m) | ApiError::InsufficientStorage(m) => {
+                scrub_host_paths(m)
+            }
             other => other.to_string(),
         }
     }
@@ -109,7 +115,7 @@ impl IntoResponse for ApiError {
         let status = self.status();
         match &self {
             ApiError::Internal(_) => tracing::error!(status = status.as_u16(), "{self}"),
-            ApiError::BadGateway(_) | ApiError::Timeout(_) => {
+            ApiError::BadGateway(_) | ApiError::Timeout(_) | ApiError::InsufficientStorage(_) => {
                 tracing::warn!(status = status.as_u16(), "{self}")
             }
             _ => tracing::debug!(status = status.as_u16(), "{self}"),
@@ -162,6 +168,48 @@ pub fn scrub_host_paths(message: &str) -> String {
         .collect()
 }
 
+/// Whether `e`, or an error it wraps, means the disk is full: ENOSPC or
+/// EDQUOT, or SQLite's "database or disk is full". Errors that crossed a
+/// process (QEMU's, a tool's stderr) arrive as text, so the text counts too.
+pub fn is_no_space(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+                || io.kind() == std::io::ErrorKind::StorageFull
+            {
+                return true;
+            }
+        }
+        if let Some(rusqlite::Error::SqliteFailure(f, _)) = err.downcast_ref::<rusqlite::Error>() {
+            if f.code == rusqlite::ErrorCode::DiskFull {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    let text = e.to_string();
+    [
+        "No space left on device",
+        "database or disk is full",
+        "Disk quota exceeded",
+    ]
+    .iter()
+    .any(|m| text.contains(m))
+}
+
+impl ApiError {
+    /// 507 for `e` when it is a full disk (see [`is_no_space`]).
+    fn no_space(e: &(dyn std::error::Error + 'static)) -> Option<ApiError> {
+        is_no_space(e).then(|| {
+            // The first line: a boot error's console tail stays in the log.
+            let full = e.to_string();
+            let first = full.lines().next().unwrap_or_default();
+            ApiError::InsufficientStorage(format!("no space left on the data disk: {first}"))
+        })
+    }
+}
+
 impl From<ValidationError> for ApiError {
     fn from(e: ValidationError) -> Self {
         ApiError::BadRequest(e.to_string())
@@ -190,7 +238,9 @@ impl From<StoreError> for ApiError {
                 message,
                 retry_after: None,
             },
-            other => ApiError::Internal(other.to_string()),
+            other => {
+                ApiError::no_space(&other).unwrap_or_else(|| ApiError::Internal(other.to_string()))
+            }
         }
     }
 }
@@ -232,6 +282,11 @@ impl From<ClientError> for ApiError {
 
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
+        if !matches!(e, EngineError::Agent { .. }) {
+            if let Some(full) = ApiError::no_space(&e) {
+                return full;
+            }
+        }
         match e {
             EngineError::NotFound(id) => ApiError::NotFound(format!("no sandbox '{id}'")),
             EngineError::AlreadyExists(n) => {
@@ -278,6 +333,39 @@ mod scrub_tests {
         assert_eq!(
             scrub_host_paths("no such file /home/lohar/x in the guest"),
             "no such file /home/lohar/x in the guest"
+        );
+    }
+}
+
+#[cfg(test)]
+mod no_space_tests {
+    use super::*;
+
+    #[test]
+    fn enospc_anywhere_in_the_chain_is_507() {
+        let e = EngineError::Io {
+            context: "copying the root disk to /var/lib/bhatti/sandboxes/x/rootfs.ext4".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        let api = ApiError::from(e);
+        assert_eq!(api.status(), StatusCode::INSUFFICIENT_STORAGE);
+        assert!(api
+            .to_string()
+            .starts_with("no space left on the data disk: "));
+        let full = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            None,
+        );
+        let api = ApiError::from(StoreError::Sqlite(full));
+        assert_eq!(api.status(), StatusCode::INSUFFICIENT_STORAGE);
+        // Other I/O errors stay 500; a full guest disk is the guest's.
+        let e = EngineError::Io {
+            context: "x".into(),
+            source: std::io::Error::from_raw_os_error(libc::EIO),
+        };
+        assert_eq!(
+            ApiError::from(e).status(),
+            StatusCode::INTERNAL_SERVER_ERROR
         );
     }
 }

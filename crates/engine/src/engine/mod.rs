@@ -89,6 +89,14 @@ pub const CONSOLE_LOG: &str = "console.log";
 const CONSOLE_TAIL_BYTES: usize = 4096;
 /// Lines of console log kept in error messages.
 const CONSOLE_TAIL_LINES: usize = 40;
+/// The error of a sandbox whose VMM died on its own: it waits for an
+/// explicit start (see `wake`).
+pub const VMM_EXITED: &str = "the VMM process exited unexpectedly";
+/// How often the engine looks for VMMs that died on their own.
+const REAP_INTERVAL: Duration = Duration::from_secs(1);
+/// Every how many of those it also asks each running VMM whether it
+/// stalled (a QMP round trip each).
+const STALL_CHECK_EVERY: u64 = 3;
 
 /// Everything the engine needs.
 #[derive(Debug, Clone)]
@@ -294,18 +302,28 @@ impl Engine {
             disks = %storage.method(),
             "engine ready"
         );
-        Ok(Engine {
-            inner: Arc::new(Inner {
-                cfg,
-                storage,
-                net,
-                sandboxes_dir,
-                run_root,
-                slots: std::sync::Mutex::new(HashMap::new()),
-                chains: Default::default(),
-                tasks: tokio_util::task::TaskTracker::new(),
-            }),
-        })
+        let inner = Arc::new(Inner {
+            cfg,
+            storage,
+            net,
+            sandboxes_dir,
+            run_root,
+            slots: std::sync::Mutex::new(HashMap::new()),
+            chains: Default::default(),
+            tasks: tokio_util::task::TaskTracker::new(),
+        });
+        // Watches for VMMs that die on their own; ends with the engine.
+        let weak = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            for tick in 1u64.. {
+                tokio::time::sleep(REAP_INTERVAL).await;
+                let Some(inner) = weak.upgrade() else { break };
+                inner
+                    .reap_dead_vmms(tick.is_multiple_of(STALL_CHECK_EVERY))
+                    .await;
+            }
+        });
+        Ok(Engine { inner })
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -456,7 +474,15 @@ impl Engine {
     /// from its snapshot, else boots it fresh from its disk.
     pub async fn start(&self, id: &str) -> Result<Sandbox> {
         self.op(id, |inner, slot, live| {
-            Box::pin(async move { inner.wake(slot, live).await })
+            Box::pin(async move {
+                // An explicit start is what a VMM that died waits for.
+                if live.rec.state == SandboxState::Failed
+                    && live.rec.error.as_deref() == Some(VMM_EXITED)
+                {
+                    live.rec.error = None;
+                }
+                inner.wake(slot, live).await
+            })
         })
         .await?;
         self.get(id)
@@ -920,6 +946,15 @@ impl Inner {
         match live.rec.state {
             SandboxState::Running => Ok(()),
             SandboxState::Paused => self.do_resume(slot, live).await,
+            // Its processes and memory are gone: booting it again from its
+            // disk is the user's call (`start`), not a side effect of a
+            // request, as for a snapshot that would not restore.
+            SandboxState::Failed if live.rec.error.as_deref() == Some(VMM_EXITED) => {
+                Err(self.state_err(
+                    slot,
+                    format!("{VMM_EXITED} (its processes and memory are lost); start it to boot it again from its disk"),
+                ))
+            }
             SandboxState::Stopped | SandboxState::Failed => self.do_start(slot, live).await,
             SandboxState::Creating => Err(self.state_err(slot, "it is still being created".into())),
         }
@@ -950,12 +985,12 @@ impl Inner {
     }
 
     /// The VM handle of a sandbox that should have a live VMM; notices a
-    /// VMM that died and marks the sandbox stopped.
+    /// VMM that died and marks the sandbox failed ([`VMM_EXITED`]).
     fn live_vm<'a>(&self, slot: &Slot, live: &'a mut Live) -> Result<&'a dyn Vm> {
         let alive = live.vm.as_ref().is_some_and(|vm| vm.is_alive());
         if !alive {
             let console = console_tail(&live.rec.vm.run_dir.join(CONSOLE_LOG));
-            let reason = "the VMM process exited unexpectedly".to_string();
+            let reason = VMM_EXITED.to_string();
             tracing::warn!("{reason}");
             // Its handle still cleans up what the VMM left (a jail, a
             // cgroup, sockets).
@@ -970,7 +1005,7 @@ impl Inner {
                 c.close();
             }
             live.rec.pid = None;
-            self.set_state(slot, live, SandboxState::Stopped, Some(reason.clone()));
+            self.set_state(slot, live, SandboxState::Failed, Some(reason.clone()));
             return Err(EngineError::Boot {
                 id: slot.id.clone(),
                 what: "stopped",
@@ -1377,6 +1412,52 @@ impl Inner {
 }
 
 impl Inner {
+    /// Marks failed every sandbox whose VMM died on its own (killed, OOM,
+    /// crashed) since it was last used, so its state tells at once rather
+    /// than at its next operation. A sandbox busy with an operation is
+    /// skipped: that operation notices.
+    ///
+    /// With `stalls`, also continues a running guest its VMM paused by
+    /// itself: QEMU stops a VM whose disk write failed with ENOSPC (the
+    /// data disk is full) and retries the write on `cont`, so the guest
+    /// stalls, loses nothing, and carries on once space is freed.
+    async fn reap_dead_vmms(&self, stalls: bool) {
+        let slots: Vec<Arc<Slot>> = self
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        for slot in slots {
+            let Ok(mut live) = slot.live.try_lock() else {
+                continue;
+            };
+            let dead = !live.gone
+                && matches!(live.rec.state, SandboxState::Running | SandboxState::Paused)
+                && live.vm.as_ref().is_some_and(|vm| !vm.is_alive());
+            if dead {
+                let _ = slot
+                    .span
+                    .in_scope(|| self.live_vm(&slot, &mut live).map(|_| ()));
+                continue;
+            }
+            if !stalls || live.rec.state != SandboxState::Running {
+                continue;
+            }
+            let Some(vm) = live.vm.as_ref() else { continue };
+            if let Ok(true) = vm.is_paused().await {
+                slot.span.in_scope(|| {
+                    tracing::warn!("the VMM paused the guest (a disk write failed: is the data disk full?); continuing it")
+                });
+                if let Err(e) = vm.resume().await {
+                    slot.span
+                        .in_scope(|| tracing::warn!("continuing the guest: {e}"));
+                }
+            }
+        }
+    }
+
     /// Ends a VMM no handle knows of: through the backend when it can take
     /// it over (so its jail and cgroup go too), else by its pid file.
     async fn end_stray(&self, vm: &bhatti_vmm::VmConfig) {
