@@ -98,6 +98,9 @@ async fn run(base: &str, key: &str, sandbox: &str, report_dir: &Path) -> (bool, 
         .env("SCHEMATHESIS_HOOKS", "hooks")
         .env("PYTHONPATH", &hooks)
         .env("NO_COLOR", "1")
+        // Its cache and Python's bytecode go to the temp dir, not the tree.
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .current_dir(report_dir)
         .output()
         .await
         .expect("run schemathesis");

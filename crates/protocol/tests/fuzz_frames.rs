@@ -67,7 +67,7 @@ fn a_panicking_target_is_a_crash() {
             vec![rng.next_u64() as u8]
         }
         fn run(&mut self, input: &[u8]) {
-            assert!(input[0] % 2 == 0, "odd byte");
+            assert!(input[0].is_multiple_of(2), "odd byte");
         }
         fn alloc_limit(&self, _: &[u8]) -> usize {
             usize::MAX

@@ -99,7 +99,7 @@ pub fn path(rng: &mut Rng) -> String {
                 if i > 0 {
                     p.push('/');
                 }
-                p.push_str(*rng.pick(PARTS));
+                p.push_str(rng.pick::<&str>(PARTS));
             }
             p
         }
@@ -134,7 +134,7 @@ pub fn text(rng: &mut Rng) -> String {
         _ => {
             let mut s = String::new();
             for _ in 0..rng.index(3) + 1 {
-                s.push_str(*rng.pick(WORDS));
+                s.push_str(rng.pick::<&str>(WORDS));
             }
             s
         }
