@@ -55,6 +55,12 @@ if ! python3 -c 'import moto.server, boto3' 2>/dev/null; then
   echo "install-deps: installing moto[server] from PyPI" >&2
   python3 -m pip install -q --break-system-packages 'moto[server]>=5.1,<6' >&2
 fi
+# The API fuzz test (crates/bhatti/tests/api_fuzz.rs): schemathesis from
+# PyPI, with the same python3, which the test runs it with.
+if ! python3 -c 'import schemathesis.cli' 2>/dev/null; then
+  echo "install-deps: installing schemathesis from PyPI" >&2
+  python3 -m pip install -q --break-system-packages 'schemathesis>=4.3,<5' >&2
+fi
 # Debian's kernel source package; elsewhere the kernel build downloads 6.1
 # from kernel.org.
 if ! dpkg-query -W -f='${Status}' linux-source-6.1 2>/dev/null | grep -q "install ok installed"; then

@@ -701,10 +701,27 @@ pub struct PrebootedView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TemplateView {
     #[serde(flatten)]
+    #[schema(schema_with = template_spec_schema)]
     pub spec: CreateTemplate,
     /// RFC 3339.
     pub created_at: String,
     pub prebooted: PrebootedView,
+}
+
+/// [`CreateTemplate`]'s schema without `additionalProperties: false`
+/// (from `deny_unknown_fields`): flattened into [`TemplateView`], that
+/// would forbid the view's own fields (found by schemathesis).
+fn template_spec_schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    use utoipa::openapi::schema::Schema;
+    use utoipa::openapi::RefOr;
+    use utoipa::PartialSchema;
+    match CreateTemplate::schema() {
+        RefOr::T(Schema::Object(mut o)) => {
+            o.additional_properties = None;
+            RefOr::T(Schema::Object(o))
+        }
+        other => other,
+    }
 }
 
 /// `GET /templates`.

@@ -49,7 +49,7 @@ fn to_value<T: serde::Serialize>(v: &T) -> Reply {
 }
 
 /// Accepts only absolute paths without NUL bytes.
-fn abs_path(path: &str) -> Result<PathBuf, ErrorBody> {
+pub(crate) fn abs_path(path: &str) -> Result<PathBuf, ErrorBody> {
     if path.is_empty() {
         return Err(bad_request("the path is empty"));
     }
@@ -157,14 +157,14 @@ pub(crate) fn ensure_dirs(dir: &Path, uid: u32, gid: u32) -> io::Result<()> {
 /// Which bytes of the file a read returns: lines `[offset, offset+limit)`,
 /// at most `max_bytes` of them.
 #[derive(Debug, Clone, Copy)]
-struct LineWindow {
+pub(crate) struct LineWindow {
     skip_lines: u64,
     lines_left: Option<u64>,
     bytes_left: Option<u64>,
 }
 
 impl LineWindow {
-    fn new(req: &ReadFileRequest) -> Self {
+    pub(crate) fn new(req: &ReadFileRequest) -> Self {
         LineWindow {
             skip_lines: req.offset.unwrap_or(0),
             lines_left: req.limit,
@@ -223,13 +223,13 @@ impl LineWindow {
     }
 }
 
-struct ReadSummary {
-    bytes: u64,
-    truncated: bool,
+pub(crate) struct ReadSummary {
+    pub(crate) bytes: u64,
+    pub(crate) truncated: bool,
 }
 
 /// Opens a regular file without blocking on FIFOs or devices.
-fn open_regular(path: &Path) -> Result<(File, Metadata), ErrorBody> {
+pub(crate) fn open_regular(path: &Path) -> Result<(File, Metadata), ErrorBody> {
     let ctx = || format!("read {}", path.display());
     let file = OpenOptions::new()
         .read(true)
@@ -256,7 +256,7 @@ fn read_retry(file: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// A small file's read, in memory: the window's chunks and the summary.
-fn produce(
+pub(crate) fn produce(
     mut file: impl Read,
     path: &Path,
     mut window: LineWindow,
@@ -292,11 +292,11 @@ fn produce(
 
 /// The bytes a read returns: `[start, start + len)` of the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Extent {
-    start: u64,
-    len: u64,
+pub(crate) struct Extent {
+    pub(crate) start: u64,
+    pub(crate) len: u64,
     /// The window stopped before the end of the file.
-    truncated: bool,
+    pub(crate) truncated: bool,
 }
 
 /// Finds the bytes `window` selects, leaving `file` at their start, so
@@ -304,7 +304,7 @@ struct Extent {
 /// Lines are found by scanning from the start; without them no scan is
 /// needed. `size` (the size at open) bounds the read. `stop` is polled
 /// between chunks: a cancelled read stops scanning.
-fn locate(
+pub(crate) fn locate(
     file: &mut File,
     path: &Path,
     mut window: LineWindow,
@@ -595,13 +595,16 @@ impl PendingWrite {
     }
 }
 
-pub async fn write(agent: &Agent, channel: Channel, req: WriteFileRequest) -> Reply {
+/// Where a write goes and how: (path, mode, uid, gid), or why not.
+pub(crate) fn write_target(
+    agent: &Agent,
+    req: &WriteFileRequest,
+) -> Result<(PathBuf, u32, u32, u32), ErrorBody> {
     let path = abs_path(&req.path)?;
     let mode = req.mode.unwrap_or(0o644);
     if mode > 0o7777 {
         return Err(bad_request(format!("mode {mode:#o} is out of range")));
     }
-    agent.activity.touch();
     let (uid, gid) = if req.place {
         if path
             .components()
@@ -613,6 +616,12 @@ pub async fn write(agent: &Agent, channel: Channel, req: WriteFileRequest) -> Re
     } else {
         (agent.config.uid, agent.config.gid)
     };
+    Ok((path, mode, uid, gid))
+}
+
+pub async fn write(agent: &Agent, channel: Channel, req: WriteFileRequest) -> Reply {
+    let (path, mode, uid, gid) = write_target(agent, &req)?;
+    agent.activity.touch();
     let Channel {
         sender: _sender,
         mut receiver,
@@ -745,15 +754,21 @@ pub async fn mkdir(agent: &Agent, path: &str) -> Reply {
     Ok(serde_json::json!({}))
 }
 
-pub async fn remove(agent: &Agent, path: &str, recursive: bool) -> Reply {
+/// What a remove may delete: refuses anything that is, or could resolve
+/// to, the root.
+pub(crate) fn remove_target(path: &str) -> Result<PathBuf, ErrorBody> {
     let path = abs_path(path)?;
-    // Refuse anything that is, or could resolve to, the root.
     if path.components().any(|c| c == Component::ParentDir) {
         return Err(bad_request("remove does not accept '..' in paths"));
     }
     if !path.components().any(|c| matches!(c, Component::Normal(_))) {
         return Err(bad_request("refusing to remove /"));
     }
+    Ok(path)
+}
+
+pub async fn remove(agent: &Agent, path: &str, recursive: bool) -> Reply {
+    let path = remove_target(path)?;
     agent.activity.touch();
     blocking(move || {
         let ctx = |e: &io::Error| io_error(&format!("remove {}", path.display()), e);

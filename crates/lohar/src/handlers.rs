@@ -11,14 +11,17 @@ use crate::server::Agent;
 /// A handler's result: the JSON reply, or an error body.
 pub type Reply = Result<serde_json::Value, ErrorBody>;
 
+/// Decodes an `Open` frame's body.
+pub fn parse_request(body: &[u8]) -> Result<Request, ErrorBody> {
+    serde_json::from_slice(body)
+        .map_err(|e| ErrorBody::new(ErrorCode::BadRequest, format!("malformed request: {e}")))
+}
+
 pub async fn handle(agent: Agent, channel: Channel, request: Bytes) {
-    let request: Request = match serde_json::from_slice(&request) {
+    let request = match parse_request(&request) {
         Ok(r) => r,
         Err(e) => {
-            let _ = channel.sender.close(&Outcome::Error(ErrorBody::new(
-                ErrorCode::BadRequest,
-                format!("malformed request: {e}"),
-            )));
+            let _ = channel.sender.close(&Outcome::Error(e));
             return;
         }
     };

@@ -4,23 +4,7 @@
 
 use std::process::ExitCode;
 
-mod activity;
-mod config;
-mod exec;
-mod files;
-mod forward;
-mod handlers;
-mod identity;
-mod init;
-mod listen;
-mod ports;
-mod pty;
-mod reaper;
-mod server;
-mod sessions;
-mod spawn;
-mod user;
-mod volumes;
+use lohar::{config, init, listen, reaper, server};
 
 fn main() -> ExitCode {
     if std::process::id() == 1 {

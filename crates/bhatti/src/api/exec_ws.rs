@@ -18,7 +18,7 @@
 //! flight to the client at a time; the guest agent keeps the output in the
 //! session's scrollback whether or not anyone reads it.
 
-use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
@@ -55,7 +55,7 @@ pub async fn exec_ws(
     State(st): State<AppStateRef>,
     caller: Caller,
     Path(id): Path<String>,
-    upgrade: WebSocketUpgrade,
+    super::Ws(upgrade): super::Ws,
 ) -> Result<Response, ApiError> {
     caller.rate(&st, RequestClass::Exec)?;
     let row = st.sandbox(&caller, &id).await?;

@@ -426,12 +426,82 @@ pub fn api_router() -> OpenApiRouter<AppStateRef> {
 
 /// The OpenAPI document as served at `/openapi.json`.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    api_router().into_openapi()
+    let mut doc = api_router().into_openapi();
+    utoipa::Modify::modify(&CommonErrors, &mut doc);
+    doc
+}
+
+/// Errors any operation can answer, documented on each one that does not
+/// say otherwise: 400 (a malformed path, query or body: the extractors'
+/// rejections), and on authenticated operations 401 (no or a bad key) and
+/// 429 (rate limits). Found missing by schemathesis (tests/api_fuzz.rs).
+struct CommonErrors;
+
+impl utoipa::Modify for CommonErrors {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let error = |what: &str| {
+            ResponseBuilder::new()
+                .description(what)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ApiError")))
+                        .build(),
+                )
+                .build()
+        };
+        for item in openapi.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+                &mut item.head,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                // `security(())` marks the public operations.
+                let public = op
+                    .security
+                    .as_ref()
+                    .is_some_and(|s| s.iter().all(|r| r == &Default::default()));
+                let mut add = vec![("400", "Malformed path, query or body")];
+                if !public {
+                    add.push(("401", "Missing or invalid API key"));
+                    add.push(("429", "A cap or a rate limit; see Retry-After"));
+                }
+                for (code, what) in add {
+                    op.responses
+                        .responses
+                        .entry(code.to_string())
+                        .or_insert_with(|| error(what).into());
+                }
+            }
+        }
+    }
+}
+
+/// A WebSocket upgrade; a request that is not one gets a JSON 400.
+#[derive(Debug)]
+pub struct Ws(pub axum::extract::ws::WebSocketUpgrade);
+
+impl<S: Send + Sync> FromRequestParts<S> for Ws {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, s: &S) -> Result<Self, ApiError> {
+        axum::extract::ws::WebSocketUpgrade::from_request_parts(parts, s)
+            .await
+            .map(Ws)
+            .map_err(|e| ApiError::BadRequest(e.body_text()))
+    }
 }
 
 /// The whole service: routes, auth, request ids, fallbacks.
 pub fn router(state: AppStateRef) -> Router {
-    let (routes, api) = api_router().split_for_parts();
+    let (routes, mut api) = api_router().split_for_parts();
+    utoipa::Modify::modify(&CommonErrors, &mut api);
     let json = serde_json::to_string_pretty(&api).unwrap_or_else(|_| "{}".into());
     let _ = state.openapi.set(json);
     routes

@@ -64,7 +64,7 @@ pub async fn ws(
     caller: Caller,
     Path(id): Path<String>,
     Q(q): Q<WsQuery>,
-    upgrade: WebSocketUpgrade,
+    super::Ws(upgrade): super::Ws,
 ) -> Result<Response, ApiError> {
     open(st, caller, id, q, upgrade, None).await
 }

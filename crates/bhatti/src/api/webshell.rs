@@ -16,7 +16,7 @@
 
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, WebSocketUpgrade};
+use axum::extract::ws::CloseFrame;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -177,7 +177,7 @@ pub async fn ws(
     Path(id): Path<String>,
     Q(q): Q<WsQuery>,
     headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
+    super::Ws(upgrade): super::Ws,
 ) -> Result<Response, ApiError> {
     let g = grant(&st, &id, protocol_token(&headers)).await?;
     if q.cmd.is_some() {
