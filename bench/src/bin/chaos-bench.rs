@@ -171,11 +171,11 @@ async fn all_answer(
     let deadline = Instant::now() + BOOT_TIMEOUT;
     for sb in sbs {
         let mut c = Conn::new(sock, Some(key));
-        while c.exec_true(sb).await.is_err() {
+        while let Err(e) = c.exec_true(sb).await {
             c = Conn::new(sock, Some(key));
             ensure!(
                 Instant::now() < deadline,
-                "{sb} did not answer after a restart"
+                "{sb} did not answer after a restart: {e:#}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -332,7 +332,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let t0 = Instant::now();
         daemon = DaemonProc::spawn(&cfg_path, &log(n))?;
         ready(&sock, &mut daemon).await?;
-        let took = all_answer(&sock, &key, &sbs, t0).await?;
+        let took = match all_answer(&sock, &key, &sbs, t0).await {
+            Ok(t) => t,
+            Err(e) => {
+                // The scratch dir goes with the cleanup: say what the
+                // daemon logged first.
+                let text = std::fs::read_to_string(log(n)).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                for l in tail.into_iter().rev() {
+                    eprintln!("[daemon] {l}");
+                }
+                return Err(e);
+            }
+        };
         rec.record(took);
         recoveries.push(took.as_millis());
         let mut c = Conn::new(&sock, Some(&key));
