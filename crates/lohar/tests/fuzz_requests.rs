@@ -26,18 +26,6 @@ fn requests_never_crash() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
     let report = fuzz::run(&mut target, inputs, 0x5eed);
-    eprintln!(
-        "requests: {} inputs, {} crashes, {:.0}/s, largest allocation {} B",
-        report.inputs,
-        report.crashes,
-        report.per_sec(),
-        report.max_alloc
-    );
-    for c in &report.examples {
-        eprintln!(
-            "  input #{}: {}\n    hex {}",
-            c.index, c.message, c.input_hex
-        );
-    }
+    report.print();
     assert_eq!(report.crashes, 0, "requests crashed");
 }

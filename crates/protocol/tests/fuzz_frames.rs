@@ -27,20 +27,7 @@ fn check(target: &mut dyn Target) {
         return;
     }
     let report = fuzz::run(target, inputs(), 0x5eed);
-    eprintln!(
-        "{}: {} inputs, {} crashes, {:.0}/s, largest allocation {} B",
-        report.target,
-        report.inputs,
-        report.crashes,
-        report.per_sec(),
-        report.max_alloc
-    );
-    for c in &report.examples {
-        eprintln!(
-            "  input #{}: {}\n    hex {}",
-            c.index, c.message, c.input_hex
-        );
-    }
+    report.print();
     assert_eq!(report.crashes, 0, "{} crashed", report.target);
     assert!(report.max_alloc > 0, "the allocation tracker is installed");
 }

@@ -55,6 +55,24 @@ impl Report {
     pub fn per_sec(&self) -> f64 {
         self.inputs as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
+
+    /// Prints the totals and each kept crash with its reproducer.
+    pub fn print(&self) {
+        eprintln!(
+            "{}: {} inputs, {} crashes, {:.0}/s, largest allocation {} B",
+            self.target,
+            self.inputs,
+            self.crashes,
+            self.per_sec(),
+            self.max_alloc
+        );
+        for c in &self.examples {
+            eprintln!(
+                "  input #{}: {}\n    hex {}",
+                c.index, c.message, c.input_hex
+            );
+        }
+    }
 }
 
 /// The seed of input `index`: every input is reproducible on its own.
