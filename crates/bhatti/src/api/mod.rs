@@ -15,6 +15,7 @@
 
 mod backups;
 mod base_image;
+pub mod e2b;
 mod error;
 mod events;
 mod exec;
@@ -507,6 +508,9 @@ pub fn router(state: AppStateRef) -> Router {
     routes
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth))
         .route_layer(axum::middleware::from_fn(metrics::mark_route))
+        // E2B's SDKs: their own auth (API key header, envd access tokens)
+        // and error shapes.
+        .nest(e2b::PREFIX, e2b::router())
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(

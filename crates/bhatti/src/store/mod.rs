@@ -31,6 +31,7 @@ use std::time::Duration;
 use rusqlite::{Connection, ErrorCode};
 
 pub mod backups;
+pub mod e2b;
 pub mod events;
 pub mod images;
 pub mod published;
@@ -279,6 +280,8 @@ pub const MIGRATIONS: &[&str] = &[
     // 8: events as the source of truth: sandbox_id nullable (daemon-level
     // events), indexes by owner, sandbox, kind and time.
     events::EVENTS_MIGRATION,
+    // 9: what the E2B-compatible API keeps beside a sandbox.
+    e2b::E2B_MIGRATION,
 ];
 
 /// The schema version this build writes.
