@@ -23,6 +23,10 @@ use axum::Router;
 
 use super::AppStateRef;
 
+/// The envd version the control plane reports: the SDK turns features on
+/// by it (octet-stream uploads, file metadata, watch entry info).
+pub const ENVD_VERSION: &str = "0.6.4";
+
 /// Where the E2B routes live on the API's listeners.
 pub const PREFIX: &str = "/e2b";
 
