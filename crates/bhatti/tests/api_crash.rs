@@ -38,15 +38,6 @@ fn names(v: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn entries(p: &std::path::Path) -> Vec<String> {
-    std::fs::read_dir(p)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect()
-}
-
 /// Every sandbox answers; one VMM per sandbox with a live VM; nothing on
 /// disk without an owner.
 async fn whole(env: &Env, c: &Client, point: &str) {
@@ -72,19 +63,19 @@ async fn whole(env: &Env, c: &Client, point: &str) {
         .iter()
         .filter_map(|s| s["id"].as_str().map(str::to_owned))
         .collect();
-    for d in entries(&env.data_dir().join("run")) {
+    for d in dir_entries(&env.data_dir().join("run")) {
         assert!(
             ids.contains(&d),
             "after {point}: run dir {d} has no sandbox"
         );
     }
-    for d in entries(&env.data_dir().join("sandboxes")) {
+    for d in dir_entries(&env.data_dir().join("sandboxes")) {
         assert!(
             ids.contains(&d),
             "after {point}: sandbox dir {d} has no sandbox"
         );
     }
-    for d in entries(&env.data_dir().join("checkpoints")) {
+    for d in dir_entries(&env.data_dir().join("checkpoints")) {
         assert!(!d.ends_with(".tmp"), "after {point}: temp dir {d}");
     }
 }

@@ -268,15 +268,6 @@ async fn attach(
     tasks
 }
 
-fn entries(p: &std::path::Path) -> BTreeSet<String> {
-    std::fs::read_dir(p)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect()
-}
-
 /// Mount points under the data dir.
 fn mounts(env: &Env) -> BTreeSet<String> {
     let dir = env.data_dir().display().to_string();
@@ -320,10 +311,10 @@ async fn no_orphans(env: &Env, c: &Client, when: &str) {
     )
     .await;
     println!("chaos: {when}: {} sandboxes, {live} VMMs", ids.len());
-    for d in entries(&env.data_dir().join("run")) {
+    for d in dir_entries(&env.data_dir().join("run")) {
         assert!(ids.contains(&d), "{when}: run dir {d} has no sandbox");
     }
-    for d in entries(&env.data_dir().join("sandboxes")) {
+    for d in dir_entries(&env.data_dir().join("sandboxes")) {
         assert!(ids.contains(&d), "{when}: sandbox dir {d} has no sandbox");
     }
     let known: BTreeSet<String> = ids.iter().map(|i| bhatti::net::tap_name(i)).collect();

@@ -513,3 +513,13 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The names in a directory (none when it is missing).
+pub fn dir_entries(p: &std::path::Path) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(p)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
