@@ -61,6 +61,13 @@ if ! python3 -c 'import schemathesis.cli' 2>/dev/null; then
   echo "install-deps: installing schemathesis from PyPI" >&2
   python3 -m pip install -q --break-system-packages 'schemathesis>=4.3,<5' >&2
 fi
+# The E2B SDK suite (crates/bhatti/tests/e2b.rs): the official SDK from
+# PyPI (major version pinned: 3.x may drop E2B_API_URL/E2B_SANDBOX_URL),
+# pytest and pytest-asyncio, with the same python3 the test runs.
+if ! python3 -c 'import e2b, pytest, pytest_asyncio' 2>/dev/null; then
+  echo "install-deps: installing e2b, pytest, pytest-asyncio from PyPI" >&2
+  python3 -m pip install -q --break-system-packages 'e2b>=2,<3' 'pytest>=8' 'pytest-asyncio>=0.24' >&2
+fi
 # Debian's kernel source package; elsewhere the kernel build downloads 6.1
 # from kernel.org.
 if ! dpkg-query -W -f='${Status}' linux-source-6.1 2>/dev/null | grep -q "install ok installed"; then
