@@ -101,7 +101,8 @@ pub struct Config {
 #[serde(default, deny_unknown_fields)]
 pub struct E2bConfig {
     /// Serve it under `/e2b` on the API's listeners (and on `listen`);
-    /// false: those routes answer 404. Default true.
+    /// false: those routes answer 404 and `listen` is not opened (the
+    /// timeouts of existing E2B sandboxes are still enforced). Default true.
     pub enabled: bool,
     /// A separate TCP listener serving the same API at `/` instead of
     /// `/e2b`; an empty string disables it. Default empty.

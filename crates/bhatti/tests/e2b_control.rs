@@ -321,7 +321,7 @@ async fn e2b_control_plane() {
         .expect(204);
 
     // A native sandbox: listed, connected lazily (a token of its own),
-    // then destroyed by its timeout.
+    // then destroyed by its timeout (also across a restart).
     let n = native
         .post("/sandboxes", json!({"name": "native"}))
         .await
@@ -344,10 +344,15 @@ async fn e2b_control_plane() {
         d["endAt"].as_str().is_some_and(|e| e.starts_with("9999")),
         "{d}"
     );
+    // The end of life is kept across a restart of the daemon.
     alice
-        .post(&format!("/sandboxes/{nid}/timeout"), json!({"timeout": 1}))
+        .post(&format!("/sandboxes/{nid}/timeout"), json!({"timeout": 2}))
         .await
         .expect(204);
+    daemon.stop().await;
+    let mut cfg = env.config();
+    cfg.network.enabled = false;
+    let daemon = Daemon::start(&env, cfg).await;
     eventually(
         "the timeout to destroy the sandbox",
         Duration::from_secs(120),

@@ -40,8 +40,9 @@ use crate::store::sandboxes::SandboxRow;
 const CLIENT_ID: &str = "bhatti";
 /// The template of a sandbox made from the default image.
 const BASE_TEMPLATE: &str = "base";
-/// A timeout when a request has none (E2B's default).
-const DEFAULT_TIMEOUT_SECS: i64 = 15;
+/// A timeout when a request has none: the SDKs' documented default (the
+/// SDKs leave it out of a create that names none).
+const DEFAULT_TIMEOUT_SECS: i64 = 300;
 /// The longest end of life one request may set.
 const MAX_TIMEOUT_SECS: i64 = 30 * 24 * 3600;
 /// `endAt` of a sandbox without an end of life.
