@@ -289,7 +289,11 @@ fn events(
     })
 }
 
-async fn list(State(st): State<AppStateRef>, caller: Caller, _: Unary<Value>) -> Response {
+async fn list(
+    State(st): State<AppStateRef>,
+    caller: Caller,
+    _: Unary<serde_json::Map<String, Value>>,
+) -> Response {
     unary(
         async {
             let (c, client) = admit(&st, caller).await?;
