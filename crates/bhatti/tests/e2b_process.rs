@@ -144,7 +144,12 @@ impl Envd {
     }
 
     async fn stream(&self, method: &str, body: Value) -> Events {
+        self.stream_with(method, body, &[]).await
+    }
+
+    async fn stream_with(&self, method: &str, body: Value, extra: &[(&str, &str)]) -> Events {
         let mut h = self.headers();
+        h.extend_from_slice(extra);
         h.push(("content-type", "application/connect+json"));
         h.push(("keepalive-ping-interval", "1"));
         let msg = body.to_string();
@@ -298,6 +303,28 @@ async fn e2b_process_service_on_a_real_vm() {
     assert_eq!(me["tag"], "bg");
     assert_eq!(me["config"]["cmd"], "/bin/bash");
     assert_eq!(me["config"]["args"], json!(["-l", "-c", "cat"]));
+    // Nobody listens: the session is detached (the sandbox may cool).
+    let detached = |want: u64| {
+        let a = &a;
+        let id = &id;
+        async move {
+            let s = a
+                .get(&format!("/sandboxes/{id}/sessions"))
+                .await
+                .expect(200);
+            s["sessions"]
+                .as_array()
+                .is_some_and(|v| {
+                    v.iter()
+                        .any(|s| s["pid"] == pid && s["attached"].as_u64() == Some(want))
+                })
+                .then_some(())
+        }
+    };
+    eventually("the background command's session detached", WAIT, || {
+        detached(0)
+    })
+    .await;
     let mut attached = envd
         .stream("Connect", json!({"process": {"pid": pid}}))
         .await;
@@ -350,6 +377,18 @@ async fn e2b_process_service_on_a_real_vm() {
         end,
         json!({"exitCode": -1, "exited": false, "status": "signal: killed"})
     );
+
+    // --- the start call's deadline ends the process, as envd does
+    let mut ev = envd
+        .stream_with(
+            "Start",
+            json!({"process": bash("sleep 1000"), "stdin": false}),
+            &[("connect-timeout-ms", "1500")],
+        )
+        .await;
+    assert!(ev.event().await["start"]["pid"].as_u64().is_some());
+    let (_, _, _, end) = ev.until_end().await;
+    assert_eq!(end["status"], "signal: killed");
 
     // --- a PTY: input, resize
     let (pid, mut pty) = envd

@@ -80,9 +80,12 @@ async fn start(
         Err(resp) => return resp,
     };
     match start_process(&st, caller, req, connect::timeout(&headers)).await {
-        Ok((pid, rx)) => server_stream(events(
+        Ok((pid, rx, listener)) => server_stream(events(
             start_event(pid),
-            ReceiverStream::Primary(rx),
+            ReceiverStream::Primary {
+                rx,
+                _listener: listener,
+            },
             connect::keepalive_interval(&headers),
         )),
         Err(e) => error_stream(e),
@@ -94,7 +97,7 @@ async fn start_process(
     caller: Caller,
     req: StartRequest,
     timeout: Option<Duration>,
-) -> Result<(u32, mpsc::Receiver<Ev>), ConnectError> {
+) -> Result<(u32, mpsc::Receiver<Ev>, table::Listener), ConnectError> {
     let config = req
         .process
         .ok_or_else(|| ConnectError::invalid("process: required"))?;
@@ -111,7 +114,12 @@ async fn start_process(
     }
     let size = req.pty.as_ref().map(Pty::rows_cols).transpose()?;
     let (c, client) = admit(st, caller).await?;
-    table::check_room(&c.sandbox.id)?;
+    if table::check_room(&c.sandbox.id).is_err() {
+        // Entries whose end went unseen make room first.
+        let sessions = client.sessions().await.map_err(agent_error)?;
+        table::prune(&c.sandbox.id, &sessions);
+        table::check_room(&c.sandbox.id)?;
+    }
     let (rows, cols) = size.unwrap_or((24, 80));
     let stream = client
         .pty(PtyRequest {
@@ -136,15 +144,12 @@ async fn start_process(
         config,
         pty: size.is_some(),
     };
-    let (p, rx) = table::register(st, &c.sandbox, new, stream);
+    let (p, rx, listener) = table::register(st, &c.sandbox, new, stream);
     if let Some(t) = timeout {
         // envd ends a process at its start call's deadline.
         let (st, row, p) = (st.clone(), c.sandbox.clone(), p.clone());
         tokio::spawn(async move {
-            let mut sub = match p.subscribe() {
-                Subscription::Ended(_) => return,
-                Subscription::Live(sub) => sub,
-            };
+            let Some(mut sub) = p.watch() else { return };
             let ended = async {
                 loop {
                     match sub.recv().await {
@@ -166,7 +171,7 @@ async fn start_process(
             }
         });
     }
-    Ok((p.pid, rx))
+    Ok((p.pid, rx, listener))
 }
 
 async fn connect_process(
@@ -182,15 +187,13 @@ async fn connect_process(
     let r = async {
         let (c, _) = admit(&st, caller).await?;
         let p = table::find(&c.sandbox.id, req.process.as_ref())?;
-        // The pump must run for events to come.
-        p.sender(&st, &c.sandbox).await?;
-        Ok::<_, ConnectError>((p.pid, p.subscribe()))
+        Ok::<_, ConnectError>((p.pid, p.listen(&st, &c.sandbox).await?))
     }
     .await;
     match r {
         Ok((pid, sub)) => {
             let rx = match sub {
-                Subscription::Live(rx) => ReceiverStream::Connect(rx),
+                Subscription::Live(rx, l) => ReceiverStream::Connect { rx, _listener: l },
                 Subscription::Ended(status) => ReceiverStream::Done(Some(Ev::End(status))),
             };
             server_stream(events(
@@ -204,17 +207,24 @@ async fn connect_process(
 }
 
 /// Where a stream's events come from.
+/// A listener keeps the process's pump attached until the stream drops.
 enum ReceiverStream {
-    Primary(mpsc::Receiver<Ev>),
-    Connect(broadcast::Receiver<Ev>),
+    Primary {
+        rx: mpsc::Receiver<Ev>,
+        _listener: table::Listener,
+    },
+    Connect {
+        rx: broadcast::Receiver<Ev>,
+        _listener: table::Listener,
+    },
     Done(Option<Ev>),
 }
 
 impl ReceiverStream {
     async fn recv(&mut self) -> Option<Ev> {
         match self {
-            ReceiverStream::Primary(rx) => rx.recv().await,
-            ReceiverStream::Connect(rx) => loop {
+            ReceiverStream::Primary { rx, .. } => rx.recv().await,
+            ReceiverStream::Connect { rx, .. } => loop {
                 match rx.recv().await {
                     Ok(ev) => return Some(ev),
                     // Fell behind: the oldest output is lost to this stream.
@@ -303,15 +313,10 @@ async fn list(
                 .filter(|s| s.exit.is_none())
                 .map(|s| s.id.as_str())
                 .collect();
-            let known: HashSet<&str> = sessions.iter().map(|s| s.id.as_str()).collect();
+            // Ended ones whose end went unseen leave the table.
+            table::prune(&c.sandbox.id, &sessions);
             let mut processes = Vec::new();
             for p in table::all(&c.sandbox.id) {
-                if !known.contains(p.session.as_str()) {
-                    // The agent forgot it (it ended long ago, or the guest
-                    // restarted): so does the table.
-                    table::remove(&p);
-                    continue;
-                }
                 if running.contains(p.session.as_str()) {
                     processes.push(ProcessInfo {
                         config: p.config.clone(),
@@ -353,13 +358,15 @@ async fn write_input(
     if data.is_empty() {
         return Ok(());
     }
-    let sender = p.sender(st, &c.sandbox).await?;
-    sender.data(Bytes::from(data)).await.map_err(|e| {
+    let chan = p.channel(st, &c.sandbox).await?;
+    let r = chan.sender().data(Bytes::from(data)).await.map_err(|e| {
         ConnectError::new(
             Code::Unavailable,
             format!("writing to process {}: {e}", p.pid),
         )
-    })
+    });
+    chan.done(p).await;
+    r
 }
 
 async fn close_stdin(
@@ -378,14 +385,15 @@ async fn close_stdin(
                     "a PTY process has no stdin to close (send ^D as input)",
                 ));
             }
-            let sender = p.sender(&st, &c.sandbox).await?;
-            sender.eof().map_err(|e| {
+            let chan = p.channel(&st, &c.sandbox).await?;
+            let r = chan.sender().eof().map_err(|e| {
                 ConnectError::new(
                     Code::Unavailable,
                     format!("closing process {}'s stdin: {e}", p.pid),
                 )
-            })?;
-            Ok(json!({}))
+            });
+            chan.done(&p).await;
+            r.map(|()| json!({}))
         }
         .await,
     )
@@ -437,16 +445,17 @@ async fn update(
                     format!("process {} has no PTY to resize", p.pid),
                 ));
             }
-            let sender = p.sender(&st, &c.sandbox).await?;
             let control = serde_json::to_vec(&Control::Resize { rows, cols })
                 .map_err(|e| ConnectError::internal(format!("encoding: {e}")))?;
-            sender.control(Bytes::from(control)).map_err(|e| {
+            let chan = p.channel(&st, &c.sandbox).await?;
+            let r = chan.sender().control(Bytes::from(control)).map_err(|e| {
                 ConnectError::new(
                     Code::Unavailable,
                     format!("resizing process {}: {e}", p.pid),
                 )
-            })?;
-            Ok(json!({}))
+            });
+            chan.done(&p).await;
+            r.map(|()| json!({}))
         }
         .await,
     )

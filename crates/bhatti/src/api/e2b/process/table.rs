@@ -3,27 +3,32 @@
 //! Each process IS a guest agent session (piped, or on a PTY): the agent
 //! keeps it running and its output in a bounded scrollback whether or not
 //! anyone is attached. What the table adds is what E2B names a process by
-//! (the guest pid, a tag, the config it was started with) and one pump per
-//! process: a task attached to the session that hands its output on
+//! (the guest pid, a tag, the config it was started with) and, while
+//! someone listens, one pump per process: a task attached to the session
+//! that hands its output on
 //! - to the stream that started it (the "primary": a bounded channel with
 //!   back-pressure, so a command's own output is never lost), while that
 //!   stream is read, and
 //! - to `Connect` streams through a bounded broadcast (a slow one loses
-//!   the oldest chunks rather than growing memory),
+//!   the oldest chunks rather than growing memory).
 //!
-//! and holds the channel input (`SendInput`, `CloseStdin`) and resizes go
-//! through. An entry leaves the table when its process has ended and the
-//! end was handed on, when the agent no longer knows its session, or when
-//! the guest cannot be reached (the sandbox was destroyed).
+//! When the last listener goes, the pump detaches: a detached session
+//! does not keep the sandbox busy, so it can cool while a background
+//! command runs, as with bhatti's own sessions. Input and resizes go
+//! through the pump's channel, or a short attachment of their own.
+//! An entry leaves the table when its process has ended and that was
+//! seen, when the agent no longer knows its session, or when the guest
+//! cannot be reached (the sandbox was destroyed).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use bhatti_protocol::client::{PtyEvent, PtyStream};
 use bhatti_protocol::mux::ChannelSender;
-use bhatti_protocol::{AttachRequest, ExitStatus, PtyEnd};
+use bhatti_protocol::{AttachRequest, ErrorCode, ExitStatus, PtyEnd};
 use bytes::Bytes;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, Notify};
 
 use super::wire::{ProcessConfig, Selector, Stream};
 use crate::api::e2b::error::{Code, ConnectError};
@@ -58,8 +63,12 @@ pub struct Proc {
     pub pty: bool,
     events: broadcast::Sender<Ev>,
     link: Mutex<Link>,
-    /// Held while re-attaching, so concurrent callers attach once.
+    /// Held while the pump attaches or detaches.
     attaching: tokio::sync::Mutex<()>,
+    /// Streams reading the output (the primary and `Connect`s).
+    listeners: AtomicUsize,
+    /// Rung when a listener goes.
+    idle: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -135,12 +144,44 @@ pub fn remove(p: &Proc) {
     }
 }
 
+/// Drops `sandbox`'s entries whose sessions the agent no longer runs.
+pub fn prune(sandbox: &str, sessions: &[bhatti_protocol::SessionInfo]) {
+    for p in all(sandbox) {
+        match sessions.iter().find(|s| s.id == p.session) {
+            None => remove(&p),
+            Some(s) => {
+                if let Some(status) = &s.exit {
+                    p.finish(status.clone());
+                }
+            }
+        }
+    }
+}
+
 /// What [`register`] needs to know about a new process.
 pub struct NewProc {
     pub sandbox: String,
     pub tag: Option<String>,
     pub config: ProcessConfig,
     pub pty: bool,
+}
+
+/// A listening stream, counted until it drops.
+#[derive(Debug)]
+pub struct Listener(Arc<Proc>);
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.0.listeners.fetch_sub(1, Ordering::SeqCst);
+        self.0.idle.notify_one();
+    }
+}
+
+impl Proc {
+    fn listener(self: &Arc<Self>) -> Listener {
+        self.listeners.fetch_add(1, Ordering::SeqCst);
+        Listener(self.clone())
+    }
 }
 
 /// Enters the process `stream` is attached to into the table and starts
@@ -150,7 +191,7 @@ pub fn register(
     row: &SandboxRow,
     new: NewProc,
     stream: PtyStream,
-) -> (Arc<Proc>, mpsc::Receiver<Ev>) {
+) -> (Arc<Proc>, mpsc::Receiver<Ev>, Listener) {
     let (events, _) = broadcast::channel(BROADCAST_CHUNKS);
     let p = Arc::new(Proc {
         sandbox: new.sandbox,
@@ -162,6 +203,8 @@ pub fn register(
         events,
         link: Mutex::new(Link::default()),
         attaching: tokio::sync::Mutex::new(()),
+        listeners: AtomicUsize::new(0),
+        idle: Notify::new(),
     });
     {
         let mut t = table();
@@ -170,16 +213,44 @@ pub fn register(
             .or_default()
             .insert(p.pid, p.clone());
     }
+    let listener = p.listener();
     let (tx, rx) = mpsc::channel(PRIMARY_CHUNKS);
     p.start_pump(st.clone(), row.clone(), stream, Some(tx));
-    (p, rx)
+    (p, rx, listener)
 }
 
 /// What a `Connect` stream gets: the end if it came already, else a
 /// subscription to what follows.
 pub enum Subscription {
     Ended(ExitStatus),
-    Live(broadcast::Receiver<Ev>),
+    Live(broadcast::Receiver<Ev>, Listener),
+}
+
+/// A channel to send input or a resize on.
+pub enum Chan {
+    /// The pump's.
+    Pump(ChannelSender),
+    /// An attachment of its own, detached by [`Chan::done`].
+    Own(PtyStream),
+}
+
+impl Chan {
+    pub fn sender(&self) -> &ChannelSender {
+        match self {
+            Chan::Pump(s) => s,
+            Chan::Own(s) => &s.sender,
+        }
+    }
+
+    /// Lets go of an own attachment (the agent delivers the input sent
+    /// before it first).
+    pub async fn done(self, p: &Proc) {
+        if let Chan::Own(s) = self {
+            if let Ok(PtyEnd::Exited { status, .. }) = s.detach().await {
+                p.finish(status);
+            }
+        }
+    }
 }
 
 impl Proc {
@@ -203,6 +274,19 @@ impl Proc {
         tokio::spawn(async move { p.pump(st, row, stream, primary).await });
     }
 
+    /// The process ended: record it, tell the listeners, leave the table.
+    pub fn finish(&self, status: ExitStatus) {
+        {
+            let mut l = self.link();
+            if l.end.is_none() {
+                l.end = Some(status.clone());
+                l.sender = None;
+                let _ = self.events.send(Ev::End(status));
+            }
+        }
+        remove(self);
+    }
+
     async fn pump(
         self: Arc<Self>,
         st: AppStateRef,
@@ -216,7 +300,27 @@ impl Proc {
             Stream::Stdout
         };
         loop {
-            let ev = match stream.next().await {
+            let next = tokio::select! {
+                n = stream.next() => n,
+                _ = self.idle.notified() => {
+                    if self.listeners.load(Ordering::SeqCst) > 0 {
+                        continue;
+                    }
+                    let _g = self.attaching.lock().await;
+                    if self.listeners.load(Ordering::SeqCst) > 0 {
+                        continue;
+                    }
+                    // Nobody reads: detach, so the sandbox may cool.
+                    self.link().sender = None;
+                    match stream.detach().await {
+                        Ok(PtyEnd::Exited { status, .. }) => self.finish(status),
+                        Ok(PtyEnd::Detached { offset }) => self.link().offset = offset,
+                        Err(e) => tracing::debug!(session = %self.session, "detaching: {e}"),
+                    }
+                    return;
+                }
+            };
+            let ev = match next {
                 Ok(PtyEvent::Output(b)) => Ev::Data(data, b),
                 Ok(PtyEvent::Stderr(b)) => Ev::Data(Stream::Stderr, b),
                 // Output the scrollback no longer held: nothing to hand on.
@@ -233,13 +337,7 @@ impl Proc {
             };
             self.link().offset = stream.offset;
             if let Ev::End(status) = &ev {
-                {
-                    let mut l = self.link();
-                    l.end = Some(status.clone());
-                    l.sender = None;
-                    let _ = self.events.send(ev.clone());
-                }
-                remove(&self);
+                self.finish(status.clone());
                 if let Some(tx) = primary.take() {
                     let _ = tx.send(ev).await;
                 }
@@ -255,9 +353,10 @@ impl Proc {
         }
     }
 
-    /// The channel to the guest broke: attach again (through the thermal
-    /// manager, which wakes the sandbox if it must) from where the pump
-    /// was; if that fails, the process is unreachable and leaves the table.
+    /// The channel to the guest broke. With listeners, attach again
+    /// (through the thermal manager, which wakes the sandbox if it must)
+    /// from where the pump was; if that fails, the process is unreachable
+    /// and leaves the table. Without, attach again when someone asks.
     async fn lost(
         self: Arc<Self>,
         st: AppStateRef,
@@ -265,9 +364,14 @@ impl Proc {
         primary: Option<mpsc::Sender<Ev>>,
         why: &str,
     ) {
+        let _g = self.attaching.lock().await;
         self.link().sender = None;
         tracing::debug!(session = %self.session, "e2b process pump detached: {why}");
-        match self.reattach(&st, &row).await {
+        if self.listeners.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let offset = self.link().offset;
+        match self.attach(&st, &row, Some(offset)).await {
             Ok(stream) => self.start_pump(st, row, stream, primary),
             Err(e) => {
                 let msg = format!("the sandbox's agent cannot be reached: {}", e.message);
@@ -281,29 +385,59 @@ impl Proc {
         }
     }
 
-    async fn reattach(
+    /// Attaches to the session from `offset` (`None`: from the end of
+    /// its output); an ended or forgotten session is `not_found`.
+    async fn attach(
         &self,
         st: &AppStateRef,
         row: &SandboxRow,
+        offset: Option<u64>,
     ) -> Result<PtyStream, ConnectError> {
-        let offset = self.link().offset;
         let client = st.agent(row).await.map_err(ConnectError::from)?;
-        client
+        let offset = match offset {
+            Some(o) => o,
+            None => {
+                let sessions = client
+                    .sessions()
+                    .await
+                    .map_err(|e| ConnectError::from(crate::api::ApiError::from(e)))?;
+                match sessions.into_iter().find(|s| s.id == self.session) {
+                    None => {
+                        remove(self);
+                        return Err(self.gone());
+                    }
+                    Some(s) => {
+                        if let Some(status) = s.exit {
+                            self.finish(status);
+                            return Err(self.gone());
+                        }
+                        s.end_offset
+                    }
+                }
+            }
+        };
+        match client
             .attach(AttachRequest {
                 session: self.session.clone(),
                 offset: Some(offset),
             })
             .await
-            .map_err(|e| ConnectError::from(crate::api::ApiError::from(e)))
+        {
+            Ok(s) => Ok(s),
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => {
+                remove(self);
+                Err(self.gone())
+            }
+            Err(e) => Err(ConnectError::from(crate::api::ApiError::from(e))),
+        }
     }
 
-    /// The channel to send input and resizes on, attaching again if the
-    /// pump lost it.
-    pub async fn sender(
+    /// A channel for input and resizes: the pump's, or an own attachment.
+    pub async fn channel(
         self: &Arc<Self>,
         st: &AppStateRef,
         row: &SandboxRow,
-    ) -> Result<ChannelSender, ConnectError> {
+    ) -> Result<Chan, ConnectError> {
         let _g = self.attaching.lock().await;
         {
             let l = self.link();
@@ -311,32 +445,39 @@ impl Proc {
                 return Err(self.gone());
             }
             if let Some(s) = &l.sender {
-                return Ok(s.clone());
+                return Ok(Chan::Pump(s.clone()));
             }
         }
-        match self.reattach(st, row).await {
-            Ok(stream) => {
-                let s = stream.sender.clone();
-                self.start_pump(st.clone(), row.clone(), stream, None);
-                Ok(s)
-            }
-            Err(e) => {
-                if e.code == Code::NotFound {
-                    remove(self);
-                    return Err(self.gone());
-                }
-                Err(e)
-            }
-        }
+        Ok(Chan::Own(self.attach(st, row, None).await?))
     }
 
-    /// Subscribes to the process's events from now on.
-    pub fn subscribe(&self) -> Subscription {
-        let l = self.link();
-        match &l.end {
-            Some(status) => Subscription::Ended(status.clone()),
-            None => Subscription::Live(self.events.subscribe()),
+    /// Listens to the process's events from now on, attaching the pump
+    /// if it is not.
+    pub async fn listen(
+        self: &Arc<Self>,
+        st: &AppStateRef,
+        row: &SandboxRow,
+    ) -> Result<Subscription, ConnectError> {
+        let _g = self.attaching.lock().await;
+        let (rx, listener) = {
+            let l = self.link();
+            if let Some(status) = &l.end {
+                return Ok(Subscription::Ended(status.clone()));
+            }
+            (self.events.subscribe(), self.listener())
+        };
+        if self.link().sender.is_none() {
+            let stream = self.attach(st, row, None).await?;
+            self.start_pump(st.clone(), row.clone(), stream, None);
         }
+        Ok(Subscription::Live(rx, listener))
+    }
+
+    /// Events from now on, for a watcher that does not keep the pump
+    /// attached; `None` once the process ended.
+    pub fn watch(&self) -> Option<broadcast::Receiver<Ev>> {
+        let l = self.link();
+        l.end.is_none().then(|| self.events.subscribe())
     }
 
     pub fn gone(&self) -> ConnectError {
