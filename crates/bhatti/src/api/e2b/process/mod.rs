@@ -484,30 +484,67 @@ async fn stream_input_inner(
     let (c, _) = admit(st, caller).await?;
     let mut body = body.into_data_stream();
     let mut d = EnvelopeDecoder::default();
-    let mut target: Option<std::sync::Arc<table::Proc>> = None;
-    loop {
-        while let Some((flags, msg)) = d.next()? {
-            if flags & END_STREAM != 0 {
-                return Ok(());
+    // The process, and one channel to it for the whole stream.
+    let mut target: Option<(std::sync::Arc<table::Proc>, Option<table::Chan>)> = None;
+    let r = async {
+        loop {
+            while let Some((flags, msg)) = d.next()? {
+                if flags & END_STREAM != 0 {
+                    return Ok(());
+                }
+                let m: StreamInputRequest = connect::decode(&msg)?;
+                if let Some(start) = m.start {
+                    if let Some((p, Some(chan))) = target.take() {
+                        chan.done(&p).await;
+                    }
+                    target = Some((table::find(&c.sandbox.id, start.process.as_ref())?, None));
+                } else if let Some(data) = m.data {
+                    let (p, chan) = target.as_mut().ok_or_else(|| {
+                        ConnectError::invalid("the first message must be start{process}")
+                    })?;
+                    let bytes = Bytes::from(data.input.unwrap_or_default().bytes()?);
+                    if bytes.is_empty() {
+                        continue;
+                    }
+                    // A channel of the pump closes when the pump detaches:
+                    // then take another, once.
+                    let mut tries = 0;
+                    loop {
+                        if chan.is_none() {
+                            *chan = Some(p.channel(st, &c.sandbox).await?);
+                        }
+                        let Some(ch) = chan.as_ref() else { continue };
+                        match ch.sender().data(bytes.clone()).await {
+                            Ok(()) => break,
+                            Err(e) if tries > 0 => {
+                                return Err(ConnectError::new(
+                                    Code::Unavailable,
+                                    format!("writing to process {}: {e}", p.pid),
+                                ))
+                            }
+                            Err(_) => {
+                                tries += 1;
+                                if let Some(ch) = chan.take() {
+                                    ch.done(p).await;
+                                }
+                            }
+                        }
+                    }
+                }
             }
-            let m: StreamInputRequest = connect::decode(&msg)?;
-            if let Some(start) = m.start {
-                target = Some(table::find(&c.sandbox.id, start.process.as_ref())?);
-            } else if let Some(data) = m.data {
-                let p = target.as_ref().ok_or_else(|| {
-                    ConnectError::invalid("the first message must be start{process}")
-                })?;
-                let bytes = data.input.unwrap_or_default().bytes()?;
-                write_input(st, &c, p, bytes).await?;
+            match body.next().await {
+                Some(Ok(chunk)) => d.push(&chunk),
+                Some(Err(e)) => {
+                    return Err(ConnectError::invalid(format!("reading the request: {e}")));
+                }
+                None if d.pending() == 0 => return Ok(()),
+                None => return Err(ConnectError::invalid("the request ends inside a message")),
             }
-        }
-        match body.next().await {
-            Some(Ok(chunk)) => d.push(&chunk),
-            Some(Err(e)) => {
-                return Err(ConnectError::invalid(format!("reading the request: {e}")));
-            }
-            None if d.pending() == 0 => return Ok(()),
-            None => return Err(ConnectError::invalid("the request ends inside a message")),
         }
     }
+    .await;
+    if let Some((p, Some(chan))) = target {
+        chan.done(&p).await;
+    }
+    r
 }
