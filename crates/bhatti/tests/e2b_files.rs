@@ -103,14 +103,12 @@ impl Envelopes {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn e2b_files_and_filesystem() {
-    let Some(art) = artifacts("e2b_files_and_filesystem") else {
-        return;
-    };
-    init_tracing();
+/// A daemon (on TCP too when `tcp`), a user, one sandbox with its E2B
+/// row, and an envd client for it.
+async fn setup(art: Artifacts, tcp: Option<u16>) -> (Env, Daemon, Client, Envd) {
     let env = Env::new(art);
-    let config = env.config();
+    let mut config = env.config();
+    config.listen_tcp = tcp.map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p)));
     let store = bhatti::store::Store::open(env.data_dir().join("bhatti.db")).expect("store");
     let issued = store
         .with(|c| Ok(bhatti::auth::create_user(c, "ana", Default::default()).expect("create user")))
@@ -143,9 +141,20 @@ async fn e2b_files_and_filesystem() {
         .expect("e2b row");
     let e = Envd {
         c: env.client(None),
-        id: id.clone(),
-        token: token.clone(),
+        id,
+        token,
     };
+    (env, daemon, native, e)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn e2b_files_and_filesystem() {
+    let Some(art) = artifacts("e2b_files_and_filesystem") else {
+        return;
+    };
+    init_tracing();
+    let (env, daemon, native, e) = setup(art, None).await;
+    let id = e.id.clone();
 
     // /health: no token needed; a gone sandbox is 502 "… was not found".
     let h = e.c.get("/e2b/health").await;
@@ -451,4 +460,56 @@ async fn e2b_files_and_filesystem() {
     let del = native.delete(&format!("/sandboxes/{id}")).await;
     assert!(del.status.is_success(), "{del:?}");
     daemon.stop().await;
+    drop(env);
+}
+
+/// The official Python SDK (`E2B_PYTHON`, else /tmp/e2bvenv/bin/python)
+/// runs tests/e2b/files_sdk.py against the daemon.
+#[tokio::test(flavor = "multi_thread")]
+async fn e2b_files_python_sdk() {
+    let test = "e2b_files_python_sdk";
+    let Some(art) = artifacts(test) else {
+        return;
+    };
+    let python = std::env::var("E2B_PYTHON").unwrap_or_else(|_| "/tmp/e2bvenv/bin/python".into());
+    let has_sdk = std::process::Command::new(&python)
+        .args(["-c", "import e2b"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_sdk {
+        bhatti_testkit::skip(test, "no Python with the e2b SDK (set E2B_PYTHON)");
+        return;
+    }
+    init_tracing();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let (env, daemon, native, e) = setup(art, Some(port)).await;
+    let key = native.key.clone().unwrap_or_default();
+    let url = format!("http://127.0.0.1:{port}/e2b");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2b/files_sdk.py");
+    let run = tokio::process::Command::new(python)
+        .arg(script)
+        .args([&e.id, &e.token])
+        .env("E2B_API_KEY", key)
+        .env("E2B_API_URL", &url)
+        .env("E2B_SANDBOX_URL", &url)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(300), run)
+        .await
+        .expect("the SDK script ends within 300 s")
+        .expect("python runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && text.contains("SDK OK"), "{text}");
+    eprintln!("{text}");
+    let del = native.delete(&format!("/sandboxes/{}", e.id)).await;
+    assert!(del.status.is_success(), "{del:?}");
+    daemon.stop().await;
+    drop(env);
 }
