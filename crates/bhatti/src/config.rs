@@ -92,6 +92,31 @@ pub struct Config {
     pub events: EventsConfig,
     /// `GET /metrics` (Prometheus): who may scrape it, and where.
     pub metrics: MetricsConfig,
+    /// The E2B-compatible API (docs/e2b.md).
+    pub e2b: E2bConfig,
+}
+
+/// `[e2b]`: the E2B-compatible API the official E2B SDKs talk to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct E2bConfig {
+    /// Serve it under `/e2b` on the API's listeners (and on `listen`);
+    /// false: those routes answer 404 and `listen` is not opened (the
+    /// timeouts of existing E2B sandboxes are still enforced). Default true.
+    pub enabled: bool,
+    /// A separate TCP listener serving the same API at `/` instead of
+    /// `/e2b`; an empty string disables it. Default empty.
+    #[serde(with = "opt_addr")]
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for E2bConfig {
+    fn default() -> Self {
+        E2bConfig {
+            enabled: true,
+            listen: None,
+        }
+    }
 }
 
 /// `[metrics]`: off unless a token or a listener is set.
@@ -643,6 +668,7 @@ impl Default for Config {
             backups: BackupsConfig::default(),
             events: EventsConfig::default(),
             metrics: MetricsConfig::default(),
+            e2b: E2bConfig::default(),
         }
     }
 }
@@ -1192,6 +1218,18 @@ impl Config {
                 ));
             }
         }
+        if let Some(a) = self.e2b.listen {
+            if a.port() != 0
+                && (Some(a) == self.listen_tcp
+                    || Some(a) == self.proxy.listen
+                    || Some(a) == m.listen)
+            {
+                return Err(invalid(
+                    "e2b.listen",
+                    format!("{a} is already listen_tcp, proxy.listen or metrics.listen"),
+                ));
+            }
+        }
         let u = &sh.public_url;
         if !u.is_empty()
             && (!(u.starts_with("http://") || u.starts_with("https://"))
@@ -1436,6 +1474,17 @@ impl Config {
         );
         e.c("A bearer secret (16+ characters) for /metrics on the API's listeners; \"\" = 404 there.");
         e.kv("token", toml_str(&m.token));
+        let x = &d.e2b;
+        e.table("e2b");
+        e.c("The E2B-compatible API (docs/e2b.md): the official E2B SDKs, with E2B_API_URL and");
+        e.c("E2B_SANDBOX_URL set to http(s)://<listen_tcp>/e2b, drive bhatti sandboxes.");
+        e.c("false: the /e2b routes answer 404.");
+        e.kv("enabled", x.enabled);
+        e.c("A listener serving the same API at / instead of /e2b, e.g. \"127.0.0.1:3000\"; \"\" = none.");
+        e.kv(
+            "listen",
+            toml_str(&x.listen.map(|a| a.to_string()).unwrap_or_default()),
+        );
         e.0
     }
 }
@@ -1618,6 +1667,7 @@ mod tests {
             ("listen_tcp = \"localhost\"", "listen_tcp"),
             ("[metrics]\ntoken = \"short\"", "metrics.token"),
             ("[metrics]\nlisten = \"127.0.0.1:8080\"", "metrics.listen"),
+            ("[e2b]\nlisten = \"127.0.0.1:8080\"", "e2b.listen"),
             ("[vm]\nbackend = \"xen\"", "backend"),
             ("[vm]\ndefault_cpus = 0", "vm.default_cpus"),
             ("[vm]\ndefault_cpus = 32", "vm.default_cpus"),

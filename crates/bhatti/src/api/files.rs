@@ -10,7 +10,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use bhatti_protocol::{ReadFileRequest, WriteFileRequest};
+use bhatti_protocol::{AgentClient, ReadFileRequest, WriteFileDone, WriteFileRequest};
 use futures_util::StreamExt;
 use serde::Deserialize;
 
@@ -62,17 +62,27 @@ pub async fn get(
         })
         .into_response());
     }
+    let bounded = q.offset.is_some() || q.limit.is_some() || q.max_bytes.is_some();
     let req = ReadFileRequest {
         path: q.path,
         offset: q.offset,
         limit: q.limit,
         max_bytes: q.max_bytes,
     };
+    read(&client, req, bounded).await
+}
+
+/// A read's answer: its bytes streamed from the agent, with the headers of
+/// `GET /sandboxes/{id}/files`.
+pub(crate) async fn read(
+    client: &AgentClient,
+    req: ReadFileRequest,
+    bounded: bool,
+) -> Result<Response, ApiError> {
     let octet = (
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    let bounded = q.offset.is_some() || q.limit.is_some() || q.max_bytes.is_some();
     let mut reader = client.read_file(req).await?;
     let size = reader.size;
     let (length, truncated) = match reader.extent {
@@ -212,30 +222,38 @@ pub async fn put(
     }
     let row = st.sandbox(&caller, &id).await?;
     let client = st.agent(&row).await?;
-    if length.is_some_and(|n| n <= SMALL_UPLOAD) {
-        // A small body goes to the guest in one batch (open, data, end):
-        // one wake-up of the agent instead of one per frame.
-        let data = axum::body::to_bytes(req.into_body(), SMALL_UPLOAD as usize)
-            .await
-            .map_err(|e| ApiError::BadRequest(format!("reading the upload: {e}")))?;
-        let done = client
-            .write_file(
-                WriteFileRequest {
-                    path: q.path,
-                    mode,
-                    ..Default::default()
-                },
-                data,
-            )
-            .await?;
-        return Ok(Json(WriteResult { bytes: done.bytes }));
-    }
-    let mut writer = client.write_file_stream(WriteFileRequest {
+    let req_w = WriteFileRequest {
         path: q.path,
         mode,
         ..Default::default()
-    })?;
-    let mut body = req.into_body().into_data_stream();
+    };
+    let done = write(&client, req_w, length, req.into_body()).await?;
+    Ok(Json(WriteResult { bytes: done.bytes }))
+}
+
+/// Writes `body` to a guest file atomically (parents are created): a small
+/// body with a known `length` in one batch, else streamed; more than
+/// [`MAX_UPLOAD`] bytes is 413 and leaves nothing behind.
+pub(crate) async fn write(
+    client: &AgentClient,
+    req: WriteFileRequest,
+    length: Option<u64>,
+    body: Body,
+) -> Result<WriteFileDone, ApiError> {
+    let too_large = || ApiError::TooLarge(format!("uploads are limited to {MAX_UPLOAD} bytes"));
+    if length.is_some_and(|n| n > MAX_UPLOAD) {
+        return Err(too_large());
+    }
+    if length.is_some_and(|n| n <= SMALL_UPLOAD) {
+        // A small body goes to the guest in one batch (open, data, end):
+        // one wake-up of the agent instead of one per frame.
+        let data = axum::body::to_bytes(body, SMALL_UPLOAD as usize)
+            .await
+            .map_err(|e| ApiError::BadRequest(format!("reading the upload: {e}")))?;
+        return Ok(client.write_file(req, data).await?);
+    }
+    let mut writer = client.write_file_stream(req)?;
+    let mut body = body.into_data_stream();
     let mut total: u64 = 0;
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the upload: {e}")))?;
@@ -246,6 +264,5 @@ pub async fn put(
         }
         writer.write(chunk).await?;
     }
-    let done = writer.finish().await?;
-    Ok(Json(WriteResult { bytes: done.bytes }))
+    Ok(writer.finish().await?)
 }

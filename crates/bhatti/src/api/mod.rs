@@ -505,12 +505,17 @@ pub fn router(state: AppStateRef) -> Router {
     utoipa::Modify::modify(&CommonErrors, &mut api);
     let json = serde_json::to_string_pretty(&api).unwrap_or_else(|_| "{}".into());
     let _ = state.openapi.set(json);
-    routes
+    let routes = routes
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth))
-        .route_layer(axum::middleware::from_fn(metrics::mark_route))
-        // E2B's SDKs: their own auth (API key header, envd access tokens)
-        // and error shapes.
-        .nest(e2b::PREFIX, e2b::router())
+        .route_layer(axum::middleware::from_fn(metrics::mark_route));
+    // E2B's SDKs: their own auth (API key header, envd access tokens)
+    // and error shapes; `[e2b] enabled = false`: 404 like any unknown path.
+    let routes = if state.config.e2b.enabled {
+        routes.nest(e2b::PREFIX, e2b::router())
+    } else {
+        routes
+    };
+    routes
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(

@@ -221,7 +221,7 @@ pub async fn create(
 }
 
 /// [`create`]'s work, run to its end even when the client goes away.
-async fn create_to_end(
+pub(super) async fn create_to_end(
     st: AppStateRef,
     caller: Caller,
     req: CreateSandbox,
@@ -1008,16 +1008,25 @@ async fn delete_to_end(
 ) -> Result<StatusCode, ApiError> {
     caller.rate(&st, RequestClass::Create)?;
     let row = st.sandbox(&caller, &id).await?;
+    destroy_row(&st, &caller.user, &row).await
+}
+
+/// Destroys `row`'s sandbox (owned by `owner`): VM, disks, network, row.
+pub(super) async fn destroy_row(
+    st: &AppState,
+    owner: &User,
+    row: &SandboxRow,
+) -> Result<StatusCode, ApiError> {
     let t0 = std::time::Instant::now();
     let r = async {
         st.engine.destroy(&row.id).await?;
         st.thermal.forget(&row.id);
-        detach_network(&st, &caller.user, &row).await;
+        detach_network(st, owner, row).await;
         let (owner, rid) = (row.owner.clone(), row.id.clone());
         st.store
             .run(move |c| sandboxes::delete(c, &owner, &rid))
             .await?;
-        super::volumes::drop_ephemeral(&st, &row.owner, &row.id).await;
+        super::volumes::drop_ephemeral(st, &row.owner, &row.id).await;
         tracing::info!(id = %row.id, name = %row.name, "sandbox deleted");
         Ok(StatusCode::NO_CONTENT)
     }
@@ -1050,6 +1059,12 @@ async fn stop_to_end(
 ) -> Result<Json<SandboxView>, ApiError> {
     caller.rate(&st, RequestClass::Create)?;
     let mut row = st.sandbox(&caller, &id).await?;
+    let sb = stop_row(&st, &mut row).await?;
+    Ok(Json(view_with_network(&st, &row, Some(&sb))))
+}
+
+/// Snapshots `row`'s sandbox to disk and records it `stopped`.
+pub(super) async fn stop_row(st: &AppState, row: &mut SandboxRow) -> Result<Sandbox, ApiError> {
     if row.status == "creating" {
         return Err(ApiError::Conflict(
             "the sandbox is still being created".into(),
@@ -1067,7 +1082,7 @@ async fn stop_to_end(
     let sb = sb?;
     st.set_status(&row.owner, &row.id, "stopped").await;
     row.status = "stopped".into();
-    Ok(Json(view_with_network(&st, &row, Some(&sb))))
+    Ok(sb)
 }
 
 /// Starts a stopped sandbox: from its memory snapshot, or (`fresh`) from
@@ -1096,13 +1111,24 @@ async fn start_to_end(
 ) -> Result<Json<SandboxView>, ApiError> {
     caller.rate(&st, RequestClass::Create)?;
     let mut row = st.sandbox(&caller, &id).await?;
+    let sb = start_row(&st, &mut row, req.fresh).await?;
+    Ok(Json(view_with_network(&st, &row, Some(&sb))))
+}
+
+/// Starts `row`'s stopped sandbox (`fresh`: from its disk) and records it
+/// `running`.
+pub(super) async fn start_row(
+    st: &AppState,
+    row: &mut SandboxRow,
+    fresh: bool,
+) -> Result<Sandbox, ApiError> {
     if row.status == "creating" {
         return Err(ApiError::Conflict(
             "the sandbox is still being created".into(),
         ));
     }
     let t0 = std::time::Instant::now();
-    let sb = if req.fresh {
+    let sb = if fresh {
         st.engine.start_fresh(&row.id).await
     } else {
         st.engine.start(&row.id).await
@@ -1114,5 +1140,5 @@ async fn start_to_end(
     let sb = sb?;
     st.set_status(&row.owner, &row.id, "running").await;
     row.status = "running".into();
-    Ok(Json(view_with_network(&st, &row, Some(&sb))))
+    Ok(sb)
 }

@@ -277,6 +277,14 @@ pub async fn serve_with_backend(
         ),
         None => None,
     };
+    let e2b_listener = match config.e2b.listen.filter(|_| config.e2b.enabled) {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(io(format!("listening on {addr} (e2b.listen)")))?,
+        ),
+        None => None,
+    };
     // Thermal transitions are counted on their way to the store.
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let thermal = crate::thermal::ThermalManager::spawn(
@@ -372,6 +380,13 @@ pub async fn serve_with_backend(
         let app = api::metrics_router(state.clone());
         servers.spawn(async move { axum::serve(l, app).with_graceful_shutdown(stop).await });
     }
+    if let Some(l) = e2b_listener {
+        let stop = stopped(stop_rx.clone());
+        let app = api::e2b::listener_router(state.clone());
+        servers.spawn(async move { axum::serve(l, app).with_graceful_shutdown(stop).await });
+    }
+    // E2B sandboxes' end of life (timeouts), also when the API is off.
+    let e2b_reaper = api::e2b::spawn_reaper(state.clone());
     if let Some(public) = public {
         let stop = stopped(stop_rx.clone());
         let app = crate::proxy::public::router(state.clone());
@@ -397,6 +412,7 @@ pub async fn serve_with_backend(
         tcp = ?config.listen_tcp,
         public = ?config.proxy.listen,
         metrics = ?config.metrics.listen,
+        e2b = ?config.e2b.listen,
         backend = %kind,
         "bhatti daemon listening"
     );
@@ -411,6 +427,7 @@ pub async fn serve_with_backend(
     state.proxy.stop.cancel();
     sweeper.abort();
     pruner.abort();
+    e2b_reaper.abort();
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while servers.join_next().await.is_some() {}
     })

@@ -141,3 +141,35 @@ pub fn set_end(
     )?;
     Ok(())
 }
+
+/// Records `e` unless the sandbox has a row already; answers the row that
+/// is stored afterwards (two racing first connects agree on one token).
+pub fn insert_if_absent(c: &Connection, e: &E2bRow) -> Result<E2bRow> {
+    c.execute(
+        &format!(
+            "INSERT OR IGNORE INTO e2b_sandboxes ({COLUMNS}) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+        ),
+        params![
+            e.sandbox_id,
+            e.owner,
+            e.template_id,
+            e.token_sha256,
+            e.token_enc,
+            to_json("metadata", &e.metadata)?,
+            e.started_at,
+            e.end_at,
+            e.auto_pause as i64,
+        ],
+    )?;
+    Ok(get(c, &e.sandbox_id)?.unwrap_or_else(|| e.clone()))
+}
+
+/// Sets the end of life only (keeps `auto_pause`).
+pub fn set_end_at(c: &Connection, sandbox_id: &str, end_at: Option<i64>) -> Result<()> {
+    c.execute(
+        "UPDATE e2b_sandboxes SET end_at = ?2 WHERE sandbox_id = ?1",
+        params![sandbox_id, end_at],
+    )?;
+    Ok(())
+}

@@ -23,6 +23,8 @@ use axum::Router;
 
 use super::AppStateRef;
 
+pub use control::spawn_reaper;
+
 /// The envd version the control plane reports: the SDK turns features on
 /// by it (octet-stream uploads, file metadata, watch entry info).
 pub const ENVD_VERSION: &str = "0.6.4";
@@ -39,6 +41,19 @@ pub fn router() -> Router<AppStateRef> {
         .merge(files::routes())
         .route_layer(axum::middleware::from_fn(super::metrics::mark_route))
         .fallback(not_found)
+}
+
+/// The separate listener of `[e2b] listen`: the same routes at `/`.
+pub fn listener_router(state: AppStateRef) -> Router {
+    router()
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            super::panic_response,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            super::request_span,
+        ))
+        .with_state(state)
 }
 
 async fn not_found(req: axum::extract::Request) -> error::E2bError {
