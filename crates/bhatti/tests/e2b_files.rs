@@ -266,6 +266,25 @@ async fn e2b_files_and_filesystem() {
         .await
         .expect(400);
 
+    // A full filesystem is 507 (a 64 KiB tmpfs in the guest).
+    let (code, _, err) = native
+        .sh(
+            &id,
+            "sudo mkdir -p /mnt/small && sudo mount -t tmpfs -o size=64k tmpfs /mnt/small \
+             && sudo chmod 777 /mnt/small",
+        )
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let full = e
+        .upload(
+            "path=/mnt/small/f",
+            &[("content-type", "application/octet-stream")],
+            vec![7u8; 256 << 10],
+        )
+        .await
+        .expect(507);
+    assert_eq!(full["code"], 507);
+
     // Stat.
     let s = e
         .rpc("Stat", json!({"path": "/tmp/e2b/a.txt"}))

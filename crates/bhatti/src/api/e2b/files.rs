@@ -62,6 +62,17 @@ fn bad_path(e: ConnectError) -> E2bError {
 }
 
 fn path_error(path: &str, e: crate::api::ApiError) -> E2bError {
+    // A guest out of space (ENOSPC, EDQUOT) is envd's 507.
+    let e = match e {
+        crate::api::ApiError::BadGateway(m)
+            if m.contains("os error 28") || m.contains("os error 122") =>
+        {
+            crate::api::ApiError::InsufficientStorage(format!(
+                "not enough space in the sandbox to write {path}: {m}"
+            ))
+        }
+        e => e,
+    };
     let mut e = E2bError::from(e);
     if e.status == StatusCode::NOT_FOUND {
         e.message = format!("path {path:?} not found: {}", e.message);
