@@ -420,7 +420,7 @@ async fn e2b_files_and_filesystem() {
         buf: BytesMut::new(),
     };
     let (flags, first) = stream.next().await;
-    assert_eq!((flags, first), (0, json!({"event": {"start": {}}})));
+    assert_eq!((flags, first), (0, json!({"start": {}})));
     e.upload(
         "path=/tmp/e2b/w.txt",
         &[("content-type", "application/octet-stream")],
@@ -431,8 +431,8 @@ async fn e2b_files_and_filesystem() {
     let ev = loop {
         let (flags, m) = stream.next().await;
         assert_eq!(flags, 0, "the stream ended: {m}");
-        if m["event"]["filesystem"]["name"] == "w.txt" {
-            break m["event"]["filesystem"].clone();
+        if m["filesystem"]["name"] == "w.txt" {
+            break m["filesystem"].clone();
         }
     };
     assert_eq!(ev["type"], "EVENT_TYPE_CREATE");
@@ -525,7 +525,10 @@ async fn e2b_files_python_sdk() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success() && text.contains("SDK OK"), "{text}");
+    assert!(
+        out.status.success() && text.contains("SDK OK") && text.contains("SDK STREAM OK"),
+        "{text}"
+    );
     eprintln!("{text}");
     let del = native.delete(&format!("/sandboxes/{}", e.id)).await;
     assert!(del.status.is_success(), "{del:?}");

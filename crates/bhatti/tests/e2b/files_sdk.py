@@ -84,3 +84,45 @@ else:
     raise AssertionError(f"no create event: {seen}")
 h.stop()
 print("SDK OK")
+
+# The async SDK's watch_dir is the WatchDir server stream.
+import asyncio
+
+from e2b import AsyncSandbox
+
+
+async def watch_stream():
+    asbx = AsyncSandbox(
+        sandbox_id=sid,
+        sandbox_domain=None,
+        envd_version=Version("0.6.4"),
+        envd_access_token=token,
+        connection_config=cc,
+    )
+    got = asyncio.Event()
+    events = []
+
+    def on_event(e):
+        events.append(e)
+        if e.name == "s" and e.type == FilesystemEventType.CREATE:
+            got.set()
+
+    h = await asbx.files.watch_dir("/tmp/sdk/w", on_event, recursive=True)
+    await asbx.files.write("/tmp/sdk/w/s", "s")
+    await asyncio.wait_for(got.wait(), 30)
+    await h.stop()
+    # Recursive: a file in a new subdirectory.
+    got2 = asyncio.Event()
+
+    def on_sub(e):
+        if e.name == "sub/t" and e.type == FilesystemEventType.CREATE:
+            got2.set()
+
+    h = await asbx.files.watch_dir("/tmp/sdk/w", on_sub, recursive=True)
+    await asbx.files.write("/tmp/sdk/w/sub/t", "t")
+    await asyncio.wait_for(got2.wait(), 30)
+    await h.stop()
+
+
+asyncio.run(watch_stream())
+print("SDK STREAM OK")
