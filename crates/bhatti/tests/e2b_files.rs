@@ -373,6 +373,22 @@ async fn e2b_files_and_filesystem() {
     .await
     .expect(404);
 
+    let denied = e
+        .rpc(
+            "Move",
+            json!({"source": "/tmp/e2b/new/b.txt", "destination": "/root/b.txt"}),
+        )
+        .await
+        .expect(403);
+    assert_eq!(denied["code"], "permission_denied");
+    assert!(
+        denied["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("/root/b.txt"),
+        "{denied}"
+    );
+
     // Remove (recursive; a missing path is fine).
     e.rpc("Remove", json!({"path": "/tmp/e2b/d"}))
         .await

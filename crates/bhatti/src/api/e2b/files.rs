@@ -44,7 +44,9 @@ impl FromRequestParts<AppStateRef> for FilesCaller {
             .map(FilesCaller)
             .map_err(|e| match e.code {
                 // What E2B's proxy answers for a sandbox that is gone.
-                Code::NotFound => E2bError::new(StatusCode::BAD_GATEWAY, e.message),
+                Code::NotFound | Code::Unavailable => {
+                    E2bError::new(StatusCode::BAD_GATEWAY, e.message)
+                }
                 _ => e.into(),
             })
     }
