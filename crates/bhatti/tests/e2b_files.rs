@@ -219,6 +219,23 @@ async fn e2b_files_and_filesystem() {
         .await;
     assert_eq!(bad.status.as_u16(), 400, "{:?}", bad.body);
 
+    // A download asked gzipped comes gzipped.
+    let gz =
+        e.c.send(
+            Method::GET,
+            "/e2b/files?path=/home/lohar/rel/g.txt",
+            &e.headers(&[("accept-encoding", "gzip, deflate")]),
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(gz.header("content-encoding").as_deref(), Some("gzip"));
+    let mut plain = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz.body[..]), &mut plain)
+        .expect("gunzip");
+    assert_eq!(plain, b"zipped ".repeat(1000));
+    // A path with a NUL byte is 400.
+    e.download("/tmp/a%00b").await.expect(400);
+
     // A streamed (large) upload.
     let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     e.upload(

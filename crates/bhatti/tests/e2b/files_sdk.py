@@ -35,6 +35,7 @@ assert b"".join(f.read("/tmp/sdk/a", format="stream")) == b"x"
 # gzip (octet-stream), multipart with several files, relative paths.
 f.write("/tmp/sdk/g", "gz" * 1000, gzip=True)
 assert f.read("/tmp/sdk/g") == "gz" * 1000
+assert f.read("/tmp/sdk/g", gzip=True) == "gz" * 1000
 infos = f.write_files(
     [{"path": "/tmp/sdk/m1", "data": "one"}, {"path": "/tmp/sdk/m2", "data": b"two"}],
     use_octet_stream=False,
