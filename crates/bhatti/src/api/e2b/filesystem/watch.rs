@@ -302,6 +302,9 @@ pub(super) async fn create_watcher(
             let first = t.snapshot().await?;
             let id = format!("w{}", hex::encode(rand::random::<[u8; 12]>()));
             let mut reg = registry();
+            // Watchers that ended (their sandbox or directory gone) and
+            // that nobody read since make room.
+            reg.retain(|_, w| !(w.task.is_finished() && w.last_read.elapsed() > IDLE));
             if reg.len() >= MAX_WATCHERS
                 || reg.values().filter(|w| w.sandbox == env.sandbox.id).count()
                     >= MAX_WATCHERS_PER_SANDBOX
