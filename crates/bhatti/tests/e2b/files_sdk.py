@@ -1,7 +1,8 @@
 """The official E2B Python SDK's file API against bhatti (run by
 tests/e2b_files.rs with E2B_API_URL / E2B_SANDBOX_URL / E2B_API_KEY set).
-Until the control plane creates sandboxes, the test hands over a sandbox id
-and envd token and the Sandbox is built the way Sandbox.connect builds it."""
+With `create`, the sandbox comes from Sandbox.create (bhatti's control
+plane); with `<sandbox id> <envd token>`, the Sandbox is built the way
+Sandbox.connect builds it, from a sandbox the test made."""
 
 import sys
 import time
@@ -13,17 +14,22 @@ from e2b.connection_config import ConnectionConfig
 from e2b.exceptions import FileNotFoundException
 from e2b.sandbox.filesystem.watch_handle import FilesystemEventType
 
-sid, token = sys.argv[1], sys.argv[2]
-cc = ConnectionConfig(
-    extra_sandbox_headers={"E2b-Sandbox-Id": sid, "X-Access-Token": token}
-)
-sbx = Sandbox(
-    sandbox_id=sid,
-    sandbox_domain=None,
-    envd_version=Version("0.6.4"),
-    envd_access_token=token,
-    connection_config=cc,
-)
+if sys.argv[1] == "create":
+    # Through bhatti's control plane, as an SDK user does it.
+    sbx = Sandbox.create(timeout=600)
+    sid, token, cc = sbx.sandbox_id, None, None
+else:
+    sid, token = sys.argv[1], sys.argv[2]
+    cc = ConnectionConfig(
+        extra_sandbox_headers={"E2b-Sandbox-Id": sid, "X-Access-Token": token}
+    )
+    sbx = Sandbox(
+        sandbox_id=sid,
+        sandbox_domain=None,
+        envd_version=Version("0.6.4"),
+        envd_access_token=token,
+        connection_config=cc,
+    )
 f = sbx.files
 
 info = f.write("/tmp/sdk/a", "x")
@@ -93,13 +99,16 @@ from e2b import AsyncSandbox
 
 
 async def watch_stream():
-    asbx = AsyncSandbox(
-        sandbox_id=sid,
-        sandbox_domain=None,
-        envd_version=Version("0.6.4"),
-        envd_access_token=token,
-        connection_config=cc,
-    )
+    if cc is None:
+        asbx = await AsyncSandbox.connect(sid)
+    else:
+        asbx = AsyncSandbox(
+            sandbox_id=sid,
+            sandbox_domain=None,
+            envd_version=Version("0.6.4"),
+            envd_access_token=token,
+            connection_config=cc,
+        )
     got = asyncio.Event()
     events = []
 
@@ -127,3 +136,6 @@ async def watch_stream():
 
 asyncio.run(watch_stream())
 print("SDK STREAM OK")
+if cc is None:
+    sbx.kill()
+    print("SDK KILLED")
