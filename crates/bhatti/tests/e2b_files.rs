@@ -219,6 +219,23 @@ async fn e2b_files_and_filesystem() {
         .await;
     assert_eq!(bad.status.as_u16(), 400, "{:?}", bad.body);
 
+    // A download asked gzipped comes gzipped.
+    let gz =
+        e.c.send(
+            Method::GET,
+            "/e2b/files?path=/home/lohar/rel/g.txt",
+            &e.headers(&[("accept-encoding", "gzip, deflate")]),
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(gz.header("content-encoding").as_deref(), Some("gzip"));
+    let mut plain = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz.body[..]), &mut plain)
+        .expect("gunzip");
+    assert_eq!(plain, b"zipped ".repeat(1000));
+    // A path with a NUL byte is 400.
+    e.download("/tmp/a%00b").await.expect(400);
+
     // A streamed (large) upload.
     let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     e.upload(
@@ -265,6 +282,25 @@ async fn e2b_files_and_filesystem() {
     e.upload("", &[("content-type", "application/octet-stream")], "x")
         .await
         .expect(400);
+
+    // A full filesystem is 507 (a 64 KiB tmpfs in the guest).
+    let (code, _, err) = native
+        .sh(
+            &id,
+            "sudo mkdir -p /mnt/small && sudo mount -t tmpfs -o size=64k tmpfs /mnt/small \
+             && sudo chmod 777 /mnt/small",
+        )
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let full = e
+        .upload(
+            "path=/mnt/small/f",
+            &[("content-type", "application/octet-stream")],
+            vec![7u8; 256 << 10],
+        )
+        .await
+        .expect(507);
+    assert_eq!(full["code"], 507);
 
     // Stat.
     let s = e
@@ -354,6 +390,22 @@ async fn e2b_files_and_filesystem() {
     .await
     .expect(404);
 
+    let denied = e
+        .rpc(
+            "Move",
+            json!({"source": "/tmp/e2b/new/b.txt", "destination": "/root/b.txt"}),
+        )
+        .await
+        .expect(403);
+    assert_eq!(denied["code"], "permission_denied");
+    assert!(
+        denied["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("/root/b.txt"),
+        "{denied}"
+    );
+
     // Remove (recursive; a missing path is fine).
     e.rpc("Remove", json!({"path": "/tmp/e2b/d"}))
         .await
@@ -401,7 +453,7 @@ async fn e2b_files_and_filesystem() {
         buf: BytesMut::new(),
     };
     let (flags, first) = stream.next().await;
-    assert_eq!((flags, first), (0, json!({"event": {"start": {}}})));
+    assert_eq!((flags, first), (0, json!({"start": {}})));
     e.upload(
         "path=/tmp/e2b/w.txt",
         &[("content-type", "application/octet-stream")],
@@ -412,8 +464,8 @@ async fn e2b_files_and_filesystem() {
     let ev = loop {
         let (flags, m) = stream.next().await;
         assert_eq!(flags, 0, "the stream ended: {m}");
-        if m["event"]["filesystem"]["name"] == "w.txt" {
-            break m["event"]["filesystem"].clone();
+        if m["filesystem"]["name"] == "w.txt" {
+            break m["filesystem"].clone();
         }
     };
     assert_eq!(ev["type"], "EVENT_TYPE_CREATE");
@@ -489,25 +541,35 @@ async fn e2b_files_python_sdk() {
     let key = native.key.clone().unwrap_or_default();
     let url = format!("http://127.0.0.1:{port}/e2b");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2b/files_sdk.py");
-    let run = tokio::process::Command::new(python)
-        .arg(script)
-        .args([&e.id, &e.token])
-        .env("E2B_API_KEY", key)
-        .env("E2B_API_URL", &url)
-        .env("E2B_SANDBOX_URL", &url)
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(300), run)
-        .await
-        .expect("the SDK script ends within 300 s")
-        .expect("python runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success() && text.contains("SDK OK"), "{text}");
-    eprintln!("{text}");
+    let run = |args: Vec<String>| {
+        tokio::process::Command::new(&python)
+            .arg(script)
+            .args(args)
+            .env("E2B_API_KEY", &key)
+            .env("E2B_API_URL", &url)
+            .env("E2B_SANDBOX_URL", &url)
+            .kill_on_drop(true)
+            .output()
+    };
+    for (args, want) in [
+        (vec![e.id.clone(), e.token.clone()], "SDK STREAM OK"),
+        // A sandbox of the SDK's own, through the control plane.
+        (vec!["create".to_string()], "SDK KILLED"),
+    ] {
+        let out = tokio::time::timeout(Duration::from_secs(300), run(args))
+            .await
+            .expect("the SDK script ends within 300 s")
+            .expect("python runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && text.contains("SDK OK") && text.contains(want),
+            "{text}"
+        );
+    }
     let del = native.delete(&format!("/sandboxes/{}", e.id)).await;
     assert!(del.status.is_success(), "{del:?}");
     daemon.stop().await;

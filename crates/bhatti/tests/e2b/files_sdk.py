@@ -1,7 +1,8 @@
 """The official E2B Python SDK's file API against bhatti (run by
 tests/e2b_files.rs with E2B_API_URL / E2B_SANDBOX_URL / E2B_API_KEY set).
-Until the control plane creates sandboxes, the test hands over a sandbox id
-and envd token and the Sandbox is built the way Sandbox.connect builds it."""
+With `create`, the sandbox comes from Sandbox.create (bhatti's control
+plane); with `<sandbox id> <envd token>`, the Sandbox is built the way
+Sandbox.connect builds it, from a sandbox the test made."""
 
 import sys
 import time
@@ -13,17 +14,22 @@ from e2b.connection_config import ConnectionConfig
 from e2b.exceptions import FileNotFoundException
 from e2b.sandbox.filesystem.watch_handle import FilesystemEventType
 
-sid, token = sys.argv[1], sys.argv[2]
-cc = ConnectionConfig(
-    extra_sandbox_headers={"E2b-Sandbox-Id": sid, "X-Access-Token": token}
-)
-sbx = Sandbox(
-    sandbox_id=sid,
-    sandbox_domain=None,
-    envd_version=Version("0.6.4"),
-    envd_access_token=token,
-    connection_config=cc,
-)
+if sys.argv[1] == "create":
+    # Through bhatti's control plane, as an SDK user does it.
+    sbx = Sandbox.create(timeout=600)
+    sid, token, cc = sbx.sandbox_id, None, None
+else:
+    sid, token = sys.argv[1], sys.argv[2]
+    cc = ConnectionConfig(
+        extra_sandbox_headers={"E2b-Sandbox-Id": sid, "X-Access-Token": token}
+    )
+    sbx = Sandbox(
+        sandbox_id=sid,
+        sandbox_domain=None,
+        envd_version=Version("0.6.4"),
+        envd_access_token=token,
+        connection_config=cc,
+    )
 f = sbx.files
 
 info = f.write("/tmp/sdk/a", "x")
@@ -35,6 +41,7 @@ assert b"".join(f.read("/tmp/sdk/a", format="stream")) == b"x"
 # gzip (octet-stream), multipart with several files, relative paths.
 f.write("/tmp/sdk/g", "gz" * 1000, gzip=True)
 assert f.read("/tmp/sdk/g") == "gz" * 1000
+assert f.read("/tmp/sdk/g", gzip=True) == "gz" * 1000
 infos = f.write_files(
     [{"path": "/tmp/sdk/m1", "data": "one"}, {"path": "/tmp/sdk/m2", "data": b"two"}],
     use_octet_stream=False,
@@ -84,3 +91,51 @@ else:
     raise AssertionError(f"no create event: {seen}")
 h.stop()
 print("SDK OK")
+
+# The async SDK's watch_dir is the WatchDir server stream.
+import asyncio
+
+from e2b import AsyncSandbox
+
+
+async def watch_stream():
+    if cc is None:
+        asbx = await AsyncSandbox.connect(sid)
+    else:
+        asbx = AsyncSandbox(
+            sandbox_id=sid,
+            sandbox_domain=None,
+            envd_version=Version("0.6.4"),
+            envd_access_token=token,
+            connection_config=cc,
+        )
+    got = asyncio.Event()
+    events = []
+
+    def on_event(e):
+        events.append(e)
+        if e.name == "s" and e.type == FilesystemEventType.CREATE:
+            got.set()
+
+    h = await asbx.files.watch_dir("/tmp/sdk/w", on_event, recursive=True)
+    await asbx.files.write("/tmp/sdk/w/s", "s")
+    await asyncio.wait_for(got.wait(), 30)
+    await h.stop()
+    # Recursive: a file in a new subdirectory.
+    got2 = asyncio.Event()
+
+    def on_sub(e):
+        if e.name == "sub/t" and e.type == FilesystemEventType.CREATE:
+            got2.set()
+
+    h = await asbx.files.watch_dir("/tmp/sdk/w", on_sub, recursive=True)
+    await asbx.files.write("/tmp/sdk/w/sub/t", "t")
+    await asyncio.wait_for(got2.wait(), 30)
+    await h.stop()
+
+
+asyncio.run(watch_stream())
+print("SDK STREAM OK")
+if cc is None:
+    sbx.kill()
+    print("SDK KILLED")

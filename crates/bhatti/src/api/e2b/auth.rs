@@ -67,7 +67,10 @@ impl FromRequestParts<AppStateRef> for EnvdCaller {
             )
         })?;
         let token = header("x-access-token");
-        let unknown = || ConnectError::not_found(format!("sandbox {id:?} not found"));
+        // As E2B's proxy words it: the SDK reads "was not found" with
+        // `unavailable` as "the sandbox is gone", not as a missing file.
+        let unknown =
+            || ConnectError::new(Code::Unavailable, format!("The sandbox {id} was not found"));
         let (sid, tok) = (id.clone(), token.clone());
         let found = st
             .store

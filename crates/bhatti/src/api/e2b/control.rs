@@ -298,6 +298,40 @@ async fn info(st: &AppState, caller: &Caller, id: &str) -> Result<Info, E2bError
     Ok(Info { row, e2b })
 }
 
+/// One sandbox's lifecycle changes (connect, pause, timeouts, the
+/// end-of-life task) one at a time: an end of life moved by a connect is
+/// seen by the task before it acts.
+fn lock_of(id: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock, Weak};
+    type Locks = Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>;
+    static LOCKS: OnceLock<Locks> = OnceLock::new();
+    let mut m = LOCKS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(l) = m.get(id).and_then(Weak::upgrade) {
+        return l;
+    }
+    // Locks nobody holds go (bounded by the sandboxes in flight).
+    m.retain(|_, w| w.strong_count() > 0);
+    let l = Arc::new(tokio::sync::Mutex::new(()));
+    m.insert(id.to_owned(), Arc::downgrade(&l));
+    l
+}
+
+/// [`info`] read under the sandbox's lifecycle lock (held by the guard).
+async fn locked_info(
+    st: &AppState,
+    caller: &Caller,
+    id: &str,
+) -> Result<(tokio::sync::OwnedMutexGuard<()>, Info), E2bError> {
+    let first = info(st, caller, id).await?;
+    let guard = lock_of(&first.row.id).lock_owned().await;
+    let info = info(st, caller, &first.row.id).await?;
+    Ok((guard, info))
+}
+
 /// The E2B row of the caller's sandbox, made (with a new token and no end
 /// of life) when it has none: a sandbox made through the native API.
 /// Answers the row, its token, and whether it was made now.
@@ -666,7 +700,7 @@ async fn set_timeout(
     }
     let ms = timeout_ms("timeout", req.timeout)?;
     caller.rate(&st, RequestClass::Exec)?;
-    let info = info(&st, &caller, &id).await?;
+    let (_guard, info) = locked_info(&st, &caller, &id).await?;
     let (e, _, _) = ensure_row(&st, &info).await?;
     let end = crate::store::now_ms().saturating_add(ms);
     let sid = e.sandbox_id.clone();
@@ -687,7 +721,7 @@ async fn refresh(
     let req: RefreshBody = parse(&body)?;
     let ms = timeout_ms("duration", req.duration)?;
     caller.rate(&st, RequestClass::Exec)?;
-    let info = info(&st, &caller, &id).await?;
+    let (_guard, info) = locked_info(&st, &caller, &id).await?;
     if let Some(e) = &info.e2b {
         extend(&st, e, ms).await?;
     }
@@ -717,7 +751,7 @@ async fn pause(
     Path(id): Path<String>,
 ) -> Result<StatusCode, E2bError> {
     caller.rate(&st, RequestClass::Create)?;
-    let info = info(&st, &caller, &id).await?;
+    let (guard, info) = locked_info(&st, &caller, &id).await?;
     if info.paused() {
         return Err(E2bError::new(
             StatusCode::CONFLICT,
@@ -726,6 +760,7 @@ async fn pause(
     }
     let st2 = st.clone();
     detached(&st, async move {
+        let _guard = guard;
         let mut row = info.row;
         sandboxes::stop_row(&st2, &mut row).await?;
         if info.e2b.is_some() {
@@ -773,7 +808,7 @@ async fn wake(
 ) -> Result<Response, E2bError> {
     let ms = timeout_ms("timeout", req.timeout)?;
     caller.rate(&st, RequestClass::Create)?;
-    let info = info(&st, &caller, &id).await?;
+    let (guard, info) = locked_info(&st, &caller, &id).await?;
     if only_paused && !info.paused() {
         return Err(E2bError::new(
             StatusCode::CONFLICT,
@@ -782,6 +817,7 @@ async fn wake(
     }
     let st2 = st.clone();
     detached(&st, async move {
+        let _guard = guard;
         let (mut e, token, made) = ensure_row(&st2, &info).await?;
         let paused = info.paused();
         if paused {
@@ -889,25 +925,39 @@ async fn reap(st: &AppStateRef) {
     };
     for e in due {
         let st2 = st.clone();
-        let id = e.sandbox_id.clone();
         // Tracked: the daemon's shutdown waits for an end under way.
         let r = st
-            .detached(async move { Ok(end_of_life(&st2, &e.sandbox_id).await) })
+            .detached(async move {
+                end_of_life(&st2, &e.sandbox_id).await;
+                Ok(())
+            })
             .await;
-        if let Err(err) = r.and_then(|r| r) {
-            tracing::warn!(id, "e2b: ending a due sandbox: {err}; trying again later");
-            let st3 = st.clone();
-            let retry = crate::store::now_ms() + REAP_RETRY_MS;
-            let _ = st3
-                .store
-                .run(move |c| store_e2b::set_end_at(c, &id, Some(retry)))
-                .await;
+        if let Err(err) = r {
+            tracing::warn!("e2b: the end-of-life task: {err}");
         }
     }
 }
 
-/// Ends one sandbox if it is (still) due.
-async fn end_of_life(st: &AppState, id: &str) -> Result<(), ApiError> {
+/// Ends one sandbox if it is (still) due; one whose end fails is tried
+/// again [`REAP_RETRY_MS`] later.
+async fn end_of_life(st: &AppState, id: &str) {
+    let _guard = lock_of(id).lock_owned().await;
+    if let Err(err) = end_now(st, id).await {
+        tracing::warn!(id, "e2b: ending a due sandbox: {err}; trying again later");
+        let sid = id.to_owned();
+        let retry = crate::store::now_ms() + REAP_RETRY_MS;
+        if let Err(e) = st
+            .store
+            .run(move |c| store_e2b::set_end_at(c, &sid, Some(retry)))
+            .await
+        {
+            tracing::warn!(id, "e2b: recording the retry: {e}");
+        }
+    }
+}
+
+/// [`end_of_life`]'s work, under the sandbox's lifecycle lock.
+async fn end_now(st: &AppState, id: &str) -> Result<(), ApiError> {
     let sid = id.to_owned();
     let now = crate::store::now_ms();
     let found = st

@@ -44,7 +44,9 @@ impl FromRequestParts<AppStateRef> for FilesCaller {
             .map(FilesCaller)
             .map_err(|e| match e.code {
                 // What E2B's proxy answers for a sandbox that is gone.
-                Code::NotFound => E2bError::new(StatusCode::BAD_GATEWAY, e.message),
+                Code::NotFound | Code::Unavailable => {
+                    E2bError::new(StatusCode::BAD_GATEWAY, e.message)
+                }
                 _ => e.into(),
             })
     }
@@ -62,6 +64,17 @@ fn bad_path(e: ConnectError) -> E2bError {
 }
 
 fn path_error(path: &str, e: crate::api::ApiError) -> E2bError {
+    // A guest out of space (ENOSPC, EDQUOT) is envd's 507.
+    let e = match e {
+        crate::api::ApiError::BadGateway(m)
+            if m.contains("os error 28") || m.contains("os error 122") =>
+        {
+            crate::api::ApiError::InsufficientStorage(format!(
+                "not enough space in the sandbox to write {path}: {m}"
+            ))
+        }
+        e => e,
+    };
     let mut e = E2bError::from(e);
     if e.status == StatusCode::NOT_FOUND {
         e.message = format!("path {path:?} not found: {}", e.message);
@@ -78,12 +91,13 @@ async fn agent(
     Ok(st.agent(&env.sandbox).await?)
 }
 
-/// `GET /files?path=&username=`: the file's bytes, streamed. (A client
-/// that accepts gzip gets them uncompressed, which it also accepts.)
+/// `GET /files?path=&username=`: the file's bytes, streamed; gzipped as
+/// they stream when the client accepts gzip.
 async fn download(
     State(st): State<AppStateRef>,
     FilesCaller(env): FilesCaller,
     Query(q): Query<FilesQuery>,
+    headers: HeaderMap,
 ) -> Result<Response, E2bError> {
     let path = q
         .path
@@ -106,7 +120,66 @@ async fn download(
     if let Ok(v) = format!("inline; filename=\"{name}\"").parse() {
         resp.headers_mut().insert(header::CONTENT_DISPOSITION, v);
     }
+    if accepts_gzip(&headers) {
+        let (mut parts, body) = resp.into_parts();
+        parts.headers.remove(header::CONTENT_LENGTH);
+        parts.headers.insert(
+            header::CONTENT_ENCODING,
+            header::HeaderValue::from_static("gzip"),
+        );
+        return Ok(Response::from_parts(parts, gzip_body(body)));
+    }
     Ok(resp)
+}
+
+fn accepts_gzip(h: &HeaderMap) -> bool {
+    h.get_all(header::ACCEPT_ENCODING).iter().any(|v| {
+        v.to_str().unwrap_or("").split(',').any(|c| {
+            let mut it = c.split(';');
+            let name = it.next().unwrap_or("").trim();
+            let refused = it.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            name.eq_ignore_ascii_case("gzip") && !refused
+        })
+    })
+}
+
+/// A body gzipped as it streams (each input chunk compressed and flushed
+/// on its own: memory stays at a chunk).
+fn gzip_body(body: Body) -> Body {
+    type Enc = flate2::write::GzEncoder<Vec<u8>>;
+    let enc = Some(Enc::new(Vec::new(), flate2::Compression::fast()));
+    let s = futures_util::stream::unfold(
+        (body.into_data_stream(), enc),
+        |(mut body, mut enc)| async move {
+            loop {
+                let e = enc.as_mut()?;
+                match body.next().await {
+                    Some(Ok(b)) => {
+                        if let Err(err) = e.write_all(&b) {
+                            return Some((Err(err), (body, None)));
+                        }
+                        let out = std::mem::take(e.get_mut());
+                        if !out.is_empty() {
+                            return Some((Ok(Bytes::from(out)), (body, enc)));
+                        }
+                    }
+                    Some(Err(err)) => {
+                        return Some((Err(std::io::Error::other(err.to_string())), (body, None)))
+                    }
+                    None => {
+                        let e = enc.take()?;
+                        return Some((e.finish().map(Bytes::from), (body, None)));
+                    }
+                }
+            }
+        },
+    );
+    Body::from_stream(s)
 }
 
 /// `envd`'s `EntryInfo` of an upload.

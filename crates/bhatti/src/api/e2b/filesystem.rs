@@ -11,6 +11,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::post;
 use axum::Router;
+use bhatti_protocol::client::ExecEvent;
 use bhatti_protocol::{AgentClient, ErrorCode, ExecRequest, FileKind, FileStat};
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -389,6 +390,41 @@ async fn make_dir(
 /// Most bytes of `mv`'s error kept for the message.
 const MV_ERR_MAX: usize = 1024;
 
+/// `mv -T -- src dst` in the guest: its exit code and the start of its
+/// stderr (the rest, and stdout, are read past: bounded memory whatever
+/// the guest prints).
+async fn mv(
+    client: &AgentClient,
+    src: &str,
+    dst: &str,
+) -> Result<(i32, Vec<u8>), bhatti_protocol::ClientError> {
+    let mut stream = client
+        .exec_stream(ExecRequest {
+            argv: vec![
+                "mv".into(),
+                "-T".into(),
+                "--".into(),
+                src.into(),
+                dst.into(),
+            ],
+            timeout_ms: Some(60_000),
+            no_started_event: true,
+            ..Default::default()
+        })
+        .await?;
+    let mut stderr = Vec::new();
+    loop {
+        match stream.next().await? {
+            ExecEvent::Stderr(b) => {
+                let room = MV_ERR_MAX.saturating_sub(stderr.len());
+                stderr.extend_from_slice(&b[..b.len().min(room)]);
+            }
+            ExecEvent::Exit(status) => return Ok((status.exit_code, stderr)),
+            ExecEvent::Started { .. } | ExecEvent::Stdout(_) => {}
+        }
+    }
+}
+
 async fn move_(
     State(st): State<AppStateRef>,
     env: EnvdCaller,
@@ -413,32 +449,11 @@ async fn move_(
                 .map_err(|e| agent_error(parent, e))?;
             // The agent has no rename operation: `mv -T` in the guest
             // (a rename on one filesystem, a copy across).
-            let out = client
-                .exec(
-                    ExecRequest {
-                        argv: vec![
-                            "mv".into(),
-                            "-T".into(),
-                            "--".into(),
-                            src.clone(),
-                            dst.clone(),
-                        ],
-                        timeout_ms: Some(60_000),
-                        ..Default::default()
-                    },
-                    None,
-                )
+            let (code, stderr) = mv(&client, &src, &dst)
                 .await
                 .map_err(|e| agent_error(&src, e))?;
-            if out.status.exit_code != 0 {
-                let mut msg = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-                if msg.len() > MV_ERR_MAX {
-                    let mut cut = MV_ERR_MAX;
-                    while !msg.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
-                    msg.truncate(cut);
-                }
+            if code != 0 {
+                let msg = String::from_utf8_lossy(&stderr).trim().to_owned();
                 let code = if msg.contains("Permission denied") {
                     Code::PermissionDenied
                 } else {

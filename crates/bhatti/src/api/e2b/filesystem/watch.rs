@@ -231,7 +231,7 @@ pub(super) async fn watch_dir(
     let keepalive = keepalive_interval(&headers).unwrap_or(KEEPALIVE);
     let (tx, rx) = mpsc::channel::<Result<Value, ConnectError>>(64);
     tokio::spawn(async move {
-        if tx.send(Ok(json!({"event": {"start": {}}}))).await.is_err() {
+        if tx.send(Ok(json!({"start": {}}))).await.is_err() {
             return;
         }
         let mut poller = Poller::new(t, first);
@@ -250,21 +250,13 @@ pub(super) async fn watch_dir(
             };
             for ev in events {
                 last = Instant::now();
-                if tx
-                    .send(Ok(json!({"event": {"filesystem": ev}})))
-                    .await
-                    .is_err()
-                {
+                if tx.send(Ok(json!({"filesystem": ev}))).await.is_err() {
                     return;
                 }
             }
             if last.elapsed() >= keepalive {
                 last = Instant::now();
-                if tx
-                    .send(Ok(json!({"event": {"keepalive": {}}})))
-                    .await
-                    .is_err()
-                {
+                if tx.send(Ok(json!({"keepalive": {}}))).await.is_err() {
                     return;
                 }
             }
@@ -310,6 +302,9 @@ pub(super) async fn create_watcher(
             let first = t.snapshot().await?;
             let id = format!("w{}", hex::encode(rand::random::<[u8; 12]>()));
             let mut reg = registry();
+            // Watchers that ended (their sandbox or directory gone) and
+            // that nobody read since make room.
+            reg.retain(|_, w| !(w.task.is_finished() && w.last_read.elapsed() > IDLE));
             if reg.len() >= MAX_WATCHERS
                 || reg.values().filter(|w| w.sandbox == env.sandbox.id).count()
                     >= MAX_WATCHERS_PER_SANDBOX
