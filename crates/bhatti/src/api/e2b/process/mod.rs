@@ -129,6 +129,8 @@ async fn start_process(
             rows,
             cols,
             piped: size.is_none(),
+            // A command's own stream loses none of its output.
+            hold: size.is_none(),
         })
         .await
         .map_err(agent_error)?;
