@@ -274,6 +274,15 @@ async fn e2b_process_service_on_a_real_vm() {
         json!({"exitCode": 0, "exited": true, "status": "exit status 0"})
     );
 
+    // --- much output, faster than it is read: none of it lost
+    let (_, mut ev) = envd
+        .start(json!({"process": bash("seq 1 300000; echo done >&2"), "stdin": false}))
+        .await;
+    let (out, err, _, end) = ev.until_end().await;
+    let want: String = (1..=300000).map(|i| format!("{i}\n")).collect();
+    assert!(out == want, "{} bytes of {}", out.len(), want.len());
+    assert_eq!((err.as_str(), &end["exitCode"]), ("done\n", &json!(0)));
+
     // --- a non-zero exit; the sandbox's env and the request's; cwd
     let (_, mut ev) = envd
         .start(json!({"process": {"cmd": "/bin/bash", "args": ["-l", "-c", "echo $FOO $A; pwd; exit 3"],

@@ -121,19 +121,33 @@ async fn start_process(
         table::check_room(&c.sandbox.id)?;
     }
     let (rows, cols) = size.unwrap_or((24, 80));
-    let stream = client
-        .pty(PtyRequest {
-            argv: Some(argv),
-            env: config.envs.clone(),
-            cwd: config.cwd.clone().filter(|c| !c.is_empty()),
-            rows,
-            cols,
-            piped: size.is_none(),
-            // A command's own stream loses none of its output.
-            hold: size.is_none(),
-        })
-        .await
-        .map_err(agent_error)?;
+    let req_pty = PtyRequest {
+        argv: Some(argv),
+        env: config.envs.clone(),
+        cwd: config.cwd.clone().filter(|c| !c.is_empty()),
+        rows,
+        cols,
+        piped: size.is_none(),
+        // A command's own stream loses none of its output.
+        hold: size.is_none(),
+    };
+    let stream = match client.pty(req_pty.clone()).await {
+        // An agent older than `hold` refuses it: run without.
+        Err(e)
+            if req_pty.hold
+                && e.code() == Some(bhatti_protocol::ErrorCode::BadRequest)
+                && e.to_string().contains("hold") =>
+        {
+            client
+                .pty(PtyRequest {
+                    hold: false,
+                    ..req_pty
+                })
+                .await
+        }
+        r => r,
+    }
+    .map_err(agent_error)?;
     // envd gives a command without `stdin` no input: end it at once.
     if size.is_none() && req.stdin == Some(false) {
         let _ = stream.sender.eof();
