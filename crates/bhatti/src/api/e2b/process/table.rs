@@ -151,7 +151,7 @@ pub fn prune(sandbox: &str, sessions: &[bhatti_protocol::SessionInfo]) {
             None => remove(&p),
             Some(s) => {
                 if let Some(status) = &s.exit {
-                    p.finish(status.clone());
+                    p.finish(*status);
                 }
             }
         }
@@ -279,7 +279,7 @@ impl Proc {
         {
             let mut l = self.link();
             if l.end.is_none() {
-                l.end = Some(status.clone());
+                l.end = Some(status);
                 l.sender = None;
                 let _ = self.events.send(Ev::End(status));
             }
@@ -337,7 +337,7 @@ impl Proc {
             };
             self.link().offset = stream.offset;
             if let Ev::End(status) = &ev {
-                self.finish(status.clone());
+                self.finish(*status);
                 if let Some(tx) = primary.take() {
                     let _ = tx.send(ev).await;
                 }
@@ -462,7 +462,7 @@ impl Proc {
         let (rx, listener) = {
             let l = self.link();
             if let Some(status) = &l.end {
-                return Ok(Subscription::Ended(status.clone()));
+                return Ok(Subscription::Ended(*status));
             }
             (self.events.subscribe(), self.listener())
         };
