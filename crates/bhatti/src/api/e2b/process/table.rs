@@ -91,6 +91,12 @@ fn table() -> MutexGuard<'static, HashMap<String, HashMap<u32, Arc<Proc>>>> {
         .unwrap_or_else(|p| p.into_inner())
 }
 
+/// The table's key of a sandbox: its id within this daemon (tests run
+/// several daemons in one process).
+pub fn scope(st: &AppStateRef, sandbox: &str) -> String {
+    format!("{:x}/{sandbox}", Arc::as_ptr(st) as usize)
+}
+
 /// Room for one more process in `sandbox`, or `resource_exhausted`.
 pub fn check_room(sandbox: &str) -> Result<(), ConnectError> {
     let n = table().get(sandbox).map_or(0, HashMap::len);
@@ -157,6 +163,45 @@ pub fn prune(sandbox: &str, sessions: &[bhatti_protocol::SessionInfo]) {
         }
     }
 }
+
+/// Drops the entries of sandboxes that no longer exist (destroyed ones
+/// take no more requests, so nothing else would). Runs on every
+/// [`SWEEP_EVERY`]th call.
+pub async fn sweep(st: &AppStateRef) {
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    if CALLS.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY != 0 {
+        return;
+    }
+    let prefix = scope(st, "");
+    let ids: Vec<String> = table()
+        .keys()
+        .filter_map(|k| k.strip_prefix(&prefix).map(str::to_owned))
+        .collect();
+    if ids.is_empty() {
+        return;
+    }
+    let gone = st
+        .store
+        .read(move |c| {
+            let mut gone = Vec::new();
+            for id in ids {
+                if crate::store::sandboxes::get_by_id(c, &id)?.is_none() {
+                    gone.push(id);
+                }
+            }
+            Ok(gone)
+        })
+        .await;
+    if let Ok(gone) = gone {
+        let mut t = table();
+        for id in gone {
+            t.remove(&scope(st, &id));
+        }
+    }
+}
+
+/// How often [`sweep`] looks.
+const SWEEP_EVERY: usize = 32;
 
 /// What [`register`] needs to know about a new process.
 pub struct NewProc {
