@@ -115,11 +115,11 @@ async fn start_process(
     let size = req.pty.as_ref().map(Pty::rows_cols).transpose()?;
     let (c, client) = admit(st, caller).await?;
     table::sweep(st).await;
-    if table::check_room(&table::scope(&st, &c.sandbox.id)).is_err() {
+    if table::check_room(&table::scope(st, &c.sandbox.id)).is_err() {
         // Entries whose end went unseen make room first.
         let sessions = client.sessions().await.map_err(agent_error)?;
-        table::prune(&table::scope(&st, &c.sandbox.id), &sessions);
-        table::check_room(&table::scope(&st, &c.sandbox.id))?;
+        table::prune(&table::scope(st, &c.sandbox.id), &sessions);
+        table::check_room(&table::scope(st, &c.sandbox.id))?;
     }
     let (rows, cols) = size.unwrap_or((24, 80));
     let req_pty = PtyRequest {
@@ -515,7 +515,7 @@ async fn stream_input_inner(
                         chan.done(&p).await;
                     }
                     target = Some((
-                        table::find(&table::scope(&st, &c.sandbox.id), start.process.as_ref())?,
+                        table::find(&table::scope(st, &c.sandbox.id), start.process.as_ref())?,
                         None,
                     ));
                 } else if let Some(data) = m.data {

@@ -169,7 +169,10 @@ pub fn prune(sandbox: &str, sessions: &[bhatti_protocol::SessionInfo]) {
 /// [`SWEEP_EVERY`]th call.
 pub async fn sweep(st: &AppStateRef) {
     static CALLS: AtomicUsize = AtomicUsize::new(0);
-    if CALLS.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY != 0 {
+    if !CALLS
+        .fetch_add(1, Ordering::Relaxed)
+        .is_multiple_of(SWEEP_EVERY)
+    {
         return;
     }
     let prefix = scope(st, "");
