@@ -219,14 +219,13 @@ fn bash(cmd: &str) -> Value {
     json!({"cmd": "/bin/bash", "args": ["-l", "-c", cmd]})
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn e2b_process_service_on_a_real_vm() {
-    init_tracing();
-    let Some(art) = artifacts("e2b_process_service_on_a_real_vm") else {
-        return;
-    };
+/// A daemon (on loopback TCP `port` too, if given), a sandbox with
+/// `FOO=bar`, and its e2b row with an envd token (the control plane's part).
+async fn setup(art: Artifacts, port: Option<u16>) -> (Env, Daemon, Client, Envd) {
     let env = Env::new(art);
-    let daemon = Daemon::start(&env, env.config()).await;
+    let mut config = env.config();
+    config.listen_tcp = port.map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p)));
+    let daemon = Daemon::start(&env, config).await;
     let key = env.user("alice", UserCaps::default());
     let a = env.client(Some(&key));
     let sb = a
@@ -234,7 +233,6 @@ async fn e2b_process_service_on_a_real_vm() {
         .await
         .expect(201);
     let id = sb["id"].as_str().expect("id").to_owned();
-    // The control plane's part: the sandbox's e2b row and envd token.
     let token = "e2bt_test_token".to_owned();
     let store = bhatti::store::Store::open(env.data_dir().join("bhatti.db")).expect("store");
     let (sid, tok) = (id.clone(), token.clone());
@@ -259,9 +257,20 @@ async fn e2b_process_service_on_a_real_vm() {
         .expect("e2b row");
     let envd = Envd {
         client: env.client(None),
-        sandbox: id.clone(),
+        sandbox: id,
         token,
     };
+    (env, daemon, a, envd)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2b_process_service_on_a_real_vm() {
+    init_tracing();
+    let Some(art) = artifacts("e2b_process_service_on_a_real_vm") else {
+        return;
+    };
+    let (env, daemon, a, envd) = setup(art, None).await;
+    let id = envd.sandbox.clone();
 
     // --- a command: start, stdout and stderr, end
     let (_, mut ev) = envd
@@ -273,6 +282,15 @@ async fn e2b_process_service_on_a_real_vm() {
         end,
         json!({"exitCode": 0, "exited": true, "status": "exit status 0"})
     );
+
+    // --- much output, faster than it is read: none of it lost
+    let (_, mut ev) = envd
+        .start(json!({"process": bash("seq 1 300000; echo done >&2"), "stdin": false}))
+        .await;
+    let (out, err, _, end) = ev.until_end().await;
+    let want: String = (1..=300000).map(|i| format!("{i}\n")).collect();
+    assert!(out == want, "{} bytes of {}", out.len(), want.len());
+    assert_eq!((err.as_str(), &end["exitCode"]), ("done\n", &json!(0)));
 
     // --- a non-zero exit; the sandbox's env and the request's; cwd
     let (_, mut ev) = envd
@@ -452,4 +470,54 @@ async fn e2b_process_service_on_a_real_vm() {
 
     a.delete(&format!("/sandboxes/{id}")).await;
     daemon.stop().await;
+}
+
+/// The official Python SDK (`E2B_PYTHON`, else /tmp/e2bvenv/bin/python)
+/// runs tests/e2b/process_sdk.py against the daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2b_process_python_sdk() {
+    let test = "e2b_process_python_sdk";
+    let Some(art) = artifacts(test) else {
+        return;
+    };
+    let python = std::env::var("E2B_PYTHON").unwrap_or_else(|_| "/tmp/e2bvenv/bin/python".into());
+    let has_sdk = std::process::Command::new(&python)
+        .args(["-c", "import e2b"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_sdk {
+        bhatti_testkit::skip(test, "no Python with the e2b SDK (set E2B_PYTHON)");
+        return;
+    }
+    init_tracing();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let (env, daemon, a, envd) = setup(art, Some(port)).await;
+    let url = format!("http://127.0.0.1:{port}/e2b");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2b/process_sdk.py");
+    let out = tokio::time::timeout(
+        Duration::from_secs(300),
+        tokio::process::Command::new(&python)
+            .arg(script)
+            .args([&envd.sandbox, &envd.token])
+            .env("E2B_API_KEY", a.key.clone().unwrap_or_default())
+            .env("E2B_API_URL", &url)
+            .env("E2B_SANDBOX_URL", &url)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the SDK script ends within 300 s")
+    .expect("python runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && text.contains("SDK OK"), "{text}");
+    a.delete(&format!("/sandboxes/{}", envd.sandbox)).await;
+    daemon.stop().await;
+    drop(env);
 }

@@ -67,7 +67,7 @@ pub async fn start(agent: &Agent, channel: Channel, req: PtyRequest) -> Reply {
         )?;
         let session = agent
             .sessions
-            .create(|| spawn_piped_session(agent, cmd, argv, None))?;
+            .create(|| spawn_piped_session(agent, cmd, argv, None, req.hold))?;
         agent.activity.touch();
         return serve(agent, session, channel, 0, None).await;
     }
@@ -167,7 +167,7 @@ pub fn start_init(agent: &Agent, id: &str, script: String) -> Result<u32, ErrorB
     )?;
     let session = agent
         .sessions
-        .create(|| spawn_piped_session(agent, cmd, argv, Some(id)))?;
+        .create(|| spawn_piped_session(agent, cmd, argv, Some(id), false))?;
     session.close_input();
     Ok(session.pid)
 }
@@ -179,6 +179,7 @@ fn spawn_piped_session(
     mut cmd: crate::spawn::Command,
     argv: Vec<String>,
     kept_id: Option<&str>,
+    hold: bool,
 ) -> Result<Arc<Session>, ErrorBody> {
     use crate::spawn::Io;
     use tokio::net::unix::pipe;
@@ -229,7 +230,8 @@ fn spawn_piped_session(
             Arc::new(stdin),
         )
         .with_piped(true)
-        .with_kept(kept_id.is_some()),
+        .with_kept(kept_id.is_some())
+        .with_hold(hold),
     );
     tokio::spawn(piped_output_task(
         agent.clone(),
@@ -257,12 +259,15 @@ async fn piped_output_task(
     let mut open = [true, true];
     let pipes = [&stdout, &stderr];
     while open[0] || open[1] {
+        // A lagging attachment holds the output (until the exit grace).
+        let held = grace.is_none() && session.held();
         tokio::select! {
-            r = pipes[0].readable(), if open[0] => {
+            _ = session.moved(), if held => {}
+            r = pipes[0].readable(), if open[0] && !held => {
                 if r.is_err() { open[0] = false; continue; }
                 open[0] = read_pipe(&agent, &session, pipes[0], &mut buf, false);
             }
-            r = pipes[1].readable(), if open[1] => {
+            r = pipes[1].readable(), if open[1] && !held => {
                 if r.is_err() { open[1] = false; continue; }
                 open[1] = read_pipe(&agent, &session, pipes[1], &mut buf, true);
             }
@@ -428,7 +433,7 @@ async fn serve(
     mut cursor: u64,
     gap: Option<Gap>,
 ) -> Reply {
-    let _attached = session.attach();
+    let attached = session.attach(cursor);
     let Channel {
         sender,
         mut receiver,
@@ -461,6 +466,7 @@ async fn serve(
                         },
                     );
                     cursor = g.to;
+                    session.set_cursor(attached.id, cursor);
                     continue;
                 }
                 Next::CaughtUp(Some(status)) => {
@@ -479,6 +485,7 @@ async fn serve(
             r = send_opt(&sender, pending.clone()) => match r {
                 Ok(n) => {
                     cursor += n as u64;
+                    session.set_cursor(attached.id, cursor);
                     pending = None;
                 }
                 // The connection is gone: a silent detach.

@@ -127,6 +127,9 @@ struct State {
     /// session has nothing left to give, so a full table may drop it.
     drained: bool,
     attached: u32,
+    /// Where each attachment is (by attachment id), for a holding session.
+    cursors: HashMap<u64, u64>,
+    next_attachment: u64,
     /// The PTY master while the session's output is still open; for a
     /// piped session, its stdin pipe until closed.
     master: Option<Arc<AsyncFd<OwnedFd>>>,
@@ -143,7 +146,11 @@ pub struct Session {
     pub piped: bool,
     /// Never removed after it exits (the init script's session).
     pub kept: bool,
+    /// Stops reading output while an attachment lags (piped sessions).
+    pub hold: bool,
     state: Mutex<State>,
+    /// Rung when an attachment moves or goes.
+    moved: tokio::sync::Notify,
     /// Bumped on new output and when the session ends.
     updates: watch::Sender<()>,
 }
@@ -169,6 +176,7 @@ impl Session {
             started_unix_ms,
             piped: false,
             kept: false,
+            hold: false,
             state: Mutex::new(State {
                 ring: Ring::new(scrollback),
                 rows,
@@ -176,8 +184,11 @@ impl Session {
                 exit: None,
                 drained: false,
                 attached: 0,
+                cursors: HashMap::new(),
+                next_attachment: 0,
                 master: Some(master),
             }),
+            moved: tokio::sync::Notify::new(),
             updates: watch::channel(()).0,
         }
     }
@@ -186,6 +197,42 @@ impl Session {
     pub fn with_piped(mut self, piped: bool) -> Self {
         self.piped = piped;
         self
+    }
+
+    /// Makes a session hold its output for lagging attachments (before
+    /// it is shared).
+    pub fn with_hold(mut self, hold: bool) -> Self {
+        self.hold = hold;
+        self
+    }
+
+    /// Whether a holding session's output must wait: an attachment is
+    /// more than a quarter of the scrollback behind (the rest takes what
+    /// the pipes still hold when the process exits).
+    pub fn held(&self) -> bool {
+        if !self.hold {
+            return false;
+        }
+        let st = self.state();
+        let end = st.ring.end();
+        st.cursors
+            .values()
+            .min()
+            .is_some_and(|&c| end.saturating_sub(c) >= (st.ring.cap / 4) as u64)
+    }
+
+    /// Resolves when an attachment moved or went (after [`Session::held`]).
+    pub async fn moved(&self) {
+        self.moved.notified().await
+    }
+
+    /// Where attachment `id` is now.
+    pub fn set_cursor(&self, id: u64, cursor: u64) {
+        if !self.hold {
+            return;
+        }
+        self.state().cursors.insert(id, cursor);
+        self.moved.notify_one();
     }
 
     /// Keeps the session after it exits (before it is shared).
@@ -281,11 +328,18 @@ impl Session {
         st.cols = cols;
     }
 
-    /// Counts an attachment until the guard drops.
-    pub fn attach(self: &Arc<Self>) -> AttachGuard {
-        self.state().attached += 1;
+    /// Counts an attachment (at `cursor`) until the guard drops.
+    pub fn attach(self: &Arc<Self>, cursor: u64) -> AttachGuard {
+        let mut st = self.state();
+        st.attached += 1;
+        st.next_attachment += 1;
+        let id = st.next_attachment;
+        if self.hold {
+            st.cursors.insert(id, cursor);
+        }
         AttachGuard {
             session: self.clone(),
+            id,
         }
     }
 
@@ -310,12 +364,17 @@ impl Session {
 #[derive(Debug)]
 pub struct AttachGuard {
     session: Arc<Session>,
+    pub id: u64,
 }
 
 impl Drop for AttachGuard {
     fn drop(&mut self) {
-        let mut st = self.session.state();
-        st.attached = st.attached.saturating_sub(1);
+        {
+            let mut st = self.session.state();
+            st.attached = st.attached.saturating_sub(1);
+            st.cursors.remove(&self.id);
+        }
+        self.session.moved.notify_one();
     }
 }
 

@@ -629,3 +629,62 @@ async fn piped_session_reattach_and_kill() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A holding piped session loses nothing to a slow attached reader: 4 MiB
+/// through a 256 KiB scrollback, read with pauses, arrive whole and in
+/// order; detached, the session drains (the command finishes unread).
+#[tokio::test]
+async fn a_holding_piped_session_loses_nothing_to_a_slow_reader() {
+    let agent = Agent::start(&[]);
+    let c = agent.client().await;
+    let script = "i=0; while [ $i -lt 64 ]; do head -c 65536 /dev/zero | tr '\\0' x; i=$((i+1)); done; echo end";
+    let mut s = c
+        .pty(PtyRequest {
+            hold: true,
+            ..piped(&["/bin/sh", "-c", script])
+        })
+        .await
+        .unwrap();
+    let mut n = 0usize;
+    let mut last = Vec::new();
+    loop {
+        match tokio::time::timeout(T, s.next()).await {
+            Ok(Ok(PtyEvent::Output(b))) => {
+                n += b.len();
+                last = b.to_vec();
+                if n < 1 << 20 {
+                    // Slower than the writer at first.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            Ok(Ok(PtyEvent::End(PtyEnd::Exited { status, .. }))) => {
+                assert_eq!(status.exit_code, 0);
+                break;
+            }
+            other => panic!("holding session: {other:?}"),
+        }
+    }
+    assert_eq!(n, 64 * 65536 + 4, "every byte, no gap");
+    assert!(last.ends_with(b"end\n"));
+    // Without an attachment it does not hold.
+    let s = c
+        .pty(PtyRequest {
+            hold: true,
+            ..piped(&["/bin/sh", "-c", script])
+        })
+        .await
+        .unwrap();
+    let id = s.session.clone();
+    s.detach().await.unwrap();
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let info = c.sessions().await.unwrap();
+        let me = info.iter().find(|i| i.id == id).expect("the session");
+        if me.exit.is_some() {
+            assert_eq!(me.end_offset, 64 * 65536 + 4);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "it never ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -157,6 +157,13 @@ pub struct PtyRequest {
     /// command's stdin, and the size is ignored. Older agents refuse it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub piped: bool,
+    /// A piped session that loses no output to its attached clients:
+    /// while one is attached and a quarter of the scrollback behind,
+    /// the agent stops reading the command's output (the command then
+    /// blocks writing, as on a pipe). Detached, it drains as any session.
+    /// Older agents refuse it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hold: bool,
 }
 
 fn default_rows() -> u16 {

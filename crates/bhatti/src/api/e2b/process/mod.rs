@@ -114,24 +114,41 @@ async fn start_process(
     }
     let size = req.pty.as_ref().map(Pty::rows_cols).transpose()?;
     let (c, client) = admit(st, caller).await?;
-    if table::check_room(&c.sandbox.id).is_err() {
+    table::sweep(st).await;
+    if table::check_room(&table::scope(st, &c.sandbox.id)).is_err() {
         // Entries whose end went unseen make room first.
         let sessions = client.sessions().await.map_err(agent_error)?;
-        table::prune(&c.sandbox.id, &sessions);
-        table::check_room(&c.sandbox.id)?;
+        table::prune(&table::scope(st, &c.sandbox.id), &sessions);
+        table::check_room(&table::scope(st, &c.sandbox.id))?;
     }
     let (rows, cols) = size.unwrap_or((24, 80));
-    let stream = client
-        .pty(PtyRequest {
-            argv: Some(argv),
-            env: config.envs.clone(),
-            cwd: config.cwd.clone().filter(|c| !c.is_empty()),
-            rows,
-            cols,
-            piped: size.is_none(),
-        })
-        .await
-        .map_err(agent_error)?;
+    let req_pty = PtyRequest {
+        argv: Some(argv),
+        env: config.envs.clone(),
+        cwd: config.cwd.clone().filter(|c| !c.is_empty()),
+        rows,
+        cols,
+        piped: size.is_none(),
+        // A command's own stream loses none of its output.
+        hold: size.is_none(),
+    };
+    let stream = match client.pty(req_pty.clone()).await {
+        // An agent older than `hold` refuses it: run without.
+        Err(e)
+            if req_pty.hold
+                && e.code() == Some(bhatti_protocol::ErrorCode::BadRequest)
+                && e.to_string().contains("hold") =>
+        {
+            client
+                .pty(PtyRequest {
+                    hold: false,
+                    ..req_pty
+                })
+                .await
+        }
+        r => r,
+    }
+    .map_err(agent_error)?;
     // envd gives a command without `stdin` no input: end it at once.
     if size.is_none() && req.stdin == Some(false) {
         let _ = stream.sender.eof();
@@ -139,7 +156,7 @@ async fn start_process(
     let session = stream.session.clone();
     tracing::info!(sandbox = %c.sandbox.id, %session, pid = stream.pid, "e2b process started");
     let new = NewProc {
-        sandbox: c.sandbox.id.clone(),
+        sandbox: table::scope(st, &c.sandbox.id),
         tag: req.tag,
         config,
         pty: size.is_some(),
@@ -186,7 +203,7 @@ async fn connect_process(
     };
     let r = async {
         let (c, _) = admit(&st, caller).await?;
-        let p = table::find(&c.sandbox.id, req.process.as_ref())?;
+        let p = table::find(&table::scope(&st, &c.sandbox.id), req.process.as_ref())?;
         Ok::<_, ConnectError>((p.pid, p.listen(&st, &c.sandbox).await?))
     }
     .await;
@@ -314,9 +331,9 @@ async fn list(
                 .map(|s| s.id.as_str())
                 .collect();
             // Ended ones whose end went unseen leave the table.
-            table::prune(&c.sandbox.id, &sessions);
+            table::prune(&table::scope(&st, &c.sandbox.id), &sessions);
             let mut processes = Vec::new();
-            for p in table::all(&c.sandbox.id) {
+            for p in table::all(&table::scope(&st, &c.sandbox.id)) {
                 if running.contains(p.session.as_str()) {
                     processes.push(ProcessInfo {
                         config: p.config.clone(),
@@ -341,7 +358,7 @@ async fn send_input(
             let Unary(req) = req?;
             let data = req.input.unwrap_or_default().bytes()?;
             let (c, _) = admit(&st, caller).await?;
-            let p = table::find(&c.sandbox.id, req.process.as_ref())?;
+            let p = table::find(&table::scope(&st, &c.sandbox.id), req.process.as_ref())?;
             write_input(&st, &c, &p, data).await?;
             Ok(json!({}))
         }
@@ -378,7 +395,7 @@ async fn close_stdin(
         async {
             let Unary(req) = req?;
             let (c, _) = admit(&st, caller).await?;
-            let p = table::find(&c.sandbox.id, req.process.as_ref())?;
+            let p = table::find(&table::scope(&st, &c.sandbox.id), req.process.as_ref())?;
             if p.pty {
                 return Err(ConnectError::new(
                     Code::FailedPrecondition,
@@ -409,7 +426,7 @@ async fn send_signal(
             let Unary(req) = req?;
             let signal = req.signal()?;
             let (c, client) = admit(&st, caller).await?;
-            let p = table::find(&c.sandbox.id, req.process.as_ref())?;
+            let p = table::find(&table::scope(&st, &c.sandbox.id), req.process.as_ref())?;
             match client.kill_session(&p.session, Some(signal)).await {
                 Ok(()) => Ok(json!({})),
                 Err(e) if e.code() == Some(bhatti_protocol::ErrorCode::NotFound) => {
@@ -438,7 +455,7 @@ async fn update(
                 .ok_or_else(|| ConnectError::invalid("pty.size: required"))?
                 .rows_cols()?;
             let (c, _) = admit(&st, caller).await?;
-            let p = table::find(&c.sandbox.id, req.process.as_ref())?;
+            let p = table::find(&table::scope(&st, &c.sandbox.id), req.process.as_ref())?;
             if !p.pty {
                 return Err(ConnectError::new(
                     Code::FailedPrecondition,
@@ -497,7 +514,10 @@ async fn stream_input_inner(
                     if let Some((p, Some(chan))) = target.take() {
                         chan.done(&p).await;
                     }
-                    target = Some((table::find(&c.sandbox.id, start.process.as_ref())?, None));
+                    target = Some((
+                        table::find(&table::scope(st, &c.sandbox.id), start.process.as_ref())?,
+                        None,
+                    ));
                 } else if let Some(data) = m.data {
                     let (p, chan) = target.as_mut().ok_or_else(|| {
                         ConnectError::invalid("the first message must be start{process}")

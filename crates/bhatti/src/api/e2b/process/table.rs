@@ -91,6 +91,12 @@ fn table() -> MutexGuard<'static, HashMap<String, HashMap<u32, Arc<Proc>>>> {
         .unwrap_or_else(|p| p.into_inner())
 }
 
+/// The table's key of a sandbox: its id within this daemon (tests run
+/// several daemons in one process).
+pub fn scope(st: &AppStateRef, sandbox: &str) -> String {
+    format!("{:x}/{sandbox}", Arc::as_ptr(st) as usize)
+}
+
 /// Room for one more process in `sandbox`, or `resource_exhausted`.
 pub fn check_room(sandbox: &str) -> Result<(), ConnectError> {
     let n = table().get(sandbox).map_or(0, HashMap::len);
@@ -151,12 +157,54 @@ pub fn prune(sandbox: &str, sessions: &[bhatti_protocol::SessionInfo]) {
             None => remove(&p),
             Some(s) => {
                 if let Some(status) = &s.exit {
-                    p.finish(status.clone());
+                    p.finish(*status);
                 }
             }
         }
     }
 }
+
+/// Drops the entries of sandboxes that no longer exist (destroyed ones
+/// take no more requests, so nothing else would). Runs on every
+/// [`SWEEP_EVERY`]th call.
+pub async fn sweep(st: &AppStateRef) {
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    if !CALLS
+        .fetch_add(1, Ordering::Relaxed)
+        .is_multiple_of(SWEEP_EVERY)
+    {
+        return;
+    }
+    let prefix = scope(st, "");
+    let ids: Vec<String> = table()
+        .keys()
+        .filter_map(|k| k.strip_prefix(&prefix).map(str::to_owned))
+        .collect();
+    if ids.is_empty() {
+        return;
+    }
+    let gone = st
+        .store
+        .read(move |c| {
+            let mut gone = Vec::new();
+            for id in ids {
+                if crate::store::sandboxes::get_by_id(c, &id)?.is_none() {
+                    gone.push(id);
+                }
+            }
+            Ok(gone)
+        })
+        .await;
+    if let Ok(gone) = gone {
+        let mut t = table();
+        for id in gone {
+            t.remove(&scope(st, &id));
+        }
+    }
+}
+
+/// How often [`sweep`] looks.
+const SWEEP_EVERY: usize = 32;
 
 /// What [`register`] needs to know about a new process.
 pub struct NewProc {
@@ -279,7 +327,7 @@ impl Proc {
         {
             let mut l = self.link();
             if l.end.is_none() {
-                l.end = Some(status.clone());
+                l.end = Some(status);
                 l.sender = None;
                 let _ = self.events.send(Ev::End(status));
             }
@@ -337,7 +385,7 @@ impl Proc {
             };
             self.link().offset = stream.offset;
             if let Ev::End(status) = &ev {
-                self.finish(status.clone());
+                self.finish(*status);
                 if let Some(tx) = primary.take() {
                     let _ = tx.send(ev).await;
                 }
@@ -462,7 +510,7 @@ impl Proc {
         let (rx, listener) = {
             let l = self.link();
             if let Some(status) = &l.end {
-                return Ok(Subscription::Ended(status.clone()));
+                return Ok(Subscription::Ended(*status));
             }
             (self.events.subscribe(), self.listener())
         };

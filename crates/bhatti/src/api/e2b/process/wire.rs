@@ -334,7 +334,7 @@ mod tests {
         let s: SendSignalRequest =
             serde_json::from_str(r#"{"process":{"pid":"42"},"signal":"SIGNAL_SIGKILL"}"#)
                 .expect("parses");
-        assert_eq!(s.process.and_then(|p| p.pid), Some(42));
+        assert_eq!(s.process.as_ref().and_then(|p| p.pid), Some(42));
         assert_eq!(s.signal().expect("signal"), 9);
         let bad: SendSignalRequest =
             serde_json::from_str(r#"{"signal":"SIGNAL_UNSPECIFIED"}"#).expect("parses");
