@@ -14,29 +14,12 @@
 
 mod api_support;
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use api_support::*;
 use bhatti::store::users::UserCaps;
-
-/// The modules the suite imports, with the `python3` that runs it.
-fn have_python_packages() -> bool {
-    std::process::Command::new("python3")
-        .args(["-c", "import e2b, pytest, pytest_asyncio"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
 
 /// The whole suite boots about six VMs and runs ~100 requests; far more
 /// than that means something hangs.
@@ -48,13 +31,9 @@ async fn e2b_python_sdk_suite_passes() {
     let Some(art) = artifacts(test) else {
         return;
     };
-    if !have_python_packages() {
-        bhatti_testkit::skip(
-            test,
-            "python3 without e2b, pytest or pytest-asyncio (scripts/install-deps.sh)",
-        );
+    let Some(python) = e2b_python(test, "e2b, pytest, pytest_asyncio") else {
         return;
-    }
+    };
     init_tracing();
     let _serial = SERIAL.lock().await;
     let env = Env::new(art);
@@ -85,7 +64,7 @@ async fn e2b_python_sdk_suite_passes() {
         .map(str::to_owned)
         .collect();
     let started = Instant::now();
-    let mut cmd = tokio::process::Command::new("python3");
+    let mut cmd = tokio::process::Command::new(&python);
     cmd.args(["-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider"])
         .args(&extra)
         .arg(&suite)

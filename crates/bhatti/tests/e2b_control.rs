@@ -17,13 +17,6 @@ use bytes::Bytes;
 use hyper::Method;
 use serde_json::{json, Value};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 /// The E2B SDK's way of calling: `X-API-KEY`, JSON bodies.
 struct E2b {
     c: Client,

@@ -515,7 +515,7 @@ async fn e2b_files_and_filesystem() {
     drop(env);
 }
 
-/// The official Python SDK (`E2B_PYTHON`, else /tmp/e2bvenv/bin/python)
+/// The official Python SDK (see [`e2b_python`])
 /// runs tests/e2b/files_sdk.py against the daemon.
 #[tokio::test(flavor = "multi_thread")]
 async fn e2b_files_python_sdk() {
@@ -523,20 +523,11 @@ async fn e2b_files_python_sdk() {
     let Some(art) = artifacts(test) else {
         return;
     };
-    let python = std::env::var("E2B_PYTHON").unwrap_or_else(|_| "/tmp/e2bvenv/bin/python".into());
-    let has_sdk = std::process::Command::new(&python)
-        .args(["-c", "import e2b"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_sdk {
-        bhatti_testkit::skip(test, "no Python with the e2b SDK (set E2B_PYTHON)");
+    let Some(python) = e2b_python(test, "e2b") else {
         return;
-    }
+    };
     init_tracing();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = free_port();
     let (env, daemon, native, e) = setup(art, Some(port)).await;
     let key = native.key.clone().unwrap_or_default();
     let url = format!("http://127.0.0.1:{port}/e2b");

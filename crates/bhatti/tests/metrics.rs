@@ -100,13 +100,6 @@ async fn scrape(c: &Client) -> Vec<Sample> {
     parse(std::str::from_utf8(&r.body).expect("UTF-8")).1
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 /// A plain HTTP/1.0 GET over TCP: (status line, body).
 async fn tcp_get(addr: SocketAddr, path: &str) -> (String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -25,13 +25,6 @@ use tokio_tungstenite::tungstenite::Message;
 const GUEST_SERVER: &str = include_str!("proxy_support/guest_server.py");
 const ZONE: &str = "sb.test";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 /// One HTTP/1.1 request to the public listener from source address `from`.
 async fn public(
     listen: SocketAddr,

@@ -91,13 +91,6 @@ impl Drop for Driver {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 /// Everything xterm.js holds (scrollback and screen), line by line.
 const BUFFER_JS: &str = r#"
     const t = window.bhattiTerm;

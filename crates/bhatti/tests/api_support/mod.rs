@@ -523,3 +523,36 @@ pub fn dir_entries(p: &std::path::Path) -> std::collections::BTreeSet<String> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect()
 }
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// The Python that runs the E2B SDK tests: `E2B_PYTHON`, else `python3`
+/// (scripts/install-deps.sh installs `e2b`, `pytest` and `pytest-asyncio`
+/// into it), if it imports `modules` (e.g. `"e2b, pytest"`); else one SKIP
+/// line, or a failure under `BHATTI_REQUIRE_VMS`.
+pub fn e2b_python(test: &str, modules: &str) -> Option<String> {
+    let python = std::env::var("E2B_PYTHON")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "python3".into());
+    let ok = Command::new(&python)
+        .args(["-c", &format!("import {modules}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        bhatti_testkit::skip(
+            test,
+            &format!("{python} cannot import {modules} (scripts/install-deps.sh)"),
+        );
+        return None;
+    }
+    Some(python)
+}

@@ -82,7 +82,9 @@ fn log(e: &ApiError) {
     }
 }
 
-/// Connect's error codes (https://connectrpc.com/docs/protocol#error-codes).
+/// Connect's error codes (https://connectrpc.com/docs/protocol#error-codes),
+/// all of them: the protocol's vocabulary, though bhatti answers with some.
+#[allow(dead_code)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Code {
     Canceled,
@@ -183,12 +185,6 @@ impl ConnectError {
     }
     pub fn internal(message: impl Into<String>) -> ConnectError {
         ConnectError::new(Code::Internal, message)
-    }
-    pub fn unimplemented(what: &str) -> ConnectError {
-        ConnectError::new(
-            Code::Unimplemented,
-            format!("{what} is not supported by bhatti (see docs/e2b.md)"),
-        )
     }
 
     /// The JSON of the error: a unary body, or the `error` of a stream's
