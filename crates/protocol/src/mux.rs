@@ -117,6 +117,11 @@ struct Conn {
     channels: Mutex<HashMap<u32, ChanEntry>>,
     next_id: AtomicU32,
     closed: watch::Sender<bool>,
+    /// Set when the reader saw the peer go (EOF, a read error): bytes not
+    /// yet written must not reach whoever comes next on a stream without
+    /// connection boundaries (a virtio-serial port, whose next host would
+    /// read the rest of an old frame before its `HelloOk`).
+    peer_gone: watch::Sender<bool>,
 }
 
 impl Conn {
@@ -248,6 +253,7 @@ impl Mux {
     {
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (closed, _) = watch::channel(false);
+        let (peer_gone, _) = watch::channel(false);
         let conn = Arc::new(Conn {
             side,
             config,
@@ -255,11 +261,13 @@ impl Mux {
             channels: Mutex::new(HashMap::new()),
             next_id: AtomicU32::new(1),
             closed,
+            peer_gone,
         });
         tokio::spawn(write_loop(
             writer,
             out_rx,
             conn.closed.subscribe(),
+            conn.peer_gone.subscribe(),
             Arc::downgrade(&conn),
         ));
         let handle = tokio::spawn(read_loop(conn.clone(), reader, accept));
@@ -574,6 +582,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut writer: W,
     mut rx: mpsc::UnboundedReceiver<Frame>,
     mut closed: watch::Receiver<bool>,
+    mut peer_gone: watch::Receiver<bool>,
     conn: std::sync::Weak<Conn>,
 ) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -595,7 +604,17 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 Err(_) => break,
             }
         }
-        if writer.write_all(&buf).await.is_err() || writer.flush().await.is_err() {
+        let written = tokio::select! {
+            biased;
+            r = async {
+                writer.write_all(&buf).await?;
+                writer.flush().await
+            } => r.is_ok(),
+            // A write waiting for a peer that is gone would otherwise
+            // finish into the next peer's stream.
+            _ = peer_gone.wait_for(|g| *g) => false,
+        };
+        if !written {
             break;
         }
         buf.clear();
@@ -620,9 +639,19 @@ async fn read_loop<R: AsyncRead + Unpin>(
             n = frames.next() => n,
         };
         match next {
-            None => break MuxEnd::Eof,
-            Some(Err(crate::frame::CodecError::Io(e))) => break MuxEnd::Io(e),
-            Some(Err(e)) => break MuxEnd::Io(std::io::Error::other(e.to_string())),
+            None => {
+                conn.peer_gone.send_replace(true);
+                break MuxEnd::Eof;
+            }
+            Some(Err(crate::frame::CodecError::Io(e))) => {
+                conn.peer_gone.send_replace(true);
+                break MuxEnd::Io(e);
+            }
+            // A stream out of step: nothing more of ours belongs on it.
+            Some(Err(e)) => {
+                conn.peer_gone.send_replace(true);
+                break MuxEnd::Io(std::io::Error::other(e.to_string()));
+            }
             Some(Ok(Decoded::Oversized { channel, kind, len })) => {
                 let msg =
                     format!("{kind:?} frame of {len} bytes exceeds the {MAX_PAYLOAD}-byte limit");
@@ -987,6 +1016,61 @@ mod tests {
             server_ch2.receiver.recv().await,
             Some(Inbound::Close(Bytes::new()))
         );
+    }
+
+    /// A stream whose writes never complete, as a virtio-serial port's
+    /// while its host is away; it says when it is dropped.
+    struct StalledPort(Arc<std::sync::atomic::AtomicBool>);
+
+    impl AsyncWrite for StalledPort {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::task::Poll::Pending
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    impl Drop for StalledPort {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_waiting_when_the_peer_goes_is_dropped_not_left_for_the_next() {
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (ar, _aw) = tokio::io::split(a);
+        let mux = Mux::client(ar, StalledPort(dropped.clone()), MuxConfig::default());
+        // The Open frame's write waits on the stalled port.
+        let _ch = mux.open(Bytes::from_static(b"x")).unwrap();
+        tokio::task::yield_now().await;
+        drop(b);
+        mux.closed().await;
+        // The writer gave its write up (and the port) rather than finishing
+        // it whenever the port takes bytes again.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !dropped.load(Ordering::SeqCst) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer still holds a write for a peer that is gone"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 
     #[tokio::test]
