@@ -5,8 +5,6 @@
 //! both ways through the agent's file operations (`api/files.rs`); memory
 //! per request stays bounded whatever the size.
 
-mod multipart;
-
 use std::io::Write as _;
 
 use axum::body::Body;
@@ -252,26 +250,23 @@ async fn upload(
         .trim()
         .to_ascii_lowercase();
     if mime == "multipart/form-data" {
-        let boundary = multipart::boundary(&ct).ok_or_else(|| {
-            E2bError::bad_request("multipart/form-data without a boundary parameter")
+        let boundary = multer::parse_boundary(&ct).map_err(|e| {
+            E2bError::bad_request(format!(
+                "multipart/form-data without a usable boundary: {e}"
+            ))
         })?;
         let client = agent(&st, &env, RequestClass::Exec).await?;
-        let mut parts = multipart::Multipart::new(body, &boundary);
+        let mut parts = multer::Multipart::new(body.into_data_stream(), boundary);
+        let bad = |e: multer::Error| E2bError::bad_request(format!("the multipart body: {e}"));
         let mut written = Vec::new();
-        while let Some(part) = parts.next_part().await.map_err(E2bError::bad_request)? {
-            if part.name != "file" {
-                // Other fields are read past.
-                while parts
-                    .chunk()
-                    .await
-                    .map_err(E2bError::bad_request)?
-                    .is_some()
-                {}
+        while let Some(mut part) = parts.next_field().await.map_err(bad)? {
+            // Other fields are read past (dropping one skips its bytes).
+            if part.name() != Some("file") {
                 continue;
             }
             // The query's path names the file of a one-file upload (the
             // SDK sends it only then); otherwise the part's file name does.
-            let path = match (&query_path, written.is_empty(), part.filename.as_deref()) {
+            let path = match (&query_path, written.is_empty(), part.file_name()) {
                 (Some(p), true, _) => p.clone(),
                 (_, _, Some(f)) if !f.is_empty() => resolve(f, user).map_err(bad_path)?,
                 _ => {
@@ -287,7 +282,7 @@ async fn upload(
                 })
                 .map_err(|e| E2bError::from(crate::api::ApiError::from(e)))?;
             let mut total = 0u64;
-            while let Some(chunk) = parts.chunk().await.map_err(E2bError::bad_request)? {
+            while let Some(chunk) = part.chunk().await.map_err(bad)? {
                 total += chunk.len() as u64;
                 if total > MAX_UPLOAD {
                     // Dropping the writer cancels: the guest keeps nothing.
