@@ -539,6 +539,8 @@ async fn e2b_files_python_sdk() {
             .env("E2B_API_KEY", &key)
             .env("E2B_API_URL", &url)
             .env("E2B_SANDBOX_URL", &url)
+            // No __pycache__ in the tree (sdk_attach.py is imported).
+            .env("PYTHONDONTWRITEBYTECODE", "1")
             .kill_on_drop(true)
             .output()
     };

@@ -7,29 +7,19 @@ Sandbox.connect builds it, from a sandbox the test made."""
 import sys
 import time
 
-from packaging.version import Version
-
 from e2b import Sandbox, FileType
-from e2b.connection_config import ConnectionConfig
 from e2b.exceptions import FileNotFoundException
 from e2b.sandbox.filesystem.watch_handle import FilesystemEventType
+
+from sdk_attach import attach
 
 if sys.argv[1] == "create":
     # Through bhatti's control plane, as an SDK user does it.
     sbx = Sandbox.create(timeout=600)
-    sid, token, cc = sbx.sandbox_id, None, None
+    sid, token = sbx.sandbox_id, None
 else:
     sid, token = sys.argv[1], sys.argv[2]
-    cc = ConnectionConfig(
-        extra_sandbox_headers={"E2b-Sandbox-Id": sid, "X-Access-Token": token}
-    )
-    sbx = Sandbox(
-        sandbox_id=sid,
-        sandbox_domain=None,
-        envd_version=Version("0.6.4"),
-        envd_access_token=token,
-        connection_config=cc,
-    )
+    sbx = attach(Sandbox, sid, token)
 f = sbx.files
 
 info = f.write("/tmp/sdk/a", "x")
@@ -99,16 +89,10 @@ from e2b import AsyncSandbox
 
 
 async def watch_stream():
-    if cc is None:
+    if token is None:
         asbx = await AsyncSandbox.connect(sid)
     else:
-        asbx = AsyncSandbox(
-            sandbox_id=sid,
-            sandbox_domain=None,
-            envd_version=Version("0.6.4"),
-            envd_access_token=token,
-            connection_config=cc,
-        )
+        asbx = attach(AsyncSandbox, sid, token)
     got = asyncio.Event()
     events = []
 
@@ -136,6 +120,6 @@ async def watch_stream():
 
 asyncio.run(watch_stream())
 print("SDK STREAM OK")
-if cc is None:
+if token is None:
     sbx.kill()
     print("SDK KILLED")

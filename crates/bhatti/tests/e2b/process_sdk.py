@@ -4,20 +4,13 @@ set), on a sandbox the test made: `<sandbox id> <envd token>`; the
 Sandbox is built the way Sandbox.connect builds it."""
 
 import sys
-from packaging.version import Version
 
 from e2b import CommandExitException, PtySize, Sandbox
-from e2b.connection_config import ConnectionConfig
+
+from sdk_attach import attach
 
 sid, token = sys.argv[1], sys.argv[2]
-cc = ConnectionConfig(extra_sandbox_headers={"E2b-Sandbox-Id": sid, "X-Access-Token": token})
-sbx = Sandbox(
-    sandbox_id=sid,
-    sandbox_domain=None,
-    envd_version=Version("0.6.4"),
-    envd_access_token=token,
-    connection_config=cc,
-)
+sbx = attach(Sandbox, sid, token)
 c = sbx.commands
 
 r = c.run("echo hi; echo oops >&2; echo $FOO")
