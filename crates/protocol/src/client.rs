@@ -91,7 +91,7 @@ impl AgentClient {
                 Some(Inbound::Close(body)) => return parse_outcome(&body),
                 Some(Inbound::Error(body)) => return Err(agent_error(&body)),
                 Some(_) => continue,
-                None => return Err(MuxError::ConnectionClosed.into()),
+                None => return Err(ch.receiver.end_error().into()),
             }
         }
     }
@@ -201,7 +201,7 @@ impl AgentClient {
                     ));
                 }
                 Some(_) => continue,
-                None => return Err(MuxError::ConnectionClosed.into()),
+                None => return Err(receiver.end_error().into()),
             }
         };
         Ok(FileReader {
@@ -313,7 +313,7 @@ impl AgentClient {
                     ));
                 }
                 Some(_) => continue,
-                None => return Err(MuxError::ConnectionClosed.into()),
+                None => return Err(receiver.end_error().into()),
             }
         }
     }
@@ -397,7 +397,7 @@ impl ExecStream {
                     tracing::warn!("agent: {}", String::from_utf8_lossy(&body))
                 }
                 Some(Inbound::Eof | Inbound::Control(_)) => {}
-                None => return Err(MuxError::ConnectionClosed.into()),
+                None => return Err(self.receiver.end_error().into()),
             }
         }
     }
@@ -481,7 +481,7 @@ impl PtyStream {
                     ));
                 }
                 Some(_) => continue,
-                None => return Err(MuxError::ConnectionClosed.into()),
+                None => return Err(receiver.end_error().into()),
             }
         }
     }
@@ -508,7 +508,7 @@ impl PtyStream {
                     tracing::warn!("agent: {}", String::from_utf8_lossy(&body))
                 }
                 Some(_) => {}
-                None => return Err(MuxError::ConnectionClosed.into()),
+                None => return Err(self.receiver.end_error().into()),
             }
         }
     }
@@ -568,7 +568,7 @@ impl FileReader {
                     return Ok(None);
                 }
                 Some(_) => {}
-                None => return Err(MuxError::ConnectionClosed.into()),
+                None => return Err(self.receiver.end_error().into()),
             }
         }
     }
@@ -609,7 +609,7 @@ impl FileWriter {
             match self.receiver.recv().await {
                 Some(Inbound::Close(body)) => return parse_outcome(&body),
                 Some(_) => {}
-                None => return Err(MuxError::ConnectionClosed.into()),
+                None => return Err(self.receiver.end_error().into()),
             }
         }
     }
@@ -635,7 +635,7 @@ impl ForwardStream {
                     return Ok(None);
                 }
                 Some(_) => {}
-                None => return Err(MuxError::ConnectionClosed.into()),
+                None => return Err(self.receiver.end_error().into()),
             }
         }
     }

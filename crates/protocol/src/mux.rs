@@ -71,6 +71,10 @@ pub enum Inbound {
 pub enum MuxError {
     #[error("the connection to the agent is closed")]
     ConnectionClosed,
+    /// This side shut the connection down (its owner ended it on purpose,
+    /// e.g. the VM is being stopped), not the peer going away.
+    #[error("the connection to the agent was shut down by this side")]
+    Shutdown,
     #[error("the channel is closed")]
     ChannelClosed,
     #[error("a message of {0} bytes is over the frame limit")]
@@ -122,6 +126,8 @@ struct Conn {
     /// connection boundaries (a virtio-serial port, whose next host would
     /// read the rest of an old frame before its `HelloOk`).
     peer_gone: watch::Sender<bool>,
+    /// [`Mux::shutdown`] ended it (not the peer, not an error).
+    shut_here: AtomicBool,
 }
 
 impl Conn {
@@ -134,11 +140,20 @@ impl Conn {
         if frame.payload.len() > MAX_PAYLOAD {
             return Err(MuxError::TooLarge(frame.payload.len()));
         }
-        self.out.send(frame).map_err(|_| MuxError::ConnectionClosed)
+        self.out.send(frame).map_err(|_| self.end_error())
     }
 
     fn is_closed(&self) -> bool {
         *self.closed.borrow()
+    }
+
+    /// Why an operation on the closed connection fails.
+    fn end_error(&self) -> MuxError {
+        if self.shut_here.load(Ordering::SeqCst) {
+            MuxError::Shutdown
+        } else {
+            MuxError::ConnectionClosed
+        }
     }
 
     fn shut(&self) {
@@ -262,6 +277,7 @@ impl Mux {
             next_id: AtomicU32::new(1),
             closed,
             peer_gone,
+            shut_here: AtomicBool::new(false),
         });
         tokio::spawn(write_loop(
             writer,
@@ -277,7 +293,7 @@ impl Mux {
     /// Client: opens a channel with a serialized request.
     pub fn open(&self, request: Bytes) -> Result<Channel, MuxError> {
         if self.conn.is_closed() {
-            return Err(MuxError::ConnectionClosed);
+            return Err(self.conn.end_error());
         }
         if request.len() > MAX_PAYLOAD {
             return Err(MuxError::TooLarge(request.len()));
@@ -305,6 +321,7 @@ impl Mux {
 
     /// Ends the connection: every channel sees its queue end.
     pub fn shutdown(&self) {
+        self.conn.shut_here.store(true, Ordering::SeqCst);
         self.conn.shut();
     }
 
@@ -476,7 +493,7 @@ impl ChannelSender {
 
     fn closed_error(&self) -> MuxError {
         if self.conn.is_closed() {
-            MuxError::ConnectionClosed
+            self.conn.end_error()
         } else {
             MuxError::ChannelClosed
         }
@@ -537,6 +554,16 @@ impl std::fmt::Debug for ChannelReceiver {
 }
 
 impl ChannelReceiver {
+    /// Why [`Self::recv`] answered `None`: the connection ended (by the
+    /// peer, or [`MuxError::Shutdown`] by this side), or the channel.
+    pub fn end_error(&self) -> MuxError {
+        if self.conn.is_closed() {
+            self.conn.end_error()
+        } else {
+            MuxError::ChannelClosed
+        }
+    }
+
     /// The next frame for this channel. `None` means the channel or the
     /// whole connection is gone.
     pub async fn recv(&mut self) -> Option<Inbound> {
@@ -1071,6 +1098,30 @@ mod tests {
             );
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_here_is_told_apart_from_the_peer_going() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (ar, aw) = tokio::io::split(a);
+        let client = Mux::client(ar, aw, MuxConfig::default());
+        let mut ch = client.open(Bytes::from_static(b"x")).unwrap();
+        client.shutdown();
+        assert_eq!(ch.receiver.recv().await, None);
+        assert!(matches!(ch.receiver.end_error(), MuxError::Shutdown));
+        assert!(matches!(client.open(Bytes::new()), Err(MuxError::Shutdown)));
+        drop(b);
+
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (ar, aw) = tokio::io::split(a);
+        let client = Mux::client(ar, aw, MuxConfig::default());
+        let mut ch = client.open(Bytes::from_static(b"x")).unwrap();
+        drop(b);
+        assert_eq!(ch.receiver.recv().await, None);
+        assert!(matches!(
+            ch.receiver.end_error(),
+            MuxError::ConnectionClosed
+        ));
     }
 
     #[tokio::test]
