@@ -220,6 +220,36 @@ async fn cut_off_requests_still_complete_and_leak_nothing() {
     works(&a, "two").await;
     no_leaks(&env, &a).await;
 
+    // A stop while an exec runs: the stop wins, the exec answers 409 (not
+    // a 502, as if the guest had failed).
+    let running = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            a.post(
+                "/sandboxes/two/exec",
+                json!({"cmd": ["sh", "-c", "touch /tmp/started; sleep 60"]}),
+            )
+            .await
+        })
+    };
+    eventually("the exec to start", Duration::from_secs(60), || async {
+        let r = a.get("/sandboxes/two/files?path=/tmp/started").await;
+        (r.status == 200).then_some(())
+    })
+    .await;
+    a.post("/sandboxes/two/stop", json!({})).await.expect(200);
+    let cut = running.await.expect("the exec's task");
+    assert_eq!(cut.status, 409, "{:?}", cut.body);
+    assert!(
+        cut.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("stopped")),
+        "{:?}",
+        cut.body
+    );
+    works(&a, "two").await;
+    no_leaks(&env, &a).await;
+
     // Concurrent checkpoints reserve their place before the work: with one
     // of two allowed taken, exactly one of three more gets through.
     let (r1, r2, r3) = tokio::join!(

@@ -514,11 +514,13 @@ fn temp_name(target_name: &std::ffi::OsStr) -> OsString {
 
 fn prepare_write(target: PathBuf, uid: u32, gid: u32) -> Result<PendingWrite, ErrorBody> {
     let ctx = |e: &io::Error| io_error(&format!("write {}", target.display()), e);
+    // Only `/` (however spelled: `//`, `/.`) has no parent or name: a
+    // directory, like any other a write is aimed at.
     let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
-        return Err(bad_request(format!(
-            "{} does not name a file",
-            target.display()
-        )));
+        return Err(ErrorBody::new(
+            ErrorCode::NotAFile,
+            format!("{} is a directory", target.display()),
+        ));
     };
     let dir = dir.to_path_buf();
     ensure_dirs(&dir, uid, gid).map_err(|e| ctx(&e))?;

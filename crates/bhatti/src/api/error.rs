@@ -7,6 +7,7 @@ use std::time::Duration;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use bhatti_protocol::mux::MuxError;
 use bhatti_protocol::{ClientError, ErrorCode};
 
 use crate::api_types::{self, ValidationError};
@@ -46,6 +47,9 @@ pub enum ApiError {
     /// 413
     #[error("{0}")]
     TooLarge(String),
+    /// 426: a WebSocket route asked without the upgrade handshake.
+    #[error("{0}")]
+    UpgradeRequired(String),
     /// 429: a cap, or a rate limit (with the time until a retry may pass).
     #[error("{message}")]
     TooMany {
@@ -83,6 +87,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UpgradeRequired(_) => StatusCode::UPGRADE_REQUIRED,
             ApiError::TooMany { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
@@ -136,6 +141,11 @@ impl IntoResponse for ApiError {
                 Some(_) => crate::events::Rejection::RateLimited(message.clone()),
                 None => crate::events::Rejection::Quota(message.clone()),
             });
+        }
+        // RFC 9110 §15.5.22: a 426 names the protocol to upgrade to.
+        if let ApiError::UpgradeRequired(_) = &self {
+            resp.headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         }
         if let Some(d) = retry_after {
             let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
@@ -262,10 +272,12 @@ impl From<ClientError> for ApiError {
                 let m = body.message.clone();
                 match body.code {
                     ErrorCode::NotFound => ApiError::NotFound(m),
-                    ErrorCode::BadRequest
-                    | ErrorCode::NotAFile
-                    | ErrorCode::NotADirectory
-                    | ErrorCode::PermissionDenied => ApiError::BadRequest(m),
+                    ErrorCode::BadRequest => ApiError::BadRequest(m),
+                    // A well-formed path whose kind does not fit (a
+                    // directory read as a file, a file listed): the
+                    // guest's state, not the request's form.
+                    ErrorCode::NotAFile | ErrorCode::NotADirectory => ApiError::Conflict(m),
+                    ErrorCode::PermissionDenied => ApiError::Forbidden(m),
                     ErrorCode::AlreadyExists => ApiError::Conflict(m),
                     ErrorCode::TooLarge => ApiError::TooLarge(m),
                     ErrorCode::LimitReached => ApiError::TooMany {
@@ -275,6 +287,11 @@ impl From<ClientError> for ApiError {
                     _ => ApiError::BadGateway(format!("the guest agent failed: {e}")),
                 }
             }
+            // The engine closed it on purpose mid-request: a stop, a
+            // cool-down to disk, a restart or a delete won the race.
+            ClientError::Mux(MuxError::Shutdown) => ApiError::Conflict(
+                "the sandbox was stopped, restarted or deleted while the request ran".into(),
+            ),
             _ => ApiError::BadGateway(format!("the guest agent failed: {e}")),
         }
     }

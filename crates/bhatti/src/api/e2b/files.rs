@@ -71,6 +71,11 @@ fn path_error(path: &str, e: crate::api::ApiError) -> E2bError {
                 "not enough space in the sandbox to write {path}: {m}"
             ))
         }
+        // envd answers a path of the wrong kind, or one it may not touch,
+        // 400 (the native API: 409 and 403).
+        crate::api::ApiError::Conflict(m) | crate::api::ApiError::Forbidden(m) => {
+            crate::api::ApiError::BadRequest(m)
+        }
         e => e,
     };
     let mut e = E2bError::from(e);
