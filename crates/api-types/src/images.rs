@@ -9,9 +9,16 @@ use crate::{validate_image_name, validate_image_ref, VResult, ValidationError};
 #[serde(untagged, deny_unknown_fields)]
 pub enum RegistryAuth {
     /// HTTP basic credentials (also used to get a bearer token).
-    Basic { username: String, password: String },
+    Basic {
+        #[schema(min_length = 1)]
+        username: String,
+        password: String,
+    },
     /// A bearer token used as is.
-    Token { token: String },
+    Token {
+        #[schema(min_length = 1)]
+        token: String,
+    },
 }
 
 impl std::fmt::Debug for RegistryAuth {
@@ -29,12 +36,15 @@ impl std::fmt::Debug for RegistryAuth {
 pub struct PullImage {
     /// The registry reference, e.g. `docker.io/library/python:3.12`.
     #[serde(rename = "ref")]
+    #[schema(value_type = crate::schema::ImageRef)]
     pub reference: String,
     /// The catalogue name; default: the repository's last component and
     /// the tag (`python:3.12`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<crate::schema::ImageName>)]
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = crate::schema::registry_auth)]
     pub auth: Option<RegistryAuth>,
 }
 

@@ -16,6 +16,7 @@ mod volumes;
 pub use volumes::*;
 mod backups;
 pub use backups::*;
+pub mod schema;
 
 // ---------------------------------------------------------------------------
 // Validation
@@ -49,12 +50,14 @@ pub const MAX_ENV_ENTRIES: usize = 256;
 pub const MAX_ENV_VALUE: usize = 32 * 1024;
 /// Most labels on one sandbox.
 pub const MAX_LABELS: usize = 64;
-/// Longest label value (bytes).
+/// Longest label value (characters).
 pub const MAX_LABEL_VALUE: usize = 256;
 /// Largest `init` script (bytes).
 pub const MAX_INIT: usize = 64 * 1024;
-/// Longest guest path (bytes).
-pub const MAX_PATH: usize = 4096;
+/// Longest guest path (bytes): Linux's `PATH_MAX` less its NUL.
+pub const MAX_PATH: usize = 4095;
+/// Longest component of a guest path (bytes): Linux's `NAME_MAX`.
+pub const MAX_PATH_COMPONENT: usize = 255;
 /// Most arguments in a command.
 pub const MAX_ARGS: usize = 4096;
 /// Largest command line, all arguments together (bytes).
@@ -168,13 +171,19 @@ pub fn validate_guest_path(field: &str, path: &str) -> VResult {
             "must not contain '..' components",
         ));
     }
+    if path.split('/').any(|c| c.len() > MAX_PATH_COMPONENT) {
+        return Err(ValidationError::new(
+            field,
+            format!("has a component longer than {MAX_PATH_COMPONENT} bytes"),
+        ));
+    }
     Ok(())
 }
 
 /// vCPUs: 1 ..= `max` (and never above the engine's limit).
 pub fn validate_cpus(cpus: u32, max: u32) -> VResult {
-    let max = max.min(bhatti_engine::engine::MAX_CPUS);
-    if cpus == 0 || cpus > max {
+    let (min, max) = cpus_range(max);
+    if cpus < min || cpus > max {
         return Err(ValidationError::new(
             "cpus",
             format!("must be between 1 and {max} (got {cpus})"),
@@ -185,7 +194,7 @@ pub fn validate_cpus(cpus: u32, max: u32) -> VResult {
 
 /// Memory: the engine's minimum ..= `max` MiB.
 pub fn validate_memory_mb(mb: u32, max: u32) -> VResult {
-    let max = max.min(bhatti_engine::engine::MAX_MEMORY_MB);
+    let (_, max) = memory_mb_range(max);
     if mb < MIN_MEMORY_MB || mb > max {
         return Err(ValidationError::new(
             "memory_mb",
@@ -197,10 +206,7 @@ pub fn validate_memory_mb(mb: u32, max: u32) -> VResult {
 
 /// Root disk size: the engine's minimum ..= `max` MiB.
 pub fn validate_disk_mb(mb: u64, max: u64) -> VResult {
-    let (min, max) = (
-        bhatti_engine::engine::MIN_DISK_MB,
-        max.min(bhatti_engine::engine::MAX_DISK_MB),
-    );
+    let (min, max) = disk_mb_range(max);
     if mb < min || mb > max {
         return Err(ValidationError::new(
             "disk_mb",
@@ -208,6 +214,24 @@ pub fn validate_disk_mb(mb: u64, max: u64) -> VResult {
         ));
     }
     Ok(())
+}
+
+/// The vCPUs allowed under a configured `max`.
+pub fn cpus_range(max: u32) -> (u32, u32) {
+    (1, max.min(bhatti_engine::engine::MAX_CPUS))
+}
+
+/// The memory (MiB) allowed under a configured `max`.
+pub fn memory_mb_range(max: u32) -> (u32, u32) {
+    (MIN_MEMORY_MB, max.min(bhatti_engine::engine::MAX_MEMORY_MB))
+}
+
+/// The root disk sizes (MiB) allowed under a configured `max`.
+pub fn disk_mb_range(max: u64) -> (u64, u64) {
+    (
+        bhatti_engine::engine::MIN_DISK_MB,
+        max.min(bhatti_engine::engine::MAX_DISK_MB),
+    )
 }
 
 /// Labels: at most 64; keys `[A-Za-z0-9][A-Za-z0-9._/-]{0,62}`; values at
@@ -232,11 +256,11 @@ pub fn validate_labels(labels: &BTreeMap<String, String>) -> VResult {
                 format!("label keys must be 1-63 characters of letters, digits, '.', '_', '/', '-' starting with a letter or digit (got {})", shown(k)),
             ));
         }
-        if v.len() > MAX_LABEL_VALUE || v.chars().any(char::is_control) {
+        if v.chars().count() > MAX_LABEL_VALUE || v.chars().any(char::is_control) {
             return Err(ValidationError::new(
                 format!("labels.{k}"),
                 format!(
-                    "values must be at most {MAX_LABEL_VALUE} bytes without control characters"
+                    "values must be at most {MAX_LABEL_VALUE} characters, none a control character"
                 ),
             ));
         }
@@ -292,8 +316,9 @@ fn shown(s: &str) -> String {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct CreateSandbox {
-    /// `[a-z0-9][a-z0-9-]{0,62}`; the daemon picks one when absent.
+    /// The daemon picks one when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<schema::Name>)]
     pub name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpus: Option<u32>,
@@ -303,6 +328,7 @@ pub struct CreateSandbox {
     pub disk_mb: Option<u64>,
     /// Environment of every command in the sandbox.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(schema_with = schema::env)]
     pub env: BTreeMap<String, String>,
     /// Shell script run once at first boot, as the sandbox user, as the
     /// session `init` (listed with the sessions, its output theirs).
@@ -312,20 +338,25 @@ pub struct CreateSandbox {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub keep_hot: bool,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(schema_with = schema::labels)]
     pub labels: BTreeMap<String, String>,
     /// Names of the caller's secrets to put into the sandbox's environment.
     #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schema(schema_with = schema::secret_names)]
     pub secrets: Vec<String>,
     /// Start from this checkpoint (same as `POST /snapshots/{name}/resume`).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<schema::Name>)]
     pub from_snapshot: Option<String>,
     /// Root disk from this image: a catalogue name (the caller's, then
     /// shared) or a registry reference, pulled on demand.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<schema::ImageRef>)]
     pub image: Option<String>,
     /// Start from this template (its image, sizes, env, secrets, init and
     /// keep_hot; fields given here override it).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<schema::Name>)]
     pub template: Option<String>,
     /// Egress policy; absent: the daemon's default.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -637,9 +668,11 @@ pub fn validate_image_ref(field: &str, r: &str) -> VResult {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct CreateTemplate {
+    #[schema(value_type = schema::Name)]
     pub name: String,
     /// Catalogue image (absent: the default rootfs).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<schema::ImageRef>)]
     pub image: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpus: Option<u32>,
@@ -648,10 +681,12 @@ pub struct CreateTemplate {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disk_mb: Option<u64>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(schema_with = schema::env)]
     pub env: BTreeMap<String, String>,
     /// Names of the owner's secrets, given to each sandbox when it is
     /// created (never to the pre-booted snapshot).
     #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schema(schema_with = schema::secret_names)]
     pub secrets: Vec<String>,
     /// Script run once, before the pre-booted snapshot is taken; every
     /// sandbox from the template starts with its result.
@@ -738,9 +773,11 @@ pub struct PatchSandbox {
     pub keep_hot: Option<bool>,
     /// Replaces all labels.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = schema::labels_or_null)]
     pub labels: Option<BTreeMap<String, String>>,
     /// A new name; siblings resolve it at once.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<schema::Name>)]
     pub name: Option<String>,
     /// Replaces the egress policy; applies at once, also to open
     /// connections.
@@ -885,17 +922,21 @@ pub struct SandboxList {
 #[serde(default, deny_unknown_fields)]
 pub struct ExecRequest {
     /// Program and arguments (no shell; use `["sh", "-c", "…"]` for one).
+    #[schema(schema_with = schema::command, required = true)]
     pub cmd: Vec<String>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(schema_with = schema::env)]
     pub env: BTreeMap<String, String>,
     /// Working directory (absolute); default the user's home.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<schema::GuestPath>)]
     pub cwd: Option<String>,
     /// Bytes written to the command's stdin, which is then closed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stdin: Option<String>,
     /// Kill the command's process group after this many seconds.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = schema::timeout_sec)]
     pub timeout_sec: Option<u64>,
     /// Start it and return at once; it keeps running.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -1119,6 +1160,7 @@ impl FileQuery {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointRequest {
+    #[schema(value_type = schema::Name)]
     pub name: String,
 }
 
@@ -1133,10 +1175,12 @@ impl CheckpointRequest {
 #[serde(default, deny_unknown_fields)]
 pub struct ResumeRequest {
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<schema::Name>)]
     pub name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keep_hot: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = schema::labels_or_null)]
     pub labels: Option<BTreeMap<String, String>>,
 }
 
@@ -1163,12 +1207,18 @@ pub struct Checkpoint {
     pub created_at: String,
 }
 
-/// `PUT /secrets/{name}` (or `POST /secrets` with `name`).
+/// `PUT /secrets/{name}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetSecret {
+    /// The path's name, if given. Kept for clients that send it, left out
+    /// of the document (a name that differs from the path's is refused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
     pub name: Option<String>,
+    /// UTF-8 text without NUL, at most 64 KiB (the schema's bound counts
+    /// characters).
+    #[schema(pattern = r"^[^\x00]*$", max_length = 65536)]
     pub value: String,
 }
 
@@ -1922,28 +1972,63 @@ pub struct EventList {
 
 /// Query of `GET /events`.
 #[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
     /// Only events with an id greater than this (the previous answer's `next`).
     #[serde(alias = "after")]
+    #[param(maximum = 9223372036854775807_u64)]
     pub since: Option<u64>,
     /// Only these kinds: one, or several comma-separated.
     #[serde(rename = "type")]
+    #[param(value_type = Option<schema::EventTypes>)]
     pub kind: Option<String>,
     /// Only this sandbox (id or name).
     pub sandbox: Option<String>,
-    /// At most this many (1 to 1000; default 100), oldest first.
+    /// At most this many (default 100), oldest first.
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
+
+/// Most events one page of `GET /events` holds.
+pub const MAX_EVENTS_PAGE: u32 = 1000;
 
 impl EventsQuery {
     /// The kinds asked for (none: all), or the error for an unknown one.
     pub fn kinds(&self) -> Result<Vec<String>, ValidationError> {
-        parse_event_types(self.kind.as_deref().unwrap_or(""))
+        parse_event_types_exact(self.kind.as_deref().unwrap_or(""))
     }
 }
 
-/// `a,b` → the kinds, each checked against [`EVENT_TYPES`].
+/// `a,b` exactly as the API takes it (no spaces, no empty items; empty:
+/// all kinds), the form [`schema::EventTypes`] documents.
+pub fn parse_event_types_exact(s: &str) -> Result<Vec<String>, ValidationError> {
+    if s.is_empty() {
+        return Ok(Vec::new());
+    }
+    s.split(',')
+        .map(|k| {
+            if EVENT_TYPES.contains(&k) {
+                Ok(k.to_string())
+            } else {
+                Err(unknown_event_type(k))
+            }
+        })
+        .collect()
+}
+
+fn unknown_event_type(k: &str) -> ValidationError {
+    ValidationError::new(
+        "type",
+        format!(
+            "unknown event type {k:?}; one of {}",
+            EVENT_TYPES.join(", ")
+        ),
+    )
+}
+
+/// `a, b` as a person types it (spaces and empty items dropped) → the
+/// kinds, each checked against [`EVENT_TYPES`]; the CLI's form.
 pub fn parse_event_types(s: &str) -> Result<Vec<String>, ValidationError> {
     s.split(',')
         .map(str::trim)
@@ -1952,13 +2037,7 @@ pub fn parse_event_types(s: &str) -> Result<Vec<String>, ValidationError> {
             if EVENT_TYPES.contains(&k) {
                 Ok(k.to_string())
             } else {
-                Err(ValidationError::new(
-                    "type",
-                    format!(
-                        "unknown event type {k:?}; one of {}",
-                        EVENT_TYPES.join(", ")
-                    ),
-                ))
+                Err(unknown_event_type(k))
             }
         })
         .collect()
@@ -1986,10 +2065,12 @@ pub struct PortList {
 #[serde(deny_unknown_fields)]
 pub struct PublishRequest {
     /// The guest port (1–65535).
+    #[schema(minimum = 1, maximum = 65535)]
     pub port: u16,
     /// Its public name: lowercase letters, digits and `-`; default
     /// `<sandbox name>-<port>` (which follows a rename).
     #[serde(default)]
+    #[schema(value_type = Option<schema::Alias>)]
     pub alias: Option<String>,
 }
 

@@ -30,9 +30,11 @@ pub fn validate_mount(field: &str, mount: &str) -> VResult {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVolume {
-    /// `[a-z0-9][a-z0-9-]{0,62}`, unique among the caller's volumes.
+    /// Unique among the caller's volumes.
+    #[schema(value_type = crate::schema::Name)]
     pub name: String,
-    /// Size in MiB (32 to 1048576).
+    /// Size in MiB.
+    #[schema(minimum = 32, maximum = 1048576)]
     pub size_mb: u64,
 }
 
@@ -48,6 +50,7 @@ impl CreateVolume {
 #[serde(deny_unknown_fields)]
 pub struct ResizeVolume {
     /// The new size in MiB; must be larger than the current one.
+    #[schema(minimum = 32, maximum = 1048576)]
     pub size_mb: u64,
 }
 
@@ -56,6 +59,7 @@ pub struct ResizeVolume {
 #[serde(deny_unknown_fields)]
 pub struct CloneVolume {
     /// The new volume's name.
+    #[schema(value_type = crate::schema::Name)]
     pub name: String,
 }
 

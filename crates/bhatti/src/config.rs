@@ -511,6 +511,11 @@ pub struct ImagesConfig {
     /// Largest tarball `POST /images/import` accepts (past it: 413).
     /// Default 10 GiB.
     pub max_import_bytes: u64,
+    /// Whether users may pull images from registries (`POST /images/pull`,
+    /// a create naming a reference not yet pulled). Off: only shared and
+    /// imported images; a pull answers 403, such a create 404. Default
+    /// true.
+    pub allow_pull: bool,
     /// Shared images every user can create sandboxes from: name → ext4
     /// disk (with lohar installed). The `[vm] rootfs` is always shared as
     /// `minimal`. Default none.
@@ -623,6 +628,7 @@ impl Default for ImagesConfig {
             max_per_user: 20,
             max_bytes_per_user: 20 << 30,
             max_import_bytes: 10 << 30,
+            allow_pull: true,
             shared: Default::default(),
         }
     }
@@ -1422,6 +1428,8 @@ impl Config {
         e.kv("max_bytes_per_user", im.max_bytes_per_user);
         e.c("Largest tarball POST /images/import accepts (past it: HTTP 413).");
         e.kv("max_import_bytes", im.max_import_bytes);
+        e.c("Whether users may pull images from registries (off: only shared and imported ones).");
+        e.kv("allow_pull", im.allow_pull);
         e.c("Shared images every user can create sandboxes from: name = ext4 disk with lohar.");
         e.c("[vm] rootfs is always shared as \"minimal\". scripts/install.sh adds the dev tier:");
         e.c("[images.shared]");

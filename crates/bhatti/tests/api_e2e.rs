@@ -494,6 +494,20 @@ async fn api_end_to_end() {
     a.get("/sandboxes/dev/files?path=/etc&bogus=1")
         .await
         .expect_err(400);
+    // A component over NAME_MAX: refused here, not by the guest (a 502).
+    a.get(&format!(
+        "/sandboxes/dev/files?path=/tmp/{}",
+        "n".repeat(256)
+    ))
+    .await
+    .expect_err(400);
+    // Well formed, but the path's kind does not fit: 409.
+    a.get("/sandboxes/dev/files?path=/etc")
+        .await
+        .expect_err(409);
+    a.get("/sandboxes/dev/files?path=/etc/hostname&ls=true")
+        .await
+        .expect_err(409);
     let ls = a
         .get("/sandboxes/dev/files?path=/home/lohar/dir&ls=true")
         .await
@@ -519,9 +533,14 @@ async fn api_end_to_end() {
         .1,
         "ran\nlohar\n"
     );
-    a.put("/sandboxes/dev/files?path=/tmp/x&mode=999", "x")
+    for mode in ["999", "+644", "00644", ""] {
+        a.put(
+            &format!("/sandboxes/dev/files?path=/tmp/x&mode={mode}"),
+            "x",
+        )
         .await
         .expect_err(400);
+    }
     let big: Vec<u8> = (0..3u32 << 20)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();

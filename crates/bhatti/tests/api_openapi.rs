@@ -282,3 +282,46 @@ async fn a_rotated_key_stops_working_at_once() {
         StatusCode::OK
     );
 }
+
+#[tokio::test]
+async fn websocket_routes_answer_plain_http_426_and_bodies_must_be_objects() {
+    let test = "websocket_routes_answer_plain_http_426_and_bodies_must_be_objects";
+    let Some(Setup { app, key, .. }) = setup(test).await else {
+        return;
+    };
+    for path in ["/sandboxes/nope/ws", "/sandboxes/nope/exec/ws"] {
+        let req = Request::builder()
+            .uri(path)
+            .header("authorization", format!("Bearer {key}"))
+            .body(Body::empty())
+            .expect("request");
+        let resp = app.clone().oneshot(req).await.expect("infallible");
+        assert_eq!(resp.status(), StatusCode::UPGRADE_REQUIRED, "{path}");
+        assert_eq!(
+            resp.headers().get("upgrade").and_then(|v| v.to_str().ok()),
+            Some("websocket"),
+            "{path}"
+        );
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        assert!(
+            v["error"].as_str().is_some_and(|e| e.contains("WebSocket")),
+            "{v}"
+        );
+    }
+    // A struct's fields as an array, or a scalar: refused, nothing made.
+    for body in ["[null, null]", "3", "\"x\""] {
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri("/volumes")
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .expect("request");
+        let resp = app.clone().oneshot(req).await.expect("infallible");
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{body}");
+    }
+    let (status, body) = send(&app, &key, "GET", "/volumes").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("\"volumes\":[]"), "{body}");
+}

@@ -251,13 +251,16 @@ async fn event_log_end_to_end() {
         "limit=0",
         "limit=-5",
         "limit=x",
+        "limit=1001",
+        "type=wake,",
+        "type=wake,%20cold",
         "colour=red",
     ] {
         let e = a.get(&format!("/events?{q}")).await.expect_err(400);
         assert!(!e.is_empty(), "{q}");
     }
-    // More than the maximum is capped, not refused.
-    a.get("/events?limit=5000").await.expect(200);
+    // The largest page, and an empty `type` (all kinds).
+    a.get("/events?limit=1000&type=").await.expect(200);
 
     // SIGKILL and a restart: the log is still there, the cursor continues.
     p.signal(nix::sys::signal::Signal::SIGKILL);

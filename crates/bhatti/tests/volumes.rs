@@ -191,7 +191,11 @@ async fn volumes_outlive_sandboxes() {
         a.get("/volumes/data").await.expect(200)["attachments"],
         json!([])
     );
+    // Not larger than now: a conflict with its state; not a size at all: 400.
     a.post("/volumes/data/resize", json!({"size_mb": 32}))
+        .await
+        .expect(409);
+    a.post("/volumes/data/resize", json!({"size_mb": 31}))
         .await
         .expect(400);
     a.post("/volumes/data/resize", json!({"size_mb": 1024}))

@@ -136,7 +136,7 @@ async fn consistent_copy(
 /// Starts a backup of a volume; answers with the `running` backup. Poll
 /// `GET /volumes/{name}/backups/{id}` for its end.
 #[utoipa::path(post, path = "/volumes/{name}/backups", tag = "volumes",
-    params(("name" = String, Path)),
+    params(("name" = crate::api_types::schema::Name, Path)),
     responses((status = 202, body = BackupView), (status = 404, body = crate::api_types::ApiError),
         (status = 409, body = crate::api_types::ApiError, description = "backups not configured, or a backup, resize or clone of the volume runs"),
         (status = 502, body = crate::api_types::ApiError, description = "the object store refused")))]
@@ -169,7 +169,7 @@ pub async fn create(
 /// The volume's backups (also of a deleted volume of that name), newest
 /// first.
 #[utoipa::path(get, path = "/volumes/{name}/backups", tag = "volumes",
-    params(("name" = String, Path)),
+    params(("name" = crate::api_types::schema::Name, Path)),
     responses((status = 200, body = BackupList), (status = 400, body = crate::api_types::ApiError)))]
 pub async fn list(
     State(st): State<AppStateRef>,
@@ -200,7 +200,7 @@ async fn backup_row(
 
 /// One backup.
 #[utoipa::path(get, path = "/volumes/{name}/backups/{id}", tag = "volumes",
-    params(("name" = String, Path), ("id" = String, Path)),
+    params(("name" = crate::api_types::schema::Name, Path), ("id" = String, Path)),
     responses((status = 200, body = BackupView), (status = 404, body = crate::api_types::ApiError)))]
 pub async fn get(
     State(st): State<AppStateRef>,
@@ -215,7 +215,7 @@ pub async fn get(
 
 /// Deletes a backup from the object store and the records.
 #[utoipa::path(delete, path = "/volumes/{name}/backups/{id}", tag = "volumes",
-    params(("name" = String, Path), ("id" = String, Path)),
+    params(("name" = crate::api_types::schema::Name, Path), ("id" = String, Path)),
     responses((status = 204), (status = 404, body = crate::api_types::ApiError),
         (status = 409, body = crate::api_types::ApiError, description = "still running, or backups not configured"),
         (status = 502, body = crate::api_types::ApiError, description = "the object store refused")))]
@@ -244,7 +244,7 @@ pub async fn delete(
 /// into a new volume of the backup's size (counted against the quota).
 /// A failed restore changes nothing.
 #[utoipa::path(post, path = "/volumes/{name}/restore", tag = "volumes",
-    params(("name" = String, Path)),
+    params(("name" = crate::api_types::schema::Name, Path)),
     request_body = RestoreVolume,
     responses((status = 200, body = RestoreResult), (status = 400, body = crate::api_types::ApiError),
         (status = 404, body = crate::api_types::ApiError),
@@ -378,7 +378,7 @@ async fn restore_into(
 /// Sets the volume's backup schedule (cron in UTC, keep the newest
 /// `keep_last`).
 #[utoipa::path(put, path = "/volumes/{name}/backup-schedule", tag = "volumes",
-    params(("name" = String, Path)),
+    params(("name" = crate::api_types::schema::Name, Path)),
     request_body = SetBackupSchedule,
     responses((status = 200, body = BackupScheduleView), (status = 400, body = crate::api_types::ApiError),
         (status = 404, body = crate::api_types::ApiError),
@@ -400,7 +400,7 @@ pub async fn put_schedule(
 
 /// The volume's backup schedule.
 #[utoipa::path(get, path = "/volumes/{name}/backup-schedule", tag = "volumes",
-    params(("name" = String, Path)),
+    params(("name" = crate::api_types::schema::Name, Path)),
     responses((status = 200, body = BackupScheduleView), (status = 404, body = crate::api_types::ApiError)))]
 pub async fn get_schedule(
     State(st): State<AppStateRef>,
@@ -418,7 +418,7 @@ pub async fn get_schedule(
 
 /// Removes the volume's backup schedule (its backups stay).
 #[utoipa::path(delete, path = "/volumes/{name}/backup-schedule", tag = "volumes",
-    params(("name" = String, Path)),
+    params(("name" = crate::api_types::schema::Name, Path)),
     responses((status = 204), (status = 404, body = crate::api_types::ApiError)))]
 pub async fn delete_schedule(
     State(st): State<AppStateRef>,

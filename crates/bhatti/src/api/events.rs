@@ -6,13 +6,12 @@ use axum::extract::State;
 use axum::Json;
 
 use super::{ApiError, AppStateRef, Caller, Q};
-use crate::api_types::{EventList, EventView, EventsQuery};
+use crate::api_types::{EventList, EventView, EventsQuery, MAX_EVENTS_PAGE};
 use crate::auth::RequestClass;
 use crate::store::events::{self, Event, EventFilter};
 
-/// Default and largest page.
+/// The page when `limit` is not given.
 pub const DEFAULT_LIMIT: u32 = 100;
-pub const MAX_LIMIT: u32 = 1000;
 
 /// The caller's events after `since`, oldest first.
 #[utoipa::path(get, path = "/events", tag = "events",
@@ -28,8 +27,12 @@ pub async fn list(
     let kinds = q.kinds()?;
     let limit = match q.limit {
         None => DEFAULT_LIMIT,
-        Some(0) => return Err(ApiError::BadRequest("limit: must be at least 1".into())),
-        Some(n) => n.min(MAX_LIMIT),
+        Some(n @ 1..=MAX_EVENTS_PAGE) => n,
+        Some(n) => {
+            return Err(ApiError::BadRequest(format!(
+                "limit: must be 1 to {MAX_EVENTS_PAGE} (got {n})"
+            )))
+        }
     };
     let since = match q.since {
         None => 0,

@@ -29,6 +29,7 @@ pub const NDJSON: &str = "application/x-ndjson";
     responses(
         (status = 200, body = ExecResult, description = "Buffered result (each stream cut at the daemon's `[limits] exec_output_max_bytes`, then `stdout_truncated`/`stderr_truncated`); with `Accept: application/x-ndjson` a stream of ExecEvent lines; with `detach` an ExecDetached"),
         (status = 400, body = crate::api_types::ApiError), (status = 404, body = crate::api_types::ApiError),
+        (status = 409, body = crate::api_types::ApiError, description = "`cwd` is not a directory, or the sandbox is not running (or stopped meanwhile)"),
         (status = 413, body = crate::api_types::ApiError), (status = 429, body = crate::api_types::ApiError),
         (status = 502, body = crate::api_types::ApiError)))]
 pub async fn exec(

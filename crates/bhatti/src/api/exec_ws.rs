@@ -48,8 +48,7 @@ type Rx = SplitStream<WebSocket>;
 /// output offset. The first client message says which (see docs/api.md).
 #[utoipa::path(get, path = "/sandboxes/{id}/exec/ws", tag = "exec",
     params(("id" = String, Path)),
-    request_body(content = ExecWsStart, description = "The first WebSocket message"),
-    responses((status = 101, description = "WebSocket: see docs/api.md", body = ExecWsServerMessage),
+    responses((status = 101, description = "WebSocket; the first client message is an ExecWsStart: see docs/api.md", body = ExecWsServerMessage),
         (status = 404, body = crate::api_types::ApiError)))]
 pub async fn exec_ws(
     State(st): State<AppStateRef>,

@@ -34,15 +34,17 @@ fn num(v: u64) -> HeaderValue {
 /// Reads a file (raw bytes), or lists a directory with `ls=true`.
 #[utoipa::path(get, path = "/sandboxes/{id}/files", tag = "files",
     params(("id" = String, Path),
-        ("path" = String, Query, description = "Absolute guest path"),
+        ("path" = crate::api_types::schema::GuestPath, Query, description = "Absolute guest path"),
         ("offset" = Option<u64>, Query, description = "First line (0-based)"),
         ("limit" = Option<u64>, Query, description = "Most lines"),
         ("max_bytes" = Option<u64>, Query, description = "Most bytes"),
         ("ls" = Option<bool>, Query, description = "List a directory as JSON")),
     responses(
         (status = 200, description = "The bytes, streamed (headers Content-Length, X-File-Size, X-Truncated), or a FileList with ls=true",
-            content_type = "application/octet-stream"),
-        (status = 400, body = crate::api_types::ApiError), (status = 404, body = crate::api_types::ApiError)))]
+            content(("application/octet-stream"), (FileList = "application/json"))),
+        (status = 400, body = crate::api_types::ApiError), (status = 403, body = crate::api_types::ApiError),
+        (status = 404, body = crate::api_types::ApiError),
+        (status = 409, body = crate::api_types::ApiError, description = "A directory read as a file, or a file listed")))]
 pub async fn get(
     State(st): State<AppStateRef>,
     caller: Caller,
@@ -139,9 +141,9 @@ fn flag(v: bool) -> HeaderValue {
 
 /// A file's size, kind and mode as headers; 404 if absent.
 #[utoipa::path(head, path = "/sandboxes/{id}/files", tag = "files",
-    params(("id" = String, Path), ("path" = String, Query)),
+    params(("id" = String, Path), ("path" = crate::api_types::schema::GuestPath, Query)),
     responses((status = 200, description = "Headers X-File-Size, X-File-Kind, X-File-Mode"),
-        (status = 404, description = "No such file")))]
+        (status = 403, description = "Not allowed"), (status = 404, description = "No such file")))]
 pub async fn head(
     State(st): State<AppStateRef>,
     caller: Caller,
@@ -186,11 +188,14 @@ pub struct PutQuery {
 const SMALL_UPLOAD: u64 = 1 << 20;
 
 #[utoipa::path(put, path = "/sandboxes/{id}/files", tag = "files",
-    params(("id" = String, Path), ("path" = String, Query),
-        ("mode" = Option<String>, Query, description = "Octal, e.g. 0644")),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    params(("id" = String, Path), ("path" = crate::api_types::schema::GuestPath, Query),
+        ("mode" = Option<String>, Query, pattern = "^[0-7]{1,4}$", description = "Octal permission bits, e.g. 0644")),
+    request_body(content = Option<Vec<u8>>, content_type = "application/octet-stream",
+        description = "The file's bytes (none: an empty file)"),
     responses((status = 200, body = WriteResult), (status = 400, body = crate::api_types::ApiError),
-        (status = 404, body = crate::api_types::ApiError), (status = 413, body = crate::api_types::ApiError)))]
+        (status = 403, body = crate::api_types::ApiError), (status = 404, body = crate::api_types::ApiError),
+        (status = 409, body = crate::api_types::ApiError, description = "The path, or a parent, is of the wrong kind"),
+        (status = 413, body = crate::api_types::ApiError)))]
 pub async fn put(
     State(st): State<AppStateRef>,
     caller: Caller,
@@ -203,11 +208,14 @@ pub async fn put(
     let mode = match q.mode.as_deref() {
         None => None,
         Some(m) => Some(
-            u32::from_str_radix(m, 8)
-                .ok()
-                .filter(|m| *m <= 0o7777)
+            // 1 to 4 octal digits (from_str_radix alone would take "+7").
+            Some(m)
+                .filter(|m| {
+                    (1..=4).contains(&m.len()) && m.bytes().all(|b| matches!(b, b'0'..=b'7'))
+                })
+                .and_then(|m| u32::from_str_radix(m, 8).ok())
                 .ok_or_else(|| {
-                    ApiError::BadRequest(format!("mode: {m:?} is not octal permission bits"))
+                    ApiError::BadRequest(format!("mode: {m:?} is not 1 to 4 octal digits"))
                 })?,
         ),
     };

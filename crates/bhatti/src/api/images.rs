@@ -124,6 +124,7 @@ pub(super) fn spawn_pull(
     responses(
         (status = 202, body = TaskAccepted, description = "The pull runs; follow it with GET /tasks/{id}"),
         (status = 400, body = crate::api_types::ApiError),
+        (status = 403, body = crate::api_types::ApiError, description = "Pulling is off (`[images] allow_pull`)"),
         (status = 429, body = crate::api_types::ApiError)))]
 pub async fn pull(
     State(st): State<AppStateRef>,
@@ -132,6 +133,11 @@ pub async fn pull(
 ) -> Result<Response, ApiError> {
     caller.rate(&st, RequestClass::Create)?;
     req.validate()?;
+    if !st.config.images.allow_pull {
+        return Err(ApiError::Forbidden(
+            "this daemon does not pull from registries ([images] allow_pull = false)".into(),
+        ));
+    }
     let task = spawn_pull(
         &st,
         &caller.user.id,
@@ -279,7 +285,7 @@ async fn named(st: &AppState, owner: &str, name: &str) -> Result<ImageRow, ApiEr
 
 /// One image, by name (the caller's, else a shared one).
 #[utoipa::path(get, path = "/images/{name}", tag = "images",
-    params(("name" = String, Path)),
+    params(("name" = crate::api_types::schema::ImageName, Path)),
     responses((status = 200, body = ImageView), (status = 404, body = crate::api_types::ApiError)))]
 pub async fn get(
     State(st): State<AppStateRef>,
@@ -293,7 +299,7 @@ pub async fn get(
 /// Deletes one of the caller's images and its disk (sandboxes made from
 /// it keep their own disks).
 #[utoipa::path(delete, path = "/images/{name}", tag = "images",
-    params(("name" = String, Path)),
+    params(("name" = crate::api_types::schema::ImageName, Path)),
     responses((status = 204), (status = 403, body = crate::api_types::ApiError, description = "A shared image"),
         (status = 404, body = crate::api_types::ApiError),
         (status = 409, body = crate::api_types::ApiError, description = "A template uses it")))]
@@ -331,6 +337,11 @@ pub(super) async fn for_create(
     let row = match st.images.resolve(owner, image).await? {
         Some(row) => row,
         None if !pull => return Err(ApiError::NotFound(format!("no image '{image}'"))),
+        None if !st.config.images.allow_pull => {
+            return Err(ApiError::NotFound(format!(
+                "no image '{image}' (this daemon does not pull from registries)"
+            )))
+        }
         None => {
             let task = spawn_pull(st, owner, image, None, PullAuth::Anonymous)?;
             let v = task.wait().await;

@@ -276,14 +276,42 @@ impl<S: Send + Sync, T: DeserializeOwned, const LIMIT: usize> FromRequest<S>
     type Rejection = ApiError;
     async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
         let bytes = read_body(req, LIMIT).await?;
-        let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
-            b"{}"
+        let bad = |e: serde_json::Error| ApiError::BadRequest(format!("invalid JSON body: {e}"));
+        // No body, or `null`: the defaults, as `{}`.
+        let mut v = if bytes.iter().all(u8::is_ascii_whitespace) {
+            serde_json::Value::Null
         } else {
-            &bytes
+            serde_json::from_slice(&bytes).map_err(bad)?
         };
-        serde_json::from_slice(text)
-            .map(JsonBody)
-            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+        if v.is_null() {
+            v = serde_json::Value::Object(Default::default());
+        }
+        // serde would read a struct from an array of its fields in order.
+        if !v.is_object() {
+            return Err(ApiError::BadRequest(
+                "invalid JSON body: expected an object".into(),
+            ));
+        }
+        whole_numbers_as_integers(&mut v);
+        serde_json::from_value(v).map(JsonBody).map_err(bad)
+    }
+}
+
+/// `3.0` is the integer 3 (JSON has one number type; JSON Schema counts
+/// whole numbers as integers), so integer fields take it; floats larger
+/// than 2^53 stay floats (not every integer there is a float).
+fn whole_numbers_as_integers(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+    match v {
+        Value::Number(n) if !n.is_i64() && !n.is_u64() => {
+            if let Some(f) = n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() <= EXACT) {
+                *v = Value::from(f as i64);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(whole_numbers_as_integers),
+        Value::Object(fields) => fields.values_mut().for_each(whole_numbers_as_integers),
+        _ => {}
     }
 }
 
@@ -335,6 +363,19 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Q<T> {
         description = "Sandboxes as microVMs: the daemon's HTTP API (see docs/api.md)."
     ),
     paths(ports::proxy_doc),
+    // The WebSocket messages, which no HTTP body carries, and the string
+    // forms parameters refer to.
+    components(schemas(
+        crate::api_types::ExecWsStart,
+        crate::api_types::ExecWsClientMessage,
+        crate::api_types::schema::Name,
+        crate::api_types::schema::Alias,
+        crate::api_types::schema::GuestPath,
+        crate::api_types::schema::EventTypes,
+        crate::api_types::schema::SecretName,
+        crate::api_types::schema::ImageName,
+        crate::api_types::schema::ImageRef
+    )),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]
@@ -425,17 +466,72 @@ pub fn api_router() -> OpenApiRouter<AppStateRef> {
         )
 }
 
-/// The OpenAPI document as served at `/openapi.json`.
+/// The OpenAPI document as served at `/openapi.json` with the default
+/// config's sizes.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = api_router().into_openapi();
-    utoipa::Modify::modify(&CommonErrors, &mut doc);
+    finish_doc(&mut doc, &crate::config::Config::default());
     doc
+}
+
+fn finish_doc(doc: &mut utoipa::openapi::OpenApi, config: &crate::config::Config) {
+    utoipa::Modify::modify(&CommonErrors, doc);
+    size_bounds(doc, &config.vm.size_bounds());
+    cross_field_rules(doc);
+}
+
+/// Rules across fields that derived schemas cannot carry, joined to them
+/// with `allOf`.
+fn cross_field_rules(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::schema::AllOfBuilder;
+    let Some(components) = doc.components.as_mut() else {
+        return;
+    };
+    if let Some(exec) = components.schemas.remove("ExecRequest") {
+        let joined = AllOfBuilder::new()
+            .item(exec)
+            .item(crate::api_types::schema::detached_takes_no_stdin())
+            .build();
+        components.schemas.insert(
+            "ExecRequest".to_string(),
+            utoipa::openapi::schema::Schema::AllOf(joined).into(),
+        );
+    }
+}
+
+/// Writes this daemon's size limits (`[vm] max_*`) into the document's
+/// `cpus`, `memory_mb` and `disk_mb`, so it says what a create may ask.
+fn size_bounds(doc: &mut utoipa::openapi::OpenApi, b: &crate::api_types::SizeBounds) {
+    use crate::api_types::{cpus_range, disk_mb_range, memory_mb_range};
+    use utoipa::openapi::schema::Schema;
+    use utoipa::openapi::RefOr;
+    let wide = |(lo, hi): (u32, u32)| (u64::from(lo), u64::from(hi));
+    let bounds = [
+        ("cpus", wide(cpus_range(b.max_cpus))),
+        ("memory_mb", wide(memory_mb_range(b.max_memory_mb))),
+        ("disk_mb", disk_mb_range(b.max_disk_mb)),
+    ];
+    let Some(components) = doc.components.as_mut() else {
+        return;
+    };
+    for name in ["CreateSandbox", "CreateTemplate"] {
+        let Some(RefOr::T(Schema::Object(o))) = components.schemas.get_mut(name) else {
+            continue;
+        };
+        for (field, (min, max)) in bounds {
+            if let Some(RefOr::T(Schema::Object(p))) = o.properties.get_mut(field) {
+                p.minimum = Some((min as usize).into());
+                p.maximum = Some((max as usize).into());
+            }
+        }
+    }
 }
 
 /// Errors any operation can answer, documented on each one that does not
 /// say otherwise: 400 (a malformed path, query or body: the extractors'
 /// rejections), and on authenticated operations 401 (no or a bad key) and
-/// 429 (rate limits). Found missing by schemathesis (tests/api_fuzz.rs).
+/// 429 (rate limits); 426 on the WebSocket routes; 409 on a sandbox's
+/// routes. Found missing by schemathesis (tests/api_fuzz.rs).
 struct CommonErrors;
 
 impl utoipa::Modify for CommonErrors {
@@ -452,7 +548,10 @@ impl utoipa::Modify for CommonErrors {
                 )
                 .build()
         };
-        for item in openapi.paths.paths.values_mut() {
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            // Whatever reaches a sandbox's guest meets its state: failed,
+            // or stopped, restarted or deleted while the request ran.
+            let in_sandbox = path.starts_with("/sandboxes/{id}/");
             for op in [
                 &mut item.get,
                 &mut item.put,
@@ -474,6 +573,13 @@ impl utoipa::Modify for CommonErrors {
                     add.push(("401", "Missing or invalid API key"));
                     add.push(("429", "A cap or a rate limit; see Retry-After"));
                 }
+                if in_sandbox {
+                    add.push(("409", "The sandbox's state does not allow it"));
+                }
+                // A WebSocket route asked as plain HTTP.
+                if op.responses.responses.contains_key("101") {
+                    add.push(("426", "Not a WebSocket handshake (Upgrade: websocket)"));
+                }
                 for (code, what) in add {
                     op.responses
                         .responses
@@ -485,24 +591,35 @@ impl utoipa::Modify for CommonErrors {
     }
 }
 
-/// A WebSocket upgrade; a request that is not one gets a JSON 400.
+/// A WebSocket upgrade. A plain request (no `Connection: upgrade`,
+/// `Upgrade: websocket`) gets a JSON 426 naming the protocol; a broken
+/// handshake a JSON 400.
 #[derive(Debug)]
 pub struct Ws(pub axum::extract::ws::WebSocketUpgrade);
 
 impl<S: Send + Sync> FromRequestParts<S> for Ws {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, s: &S) -> Result<Self, ApiError> {
+        use axum::extract::ws::rejection::WebSocketUpgradeRejection as R;
         axum::extract::ws::WebSocketUpgrade::from_request_parts(parts, s)
             .await
             .map(Ws)
-            .map_err(|e| ApiError::BadRequest(e.body_text()))
+            .map_err(|e| match e {
+                R::InvalidConnectionHeader(_) | R::InvalidUpgradeHeader(_) => {
+                    ApiError::UpgradeRequired(format!(
+                        "this route is a WebSocket: {}",
+                        e.body_text()
+                    ))
+                }
+                other => ApiError::BadRequest(other.body_text()),
+            })
     }
 }
 
 /// The whole service: routes, auth, request ids, fallbacks.
 pub fn router(state: AppStateRef) -> Router {
     let (routes, mut api) = api_router().split_for_parts();
-    utoipa::Modify::modify(&CommonErrors, &mut api);
+    finish_doc(&mut api, &state.config);
     let json = serde_json::to_string_pretty(&api).unwrap_or_else(|_| "{}".into());
     let _ = state.openapi.set(json);
     let routes = routes
@@ -661,5 +778,47 @@ mod panic_tests {
         let msg = v["error"].as_str().expect("error field");
         assert!(msg.starts_with("internal error"), "{msg}");
         assert!(!msg.contains("/src/x.rs"), "{msg}");
+    }
+}
+
+#[cfg(test)]
+mod json_body_tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize, PartialEq)]
+    struct Sizes {
+        #[serde(default)]
+        cpus: Option<u32>,
+        #[serde(default)]
+        ratio: Option<f64>,
+    }
+
+    async fn parse(body: &'static str) -> Result<Sizes, ApiError> {
+        let req = Request::builder()
+            .body(axum::body::Body::from(body))
+            .expect("request");
+        JsonBody::<Sizes>::from_request(req, &()).await.map(|b| b.0)
+    }
+
+    #[tokio::test]
+    async fn whole_floats_are_integers_and_null_or_nothing_the_defaults() {
+        let none = Sizes {
+            cpus: None,
+            ratio: None,
+        };
+        assert_eq!(parse("").await.expect("empty"), none);
+        assert_eq!(parse(" null ").await.expect("null"), none);
+        let s = parse(r#"{"cpus": 2.0, "ratio": 3}"#).await.expect("whole");
+        assert_eq!((s.cpus, s.ratio), (Some(2), Some(3.0)));
+        for bad in [
+            r#"{"cpus": 2.5}"#,
+            r#"{"cpus": -1.0}"#,
+            r#"{"cpus": 1e300}"#,
+            "[1",
+            "3",
+        ] {
+            let e = parse(bad).await.expect_err(bad);
+            assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{bad}");
+        }
     }
 }

@@ -99,6 +99,10 @@ pub async fn publish(
         return Err(ApiError::BadRequest("port: must be 1 to 65535".into()));
     }
     if let Some(a) = &req.alias {
+        // A well-formed name that is taken: like one in use, a conflict.
+        if alias::is_reserved(a) {
+            return Err(ApiError::Conflict(format!("alias: '{a}' is reserved")));
+        }
         alias::validate(a)?;
     }
     let row = st.sandbox(&caller, &id).await?;
@@ -154,7 +158,7 @@ pub async fn published(
 
 /// Unpublishes a port.
 #[utoipa::path(delete, path = "/sandboxes/{id}/publish/{port}", tag = "ports",
-    params(("id" = String, Path), ("port" = u16, Path)),
+    params(("id" = String, Path), ("port" = u16, Path, minimum = 1, maximum = 65535)),
     responses((status = 204), (status = 404, body = crate::api_types::ApiError)))]
 pub async fn unpublish(
     State(st): State<AppStateRef>,
@@ -184,7 +188,7 @@ fn parse_port(s: &str) -> Result<u16, ApiError> {
 /// not passed on. Upgrades (WebSocket) are relayed.
 #[utoipa::path(method(get, post, put, patch, delete, head, options),
     path = "/sandboxes/{id}/proxy/{port}/{path}", tag = "ports",
-    params(("id" = String, Path), ("port" = u16, Path), ("path" = String, Path, description = "The guest's path")),
+    params(("id" = String, Path), ("port" = u16, Path, minimum = 1, maximum = 65535), ("path" = String, Path, description = "The guest's path")),
     responses((status = 200, description = "The guest's response, as it sent it"),
         (status = 404, body = crate::api_types::ApiError),
         (status = 413, body = crate::api_types::ApiError),

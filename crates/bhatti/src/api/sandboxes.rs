@@ -202,7 +202,7 @@ const MAX_CREATE_JSON: usize = super::MAX_JSON + 2 * crate::api_types::MAX_FILES
 /// Creates a sandbox (or forks a checkpoint). Idempotent by name: an
 /// existing name answers 200 with that sandbox.
 #[utoipa::path(post, path = "/sandboxes", tag = "sandboxes",
-    request_body = CreateSandbox,
+    request_body = Option<CreateSandbox>,
     responses(
         (status = 201, body = SandboxView, description = "Created; its agent answers"),
         (status = 200, body = SandboxView, description = "A sandbox of that name existed"),
@@ -847,7 +847,8 @@ pub struct ListQuery {
 /// The caller's sandboxes, oldest first, optionally only those with some
 /// labels. Never wakes any.
 #[utoipa::path(get, path = "/sandboxes", tag = "sandboxes",
-    params(("label" = Option<String>, Query, description = "Only sandboxes with these labels: k=v or k, comma-separated")),
+    params(("label" = Option<String>, Query, pattern = "^(?:[^,=][^,]*)?(?:,(?:[^,=][^,]*)?)*$",
+        description = "Only sandboxes with these labels: k=v or k, comma-separated")),
     responses((status = 200, body = SandboxList), (status = 400, body = crate::api_types::ApiError),
         (status = 401, body = crate::api_types::ApiError)))]
 pub async fn list(

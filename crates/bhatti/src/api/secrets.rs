@@ -35,7 +35,7 @@ pub async fn list(
 
 /// Sets (creates or replaces) a secret.
 #[utoipa::path(put, path = "/secrets/{name}", tag = "secrets",
-    params(("name" = String, Path, description = "[A-Z_][A-Z0-9_]*")),
+    params(("name" = crate::api_types::schema::SecretName, Path)),
     request_body = SetSecret,
     responses((status = 204), (status = 400, body = crate::api_types::ApiError)))]
 pub async fn put(
@@ -64,7 +64,7 @@ pub async fn put(
 
 /// Deletes a secret.
 #[utoipa::path(delete, path = "/secrets/{name}", tag = "secrets",
-    params(("name" = String, Path)),
+    params(("name" = crate::api_types::schema::SecretName, Path)),
     responses((status = 204), (status = 404, body = crate::api_types::ApiError)))]
 pub async fn delete(
     State(st): State<AppStateRef>,

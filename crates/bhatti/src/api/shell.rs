@@ -56,7 +56,7 @@ pub(super) type Stop = std::pin::Pin<Box<dyn std::future::Future<Output = CloseF
         ("session" = Option<String>, Query, description = "Attach to this session; omit to start one"),
         ("offset" = Option<u64>, Query, description = "Replay from this output offset"),
         ("cmd" = Option<String>, Query, description = "JSON array; default the login shell"),
-        ("rows" = Option<u16>, Query), ("cols" = Option<u16>, Query)),
+        ("rows" = Option<u16>, Query, maximum = 65535), ("cols" = Option<u16>, Query, maximum = 65535)),
     responses((status = 101, description = "WebSocket: see docs/api.md", body = ShellServerMessage),
         (status = 400, body = crate::api_types::ApiError), (status = 404, body = crate::api_types::ApiError)))]
 pub async fn ws(

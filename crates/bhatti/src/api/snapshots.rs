@@ -179,7 +179,7 @@ pub async fn list(
 /// A new sandbox from a checkpoint (fresh id, token, MAC, IP, hostname),
 /// running beside the original.
 #[utoipa::path(post, path = "/snapshots/{name}/resume", tag = "snapshots",
-    params(("name" = String, Path, description = "Checkpoint name")),
+    params(("name" = crate::api_types::schema::Name, Path, description = "Checkpoint name")),
     request_body = ResumeRequest,
     responses((status = 201, body = crate::api_types::SandboxView), (status = 200, body = crate::api_types::SandboxView),
         (status = 400, body = crate::api_types::ApiError), (status = 404, body = crate::api_types::ApiError),
@@ -217,7 +217,7 @@ async fn resume_to_end(
 
 /// Deletes a checkpoint (sandboxes made from it are not affected).
 #[utoipa::path(delete, path = "/snapshots/{name}", tag = "snapshots",
-    params(("name" = String, Path)),
+    params(("name" = crate::api_types::schema::Name, Path)),
     responses((status = 204), (status = 404, body = crate::api_types::ApiError)))]
 pub async fn delete(
     State(st): State<AppStateRef>,

@@ -161,7 +161,7 @@ pub async fn list(
 
 /// One template, with the state of its pre-booted snapshot.
 #[utoipa::path(get, path = "/templates/{name}", tag = "templates",
-    params(("name" = String, Path)),
+    params(("name" = crate::api_types::schema::Name, Path)),
     responses((status = 200, body = TemplateView), (status = 404, body = crate::api_types::ApiError)))]
 pub async fn get(
     State(st): State<AppStateRef>,
@@ -176,7 +176,7 @@ pub async fn get(
 /// Deletes a template and its pre-booted snapshot; sandboxes made from it
 /// stay.
 #[utoipa::path(delete, path = "/templates/{name}", tag = "templates",
-    params(("name" = String, Path)),
+    params(("name" = crate::api_types::schema::Name, Path)),
     responses((status = 204), (status = 404, body = crate::api_types::ApiError)))]
 pub async fn delete(
     State(st): State<AppStateRef>,

@@ -170,7 +170,7 @@ pub(super) async fn get_row(st: &AppState, owner: &str, name: &str) -> Result<Vo
 
 /// One volume, with the sandboxes that have it.
 #[utoipa::path(get, path = "/volumes/{name}", tag = "volumes",
-    params(("name" = String, Path)),
+    params(("name" = crate::api_types::schema::Name, Path)),
     responses((status = 200, body = VolumeView), (status = 404, body = crate::api_types::ApiError)))]
 pub async fn get(
     State(st): State<AppStateRef>,
@@ -185,7 +185,7 @@ pub async fn get(
 /// Deletes a volume and its data. 409 while any sandbox (running, stopped
 /// or cold) has it attached.
 #[utoipa::path(delete, path = "/volumes/{name}", tag = "volumes",
-    params(("name" = String, Path)),
+    params(("name" = crate::api_types::schema::Name, Path)),
     responses((status = 204), (status = 404, body = crate::api_types::ApiError),
         (status = 409, body = crate::api_types::ApiError, description = "attached to a sandbox")))]
 pub async fn delete(
@@ -216,11 +216,11 @@ pub async fn delete(
 
 /// Grows a volume (file and filesystem) while no sandbox has it.
 #[utoipa::path(post, path = "/volumes/{name}/resize", tag = "volumes",
-    params(("name" = String, Path)),
+    params(("name" = crate::api_types::schema::Name, Path)),
     request_body = ResizeVolume,
     responses((status = 200, body = VolumeView), (status = 400, body = crate::api_types::ApiError),
         (status = 404, body = crate::api_types::ApiError),
-        (status = 409, body = crate::api_types::ApiError, description = "attached, or busy"),
+        (status = 409, body = crate::api_types::ApiError, description = "attached, busy, or not larger than now"),
         (status = 429, body = crate::api_types::ApiError, description = "over the volume quota")))]
 pub async fn resize(
     State(st): State<AppStateRef>,
@@ -232,7 +232,7 @@ pub async fn resize(
     validate_volume_mb("size_mb", req.size_mb)?;
     let current = get_row(&st, &caller.user.id, &name).await?;
     if req.size_mb <= current.size_mb {
-        return Err(ApiError::BadRequest(format!(
+        return Err(ApiError::Conflict(format!(
             "size_mb: volumes only grow; '{name}' has {} MiB",
             current.size_mb
         )));
@@ -269,7 +269,7 @@ pub async fn resize(
 /// filesystem has reflinks). The source may be attached read-only, not
 /// read-write.
 #[utoipa::path(post, path = "/volumes/{name}/clone", tag = "volumes",
-    params(("name" = String, Path, description = "The source volume")),
+    params(("name" = crate::api_types::schema::Name, Path, description = "The source volume")),
     request_body = CloneVolume,
     responses((status = 201, body = VolumeView), (status = 400, body = crate::api_types::ApiError),
         (status = 404, body = crate::api_types::ApiError),

@@ -168,7 +168,7 @@ pub async fn check(
     params(("id" = String, Path),
         ("session" = Option<String>, Query, description = "Attach to this session; omit to start one"),
         ("offset" = Option<u64>, Query, description = "Replay from this output offset"),
-        ("rows" = Option<u16>, Query), ("cols" = Option<u16>, Query)),
+        ("rows" = Option<u16>, Query, maximum = 65535), ("cols" = Option<u16>, Query, maximum = 65535)),
     responses((status = 101, description = "WebSocket (subprotocols `bhatti-shell` and the token): see docs/api.md"),
         (status = 400, body = crate::api_types::ApiError),
         (status = 401, description = "The link is invalid, expired or revoked", body = crate::api_types::ApiError)))]

@@ -53,10 +53,15 @@ pub fn validate(alias: &str) -> Result<(), ValidationError> {
     if alias.starts_with('-') || alias.ends_with('-') {
         return bad("must not start or end with '-'");
     }
-    if RESERVED.contains(&alias) {
+    if is_reserved(alias) {
         return bad(&format!("'{alias}' is reserved"));
     }
     Ok(())
+}
+
+/// Names the daemon keeps for itself.
+pub fn is_reserved(alias: &str) -> bool {
+    RESERVED.contains(&alias)
 }
 
 /// The alias a port gets when none is asked for: `<name>-<port>`, the name
