@@ -2006,25 +2006,20 @@ pub fn parse_event_types_exact(s: &str) -> Result<Vec<String>, ValidationError> 
     if s.is_empty() {
         return Ok(Vec::new());
     }
-    s.split(',')
-        .map(|k| {
-            if EVENT_TYPES.contains(&k) {
-                Ok(k.to_string())
-            } else {
-                Err(unknown_event_type(k))
-            }
-        })
-        .collect()
+    s.split(',').map(event_type).collect()
 }
 
-fn unknown_event_type(k: &str) -> ValidationError {
-    ValidationError::new(
+fn event_type(k: &str) -> Result<String, ValidationError> {
+    if EVENT_TYPES.contains(&k) {
+        return Ok(k.to_string());
+    }
+    Err(ValidationError::new(
         "type",
         format!(
             "unknown event type {k:?}; one of {}",
             EVENT_TYPES.join(", ")
         ),
-    )
+    ))
 }
 
 /// `a, b` as a person types it (spaces and empty items dropped) → the
@@ -2033,13 +2028,7 @@ pub fn parse_event_types(s: &str) -> Result<Vec<String>, ValidationError> {
     s.split(',')
         .map(str::trim)
         .filter(|k| !k.is_empty())
-        .map(|k| {
-            if EVENT_TYPES.contains(&k) {
-                Ok(k.to_string())
-            } else {
-                Err(unknown_event_type(k))
-            }
-        })
+        .map(event_type)
         .collect()
 }
 
