@@ -531,35 +531,14 @@ async fn e2b_files_python_sdk() {
     let (env, daemon, native, e) = setup(art, Some(port)).await;
     let key = native.key.clone().unwrap_or_default();
     let url = format!("http://127.0.0.1:{port}/e2b");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2b/files_sdk.py");
-    let run = |args: Vec<String>| {
-        tokio::process::Command::new(&python)
-            .arg(script)
-            .args(args)
-            .env("E2B_API_KEY", &key)
-            .env("E2B_API_URL", &url)
-            .env("E2B_SANDBOX_URL", &url)
-            // No __pycache__ in the tree (sdk_attach.py is imported).
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .kill_on_drop(true)
-            .output()
-    };
     for (args, want) in [
         (vec![e.id.clone(), e.token.clone()], "SDK STREAM OK"),
         // A sandbox of the SDK's own, through the control plane.
         (vec!["create".to_string()], "SDK KILLED"),
     ] {
-        let out = tokio::time::timeout(Duration::from_secs(300), run(args))
-            .await
-            .expect("the SDK script ends within 300 s")
-            .expect("python runs");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (ok, text) = run_e2b_script(&python, "files_sdk.py", &args, &key, &url).await;
         assert!(
-            out.status.success() && text.contains("SDK OK") && text.contains(want),
+            ok && text.contains("SDK OK") && text.contains(want),
             "{text}"
         );
     }

@@ -487,29 +487,10 @@ async fn e2b_process_python_sdk() {
     let port = free_port();
     let (env, daemon, a, envd) = setup(art, Some(port)).await;
     let url = format!("http://127.0.0.1:{port}/e2b");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2b/process_sdk.py");
-    let out = tokio::time::timeout(
-        Duration::from_secs(300),
-        tokio::process::Command::new(&python)
-            .arg(script)
-            .args([&envd.sandbox, &envd.token])
-            .env("E2B_API_KEY", a.key.clone().unwrap_or_default())
-            .env("E2B_API_URL", &url)
-            .env("E2B_SANDBOX_URL", &url)
-            // No __pycache__ in the tree (sdk_attach.py is imported).
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the SDK script ends within 300 s")
-    .expect("python runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success() && text.contains("SDK OK"), "{text}");
+    let key = a.key.clone().unwrap_or_default();
+    let args = [envd.sandbox.clone(), envd.token.clone()];
+    let (ok, text) = run_e2b_script(&python, "process_sdk.py", &args, &key, &url).await;
+    assert!(ok && text.contains("SDK OK"), "{text}");
     a.delete(&format!("/sandboxes/{}", envd.sandbox)).await;
     daemon.stop().await;
     drop(env);

@@ -556,3 +556,38 @@ pub fn e2b_python(test: &str, modules: &str) -> Option<String> {
     }
     Some(python)
 }
+
+/// Runs the SDK script `tests/e2b/<script>` with `python` (see
+/// [`e2b_python`]) against the E2B API at `url` as `key`, for at most
+/// 300 s. Whether it exited 0, and its stdout and stderr.
+pub async fn run_e2b_script(
+    python: &str,
+    script: &str,
+    args: &[String],
+    key: &str,
+    url: &str,
+) -> (bool, String) {
+    let path = format!("{}/tests/e2b/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = tokio::time::timeout(
+        Duration::from_secs(300),
+        tokio::process::Command::new(python)
+            .arg(path)
+            .args(args)
+            .env("E2B_API_KEY", key)
+            .env("E2B_API_URL", url)
+            .env("E2B_SANDBOX_URL", url)
+            // No __pycache__ in the tree (sdk_attach.py is imported).
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the SDK script ends within 300 s")
+    .expect("python runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
