@@ -532,7 +532,7 @@ async fn e2b_files_python_sdk() {
     let key = native.key.clone().unwrap_or_default();
     let url = format!("http://127.0.0.1:{port}/e2b");
     for (args, want) in [
-        (vec![e.id.clone(), e.token.clone()], "SDK STREAM OK"),
+        (vec![e.id.clone(), e.token.clone()], "SDK DONE"),
         // A sandbox of the SDK's own, through the control plane.
         (vec!["create".to_string()], "SDK KILLED"),
     ] {

@@ -584,10 +584,12 @@ pub async fn run_e2b_script(
     .await
     .expect("the SDK script ends within 300 s")
     .expect("python runs");
+    // The exit status too: a silent non-zero exit says nothing otherwise.
     let text = format!(
-        "{}{}",
+        "{}{}[{}]",
         String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr),
+        out.status
     );
     (out.status.success(), text)
 }

@@ -11,7 +11,7 @@ from e2b import Sandbox, FileType
 from e2b.exceptions import FileNotFoundException
 from e2b.sandbox.filesystem.watch_handle import FilesystemEventType
 
-from sdk_attach import attach
+from sdk_attach import attach, done
 
 if sys.argv[1] == "create":
     # Through bhatti's control plane, as an SDK user does it.
@@ -80,7 +80,7 @@ while time.time() < deadline:
 else:
     raise AssertionError(f"no create event: {seen}")
 h.stop()
-print("SDK OK")
+print("SDK OK", flush=True)
 
 # The async SDK's watch_dir is the WatchDir server stream.
 import asyncio
@@ -119,7 +119,8 @@ async def watch_stream():
 
 
 asyncio.run(watch_stream())
-print("SDK STREAM OK")
+print("SDK STREAM OK", flush=True)
 if token is None:
     sbx.kill()
-    print("SDK KILLED")
+    done("SDK KILLED")
+done("SDK DONE")

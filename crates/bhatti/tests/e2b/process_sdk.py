@@ -7,7 +7,7 @@ import sys
 
 from e2b import CommandExitException, PtySize, Sandbox
 
-from sdk_attach import attach
+from sdk_attach import attach, done
 
 sid, token = sys.argv[1], sys.argv[2]
 sbx = attach(Sandbox, sid, token)
@@ -77,4 +77,4 @@ for _ in events:
     pass
 assert p.wait().exit_code == 0
 assert sbx.pty.kill(p.pid) is False
-print("SDK OK")
+done("SDK OK")
