@@ -278,40 +278,55 @@ impl<S: Send + Sync, T: DeserializeOwned, const LIMIT: usize> FromRequest<S>
         let bytes = read_body(req, LIMIT).await?;
         let bad = |e: serde_json::Error| ApiError::BadRequest(format!("invalid JSON body: {e}"));
         // No body, or `null`: the defaults, as `{}`.
-        let mut v = if bytes.iter().all(u8::is_ascii_whitespace) {
-            serde_json::Value::Null
-        } else {
-            serde_json::from_slice(&bytes).map_err(bad)?
+        let body = match bytes.trim_ascii() {
+            b"" | b"null" => b"{}".as_slice(),
+            b => b,
         };
-        if v.is_null() {
-            v = serde_json::Value::Object(Default::default());
-        }
         // serde would read a struct from an array of its fields in order.
-        if !v.is_object() {
+        if body.first() != Some(&b'{') {
             return Err(ApiError::BadRequest(
                 "invalid JSON body: expected an object".into(),
             ));
         }
-        whole_numbers_as_integers(&mut v);
-        serde_json::from_value(v).map(JsonBody).map_err(bad)
+        match serde_json::from_slice(body) {
+            Ok(t) => Ok(JsonBody(t)),
+            // A second pass only when a whole number written as a float
+            // may be what was refused.
+            Err(first) => {
+                let mut v: serde_json::Value = serde_json::from_slice(body).map_err(bad)?;
+                if !whole_numbers_as_integers(&mut v) {
+                    return Err(bad(first));
+                }
+                serde_json::from_value(v).map(JsonBody).map_err(bad)
+            }
+        }
     }
 }
 
 /// `3.0` is the integer 3 (JSON has one number type; JSON Schema counts
 /// whole numbers as integers), so integer fields take it; floats larger
-/// than 2^53 stay floats (not every integer there is a float).
-fn whole_numbers_as_integers(v: &mut serde_json::Value) {
+/// than 2^53 stay floats (not every integer there is a float). Whether it
+/// changed any.
+fn whole_numbers_as_integers(v: &mut serde_json::Value) -> bool {
     use serde_json::Value;
     const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
     match v {
         Value::Number(n) if !n.is_i64() && !n.is_u64() => {
-            if let Some(f) = n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() <= EXACT) {
-                *v = Value::from(f as i64);
+            match n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() <= EXACT) {
+                Some(f) => {
+                    *v = Value::from(f as i64);
+                    true
+                }
+                None => false,
             }
         }
-        Value::Array(items) => items.iter_mut().for_each(whole_numbers_as_integers),
-        Value::Object(fields) => fields.values_mut().for_each(whole_numbers_as_integers),
-        _ => {}
+        Value::Array(items) => items
+            .iter_mut()
+            .fold(false, |any, i| whole_numbers_as_integers(i) | any),
+        Value::Object(fields) => fields
+            .values_mut()
+            .fold(false, |any, f| whole_numbers_as_integers(f) | any),
+        _ => false,
     }
 }
 
